@@ -50,6 +50,19 @@ def has_adapters(module: nn.Module) -> bool:
     return bool(getattr(module, "_hf_peft_config_loaded", False) or getattr(module, "peft_config", None))
 
 
+def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
+    """Switch every peft LoRA layer in ``module`` on or off (peft's own layer API, no library version gate).
+
+    The same operation as diffusers' ``ModelMixin.disable_adapters`` and transformers' ``disable_adapters``, but
+    it works on both kinds of model whatever transformers' minimum peft version says.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(enabled)
+
+
 class Adapter:
     """Shared behaviour of the family adapters (``sd15.Adapter``, ``sdxl.Adapter``, ``sd3.Adapter``).
 
@@ -159,12 +172,12 @@ class Adapter:
         """Switch every LoRA adapter off (denoiser and text encoders): the frozen base model."""
         modules = [m for m in self.named_modules().values() if has_adapters(m)]
         for module in modules:
-            module.disable_adapters()
+            set_lora_enabled(module, False)
         try:
             yield
         finally:
             for module in modules:
-                module.enable_adapters()
+                set_lora_enabled(module, True)
 
     # ---- VAE ----------------------------------------------------------------------------------
     @torch.no_grad()

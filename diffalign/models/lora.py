@@ -1,5 +1,11 @@
 """LoRA adapters via peft on the denoiser (and optionally the text encoders), saved in diffusers format.
 
+Layers are injected with ``peft.inject_adapter_in_model`` for every component, as diffusers' own LoRA loader
+does, never through transformers' ``PreTrainedModel.add_adapter``: that method refuses to run unless peft meets
+the transformers release's own minimum (transformers 5.24 asks for peft >= 0.22), so relying on it would tie
+diffalign to whichever transformers/peft pair a registry happens to serve. Switching adapters on and off for
+the reference pass goes through the peft layers too (``models.base.set_lora_enabled``).
+
 ``save_lora`` writes ``pytorch_lora_weights.safetensors`` through the family pipeline's own
 ``save_lora_weights`` (with the LoRA config as adapter metadata, so a non-default alpha survives), so a stock
 ``pipe.load_lora_weights(out_dir)`` loads it. Training checkpoints use ``trainable_state`` instead: the
@@ -71,12 +77,27 @@ def add_lora(adapter: Adapter, spec: LoraSpec) -> LoraHandle:
     for name, module_targets in targets.items():
         module = modules[name]
         _check_targets(module, name, module_targets)
-        module.add_adapter(spec.peft_config(module_targets))
+        _inject(module, spec.peft_config(module_targets))
         for param in module.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
         handle.modules.append(name)
     return handle
+
+
+def _inject(module: nn.Module, config: Any, name: str = "default") -> None:
+    """peft layers into ``module`` in place, marked the way diffusers' and transformers' ``add_adapter`` mark them.
+
+    ``inject_adapter_in_model`` freezes the base weights, makes the LoRA weights trainable and copies the config
+    to ``module.peft_config``; the ``_hf_peft_config_loaded`` flag is what both libraries read to know a model
+    carries adapters (e.g. ``save_pretrained`` then writes only the adapter).
+    """
+    from peft import inject_adapter_in_model
+
+    if name in (getattr(module, "peft_config", None) or {}):
+        raise ValueError(f"{type(module).__name__} already has a LoRA adapter named {name!r}")
+    inject_adapter_in_model(config, module, adapter_name=name)
+    module._hf_peft_config_loaded = True
 
 
 def _check_targets(module: nn.Module, name: str, targets: Sequence[str]) -> None:
