@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
-from diffalign import registry
+from diffalign import registry, resources
 
 
 class ConfigError(ValueError):
@@ -199,20 +199,19 @@ def schema_for_recipe(recipe: str | Path) -> type:
 
 
 def recipes_dir() -> Path:
-    """The folder holding recipe scripts and ``configs/``: ``$DIFFALIGN_RECIPES`` or ``<repo>/recipes``."""
+    """The folder holding recipe scripts and ``configs/``: ``$DIFFALIGN_RECIPES`` or the installed package's
+    ``diffalign/recipes`` (shipped as package data; ``recipes/`` at a clone's root points at it)."""
     env = os.environ.get("DIFFALIGN_RECIPES")
     if env:
         path = Path(env).expanduser()
         if not path.is_dir():
             raise ConfigError(f"DIFFALIGN_RECIPES={env!r} is not a directory")
         return path
-    import diffalign
-
-    path = Path(diffalign.__file__).resolve().parents[1] / "recipes"
+    path = resources.RECIPES
     if not path.is_dir():
         raise ConfigError(
-            f"recipes directory not found at {path}; set DIFFALIGN_RECIPES to the folder that holds the "
-            "recipe scripts and configs/ (e.g. a clone of the diffalign repository's recipes/)"
+            f"recipes directory not found at {path} (an incomplete install?); reinstall diffalign or set "
+            "DIFFALIGN_RECIPES to the folder that holds the recipe scripts and configs/"
         )
     return path
 
@@ -414,7 +413,7 @@ def _coerce(value: Any, tp: Any, key: str, ctx: _Context) -> Any:
             return _coerce(value.value, tp, key, ctx)
         except _FieldError:
             if _admits_str(tp) and (value.value is not None or not value.raw.strip()):
-                return value.raw  # data.split=2024 or run.output_dir=1e-5 mean the text, not a number
+                return _shipped(value.raw)  # data.split=2024 or run.output_dir=1e-5 mean the text, not a number
             raise
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
@@ -487,14 +486,22 @@ def _coerce_scalar(value: Any, tp: Any) -> Any:
         raise _FieldError(f"expected a number, got {_describe(value)}")
     if tp is str:
         if isinstance(value, str):
-            return value
+            return _shipped(value)
         hint = f" (quote it: '{value}')" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
         raise _FieldError(f"expected a string, got {_describe(value)}{hint}")
     if tp is Path:
         if isinstance(value, (str, Path)):
-            return Path(value)
+            return Path(_shipped(str(value)))
         raise _FieldError(f"expected a path, got {_describe(value)}")
     raise _FieldError(f"unsupported annotation {tp!r} in the schema")
+
+
+def _shipped(value: str) -> str:
+    """``diffalign://assets/...`` -> the installed package's copy (``diffalign.resources``); other text as is."""
+    try:
+        return resources.resolve(value)
+    except FileNotFoundError as e:
+        raise _FieldError(str(e)) from None
 
 
 def _init_fields(cls: type) -> list[dataclasses.Field[Any]]:

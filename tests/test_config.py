@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffalign import config
+from diffalign import config, resources
 from diffalign.config import ConfigError, OfflinePrefConfig
 
 
@@ -370,11 +370,22 @@ def test_recipes_dir_env_must_exist(tmp_path, monkeypatch):
         config.recipes_dir()
 
 
-def test_default_recipes_dir_is_next_to_the_package(monkeypatch):
+def test_default_recipes_dir_is_inside_the_package(monkeypatch):
+    """Shipped as package data (a wheel install has them); the clone's ``recipes/`` is the same folder."""
     monkeypatch.delenv("DIFFALIGN_RECIPES", raising=False)
     import diffalign
 
-    assert config.recipes_dir() == Path(diffalign.__file__).resolve().parents[1] / "recipes"
+    assert config.recipes_dir() == Path(diffalign.__file__).resolve().parent / "recipes"
+    assert (Path(__file__).resolve().parents[1] / "recipes").resolve() == config.recipes_dir()
+
+
+def test_shipped_paths_resolve_inside_the_package_and_typos_are_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository: diffalign:// does not depend on the current folder
+    cfg = config.load("toy/dpo_world")
+    assert Path(cfg.model.path) == resources.ASSETS / "toy_base" and Path(cfg.model.path).is_dir()
+    with pytest.raises(ConfigError, match=r"model\.path.*diffalign://assets/toy_bas.*toy_base"):
+        config.load("toy/dpo_world", ["model.path=diffalign://assets/toy_bas"])
+    assert resources.resolve("stabilityai/sdxl") == "stabilityai/sdxl"  # anything else passes unchanged
 
 
 def _shipped_configs() -> list[Path]:

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import datasets
 
+from diffalign import resources
+
 
 logger = logging.getLogger("diffalign.data")
 
@@ -97,6 +99,7 @@ def open_tabular(
     Image-typed columns (``datasets.Image``) are switched to ``decode=False`` so rows carry raw bytes and
     the loaders decide what a broken image does.
     """
+    path = resources.resolve(path)
     if is_hub_id(path):
         ds = _load_hub(path, split, streaming=streaming, cache_dir=cache_dir)
         name = f"{path} (split {split!r})"

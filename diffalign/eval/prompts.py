@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffalign import resources
 
-ASSETS_PROMPTS = Path(__file__).resolve().parents[2] / "assets" / "prompts"
+
+ASSETS_PROMPTS = resources.ASSETS / "prompts"
 PROMPT_KEYS = ("prompt", "caption", "prompts", "text")
 SHIPPED_ALIASES = {"default": "eval_default"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -72,7 +74,7 @@ def load_prompts(
 
 def resolve_source(source: str | os.PathLike) -> Path | None:
     """A local file or folder, a shipped list (``assets/prompts/<name>.txt``), or None for a hub dataset id."""
-    text = os.fspath(source)
+    text = resources.resolve(os.fspath(source))
     path = Path(text).expanduser()
     if path.exists():
         return path

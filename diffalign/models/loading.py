@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from diffalign import resources
+
 
 TOKENIZER_CLASSES = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "AutoTokenizer"}
 
@@ -39,6 +41,7 @@ def load_components(
     import diffusers
     import transformers
 
+    path = resources.resolve(path)
     _check_source(path)
     common: dict[str, Any] = {"revision": revision}
     weights = {**common, "variant": variant, "torch_dtype": dtype}

@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from diffalign import resources
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+
+ASSETS = resources.ASSETS
 CLIP_TOKENIZER = ASSETS / "tokenizers" / "clip"
 T5_TOKENIZER = ASSETS / "tokenizers" / "t5"
 FAMILIES = ("sd15", "sdxl", "sd3")

@@ -8,13 +8,13 @@ Same classes as Stable Diffusion 1.5, so adapters, LoRA, recipes and stock pipel
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from diffalign import resources
 from diffalign.toy import world
 
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+ASSETS = resources.ASSETS
 TOY_BASE = ASSETS / "toy_base"
 CLIP_TOKENIZER = ASSETS / "tokenizers" / "clip"
 MAX_TOKENS = 16
