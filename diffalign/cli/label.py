@@ -16,7 +16,7 @@ Re-running the same command resumes: finished prompts are skipped. Example::
     diffalign label --prompts prompts.txt --out data/synpic --images-per-prompt 4 \\
         --generator name=sdxl,family=sdxl,path=stabilityai/stable-diffusion-xl-base-1.0,dtype=bf16,cfg=5 \\
         --generator name=sdxl-dpo,family=sdxl,path=stabilityai/stable-diffusion-xl-base-1.0,dtype=bf16,lora=runs/x/lora \\
-        --scorer pickscore --scorer hpsv2,variant=v2.1 --scorer imagereward --device cuda
+        --scorer pickscore --scorer hpsv2,version=v2.1 --scorer imagereward --device cuda
 
 A generator spec is comma-separated ``key=value``: ``name family path`` (required), ``lora lora_scale vae dtype
 images``, and per-generator protocol overrides ``steps cfg resolution height width scheduler negative_prompt``.

@@ -163,6 +163,10 @@ def load_scorer(
     if name not in scorers.available():
         raise EvalError(f"unknown scorer {name!r}; {registry.suggest(name, scorers.available())}")
     try:
+        scorers.check_options(name, kwargs)
+    except KeyError as e:
+        raise EvalError(f"scorer spec {spec!r}: {e.args[0]}") from None
+    try:
         return scorers.load(name, **kwargs)
     except OSError as e:  # missing files, hub unreachable or offline
         raise EvalError(

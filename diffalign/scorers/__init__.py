@@ -33,7 +33,29 @@ def load(name: str, **kwargs: Any) -> Scorer:
     names = available()
     if name not in names:
         raise KeyError(f"unknown scorer {name!r}; {registry.suggest(name, names)}")
+    check_options(name, kwargs)
     return registry.get(__name__, name).load(**kwargs)
+
+
+def options(name: str) -> list[str] | None:
+    """The keyword options ``<name>.load`` accepts (``None`` when it takes arbitrary ``**kwargs``)."""
+    import inspect
+
+    params = inspect.signature(registry.get(__name__, name).load).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_options(name: str, given: Any) -> None:
+    """Raise ``KeyError`` for the first option in ``given`` that ``<name>.load`` does not take, with a "did you
+    mean" and the accepted options (``hpsv2,variant=v2.1`` names ``version``)."""
+    accepted = options(name)
+    if accepted is None:
+        return
+    for key in given:
+        if key not in accepted:
+            raise KeyError(f"scorer {name!r} has no option {key!r}; {registry.suggest(key, accepted)}")
 
 
 def available_step_aware() -> list[str]:

@@ -46,7 +46,11 @@ def load_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """The CLIP BPE tokenizer of a hub id or folder (the ``CLIPTokenizer`` class; see ENVIRONMENT.md)."""
+    """The CLIP BPE tokenizer of a hub id or folder.
+
+    The slow ``CLIPTokenizer`` class on purpose: a fast tokenizer built from the same vocab.json + merges.txt gave
+    ids different from CLIP's in transformers 5.23 (``tests/scorers`` check the ids against open_clip's).
+    """
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(os.fspath(path))

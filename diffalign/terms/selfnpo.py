@@ -2,8 +2,7 @@
 
 Self-NPO ("Self-NPO: Data-Free Diffusion Model Enhancement via Truncated Diffusion Fine-Tuning", F.-Y. Wang et
 al., arXiv 2505.11777v2, AAAI 2026) trains a *negative* model from images + captions alone. The arithmetic follows the authors'
-``Self-NPO/train.py`` (SD1.5) and ``train_xl.py`` (SDXL) as restated in
-``shared/research/losses-dpo-family.md`` section 5. Per group, with ``a_t = alphas_cumprod[t]``,
+``Self-NPO/train.py`` (SD1.5) and ``train_xl.py`` (SDXL). Per group, with ``a_t = alphas_cumprod[t]``,
 ``alpha_t = sqrt(a_t)``, ``sigma_t = sqrt(1 - a_t)``:
 
 1. **Start.** A DDIM grid index ``k ~ U{0..N-1}`` (``N = num_ddim_steps``); ``s = grid[k + 1]`` (see

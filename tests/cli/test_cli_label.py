@@ -62,6 +62,7 @@ def test_label_command_writes_both_datasets_and_resumes(tiny_dirs, lora, tmp_pat
         (["--ranking", "win_fractions"], "unknown ranking 'win_fractions'; did you mean 'win_fraction'"),
         (["--ranking", "raw:green"], "ranking raw:green names no scorer; scorers: red, blue"),
         (["--scorer", "pikscore"], "unknown scorer 'pikscore'"),
+        (["--scorer", "hpsv2,variant=v2.1"], "scorer 'hpsv2' has no option 'variant'; choices: path, version,"),
         (["-k", "5"], "sum to 4, not images_per_prompt=5"),
     ],
 )

@@ -218,3 +218,17 @@ def test_transform_from_legacy_preprocessor_config(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="bicubic"):
         _clip.load_transform(tmp_path)
+
+
+def test_clip_tokenizer_gives_open_clip_ids():
+    """``_clip.load_tokenizer`` (the slow ``CLIPTokenizer`` on the shipped vocab) tokenizes as CLIP does."""
+    import open_clip
+
+    from diffalign import resources
+    from diffalign.scorers import _clip
+
+    prompts = ["a red circle on a blue background", "Two CATS, one dog!", "an astronaut riding a horse in 4k"]
+    tokenizer = _clip.load_tokenizer(resources.ASSETS / "tokenizers" / "clip")
+    ours = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    theirs = open_clip.tokenize(prompts)  # zero-padded after the end token
+    assert torch.equal(ours * (theirs != 0), theirs)
