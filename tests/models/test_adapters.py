@@ -109,7 +109,7 @@ def test_text_encoder_lora_does_not_depend_on_transformers_peft_gate(tiny_dirs, 
     base = models.load(family, str(tiny_dirs[family]))
     adapter = models.load(family, str(tiny_dirs[family]))
     lora.add_lora(adapter, lora.LoraSpec(rank=4, init="default", text_encoder=True))
-    encoders = [name for name in adapter.text_encoder_names()[:2]]
+    encoders = adapter.text_encoder_names()[:2]
     assert all(f"{name}." in " ".join(lora.trainable_parameters(adapter)) for name in encoders)
     with torch.no_grad():
         for p in lora.trainable_parameters(adapter).values():
