@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import re
 import types
@@ -563,6 +564,8 @@ def _build(cls: type, value: Any, key: str, ctx: _Context, label: str = "") -> A
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
+        bad = re.search(r"\bConfig\.(\w+)", str(e))  # objective configs name the bad field "Config.<field>"
+        key = f"{key}.{bad.group(1)}" if key and bad and bad.group(1) in fields else key
         ctx.errors.append(f"{key or label or cls.__name__} {ctx.where(key)}: {e}")
         return None
 
@@ -765,9 +768,29 @@ def _unit_interval(problems: list[str], closed: bool = True, **values: float) ->
             problems.append(f"{key.replace('__', '.')}={value} must be in [0, 1{']' if closed else ')'}")
 
 
+def _nonfinite(value: Any, key: str = "") -> list[str]:
+    """Dotted keys of NaN / infinite numbers anywhere in ``to_dict`` data (``nan <= 0`` is False: range checks miss it)."""
+    if isinstance(value, dict):
+        return [k for name, v in value.items() for k in _nonfinite(v, f"{key}.{name}" if key else str(name))]
+    if isinstance(value, list):
+        return [k for i, v in enumerate(value) for k in _nonfinite(v, f"{key}[{i}]")]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{key}={value} must be a finite number"]
+    return []
+
+
+_MAX_SEED = 2**32 - 1  # numpy's seed range; accelerate's set_seed seeds numpy too
+
+
 def _check_training(cfg: Any, problems: list[str]) -> None:
     """Checks every LoRA training recipe shares: run, optim, lora, model dtype, resolutions and validation."""
     m, lora, data, optim, run, val = cfg.model, cfg.lora, cfg.data, cfg.optim, cfg.run, cfg.validation
+    problems.extend(_nonfinite(to_dict(cfg)))
+    if not run.output_dir.strip():
+        problems.append("run.output_dir is empty; name the folder the run writes to (e.g. run.output_dir=runs/dpo)")
+    for key, seed in (("run.seed", run.seed), ("validation.seed", val.seed)):
+        if not 0 <= seed <= _MAX_SEED:
+            problems.append(f"{key}={seed} must be in [0, 2**32 - 1]")
     _positive(
         problems,
         run__max_steps=run.max_steps,

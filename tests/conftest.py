@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,10 +11,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 # Tiny models: one thread is faster than two fighting over 2 cores, and it makes timings stable.
@@ -27,3 +28,11 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny")
     return {family: tiny.save(family, root / family, seed=0) for family in tiny.FAMILIES}
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port that nothing listens on now, for ``--main_process_port`` (a fixed port collides across runs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

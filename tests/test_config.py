@@ -10,6 +10,7 @@ import yaml
 
 from diffalign import config, resources
 from diffalign.config import ConfigError, OfflinePrefConfig
+from diffalign.losses import dpo as dpo_module
 
 
 BASE = {
@@ -39,7 +40,7 @@ class Config:
 @pytest.fixture
 def dpo():
     """The shipped Diffusion-DPO module (the tests bind its real ``Config``)."""
-    return pytest.importorskip("diffalign.losses.dpo")
+    return dpo_module
 
 
 @pytest.fixture
@@ -330,6 +331,38 @@ def test_cross_field_checks(write, dpo, updates, needles):
     assert str(path) in msg
     for needle in needles:
         assert needle in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("optim.lr=nan", "optim.lr=nan must be a finite number"),
+        ("optim.lr=.inf", "optim.lr=inf must be a finite number"),
+        ("optim.weight_decay=nan", "optim.weight_decay=nan must be a finite number"),
+        ("loss.beta=-5", "loss.beta (from override 'loss.beta=-5'): dpo: Config.beta must be > 0"),
+        ("loss.beta=0", "dpo: Config.beta must be > 0"),
+        ("run.seed=-1", "run.seed=-1 must be in [0, 2**32 - 1]"),
+        ("run.output_dir=", "run.output_dir is empty"),
+        ("run.output_dir=' '", "run.output_dir is empty"),
+    ],
+)
+def test_values_that_pass_range_checks_by_accident_are_refused(write, dpo, override, needle):
+    """NaN compares False with everything, a negative seed fails inside accelerate, an empty output_dir is the cwd."""
+    assert needle in _error(write(), [override])
+
+
+def test_mapo_snr_value_must_be_positive(write):
+    assert "mapo: Config.snr_value must be > 0" in _error(
+        write({"loss": {"name": "mapo", "beta": 0.1}}), ["loss.snr_value=0"]
+    )
+
+
+def test_validate_cli_refuses_a_nan_learning_rate(write, capsys):
+    from diffalign.cli.main import main
+
+    assert main(["validate", str(write()), "optim.lr=nan", "run.seed=-1"]) == 1
+    err = capsys.readouterr().err
+    assert "optim.lr=nan must be a finite number" in err and "run.seed=-1" in err
 
 
 def test_cross_field_checks_accept_valid_combinations(write, dpo, fake_list_loss):

@@ -104,13 +104,32 @@ def open_tabular(
         ds = _load_hub(path, split, streaming=streaming, cache_dir=cache_dir)
         name = f"{path} (split {split!r})"
     else:
-        files = resolve_parquet_files(path, split)
+        files = _with_rows(resolve_parquet_files(path, split), split)
         logger.info("reading %d parquet file(s) for split %r: %s", len(files), split, describe_files(files))
         ds = datasets.load_dataset(
             "parquet", data_files={split: files}, split=split, streaming=streaming, cache_dir=cache_dir
         )
         name = describe_files(files)
     return _without_image_decoding(ds), name
+
+
+def _with_rows(files: Sequence[str], split: str) -> list[str]:
+    """The files that hold rows (``datasets`` fails on a 0-row parquet file); none at all is a clear error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    counts = {}
+    for f in files:
+        try:
+            counts[f] = pq.ParquetFile(f).metadata.num_rows
+        except (OSError, pa.ArrowException) as e:
+            raise DataSourceError(f"{f}: not a readable parquet file: {e}") from e
+    empty = [f for f in files if counts[f] == 0]
+    if len(empty) == len(files):
+        raise DataSourceError(f"{describe_files(files)}: 0 rows for split {split!r}; there is nothing to train on")
+    if empty:
+        logger.warning("ignoring %d parquet file(s) with 0 rows: %s", len(empty), describe_files(empty))
+    return [f for f in files if counts[f] > 0]
 
 
 def _load_hub(

@@ -21,6 +21,7 @@ class GroupBatch(Batch):
     """
 
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    flagged: list[tuple[int, str, str]] = field(default_factory=list)  # (row index, kind, detail): Group.flags
 
 
 def collate_groups(items: Sequence[Group | SkippedRow | None]) -> GroupBatch:
@@ -48,6 +49,7 @@ def collate_groups(items: Sequence[Group | SkippedRow | None]) -> GroupBatch:
         pixels=torch.stack([g.pixels for g in groups]),
         scores=scores,
         skipped=skipped,
+        flagged=[(g.index, kind, detail) for g in groups for kind, detail in g.flags],
     )
 
 

@@ -179,8 +179,9 @@ class PlannedLoader:
             if item is not None:
                 batch, indices, epoch = item
                 self.position += 1
-                if self.stats is not None and batch.skipped:
+                if self.stats is not None:
                     self.stats.add_skipped(batch.skipped)
+                    self.stats.add_flagged(batch.flagged)
                 seeds = [derived_seed(self.seed, epoch, i, NOISE_SALT) for i in indices]
                 return batch, seeds
             self.epoch, self.position, self._iter = self.epoch + 1, 0, None

@@ -117,7 +117,7 @@ class RankedDataset(Dataset):
 
     def _read_jsonl(self, path: str) -> list[_Entry]:
         entries = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for index, line in enumerate(f):
                 if self.source.max_rows is not None and self.stats.rows_read >= self.source.max_rows:
                     break

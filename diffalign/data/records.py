@@ -60,13 +60,31 @@ class SkippedRow:
 
 @dataclass(frozen=True)
 class Group:
-    """A transformed group ready to collate: ``pixels`` (K, 3, H, W) in [-1, 1], winner first."""
+    """A transformed group ready to collate: ``pixels`` (K, 3, H, W) in [-1, 1], winner first.
+
+    ``flags``: ``(kind, detail)`` for what is usable but suspect in the source row (see ``quality_flags``).
+    """
 
     prompt: str
     pixels: Tensor
     info: SampleInfo
     scores: list[float] | None
     index: int
+    flags: tuple[tuple[str, str], ...] = ()
+
+
+EMPTY_CAPTION, DEGENERATE_IMAGE = "empty captions", "degenerate images"
+MIN_IMAGE_SIDE, MAX_ASPECT = 32, 8.0  # a 1x1 or 4000x1 "image" is upscaled into a meaningless training target
+
+
+def quality_flags(record: PreferenceRecord) -> tuple[tuple[str, str], ...]:
+    """``(kind, detail)`` for an empty caption and for each image under ``MIN_IMAGE_SIDE`` or beyond ``MAX_ASPECT``."""
+    flags = [(EMPTY_CAPTION, "empty caption")] if not record.prompt.strip() else []
+    for k, image in enumerate(record.images):
+        w, h = image.size
+        if min(w, h) < MIN_IMAGE_SIDE or max(w, h) > MAX_ASPECT * min(w, h):
+            flags.append((DEGENERATE_IMAGE, f"image {k} is {w}x{h} px"))
+    return tuple(flags)
 
 
 @dataclass
@@ -83,6 +101,7 @@ class LoadStats:
     unlabeled_dropped: int = 0
     not_different_dropped: int = 0
     bad_rows: list[tuple[int, str]] = field(default_factory=list)
+    flagged: dict[str, dict[int, str]] = field(default_factory=dict)  # kind -> {row index: detail}
 
     @property
     def bad_rows_skipped(self) -> int:
@@ -99,17 +118,29 @@ class LoadStats:
         for index, reason in skipped:
             self.add_bad_row(index, reason)
 
+    def add_flagged(self, flagged: Sequence[tuple[int, str, str]]) -> None:
+        """Count ``(row index, kind, detail)`` of used-but-suspect rows, each row once per kind."""
+        for index, kind, detail in flagged:
+            self.flagged.setdefault(kind, {}).setdefault(index, detail)
+
     def summary(self) -> str:
         text = (
             f"rows read {self.rows_read}; dropped by policy: ties {self.ties_dropped}, "
             f"unlabeled {self.unlabeled_dropped}, not different {self.not_different_dropped}; "
-            f"bad rows skipped {self.bad_rows_skipped}"
+            f"bad rows skipped {self.bad_rows_skipped}{_examples(self.bad_rows)}"
         )
-        if self.bad_rows:
-            shown = "; ".join(f"row {i}: {r}" for i, r in self.bad_rows[:5])
-            more = f" (+{len(self.bad_rows) - 5} more)" if len(self.bad_rows) > 5 else ""
-            text += f" [{shown}{more}]"
+        degenerate = f" (shorter side < {MIN_IMAGE_SIDE} px or aspect > {MAX_ASPECT:g}:1)"
+        for kind, note in ((EMPTY_CAPTION, ""), (DEGENERATE_IMAGE, degenerate)):
+            rows = self.flagged.get(kind, {})  # used for training as they are; counted so they are not silent
+            text += f"; {kind}{note} {len(rows)}{_examples(sorted(rows.items()))}"
         return text
+
+
+def _examples(rows: Sequence[tuple[int, str]], shown: int = 5) -> str:
+    if not rows:
+        return ""
+    more = f" (+{len(rows) - shown} more)" if len(rows) > shown else ""
+    return " [" + "; ".join(f"row {i}: {r}" for i, r in rows[:shown]) + more + "]"
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from diffalign.data.records import Group, PreferenceRecord, SkippedRow, check_choice
+from diffalign.data.records import Group, PreferenceRecord, SkippedRow, check_choice, quality_flags
 from diffalign.types import SampleInfo
 
 
@@ -143,7 +143,8 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 def to_group(record: PreferenceRecord, transform: JointTransform, generator: torch.Generator | None) -> Group:
     pixels, info = transform(record.images, generator)
-    return Group(prompt=record.prompt, pixels=pixels, info=info, scores=record.scores, index=record.index)
+    flags = quality_flags(record)
+    return Group(prompt=record.prompt, pixels=pixels, info=info, scores=record.scores, index=record.index, flags=flags)
 
 
 class TransformedDataset(Dataset):

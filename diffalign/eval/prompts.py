@@ -18,6 +18,7 @@ folder of ``*.json``      the HPSv2 benchmark folder (``anime.json``, ``concept-
 A bare name (``default`` = ``eval_default``, ``validation``) is a list shipped in ``assets/prompts/``. Anything else that is not a
 local path and looks like ``org/name`` is loaded with ``datasets.load_dataset``; offline, that fails at once with
 a message saying so. ``key=`` names the prompt column explicitly. Errors name the file, the row and the key.
+Text files may start with a UTF-8 byte-order mark (some Windows editors write one); it is not part of the first row.
 """
 
 from __future__ import annotations
@@ -91,13 +92,13 @@ def read_rows(path: Path) -> list[Any]:
     """Raw rows of a prompt or mapping file: strings (``.txt``, string lists) or dicts (everything else)."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if suffix == ".jsonl":
         return read_jsonl(path)
     if suffix == ".json":
         return _read_json(path)
     if suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
             if not reader.fieldnames:
                 raise EvalError(f"{path}: empty file (expected a header row)")
@@ -113,7 +114,7 @@ def read_rows(path: Path) -> list[Any]:
 
 def read_jsonl(path: Path) -> list[Any]:
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -125,7 +126,7 @@ def read_jsonl(path: Path) -> list[Any]:
 
 def _read_json(path: Path) -> list[Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise EvalError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -233,7 +234,7 @@ def folder_items(folder: str | Path, prompts: str | Path | None = None, *, key: 
         missing = [p for p in images if not (folder / p).with_suffix(".txt").is_file()]
         if missing:
             raise _too_many("images have no sidecar .txt prompt (or pass a prompts file)", missing, f"in {folder}")
-        texts = [(folder / p).with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
+        texts = [(folder / p).with_suffix(".txt").read_text(encoding="utf-8-sig").strip() for p in images]
         ids = _ids_by_first_seen(texts)
         return [ImageItem(p, t, ids[t]) for p, t in zip(images, texts, strict=True)]
     source = prompt_sets.resolve_source(prompts)
@@ -291,8 +292,11 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 def _open_rgb(path: Path) -> Any:
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's errors for broken files
+        raise EvalError(f"cannot read image {path}: {e}") from e
 
 
 def score_items(
@@ -346,9 +350,15 @@ def summarize(rows: Sequence[Mapping[str, Any]], scorers: Mapping[str, Any]) -> 
 
 
 def _prepare_out(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to clobber results, and make sure the folder can be written BEFORE any image is generated or scored."""
     if (out_dir / SCORES_FILE).exists() and not overwrite:
         raise EvalError(f"{out_dir / SCORES_FILE} exists; pass overwrite=True (--overwrite) or another output folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise EvalError(f"output folder {out_dir} is not writable: {e.strerror or e}") from e
 
 
 def write_run(out_dir: Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> None:
@@ -401,8 +411,8 @@ def score_folder(
     """
     folder, out_dir = Path(folder), Path(out_dir)
     items = folder_items(folder, prompts, key=prompt_key)
-    scorers = scorers if isinstance(scorers, Mapping) else resolve_scorers(scorers, device=device, dtype=dtype)
     _prepare_out(out_dir, overwrite)
+    scorers = scorers if isinstance(scorers, Mapping) else resolve_scorers(scorers, device=device, dtype=dtype)
     rows = score_items(items, scorers, folder, batch_size=batch_size, progress=progress)
     summary = _header("score_folder", folder) | {"prompts": {"source": str(prompts) if prompts else "sidecar .txt"}}
     summary |= {"protocol": None, **summarize(rows, scorers)}
@@ -466,7 +476,7 @@ def generate(
     adapter = models.load(protocol.family, protocol.model, dtype=protocol.dtype, vae_path=protocol.vae).to(device)
     pipe = adapter.pipeline(scheduler=make_scheduler(protocol.scheduler, adapter.scheduler))
     if lora is not None:
-        pipe.load_lora_weights(os.path.expanduser(lora))
+        _load_lora(pipe, lora, protocol.family)
     default = adapter.denoiser.config.sample_size * pipe.vae_scale_factor
     height, width = protocol.height or default, protocol.width or default
     jobs = [(i, k, rec) for i, rec in enumerate(records) for k in range(protocol.images_per_prompt)]
@@ -503,6 +513,21 @@ def generate(
     return items, resolved
 
 
+def _load_lora(pipe: Any, lora: str, family: str) -> None:
+    """``pipe.load_lora_weights`` with one-line errors: for a file of foreign tensor names diffusers raises one of
+    many exception types, or (when no name has a ``unet.`` / ``text_encoder.`` prefix) loads nothing at all."""
+    try:
+        pipe.load_lora_weights(os.path.expanduser(lora))
+    except Exception as e:  # ValueError, IndexError, KeyError, peft's NoMatchingPeftModuleError, OSError, ...
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise EvalError(f"cannot load LoRA {lora} into the {family} pipeline: {type(e).__name__}: {reason}") from e
+    if not any(pipe.get_list_adapters().values()):
+        raise EvalError(
+            f"LoRA {lora}: none of its tensor names match the {family} pipeline, so nothing was loaded (expected "
+            "diffusers names such as 'unet.<module>.lora_A.weight', as `diffalign run` writes them)"
+        )
+
+
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
@@ -526,8 +551,8 @@ def generate_and_score(
 ) -> dict[str, Any]:
     """Generate ``out_dir/images/*.png`` under ``protocol`` and score them.
 
-    Prompts, then scorers (spec strings are loaded on ``device`` in ``protocol.dtype``) are loaded before the model,
-    so a bad prompt file or scorer fails before any generation.
+    Prompts, the output folder (writable?), then scorers (spec strings are loaded on ``device`` in ``protocol.dtype``)
+    are checked before the model is loaded, so a bad prompt file, output folder or scorer fails before any generation.
     """
     out_dir = Path(out_dir)
     if isinstance(prompt_source, (str, Path)):
@@ -535,9 +560,9 @@ def generate_and_score(
         source = str(prompt_source)
     else:
         records, source = list(prompt_source)[:limit], "<records>"
+    _prepare_out(out_dir, overwrite)
     if not isinstance(scorers, Mapping):
         scorers = resolve_scorers(scorers, device=device, dtype=protocol.dtype)
-    _prepare_out(out_dir, overwrite)
     items, resolved = generate(
         protocol, records, out_dir / "images", device=device, batch_size=batch_size, progress=progress
     )

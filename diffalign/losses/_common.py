@@ -62,3 +62,12 @@ def check_finite_config(objective: str, **values: float) -> None:
     for name, value in values.items():
         if not math.isfinite(value):
             raise ValueError(f"{objective}: Config.{name} must be finite; got {value}")
+
+
+def check_positive_beta(objective: str, beta: float) -> None:
+    """Config validation: ``beta > 0``. ``beta = 0`` switches the preference term off; ``beta < 0`` reverses it."""
+    if not beta > 0:
+        raise ValueError(
+            f"{objective}: Config.beta must be > 0 (0 switches the preference term off, < 0 reverses the "
+            f"preference); got {beta}"
+        )

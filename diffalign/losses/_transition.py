@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffalign.losses._common import check_finite_config, detached_metrics, implicit_accuracy
+from diffalign.losses._common import check_finite_config, check_positive_beta, detached_metrics, implicit_accuracy
 from diffalign.types import LossOutput, StepTerms
 
 
@@ -113,6 +113,7 @@ def check_step_terms(terms: StepTerms, requires: Iterable[str], objective: str) 
 def check_config(objective: str, beta: float, eps: float) -> None:
     """``beta`` finite and ``eps`` in (0, 1) (the clamp's lower bound ``1 - eps`` must stay positive)."""
     check_finite_config(objective, beta=beta, eps=eps)
+    check_positive_beta(objective, beta)
     if not 0.0 < eps < 1.0:
         raise ValueError(f"{objective}: Config.eps must be in (0, 1); got {eps}")
 

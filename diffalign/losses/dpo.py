@@ -31,7 +31,14 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffalign.losses._common import check_finite_config, check_pair_terms, detached_metrics, fp32, implicit_accuracy
+from diffalign.losses._common import (
+    check_finite_config,
+    check_pair_terms,
+    check_positive_beta,
+    detached_metrics,
+    fp32,
+    implicit_accuracy,
+)
 from diffalign.types import LossOutput, PairTerms
 
 
@@ -49,6 +56,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_finite_config("dpo", beta=self.beta)
+        check_positive_beta("dpo", self.beta)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"dpo: unknown loss_type {self.loss_type!r}; choose one of {LOSS_TYPES}")
 

@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffalign.losses._common import check_finite_config, check_pair_terms, detached_metrics, fp32, implicit_accuracy
+from diffalign.losses._common import (
+    check_finite_config,
+    check_pair_terms,
+    check_positive_beta,
+    detached_metrics,
+    fp32,
+    implicit_accuracy,
+)
 from diffalign.types import LossOutput, PairTerms
 
 
@@ -41,6 +48,9 @@ class Config:
 
     def __post_init__(self) -> None:
         check_finite_config("mapo", beta=self.beta, snr_value=self.snr_value)
+        check_positive_beta("mapo", self.beta)
+        if not self.snr_value > 0:  # s <= 0 makes f constant (s = 0) or increasing (s < 0): no or a reversed margin
+            raise ValueError(f"mapo: Config.snr_value must be > 0; got {self.snr_value}")
 
 
 def score(errors: Tensor, snr_value: float) -> Tensor:

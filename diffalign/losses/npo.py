@@ -24,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from diffalign.losses import dpo
-from diffalign.losses._common import check_finite_config, check_pair_terms
+from diffalign.losses._common import check_finite_config, check_pair_terms, check_positive_beta
 from diffalign.types import LossOutput, PairTerms
 
 
@@ -41,6 +41,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_finite_config("npo", beta=self.beta)
+        check_positive_beta("npo", self.beta)
         if self.loss_type not in dpo.LOSS_TYPES:
             raise ValueError(f"npo: unknown loss_type {self.loss_type!r}; choose one of {dpo.LOSS_TYPES}")
 

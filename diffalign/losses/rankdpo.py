@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffalign.losses._common import check_finite_config, detached_metrics, fp32
+from diffalign.losses._common import check_finite_config, check_positive_beta, detached_metrics, fp32
 from diffalign.types import ListTerms, LossOutput
 
 
@@ -55,6 +55,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_finite_config("rankdpo", beta=self.beta, log_base=self.log_base)
+        check_positive_beta("rankdpo", self.beta)
         if self.log_base <= 1.0:
             raise ValueError(f"rankdpo: Config.log_base must be > 1; got {self.log_base}")
         if self.reduction not in REDUCTIONS:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from diffalign.losses import dpo
-from diffalign.losses._common import check_finite_config, check_pair_terms
+from diffalign.losses._common import check_finite_config, check_pair_terms, check_positive_beta
 from diffalign.types import LossOutput, PairTerms
 
 
@@ -46,6 +46,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_finite_config("sdpo", beta=self.beta, mu=self.mu)
+        check_positive_beta("sdpo", self.beta)
         if not 0.0 <= self.mu <= 1.0:
             raise ValueError(f"sdpo: Config.mu must be in [0, 1]; got {self.mu}")
 

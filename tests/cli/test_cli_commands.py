@@ -27,7 +27,6 @@ def test_ls_configs_lists_names_with_first_comment(shipped, capsys):
 
 
 def test_ls_losses_shows_docstring_and_defaults(capsys):
-    pytest.importorskip("diffalign.losses.dpo")
     assert main(["ls", "losses"]) == 0
     dpo_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("dpo "))
     assert "Diffusion-DPO" in dpo_line and "beta=5000.0" in dpo_line

@@ -151,6 +151,22 @@ def test_eval_generate_tiny_sd15(tmp_path, plugin, capsys):
     assert (protocol["guidance_scale"], protocol["height"], protocol["images_per_prompt"]) == (2.0, 32, 2)
 
 
+def test_eval_generate_with_a_foreign_lora_is_one_line(tmp_path, plugin, capsys):
+    from safetensors.torch import save_file
+
+    from diffalign.models import tiny
+
+    model = tiny.save("sd15", tmp_path / "model")
+    (tmp_path / "lora").mkdir()
+    save_file({"down.weight": torch.zeros(2, 2)}, str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    argv = ["eval", "generate", "--family", "sd15", "--model", str(model), "--lora", str(tmp_path / "lora")]
+    argv += ["--prompts", "validation", "--limit", "1", "--steps", "1", "--resolution", "32", "--scorer", plugin]
+    assert main([*argv, "--out", str(tmp_path / "gen")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: cannot load LoRA {tmp_path / 'lora'} into the sd15 pipeline: ValueError")
+    assert not any("Traceback" in line for line in err)
+
+
 def test_eval_errors_are_one_line(folder, plugin, tmp_path, capsys):
     assert main(["eval", "score", str(folder), "--scorer", "pickscor", "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err

@@ -104,7 +104,7 @@ def test_recipe_given_as_a_path(shipped, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_process_accelerate_launch(shipped, tmp_path, monkeypatch):
+def test_two_process_accelerate_launch(shipped, tmp_path, monkeypatch, free_port):
     """Two real processes (gloo on CPU); each writes its rank (~20 s)."""
     script = tmp_path / "ranks.py"
     script.write_text(
@@ -114,6 +114,6 @@ def test_two_process_accelerate_launch(shipped, tmp_path, monkeypatch):
         "open(os.path.join(os.environ['RANK_DIR'], str(acc.process_index)), 'w').write(str(acc.num_processes))\n"
     )
     monkeypatch.setenv("RANK_DIR", str(tmp_path))
-    argv = ["run", str(script), "--config", "toy/dpo", "--num-processes", "2", "--main-process-port", "29631"]
+    argv = ["run", str(script), "--config", "toy/dpo", "--num-processes", "2", "--main-process-port", str(free_port)]
     assert main(argv) == 0
     assert (tmp_path / "0").read_text() == "2" and (tmp_path / "1").read_text() == "2"

@@ -290,3 +290,55 @@ def test_fixture_is_small_and_has_real_dtypes():
     assert schema.field("ranking_id").type == pa.int64()
     total = sum(p.stat().st_size for d in ("pickapic_tiny", "ranked_tiny") for p in Path(ASSETS, d).rglob("*"))
     assert total < 500_000
+
+
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_parquet_with_zero_rows_is_a_clear_error(hf_cache, tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(raw_table().slice(0, 0), empty)
+    for streaming in (False, True):
+        with pytest.raises(DataSourceError, match="0 rows for split 'train'") as info:
+            load_pickapic(source(hf_cache, path=str(empty), streaming=streaming))
+        assert str(empty) in str(info.value)
+    both = tmp_path / "both"
+    both.mkdir()
+    pq.write_table(raw_table().slice(0, 0), both / "a.parquet")
+    pq.write_table(raw_table(), both / "b.parquet")
+    assert len(PickapicDataset(source(hf_cache, path=str(both)))) == 42  # an empty shard among others is ignored
+    (both / "c.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataSourceError, match=r"c\.parquet: not a readable parquet file"):
+        PickapicDataset(source(hf_cache, path=str(both)))
+
+
+def test_empty_captions_and_degenerate_images_are_counted_in_the_data_summary(hf_cache, tmp_path):
+    """They are used as they are, but the summary the run prints at the end names how many and which rows."""
+    from diffalign.config import DataConfig
+    from diffalign.data.loader import build_loader
+
+    table = raw_table().slice(0, 8)  # row 5 is a tie (dropped): 7 groups
+    columns = {name: table.column(name).to_pylist() for name in ("caption", "jpg_0", "jpg_1", "label_0", "label_1")}
+    columns["caption"][0], columns["caption"][2] = "", "   "
+    columns["jpg_1"][1], columns["jpg_0"][3] = _png(4000, 1), _png(1, 1)
+    for row in (1, 3):
+        columns["label_0"][row], columns["label_1"][row] = 1.0, 0.0
+    for name, values in columns.items():
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pa.array(values, table.schema.field(name).type)
+        )
+    path = tmp_path / "odd.parquet"
+    pq.write_table(table, path)
+
+    cfg = DataConfig(path=str(path), resolution=32, hflip_prob=0.0)
+    loader = build_loader(cfg, batch_size=7, seed=0)
+    batch, _ = loader.next_batch()
+    assert len(batch) == 7
+    summary = loader.stats_summary()
+    assert "empty captions 2 [row 0: empty caption; row 2: empty caption]" in summary
+    assert "degenerate images" in summary and "row 1: image 1 is 4000x1 px; row 3: image 0 is 1x1 px]" in summary
+    loader.next_batch()  # the next epoch sees the same rows again: each is counted once
+    assert loader.stats_summary() == summary

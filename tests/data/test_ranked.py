@@ -114,3 +114,11 @@ def test_ranked_config_checks():
         RankedSource(path="x", min_images=1)
     with pytest.raises(ValueError, match="did you mean 'skip'"):
         RankedSource(path="x", on_bad_row="skp")
+
+
+def test_jsonl_with_a_utf8_byte_order_mark_keeps_its_first_row(tmp_path):
+    copy = tmp_path / "ranked"
+    shutil.copytree(RANKED_DIR, copy)
+    (copy / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + (RANKED_DIR / "train.jsonl").read_bytes())
+    ds = RankedDataset(RankedSource(path=str(copy / "train.jsonl")))
+    assert ds.stats.bad_rows_skipped == 0 and ds[0].prompt == fixture_rows()[0]["prompt"]

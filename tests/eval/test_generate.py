@@ -121,3 +121,27 @@ def test_scheduler_choice_and_bad_protocols(tiny_sd15, tmp_path):
         _protocol(model_dir, height=30)
     with pytest.raises(EvalError, match=r"unknown model family 'sd1\.5'"):
         _protocol(model_dir, family="sd1.5")
+
+
+@pytest.mark.parametrize(
+    ("keys", "needle"),
+    [
+        (["down.weight"], "cannot load LoRA .* into the sd15 pipeline: ValueError: "),
+        (["unet.nowhere.to_q.lora_A.weight", "unet.nowhere.to_q.lora_B.weight"], "into the sd15 pipeline: "),
+        (["nowhere.to_q.lora_A.weight", "nowhere.to_q.lora_B.weight"], "none of its tensor names match"),
+    ],
+)
+def test_lora_with_foreign_tensor_names_is_a_one_line_error(tiny_sd15, tmp_path, keys, needle):
+    """diffalign's own LoRA layout is unet.<module>.lora_A/B.weight; anything else is named, never half-loaded."""
+    from safetensors.torch import save_file
+
+    model_dir, _ = tiny_sd15
+    lora_dir = tmp_path / "lora"
+    lora_dir.mkdir()
+    save_file({k: torch.zeros(4, 4) for k in keys}, str(lora_dir / "pytorch_lora_weights.safetensors"))
+    scorer = MeanScorer()
+    with pytest.raises(EvalError, match=needle) as info:
+        generate_and_score(
+            _protocol(model_dir, lora=str(lora_dir)), "validation", [scorer], tmp_path / "run", limit=1, progress=False
+        )
+    assert "\n" not in str(info.value) and str(lora_dir) in str(info.value) and scorer.calls == []

@@ -157,3 +157,19 @@ def test_digest_depends_on_text_and_order(tmp_path):
     g.write_text("b\na\n")
     assert digest(load_prompts(f)) == digest(load_prompts(f)) != digest(load_prompts(g))
     assert len(digest(load_prompts(f))) == 64
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("p.txt", "a red cube\na blue ball\n"),
+        ("p.jsonl", '{"prompt": "a red cube"}\n{"prompt": "a blue ball"}\n'),
+        ("p.json", '["a red cube", "a blue ball"]'),
+        ("p.csv", "prompt,category\na red cube,x\na blue ball,y\n"),
+    ],
+)
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path, name, text):
+    """Windows editors save UTF-8 with a BOM; it must not end up in prompt 0 (or break the JSON / CSV header)."""
+    f = tmp_path / name
+    f.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert [r.prompt for r in load_prompts(f)] == ["a red cube", "a blue ball"]

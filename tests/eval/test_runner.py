@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from diffalign.eval import EvalError, compare_runs, folder_items, resolve_scorers, score_folder
 from diffalign.eval.runner import write_run
@@ -106,6 +109,45 @@ def test_existing_results_are_not_overwritten(sidecar_folder, tmp_path):
     with pytest.raises(EvalError, match="exists; pass overwrite=True"):
         score_folder(sidecar_folder, [MeanScorer()], out, report=False, progress=False)
     score_folder(sidecar_folder, [MeanScorer()], out, report=False, progress=False, overwrite=True)
+
+
+def test_unreadable_image_error_names_its_path(sidecar_folder, tmp_path):
+    png = sidecar_folder / "dog_1.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(png)
+    png.write_bytes(png.read_bytes()[:1500])  # cut inside the pixel data: "image file is truncated"
+    with pytest.raises(EvalError, match=r"cannot read image .*dog_1\.png"):
+        score_folder(sidecar_folder, [MeanScorer()], tmp_path / "run", report=False, progress=False)
+
+
+def test_sidecar_prompt_with_a_byte_order_mark(sidecar_folder):
+    (sidecar_folder / "dog_0.txt").write_bytes(b"\xef\xbb\xbfa dog\n")
+    items = {it.path: it for it in folder_items(sidecar_folder)}
+    assert items["dog_0.png"].prompt == "a dog" and items["dog_0.png"].prompt_id == items["dog_1.png"].prompt_id
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder this process cannot create files in (root ignores permission bits: then a /sys folder)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys/kernel")):
+        try:
+            (candidate / "probe").touch()
+            (candidate / "probe").unlink()
+        except OSError:
+            yield candidate
+            break
+    else:
+        pytest.skip("no unwritable folder available")
+    folder.chmod(0o755)
+
+
+def test_unwritable_output_folder_fails_before_any_scoring(sidecar_folder, unwritable):
+    scorer = MeanScorer()
+    with pytest.raises(EvalError, match=f"output folder {unwritable} is not writable"):
+        score_folder(sidecar_folder, [scorer], unwritable, report=False, progress=False)
+    assert scorer.calls == []
 
 
 def test_scorer_keys_names_variants_and_bad_scorers():

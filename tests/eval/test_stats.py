@@ -81,3 +81,25 @@ def test_histogram_counts_and_constant_sample():
     assert counts == [2, 3] and edges == [0.0, 0.5, 1.0]
     counts, edges = stats.histogram([2.0, 2.0], bins=4)
     assert sum(counts) == 2 and edges[0] == 1.5 and edges[-1] == 2.5
+
+
+def test_ci_is_the_pooled_mean_over_resampled_prompts_with_unequal_groups():
+    """Against an independent cluster bootstrap: the statistic is sum / count over the drawn prompts' images.
+
+    Ten prompts with ten images near 1 and ten with one image near 0: the pooled mean is ~0.91, the mean of
+    prompt means ~0.5, so a bootstrap of prompt means would put the interval around the wrong value.
+    """
+    rng = np.random.default_rng(7)
+    groups = {f"big{i}": list(1.0 + 0.1 * rng.normal(size=10)) for i in range(10)}
+    groups |= {f"one{i}": [0.1 * rng.normal()] for i in range(10)}
+    prompts = list(groups)
+    draws = np.random.default_rng(12345).integers(0, len(prompts), size=(20_000, len(prompts)))
+    pooled = []
+    for row in draws:
+        images = [x for j in row for x in groups[prompts[j]]]
+        pooled.append(sum(images) / len(images))
+    want_lo, want_hi = np.quantile(pooled, [0.025, 0.975])
+    ci = stats.mean_ci(groups, n_boot=20_000)
+    assert ci.mean == pytest.approx(np.mean([x for v in groups.values() for x in v]))
+    assert ci.ci_low == pytest.approx(want_lo, abs=0.01) and ci.ci_high == pytest.approx(want_hi, abs=0.01)
+    assert ci.ci_low < ci.mean < ci.ci_high

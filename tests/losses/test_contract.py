@@ -102,3 +102,13 @@ def test_missing_reference_is_a_clear_error(name: str) -> None:
     module = losses.get(name)
     with pytest.raises(ValueError, match="ref"):
         module.loss(make_terms(module, with_ref=False), module.Config())
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in NAMES if "beta" in {f.name for f in dataclasses.fields(losses.get(n).Config)}]
+)
+@pytest.mark.parametrize("beta", [0.0, -1.0])
+def test_beta_that_switches_off_or_reverses_the_preference_is_refused(name: str, beta: float) -> None:
+    """beta = 0 turns the preference term off and beta < 0 rewards the rejected sample in every objective here."""
+    with pytest.raises(ValueError, match=rf"{name}: Config\.beta must be > 0.*got {beta}"):
+        losses.get(name).Config(beta=beta)

@@ -117,7 +117,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_dirs, tmp_path):
     assert all(torch.equal(ref_lora[k], cut_lora[k]) for k in ref_lora)
 
 
-def test_two_processes_match_one_process_first_step(tiny_dirs, tmp_path):
+def test_two_processes_match_one_process_first_step(tiny_dirs, tmp_path, free_port):
     """accelerate --multi_gpu --num_processes 2 (gloo, CPU), batch 2 each == one process with batch 4."""
     one = run_subprocess(
         recipe_command(
@@ -139,7 +139,7 @@ def test_two_processes_match_one_process_first_step(tiny_dirs, tmp_path):
         "--num_machines",
         "1",
         "--main_process_port",
-        "29517",
+        str(free_port),
         *recipe_command(
             "toy/dpo",
             toy_overrides(

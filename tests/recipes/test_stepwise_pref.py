@@ -189,7 +189,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_dirs, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_mine_and_train_like_one(recipe, tiny_dirs, tmp_path):
+def test_two_processes_mine_and_train_like_one(recipe, tiny_dirs, tmp_path, free_port):
     """accelerate, 2 CPU processes with 2 prompts / 2 pairs each == one process with 4 / 4 (opt-in: ~30 s)."""
     common = {"run.max_steps": 2, "run.log_every": 1, "stepwise.save_pairs": "true"}
     one = tmp_path / "one"
@@ -198,7 +198,7 @@ def test_two_processes_mine_and_train_like_one(recipe, tiny_dirs, tmp_path):
     two = tmp_path / "two"
     two_args = {"stepwise.sample_batch_size": 2, "optim.batch_size": 2, **common}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--main_process_port", "29537"]
+    launch += ["--num_machines", "1", "--main_process_port", str(free_port)]
     cmd = [*launch, *command("toy/lpo", overrides(tiny_dirs["sd15"], two, **two_args))[1:]]
     done = subprocess.run(
         cmd, cwd=ROOT, env=child_env() | {"ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -75,3 +76,14 @@ def test_save_replaces_stale_temp_and_restores_rng(tmp_path):
     assert json.loads((path / "optimizer.json").read_text())  # human-readable skeleton
     with pytest.raises(FileNotFoundError, match="process 1"):
         checkpoint.load(path, rank=1)
+
+
+def test_latest_is_the_highest_step_not_the_newest_folder(tmp_path):
+    """Saves out of step order (a resume from an earlier checkpoint re-saves older steps): step number decides."""
+    root = tmp_path / "ckpt"
+    for i, step in enumerate((30, 10, 20)):  # step-10 and step-20 written after step-30 ...
+        path = _save(root, step, keep_last=3)
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))  # ... and their folders look newer, whatever the clock
+    assert [p.name for p in checkpoint.list_complete(root)] == ["step-00000010", "step-00000020", "step-00000030"]
+    assert checkpoint.latest(root).name == "step-00000030"
+    assert checkpoint.resolve("latest", root).name == "step-00000030"
