@@ -7,13 +7,16 @@ import math
 import signal
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffalign.training import checkpoint
+from diffalign import config as dconfig
+from diffalign.models import lora
+from diffalign.training import checkpoint, loop
 from tests.recipes.conftest import ROOT, child_env, recipe_command, run_subprocess, toy_overrides
 
 
@@ -65,22 +68,38 @@ def test_recipe_runs_on_sdxl_and_sd3(recipe, tiny_dirs, tmp_path, family):
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(recipe, tiny_dirs, tmp_path):
-    """lr=1e30 blows the LoRA up after step 1: step 2's loss is not finite and the run must stop cleanly."""
-    out = tmp_path / "run"
-    overrides = toy_overrides(
-        tiny_dirs["sd15"],
-        out,
-        **{"run.max_steps": 5, "run.save_every": 1, "optim.lr": 1e30, "optim.max_grad_norm": "null"},
-    )
+def test_nan_stop_never_leaves_exploded_weights_as_the_latest_checkpoint(recipe, tiny_dirs, tmp_path):
+    """lr=1e10: step 1's loss is finite, its update leaves finite but huge weights (saved as step 1), and step 2's
+    loss is not finite: step 1 is set aside, so neither the message nor ``resume_from=latest`` offers it."""
+    out = tmp_path / "huge"
+    overrides = toy_overrides(tiny_dirs["sd15"], out, **{"run.max_steps": 4, "run.save_every": 1, "optim.lr": 1e10})
     with pytest.raises(FloatingPointError, match="non-finite loss at step 2") as err:
         recipe.main(["--config", "toy/dpo", *overrides])
-    assert "step-00000001" in str(err.value)
-    good = checkpoint.list_complete(out / "checkpoints")
-    assert [p.name for p in good] == ["step-00000001"]
-    state = checkpoint.load(good[0])
-    assert all(torch.isfinite(v).all() for v in state["trainable"].values())
-    assert not (out / "lora").exists()
+    assert "Last good checkpoint: none" in str(err.value) and "step-00000001.nonfinite" in str(err.value)
+    assert checkpoint.latest(out / "checkpoints") is None
+    assert (out / "checkpoints" / "step-00000001.nonfinite" / "trainable.safetensors").is_file()
+
+
+def test_non_finite_gradient_norm_or_weights_stop_the_step(recipe, tiny_dirs, tmp_path):
+    """A finite loss whose gradient is not finite stops before the update; an update to non-finite weights stops
+    before the step counts (so before any checkpoint of it)."""
+    cfg = dconfig.load("toy/dpo", toy_overrides(tiny_dirs["sd15"], tmp_path / "run"), schema=dconfig.OfflinePrefConfig)
+    state = recipe.setup(cfg, loop.make_accelerator(cfg))
+    run = state.run
+    before = lora.trainable_state(run.adapter)
+
+    def sqrt_loss(batch, seeds):  # 0 where lora_B == 0, but d sqrt(|x|)/dx there is nan
+        return {"loss": sum(p.abs().sqrt().sum() for p in run.params)}
+
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm at step 1"):
+        loop.optimizer_step(run, sqrt_loss)
+    assert all(torch.equal(before[k], v) for k, v in lora.trainable_state(run.adapter).items())
+    run.optimizer.zero_grad(set_to_none=True)
+    for group in run.optimizer.optimizer.param_groups:
+        group["lr"] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite weights after the update of step 1"):
+        loop.optimizer_step(run, partial(recipe.micro_step, state))
+    assert run.step == 0
 
 
 def _lora_state(out: Path) -> dict[str, torch.Tensor]:
