@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,20 @@ def recipe_command(config: str, overrides: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / "recipes" / "offline_pref.py"), "--config", config, *overrides]
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, for ``--main_process_port`` (fixed ports collide between test runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_command(config: str, overrides: list[str]) -> list[str]:
+    """``recipe_command`` under ``accelerate launch --multi_gpu --num_processes 2`` (gloo on CPU, a free port)."""
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd = recipe_command(config, overrides)
+    return [cmd[0], *launch, "--main_process_port", str(free_port()), *cmd[1:]]
+
+
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -48,5 +63,8 @@ def recipe():
     return recipe_module()
 
 
-def run_subprocess(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout)
+def run_subprocess(
+    cmd: list[str], cwd: Path, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = child_env() | (env or {})
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
