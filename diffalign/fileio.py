@@ -49,11 +49,10 @@ def temp_dir(out: Path) -> Path:
 
 
 def fresh_temp_dir(out: Path) -> Path:
-    """``temp_dir(out)``, emptied (a killed write may have left one) and created."""
+    """``temp_dir(out)`` with whatever a killed write left there removed (not created: writers make it)."""
     tmp = temp_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
     return tmp
 
 

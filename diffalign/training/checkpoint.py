@@ -130,7 +130,9 @@ def save(
     if bad:
         raise FloatingPointError(f"not saving step {step}: non-finite trainable tensors {bad[:3]}")
     final = step_dir(root, step)
-    tmp = fresh_temp_dir(final) if rank == 0 else temp_dir(final)
+    tmp = temp_dir(final)
+    if rank == 0:
+        fresh_temp_dir(final).mkdir()
     barrier()
     state_io.save(rng_state(), tmp / f"rng-rank{rank}")
     barrier()
