@@ -124,7 +124,10 @@ def test_two_process_accelerate_launch(shipped, tmp_path, monkeypatch):
     assert (tmp_path / "0").read_text() == "2" and (tmp_path / "1").read_text() == "2"
 
 
-SLEEPER = """import os, time
+# SIG_DFL for SIGINT: a job started in the background by a script inherits SIGINT ignored (and Python then installs
+# no KeyboardInterrupt handler); the test is about the wrapper forwarding it, not about that inheritance.
+SLEEPER = """import os, signal, time
+signal.signal(signal.SIGINT, signal.SIG_DFL)
 with open(os.environ["SLEEPER_PID"] + ".tmp", "w") as f:
     f.write(str(os.getpid()))
 os.replace(os.environ["SLEEPER_PID"] + ".tmp", os.environ["SLEEPER_PID"])
