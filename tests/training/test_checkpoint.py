@@ -127,7 +127,7 @@ def test_a_kill_anywhere_in_a_resave_leaves_latest_complete(tmp_path, monkeypatc
 
 def test_latest_verifies_the_listed_files_and_orders_by_step(tmp_path):
     root = tmp_path / "ckpt"
-    for step in (9, 10, 100):
+    for step in (100, 9, 10):  # saved out of order: step 10 is the newest folder, step 100 the latest step
         _save(root, step, keep_last=0)
     assert checkpoint.latest(root).name == "step-00000100"
     (root / "step-00000100" / "trainable.safetensors").write_bytes(b"short")  # marker present, file torn
