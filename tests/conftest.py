@@ -30,9 +30,14 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {family: tiny.save(family, root / family, seed=0) for family in tiny.FAMILIES}
 
 
-@pytest.fixture
-def free_port() -> int:
+def unused_port() -> int:
     """A TCP port that nothing listens on now, for ``--main_process_port`` (a fixed port collides across runs)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """``unused_port()`` as a fixture."""
+    return unused_port()

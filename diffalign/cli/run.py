@@ -4,6 +4,9 @@ The config (with overrides) is loaded and checked here first, so a typo fails in
 process or model starts. Then the recipe script runs as ``python recipe.py --config PATH k=v ...`` for one
 process, or under ``accelerate launch --multi_gpu --num_processes N`` for several. The recipe loads the
 same config again with ``diffalign.config.load(path, overrides)``.
+
+The child runs in its own process group and the wrapper forwards SIGINT, SIGTERM and SIGHUP to it (once: a
+terminal's Ctrl-C reaches only the wrapper), then waits for it: stopping ``diffalign run`` stops the training.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -125,8 +130,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n# command: {shlex.join(cmd)}")
         return 0
     print(f"launching: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    return _exit_status(launch(cmd, child_env(args.num_processes)))
+
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def launch(cmd: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run ``cmd`` to completion, forwarding ``FORWARDED`` signals to it; returns its ``returncode``."""
+    proc = subprocess.Popen(cmd, env=env, process_group=0)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers need the main thread
+        return proc.wait()
+    previous = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum)) for sig in FORWARDED}
     try:
-        completed = subprocess.run(cmd, env=child_env(args.num_processes), check=False)
-    except KeyboardInterrupt:
-        return 130
-    return _exit_status(completed.returncode)
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from diffalign.fileio import FolderBusyError, FolderLock
 from diffalign.label import store
 from diffalign.label.config import LabelConfig, LabelError
 from diffalign.label.ranking import pairs_per_prompt
@@ -78,14 +79,12 @@ def _check_settings(out: Path, settings: dict[str, Any], *, logged: int) -> dict
 
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """Hold ``<out>/.lock`` (``flock``; the OS drops it when the process dies) so two runs never share a log."""
-    import fcntl
-
-    with open(out / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise LabelError(f"{out} is being labelled by another process (it holds {out / '.lock'})") from e
+    """Hold ``<out>/.lock`` (``fileio.FolderLock``; the OS drops it when the process dies): one run per log."""
+    try:
+        lock = FolderLock(out, "diffalign label")
+    except FolderBusyError as e:
+        raise LabelError(f"{out} is being labelled by another process ({e.holder}; it holds {out / '.lock'})") from e
+    with lock:
         yield
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign.data.pickapic import pickapic_schema
+from diffalign.fileio import fsync_dir, temp_path, write_atomic
 from diffalign.label.config import LabelError
 from diffalign.label.ranking import pairs_per_prompt, ranking_scores, select_pairs
 
@@ -52,31 +53,6 @@ ROWS_PER_WRITE = 64
 
 
 # ---- atomic files -------------------------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def temp_path(path: Path) -> Path:
-    """A dot-named temporary beside ``path`` that no ``*.parquet`` / ``*.png`` / ``*.jsonl`` glob matches."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Write ``data`` to ``path`` so that a reader (or a crash) sees the old file or the complete new one."""
-    tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if sync_dir:
-        fsync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -6,11 +6,13 @@ Layout of ``<output_dir>/checkpoints/step-00000500/``::
     optimizer.{safetensors,json} optimizer state
     state.json                   step, lr-scheduler and data-sampler state, user metadata
     rng-rank<R>.{safetensors,json}  every process's torch / numpy / python RNG state
-    COMPLETE                     written last
+    COMPLETE                     written last: JSON ``{"step", "files": {name: size in bytes}}``
 
-A checkpoint is assembled in a hidden temporary folder and renamed into place, so a crash (even SIGKILL)
-mid-write leaves the previous checkpoints intact and never a half-written ``step-*`` folder. ``latest``
-only considers folders with ``COMPLETE``.
+A checkpoint is assembled in a hidden temporary folder and swapped into place with renames
+(``fileio.swap_dir``), also when a resumed run saves a step that already exists: a crash (even SIGKILL) at any
+point leaves the old ``step-N`` or the new one, never a half-written or half-deleted one. ``latest`` (and
+``resolve``) only return a checkpoint whose ``COMPLETE`` lists every file it needs and whose listed files are all
+there with their recorded sizes; among those, the highest step number wins (not the newest file).
 """
 
 from __future__ import annotations
@@ -28,21 +30,33 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffalign.fileio import fresh_temp_dir, swap_dir, temp_dir
 from diffalign.training import state_io
 
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+MARKER = "COMPLETE"
+REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "state.json")
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
 
+def is_complete(path: Path) -> bool:
+    """True when ``path/COMPLETE`` lists the required files and every listed file exists with its recorded size."""
+    try:
+        files = json.loads((path / MARKER).read_text())["files"]
+        return set(REQUIRED) <= set(files) and all((path / n).stat().st_size == size for n, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def list_complete(root: Path) -> list[Path]:
-    """Complete checkpoint folders under ``root``, oldest first."""
+    """Complete checkpoint folders under ``root``, in step order (oldest first)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "COMPLETE").is_file()]
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and is_complete(p)]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
@@ -58,9 +72,22 @@ def resolve(resume_from: str | None, root: Path) -> Path | None:
     if resume_from == "latest":
         return latest(root)
     path = Path(resume_from)
-    if not (path / "COMPLETE").is_file():
+    if not is_complete(path):
         raise FileNotFoundError(f"run.resume_from={resume_from!r} is not a complete checkpoint folder")
     return path
+
+
+def saved_state(path: Path) -> dict[str, Any]:
+    """The ``state`` dict a checkpoint was saved with (step, schedule, data position, metadata); no tensors read."""
+    return state_io.decode(json.loads((path / "state.json").read_text()), {})
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Rename checkpoint ``path`` to ``<name>.<reason>`` so ``latest`` no longer picks it (kept for inspection)."""
+    aside = path.with_name(f"{path.name}.{reason}")
+    shutil.rmtree(aside, ignore_errors=True)
+    path.rename(aside)
+    return aside
 
 
 def rng_state() -> dict[str, Any]:
@@ -82,14 +109,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(
     root: Path,
     step: int,
@@ -103,13 +122,17 @@ def save(
 ) -> Path:
     """Write checkpoint ``step`` atomically; every process calls it (each saves its RNG state).
 
-    ``barrier`` must synchronise all processes (``accelerator.wait_for_everyone``).
+    ``barrier`` must synchronise all processes (``accelerator.wait_for_everyone``). Non-finite ``trainable``
+    tensors are refused (``FloatingPointError``) before anything is written: a checkpoint is never named good
+    with weights that exploded.
     """
-    final, tmp = step_dir(root, step), root / f".step-{step:08d}.tmp"
+    bad = [k for k, v in trainable.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FloatingPointError(f"not saving step {step}: non-finite trainable tensors {bad[:3]}")
+    final = step_dir(root, step)
+    tmp = temp_dir(final)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        fresh_temp_dir(final).mkdir()
     barrier()
     state_io.save(rng_state(), tmp / f"rng-rank{rank}")
     barrier()
@@ -117,14 +140,12 @@ def save(
         save_file(trainable, str(tmp / "trainable.safetensors"))
         state_io.save(optimizer, tmp / "optimizer")
         (tmp / "state.json").write_text(json.dumps(state_io.encode(state, {}), indent=1))
-        (tmp / "COMPLETE").write_text(str(step))
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        swap_dir(tmp, final)
         for old in list_complete(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old)
     barrier()
@@ -142,5 +163,5 @@ def load(path: Path, rank: int = 0) -> dict[str, Any]:
     return {
         "trainable": load_file(str(path / "trainable.safetensors")),
         "optimizer": state_io.load(path / "optimizer"),
-        "state": state_io.decode(json.loads((path / "state.json").read_text()), {}),
+        "state": saved_state(path),
     }

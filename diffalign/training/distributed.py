@@ -1,46 +1,56 @@
 """Data-parallel helpers that work the same on CPU (gloo) and GPU (nccl).
 
-The recipes do not wrap the denoiser in DDP: only the LoRA parameters train, so the gradients are averaged
+The recipes do not wrap the denoiser in DDP: only the LoRA parameters train, so the gradients are reduced
 explicitly once per optimizer step (after local accumulation), which also keeps the adapter's modules
 unwrapped for the reference pass.
+
+Every process calls these in the same order on every step, whatever its data (a micro-batch of bad rows only
+still takes part with zeros): a collective that one process skips aborts gloo and hangs NCCL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 
-def average_gradients(params: Sequence[nn.Parameter], accelerator: object) -> None:
-    """All-reduce (mean) the gradients of ``params`` across processes, in one flat buffer."""
-    if accelerator.num_processes == 1:
-        return
+def sum_across(values: Mapping[str, Tensor | float], accelerator: object) -> dict[str, float]:
+    """Sum scalars over processes in one all-reduce; a key that a process lacks counts as 0 there.
+
+    With several processes the key set is agreed first (one object all-gather), so a process whose micro-batches
+    were all bad rows, and has no metrics, still contributes a buffer of the same size.
+    """
+    keys = sorted(values)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        keys = sorted(set(gather_object(keys)))
+    if not keys:
+        return {}
+    device = accelerator.device
+    vec = torch.stack(
+        [torch.as_tensor(values.get(k, 0.0), dtype=torch.float32, device=device).reshape(()) for k in keys]
+    )
+    if accelerator.num_processes > 1:
+        vec = accelerator.reduce(vec, reduction="sum")
+    return dict(zip(keys, vec.tolist(), strict=True))
+
+
+def reduce_gradients(params: Sequence[nn.Parameter], accelerator: object, count: float) -> None:
+    """Sum the gradients of ``params`` over processes (one flat all-reduce) and divide them by ``count``.
+
+    Each process back-propagates the SUM of its per-group losses and ``count`` is the global number of groups of
+    the step, so the result is the mean over all groups whatever their split over processes and micro-batches.
+    """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads])
-    flat = accelerator.reduce(flat, reduction="mean")
+    if accelerator.num_processes > 1:
+        flat = accelerator.reduce(flat, reduction="sum")
+    flat = flat / count
     offset = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
-
-
-def mean_across(values: dict[str, Tensor], accelerator: object) -> dict[str, float]:
-    """Average scalar metrics across processes (one collective for all of them)."""
-    if not values:
-        return {}
-    keys = sorted(values)
-    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys]).to(accelerator.device)
-    if accelerator.num_processes > 1:
-        stacked = accelerator.reduce(stacked, reduction="mean")
-    return dict(zip(keys, stacked.tolist(), strict=True))
-
-
-def any_across(flag: bool, accelerator: object) -> bool:
-    """True if ``flag`` is true on any process."""
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        t = accelerator.reduce(t, reduction="sum")
-    return bool(t.item() > 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from diffalign import config as dconfig
 from diffalign import models
 from diffalign.data.latent_cache import LatentCache
 from diffalign.data.loader import build_loader
-from diffalign.fileio import append_jsonl, replace_dir
+from diffalign.fileio import FolderLock, append_jsonl, keep_jsonl, replace_dir
 from diffalign.models import lora
 from diffalign.training import checkpoint, distributed, optim
 
@@ -106,14 +107,81 @@ def make_accelerator(cfg: Any) -> Accelerator:
 
 
 def start(cfg: Any, accelerator: Accelerator, description: str) -> None:
-    """Create the output folder, save the resolved config, log ``description``, start the trackers."""
+    """Lock the output folder, check a resume, save the resolved config, log ``description``, start the trackers.
+
+    The main process holds ``output_dir/.lock`` (``fileio.FolderLock``) until ``train`` returns: a second trainer
+    on the same folder is refused, naming the holder. A resume is checked against the checkpoint's config before
+    ``config.yaml`` is written, so a refused resume leaves the saved config as it was.
+    """
     out = Path(cfg.run.output_dir)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        _lock_output(out)
+    path = checkpoint.resolve(cfg.run.resume_from, out / "checkpoints")
+    if path is not None:
+        check_resume_config(cfg, path)
+    if accelerator.is_main_process:
         dconfig.dump(cfg, out / "config.yaml")
         logger.info("%s", description)
     accelerator.init_trackers("diffalign", config=flat(dconfig.to_dict(cfg)))
     set_seed(cfg.run.seed)  # same LoRA init on every process and in every (resumed) run
+
+
+_LOCKS: dict[Path, FolderLock] = {}  # output folders this process trains into
+
+
+def _lock_output(out: Path) -> None:
+    key = out.resolve()
+    if key not in _LOCKS:  # a second in-process run on the same folder (tests, notebooks) keeps the lock it has
+        _LOCKS[key] = FolderLock(out, f"training ({Path(sys.argv[0]).name})")
+
+
+def _unlock_output(out: Path) -> None:
+    lock = _LOCKS.pop(out.resolve(), None)
+    if lock is not None:
+        lock.release()
+
+
+# Keys a resumed run may change: where and how often it logs, saves, validates, and how long it runs (a longer
+# ``run.max_steps`` also stretches a decaying LR schedule from the resume step on). Anything else would make the
+# resumed run differ from the run that wrote the checkpoint, so it is refused.
+RESUME_MAY_CHANGE = (
+    "run.output_dir",
+    "run.resume_from",
+    "run.max_steps",
+    "run.log_every",
+    "run.save_every",
+    "run.keep_last",
+    "run.report_to",
+    "data.num_workers",
+    "validation.",
+)
+
+
+def check_resume_config(cfg: Any, path: Path) -> None:
+    """Resuming continues the run that wrote ``path``: refuse a config that changes its training.
+
+    Every key outside ``RESUME_MAY_CHANGE`` whose value differs from the checkpoint's saved config is named in one
+    ``ConfigError`` (saved -> new); the allowed changes are applied and logged. Start a new run (another
+    ``run.output_dir``, or ``run.resume_from=null``) to train with other optimizer, loss, data or model settings.
+    """
+    saved = checkpoint.saved_state(path).get("config")
+    if saved is None:
+        logger.warning("%s stores no config (written by an older diffalign): resuming without checking it", path)
+        return
+    before, now = flat(saved), flat(dconfig.to_dict(cfg))
+    missing = object()
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k, missing) != now.get(k, missing))
+    diffs = {k: f"{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in changed}
+    refused = [diffs[k] for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
+    if refused:
+        raise dconfig.ConfigError(
+            f"cannot resume from {path}: the config differs from the one it was trained with in "
+            f"{'; '.join(refused)}. A resume continues that run exactly; change only "
+            f"{', '.join(RESUME_MAY_CHANGE)}, or start a new run (another run.output_dir or run.resume_from=null)"
+        )
+    for k in changed:
+        if k != "run.resume_from":
+            logger.info("resuming with a changed setting, applied from now on: %s", diffs[k])
 
 
 def build_adapter(cfg: Any, device: torch.device) -> Any:
@@ -170,6 +238,7 @@ def save(run: Run, extra: dict[str, torch.Tensor] | None = None) -> Path:
             "scheduler": run.scheduler.state_dict(),
             "loader": run.loader.state_dict(),
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "config": dconfig.to_dict(run.cfg),
         },
         rank=acc.process_index,
         barrier=acc.wait_for_everyone,
@@ -214,43 +283,80 @@ def export_lora(run: Run) -> Path:
 def optimizer_step(
     run: Run, micro_step: MicroStep, *, metrics: dict[str, torch.Tensor] | None = None
 ) -> dict[str, float]:
-    """``grad_accum`` micro-batches -> averaged gradients -> clip -> step; stops the run on a non-finite loss.
+    """``grad_accum`` micro-batches -> gradients averaged over the step's groups -> clip -> step, with the NaN stop.
 
     ``micro_step(*run.loader.next_batch())`` (offline: ``micro_step(batch, seeds)``) returns
-    ``{"loss": scalar, **metrics}``; the backward is done here. ``metrics``: more of this process's scalars
-    (any device) to average across processes and report with the step's, e.g. data statistics.
+    ``{"loss": scalar, **metrics}``, the loss and metrics being means over the micro-batch's groups; the backward is
+    done here. The gradient and the reported metrics are means over the GLOBAL count of usable groups of the step
+    (bad rows skipped on any process change no weighting), so N processes with batch b equal one with batch N*b.
+    ``metrics``: more of this process's scalars (any device) to average over processes, e.g. data statistics.
+
+    Every process makes the same collectives in the same order whatever its data (``distributed``). The run stops
+    (``FloatingPointError``) before anything is saved when the loss, the gradient norm (without fp16 loss
+    scaling, which skips such steps itself) or the updated weights are not finite.
     """
     cfg, acc = run.cfg, run.accelerator
-    accum = cfg.optim.grad_accum
-    sums = {k: v.detach().float().to(acc.device) for k, v in (metrics or {}).items()}
-    for _ in range(accum):
+    local: dict[str, torch.Tensor | float] = {f"mean/{k}": v.detach().float() for k, v in (metrics or {}).items()}
+    groups, nonfinite = 0, False
+    for _ in range(cfg.optim.grad_accum):
         args = run.loader.next_batch()
-        if len(args[0]) == 0:  # every row of this micro-batch was a skipped bad row
+        n = len(args[0])
+        if n == 0:  # every row of this micro-batch was a skipped bad row
             continue
         out = micro_step(*args)
-        if distributed.any_across(not bool(torch.isfinite(out["loss"])), acc):
-            good = checkpoint.latest(run.output_dir / "checkpoints")
-            shown = {k: float(v.detach()) for k, v in out.items()}
-            raise FloatingPointError(
-                f"non-finite loss at step {run.step + 1} (metrics {shown}); nothing was saved for this step. "
-                f"Last good checkpoint: {good or 'none'}. Lower optim.lr or loss.beta, or use mixed_precision=no."
-            )
-        acc.backward(out["loss"] / accum)
+        nonfinite |= not bool(torch.isfinite(out["loss"]))
+        acc.backward(out["loss"] * n)  # the sum over its groups; reduce_gradients divides by the global count
+        groups += n
         for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+            local[f"sum/{k}"] = local.get(f"sum/{k}", 0.0) + v.detach().float() * n
+    total = distributed.sum_across({**local, "groups": float(groups), "nonfinite": float(nonfinite)}, acc)
+    count = total.pop("groups")
+    shown = {k[4:]: v / max(count, 1.0) for k, v in total.items() if k.startswith("sum/")}
+    shown.update({k[5:]: v / acc.num_processes for k, v in total.items() if k.startswith("mean/")})
+    if total["nonfinite"]:
+        raise _non_finite(run, f"non-finite loss at step {run.step + 1} (metrics {shown})", weights_bad=True)
     params = run.params
-    distributed.average_gradients(params, acc)
-    if cfg.optim.max_grad_norm is not None:
-        sums["grad_norm"] = torch.as_tensor(acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)).float()
+    if count == 0:
+        logger.warning("step %d: every row of the global batch was a skipped bad row; no update", run.step + 1)
+        run.optimizer.zero_grad(set_to_none=True)
+        shown["loss"] = float("nan")
     else:
-        acc.unscale_gradients()
-    run.optimizer.step()
+        distributed.reduce_gradients(params, acc, count)
+        if cfg.optim.max_grad_norm is not None:
+            norm = acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        else:
+            acc.unscale_gradients()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        shown["grad_norm"] = float(norm)
+        if acc.scaler is None and not torch.isfinite(torch.as_tensor(norm)):
+            raise _non_finite(run, f"non-finite gradient norm at step {run.step + 1} (metrics {shown})")
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        # the weights are replicated and updated identically on every process: the same answer everywhere
+        if not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+            raise _non_finite(run, f"non-finite weights after the update of step {run.step + 1} (metrics {shown})")
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    metrics = distributed.mean_across(sums, acc)
-    metrics["lr"] = run.scheduler.get_last_lr()[0]
-    return metrics
+    shown["groups"] = count
+    shown["lr"] = run.scheduler.get_last_lr()[0]
+    return shown
+
+
+def _non_finite(run: Run, what: str, weights_bad: bool = False) -> FloatingPointError:
+    """The NaN stop's error. ``weights_bad``: the current weights gave it, so a checkpoint of them (the one saved
+    at the current step, if any) is set aside as ``step-N.nonfinite``, and ``latest`` no longer resumes into it."""
+    root = run.output_dir / "checkpoints"
+    note = ""
+    current = checkpoint.step_dir(root, run.step)
+    if weights_bad and run.accelerator.is_main_process and checkpoint.is_complete(current):
+        note = (
+            f" {current.name} holds the weights that gave it: moved to {checkpoint.set_aside(current, 'nonfinite')}."
+        )
+    good = checkpoint.latest(root)
+    return FloatingPointError(
+        f"{what}; nothing was saved for this step.{note} Last good checkpoint: {good or 'none'}. "
+        "Lower optim.lr or loss.beta, or use mixed_precision=no."
+    )
 
 
 # ---- logging and validation ---------------------------------------------------------------------------
@@ -315,6 +421,8 @@ def train(
 ) -> dict[str, Any]:
     """Steps until ``run.max_steps`` with logging, validation and checkpoints; then the LoRA export."""
     cfg, acc = run.cfg, run.accelerator
+    if acc.is_main_process:  # rows past the resume point were logged by the interrupted run: logged again below
+        keep_jsonl(run.output_dir / "metrics.jsonl", lambda row: row.get("step", 0) <= run.step)
     bar = tqdm(total=cfg.run.max_steps, initial=run.step, disable=not acc.is_main_process, desc=desc)
     while run.step < cfg.run.max_steps:
         metrics = train_step()
@@ -333,6 +441,7 @@ def train(
         logger.info("data: %s", run.loader.stats_summary())
         logger.info("LoRA written to %s (load with pipe.load_lora_weights)", lora_dir)
     acc.end_training()
+    _unlock_output(run.output_dir)
     return {"step": run.step, "history": run.history, "lora_dir": lora_dir}
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -19,6 +23,7 @@ def no_launch(monkeypatch):
         raise AssertionError(f"launched {args}")
 
     monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
 
 
 def test_dry_run_prints_config_summary_and_command(shipped, capsys, no_launch):
@@ -117,3 +122,49 @@ def test_two_process_accelerate_launch(shipped, tmp_path, monkeypatch, free_port
     argv = ["run", str(script), "--config", "toy/dpo", "--num-processes", "2", "--main-process-port", str(free_port)]
     assert main(argv) == 0
     assert (tmp_path / "0").read_text() == "2" and (tmp_path / "1").read_text() == "2"
+
+
+# SIG_DFL for SIGINT: a job started in the background by a script inherits SIGINT ignored (and Python then installs
+# no KeyboardInterrupt handler); the test is about the wrapper forwarding it, not about that inheritance.
+SLEEPER = """import os, signal, time
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+with open(os.environ["SLEEPER_PID"] + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.replace(os.environ["SLEEPER_PID"] + ".tmp", os.environ["SLEEPER_PID"])
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_the_wrapper_stops_its_child(shipped, tmp_path, sig):
+    """``kill`` (or Ctrl-C) on ``diffalign run`` reaches the recipe process, and the wrapper exits 128 + N."""
+    script, pid_file = tmp_path / "sleeper.py", tmp_path / "child.pid"
+    script.write_text(SLEEPER)
+    env = {**os.environ, "SLEEPER_PID": str(pid_file)}
+    cmd = [sys.executable, "-m", "diffalign", "run", str(script), "--config", "toy/dpo"]
+    wrapper = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    child = None
+    try:
+        deadline = time.time() + 60
+        while not pid_file.exists():
+            assert time.time() < deadline and wrapper.poll() is None, "the child never started"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        wrapper.send_signal(sig)
+        assert wrapper.wait(timeout=30) == 128 + sig
+        deadline = time.time() + 10
+        while _alive(child) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the recipe process outlived its wrapper"
+    finally:
+        wrapper.kill()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)

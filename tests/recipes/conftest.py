@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import unused_port
+
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,6 +39,13 @@ def recipe_command(config: str, overrides: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / "recipes" / "offline_pref.py"), "--config", config, *overrides]
 
 
+def two_process_command(config: str, overrides: list[str]) -> list[str]:
+    """``recipe_command`` under ``accelerate launch --multi_gpu --num_processes 2`` (gloo on CPU, a free port)."""
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd = recipe_command(config, overrides)
+    return [cmd[0], *launch, "--main_process_port", str(unused_port()), *cmd[1:]]
+
+
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -48,5 +57,8 @@ def recipe():
     return recipe_module()
 
 
-def run_subprocess(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout)
+def run_subprocess(
+    cmd: list[str], cwd: Path, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = child_env() | (env or {})
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffalign.training import checkpoint
-from tests.recipes.conftest import ROOT, child_env, recipe_command, run_subprocess, toy_overrides
+from diffalign import config as dconfig
+from diffalign.fileio import FolderBusyError, FolderLock
+from diffalign.models import lora
+from diffalign.training import checkpoint, loop
+from tests.recipes.conftest import (
+    ROOT,
+    child_env,
+    recipe_command,
+    run_subprocess,
+    toy_overrides,
+    two_process_command,
+)
 
 
 def test_toy_dpo_trains_saves_and_exports(recipe, tiny_dirs, tmp_path):
@@ -65,22 +77,78 @@ def test_recipe_runs_on_sdxl_and_sd3(recipe, tiny_dirs, tmp_path, family):
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(recipe, tiny_dirs, tmp_path):
-    """lr=1e30 blows the LoRA up after step 1: step 2's loss is not finite and the run must stop cleanly."""
-    out = tmp_path / "run"
-    overrides = toy_overrides(
-        tiny_dirs["sd15"],
-        out,
-        **{"run.max_steps": 5, "run.save_every": 1, "optim.lr": 1e30, "optim.max_grad_norm": "null"},
-    )
+def test_nan_stop_never_leaves_exploded_weights_as_the_latest_checkpoint(recipe, tiny_dirs, tmp_path):
+    """lr=1e10: step 1's loss is finite, its update leaves finite but huge weights (saved as step 1), and step 2's
+    loss is not finite: step 1 is set aside, so neither the message nor ``resume_from=latest`` offers it."""
+    out = tmp_path / "huge"
+    overrides = toy_overrides(tiny_dirs["sd15"], out, **{"run.max_steps": 4, "run.save_every": 1, "optim.lr": 1e10})
     with pytest.raises(FloatingPointError, match="non-finite loss at step 2") as err:
         recipe.main(["--config", "toy/dpo", *overrides])
-    assert "step-00000001" in str(err.value)
-    good = checkpoint.list_complete(out / "checkpoints")
-    assert [p.name for p in good] == ["step-00000001"]
-    state = checkpoint.load(good[0])
-    assert all(torch.isfinite(v).all() for v in state["trainable"].values())
-    assert not (out / "lora").exists()
+    assert "Last good checkpoint: none" in str(err.value) and "step-00000001.nonfinite" in str(err.value)
+    assert checkpoint.latest(out / "checkpoints") is None
+    assert (out / "checkpoints" / "step-00000001.nonfinite" / "trainable.safetensors").is_file()
+
+
+def test_non_finite_gradient_norm_or_weights_stop_the_step(recipe, tiny_dirs, tmp_path):
+    """A finite loss whose gradient is not finite stops before the update; an update to non-finite weights stops
+    before the step counts (so before any checkpoint of it)."""
+    cfg = dconfig.load("toy/dpo", toy_overrides(tiny_dirs["sd15"], tmp_path / "run"), schema=dconfig.OfflinePrefConfig)
+    state = recipe.setup(cfg, loop.make_accelerator(cfg))
+    run = state.run
+    before = lora.trainable_state(run.adapter)
+
+    def sqrt_loss(batch, seeds):  # 0 where lora_B == 0, but d sqrt(|x|)/dx there is nan
+        return {"loss": sum(p.abs().sqrt().sum() for p in run.params)}
+
+    with pytest.raises(FloatingPointError, match="non-finite gradient norm at step 1"):
+        loop.optimizer_step(run, sqrt_loss)
+    assert all(torch.equal(before[k], v) for k, v in lora.trainable_state(run.adapter).items())
+    run.optimizer.zero_grad(set_to_none=True)
+    for group in run.optimizer.optimizer.param_groups:
+        group["lr"] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite weights after the update of step 1"):
+        loop.optimizer_step(run, partial(recipe.micro_step, state))
+    assert run.step == 0
+
+
+def test_resume_refuses_changed_training_settings_and_keeps_one_metrics_row_per_step(
+    recipe, tiny_dirs, tmp_path, caplog
+):
+    """Resume from step 2 of a finished 4-step run: a changed optim.lr or batch size is refused, naming each key and
+    leaving config.yaml as it was; a longer run.max_steps is applied and logged. Steps 3-4 run again (re-saving the
+    existing step-4, identically) and metrics.jsonl ends with exactly one row per step."""
+    out = tmp_path / "run"
+    common = {"run.save_every": 2, "run.keep_last": 10, "run.log_every": 1}
+    recipe.main(["--config", "toy/dpo", *toy_overrides(tiny_dirs["sd15"], out, **{**common, "run.max_steps": 4})])
+    first_step4 = _lora_state(out)
+    saved_config = (out / "config.yaml").read_bytes()
+    resume = {**common, "run.resume_from": out / "checkpoints" / "step-00000002"}
+    changed = {**resume, "run.max_steps": 4, "optim.lr": 2e-3, "optim.batch_size": 2}
+    with pytest.raises(dconfig.ConfigError) as err:
+        recipe.main(["--config", "toy/dpo", *toy_overrides(tiny_dirs["sd15"], out, **changed)])
+    assert "optim.lr: 0.001 -> 0.002" in str(err.value) and "optim.batch_size: 4 -> 2" in str(err.value)
+    assert (out / "config.yaml").read_bytes() == saved_config
+
+    caplog.set_level("INFO", logger="diffalign.train")
+    recipe.main(["--config", "toy/dpo", *toy_overrides(tiny_dirs["sd15"], out, **{**resume, "run.max_steps": 5})])
+    assert "run.max_steps: 4 -> 5" in caplog.text
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    step4 = load_file(str(out / "checkpoints" / "step-00000004" / "trainable.safetensors"))
+    assert all(torch.equal(first_step4[k], step4[k]) for k in step4)
+    assert "max_steps: 5" in (out / "config.yaml").read_text()
+
+
+def test_a_second_trainer_on_the_same_output_folder_is_refused(recipe, tiny_dirs, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--config", "toy/dpo", *toy_overrides(tiny_dirs["sd15"], out, **{"run.max_steps": 1})]
+    with FolderLock(out, "training (another trainer)"):
+        with pytest.raises(FolderBusyError, match=f"training \\(another trainer\\): pid {os.getpid()} on "):
+            recipe.main(argv)
+        assert not (out / "config.yaml").exists()
+    assert recipe.main(argv)["step"] == 1  # the lock goes with its holder
+    with FolderLock(out, "check"):  # and a finished run releases its own
+        pass
 
 
 def _lora_state(out: Path) -> dict[str, torch.Tensor]:
@@ -161,3 +229,33 @@ def test_two_processes_match_one_process_first_step(tiny_dirs, tmp_path, free_po
     a, b = _lora_state(tmp_path / "one"), _lora_state(tmp_path / "two")
     for key in a:  # averaged gradients agree to float rounding (summation order differs)
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_two_processes_equal_one_process_with_a_corrupt_row(recipe, tiny_dirs, tmp_path, b):
+    """2 processes x batch b == 1 process x batch 2b, on the fixture with its corrupt row 13: run.seed=2 puts it in
+    global batch 3 for b=1 (one process's whole micro-batch is that row) and in global batch 2 for b=2.
+
+    The loss and gradient are means over the global count of usable groups, so the weighting is the same; what is
+    left is float rounding (the kernels sum in another order for another batch size), which DPO multiplies by
+    beta/2: loss.beta=500 keeps it near 1e-6 (beta=5000: ~1e-5; weighting per process instead: ~1e-3).
+    """
+    steps = {1: 4, 2: 3}[b]
+    common = {"run.seed": 2, "run.max_steps": steps, "run.save_every": steps, "run.log_every": 1, "loss.beta": 500}
+    one, two = tmp_path / "one", tmp_path / "two"
+    recipe.main(
+        ["--config", "toy/dpo", *toy_overrides(tiny_dirs["sd15"], one, **common, **{"optim.batch_size": 2 * b})]
+    )
+    cmd = two_process_command("toy/dpo", toy_overrides(tiny_dirs["sd15"], two, **common, **{"optim.batch_size": b}))
+    done = run_subprocess(cmd, ROOT, env={"ACCELERATE_USE_CPU": "true"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stderr and "skipping bad row 13" in done.stderr
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
+    assert [r["groups"] for r in rows[0]] == [r["groups"] for r in rows[1]]
+    assert 2 * b - 1 in [r["groups"] for r in rows[0]]  # the step with the corrupt row
+    for r1, r2 in zip(*rows, strict=True):
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4), r1["step"]
+    a, c = _lora_state(one), _lora_state(two)
+    diff = math.sqrt(sum(float((a[k] - c[k]).double().pow(2).sum()) for k in a))
+    size = math.sqrt(sum(float(a[k].double().pow(2).sum()) for k in a))
+    assert diff / size <= 1e-5, diff / size

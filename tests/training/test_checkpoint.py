@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -34,11 +36,11 @@ def test_state_io_refuses_unknown_objects(tmp_path):
         state_io.save({"f": object()}, tmp_path / "s")
 
 
-def _save(root, step, keep_last=3):
+def _save(root, step, keep_last=3, value=None):
     return checkpoint.save(
         root,
         step,
-        trainable={"w": torch.full((2,), float(step))},
+        trainable={"w": torch.full((2,), float(step if value is None else value))},
         optimizer={"k": 1},
         state={"step": step},
         keep_last=keep_last,
@@ -87,3 +89,67 @@ def test_latest_is_the_highest_step_not_the_newest_folder(tmp_path):
     assert [p.name for p in checkpoint.list_complete(root)] == ["step-00000010", "step-00000020", "step-00000030"]
     assert checkpoint.latest(root).name == "step-00000030"
     assert checkpoint.resolve("latest", root).name == "step-00000030"
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs (not even ``except Exception`` clean-up)."""
+
+
+def _killer(kill_at):
+    """Wraps file-system functions so that the ``kill_at``-th call (0-based, over all of them) is "killed"."""
+    seen = itertools.count()
+
+    def wrap(fn):
+        def call(*args, **kwargs):
+            if next(seen) == kill_at:
+                raise _Killed
+            return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+def test_a_kill_anywhere_in_a_resave_leaves_latest_complete(tmp_path, monkeypatch):
+    """A resumed run re-saves an existing step-4: kill it before the 1st, 2nd, ... file-system change (unlink, rmdir,
+    rename) in turn. Every time, every ``step-*`` folder is complete and ``latest`` loads, old or new content."""
+    root = tmp_path / "ckpt"
+    for kill_at in itertools.count():
+        shutil.rmtree(root, ignore_errors=True)
+        _save(root, 2)
+        _save(root, 4)
+        killing = _killer(kill_at)
+        with monkeypatch.context() as m:
+            for name in ("unlink", "rmdir", "rename", "replace"):
+                m.setattr(os, name, killing(getattr(os, name)))
+            try:
+                _save(root, 4, value=9.0)
+                finished = True
+            except _Killed:
+                finished = False
+        for folder in root.glob("step-*"):  # exists => complete (loads), whatever the file order of a deletion
+            assert checkpoint.load(folder)["trainable"]["w"].tolist() in ([4.0, 4.0], [9.0, 9.0], [2.0, 2.0]), kill_at
+        newest = checkpoint.latest(root)
+        assert newest.name in ("step-00000002", "step-00000004"), kill_at
+        if finished:
+            assert checkpoint.load(newest)["trainable"]["w"].tolist() == [9.0, 9.0] and kill_at > 2
+            break
+
+
+def test_latest_verifies_the_listed_files_and_orders_by_step(tmp_path):
+    root = tmp_path / "ckpt"
+    for step in (100, 9, 10):  # saved out of order: step 10 is the newest folder, step 100 the latest step
+        _save(root, step, keep_last=0)
+    assert checkpoint.latest(root).name == "step-00000100"
+    (root / "step-00000100" / "trainable.safetensors").write_bytes(b"short")  # marker present, file torn
+    assert checkpoint.latest(root).name == "step-00000010"
+    (root / "step-00000010" / "optimizer.json").unlink()
+    assert checkpoint.latest(root).name == "step-00000009"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        checkpoint.resolve(str(root / "step-00000100"), root)
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        checkpoint.save(tmp_path, 1, trainable={"w": torch.tensor([1.0, float("inf")])}, optimizer={}, state={})
+    assert not list(tmp_path.iterdir())
