@@ -11,6 +11,7 @@ loop in ``train`` is twenty lines a recipe can copy and change.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,14 +120,37 @@ def start(cfg: Any, accelerator: Accelerator, description: str) -> None:
 def build_adapter(cfg: Any, device: torch.device) -> Any:
     """Load the base model and add the trained LoRA; the reference is the same model with the LoRA off."""
     m = cfg.model
-    sampling = {}
-    if m.family == "sd3":
-        sampling = {"weighting": m.timestep_sampling, "logit_mean": m.logit_mean, "logit_std": m.logit_std}
-        sampling["mode_scale"] = m.mode_scale
+    kwargs: dict[str, Any] = {}
+    if m.family in dconfig.FLOW_FAMILIES:
+        kwargs = {"weighting": m.timestep_sampling, "logit_mean": m.logit_mean, "logit_std": m.logit_std}
+        kwargs["mode_scale"] = m.mode_scale
+        if isinstance(m.flow_shift, float):
+            kwargs["shift"] = m.flow_shift
+    if m.family == "flux":
+        kwargs["adapter_kwargs"] = {"guidance": m.guidance}
     adapter = models.load(
-        m.family, m.path, dtype=m.dtype, variant=m.variant, revision=m.revision, vae_path=m.vae_path, **sampling
+        m.family,
+        m.path,
+        dtype=m.dtype,
+        variant=m.variant,
+        revision=m.revision,
+        vae_path=m.vae_path,
+        quantize=m.quantize,
+        load_text_encoders=m.load_text_encoders,
+        **kwargs,
     )
-    lora.add_lora(adapter, lora.LoraSpec(**dconfig.to_dict(cfg.lora)))
+    if m.flow_shift == "resolution":
+        adapter.process = dataclasses.replace(adapter.process, shift=adapter.resolution_shift(cfg.data.resolution))
+    if m.family in dconfig.FLOW_FAMILIES:
+        logger.info(
+            "flow process: shift %.4f (model.flow_shift=%s), %s timesteps%s",
+            adapter.process.shift,
+            m.flow_shift,
+            adapter.process.weighting,
+            f", guidance {adapter.guidance}" if getattr(adapter, "guidance", None) is not None else "",
+        )
+    handle = lora.add_lora(adapter, lora.LoraSpec(**dconfig.to_dict(cfg.lora)))
+    logger.info("LoRA on %s, denoiser targets %s", handle.modules, list(handle.targets))
     if m.gradient_checkpointing:
         adapter.denoiser.enable_gradient_checkpointing()
     adapter.denoiser.train()  # LoRA dropout; the SD denoisers have no other dropout by default
