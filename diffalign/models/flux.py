@@ -21,7 +21,7 @@ The only code in diffalign that knows FLUX. What it does, as ``FluxPipeline`` an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -64,7 +64,7 @@ class Adapter(_Base):
     family = "flux"
     pipeline_class = "FluxPipeline"
     denoiser_name = "transformer"
-    tokenizer_classes = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "AutoTokenizer"}
+    tokenizer_classes: ClassVar[dict[str, str]] = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "AutoTokenizer"}
 
     def __init__(self, *, guidance: float | None = None, max_sequence_length: int = 512, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -169,19 +169,19 @@ def sd3(seed: int = 0, **transformer_extra: Any) -> dict[str, Any]:
 
     torch.manual_seed(seed)
     t5 = _t5()
-    shape = dict(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,  # T5 width; CLIP hidden states are zero-padded to it
-        caption_projection_dim=16,
-        pooled_projection_dim=32,  # pooled CLIP-L (16) + CLIP-G (16)
-        pos_embed_max_size=32,
-    )
+    shape = {
+        "sample_size": 16,
+        "patch_size": 2,
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,  # T5 width; CLIP hidden states are zero-padded to it
+        "caption_projection_dim": 16,
+        "pooled_projection_dim": 32,  # pooled CLIP-L (16) + CLIP-G (16)
+        "pos_embed_max_size": 32,
+    }
     transformer = SD3Transformer2DModel(**{**shape, **transformer_extra})
     return {
         "transformer": transformer,
