@@ -438,8 +438,11 @@ def _coerce(value: Any, tp: Any, key: str, ctx: _Context) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # ``X | None``: X's own error (it may name an item, e.g. lora.targets[1])
+            return _coerce(value, options[0], key, ctx)
         problems = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in options:
             try:
                 return _coerce(value, arg, key, ctx)
             except _FieldError as e:

@@ -84,7 +84,7 @@ def test_minimal_config_fills_defaults_and_types(write, dpo):
     assert isinstance(cfg, OfflinePrefConfig)
     assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.betas == (0.9, 0.999)
-    assert cfg.lora.targets == ["to_q", "to_k", "to_v", "to_out.0"] and cfg.lora.alpha is None
+    assert cfg.lora.targets is None and cfg.lora.alpha is None  # None: the family's default targets
     assert cfg.validation == config.ValidationConfig()
     # loss params hold every Config field, type-coerced (2500 int -> 2500.0 float)
     assert cfg.loss.name == "dpo"
