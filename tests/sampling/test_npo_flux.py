@@ -45,7 +45,7 @@ def generate(pipe, **kwargs) -> torch.Tensor:
 def test_guidance_distilled_sampling_has_no_branch_for_the_negative_model(pipe, loras):
     cls = type(pipe)
     with npo_guidance(pipe, negative=loras / "neg"):
-        with pytest.raises(ValueError, match="guidance-distilled.*true_cfg_scale > 1 and a negative_prompt"):
+        with pytest.raises(ValueError, match=r"guidance-distilled.*true_cfg_scale > 1 and a negative_prompt"):
             generate(pipe, guidance_scale=3.5)
         with pytest.raises(ValueError, match="needs an unconditional branch"):
             generate(pipe, true_cfg_scale=4.0)  # no negative prompt: FluxPipeline would skip true CFG
