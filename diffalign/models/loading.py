@@ -80,12 +80,18 @@ def quantization_config(kind: str, compute_dtype: torch.dtype) -> Any:
     """diffusers' ``quantization_config`` for a frozen denoiser: ``nf4`` (bitsandbytes) or ``float8`` (torchao).
 
     NF4 is the QLoRA set-up of diffusers' ``research_projects/flux_lora_quantization`` (4-bit NormalFloat,
-    compute in ``compute_dtype``); float8 is torchao's weight-only e4m3 (``float8wo_e4m3``), which needs a CUDA
-    GPU of compute capability >= 8.9. A missing library or device is an error saying what to install or use.
+    compute in ``compute_dtype``); diffusers' bitsandbytes loader quantizes onto a CUDA GPU and refuses to run
+    without one. float8 is torchao's weight-only e4m3 (``float8wo_e4m3``), which needs a CUDA GPU of compute
+    capability >= 8.9. A missing library or device is an error saying what to install or use.
     """
     import diffusers
 
     if kind == "nf4":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "model.quantize=nf4 needs a CUDA GPU: diffusers' bitsandbytes loader quantizes the weights onto the "
+                "GPU while loading. On CPU use model.quantize=none (with model.dtype=bf16 for half the memory)"
+            )
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
