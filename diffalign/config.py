@@ -145,6 +145,9 @@ class ValidationConfig:
     guidance_scale: float = 7.5
     seed: int = 0
     resolution: int | None = None  # None -> data.resolution
+    # sd3 only: skip-layer guidance at sampling (StableDiffusion3Pipeline skip_guidance_layers; [7, 8, 9] is the
+    # pipeline's recommendation for SD3.5-Medium). A sampling option: no training forward ever skips a layer.
+    skip_guidance_layers: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -842,6 +845,8 @@ def _check_model(cfg: Any, problems: list[str]) -> None:
             problems.append(f"model.flow_shift={m.flow_shift!r} applies to flow models, not {m.family!r}")
     if isinstance(m.flow_shift, float) and m.flow_shift <= 0:
         problems.append(f"model.flow_shift={m.flow_shift} must be > 0")
+    if val.skip_guidance_layers and m.family != "sd3":
+        problems.append(f"validation.skip_guidance_layers is an SD3/SD3.5 sampling option, not {m.family!r}")
     if m.guidance is not None and m.family != "flux":
         problems.append(f"model.guidance applies to guidance-distilled FLUX.1 (model.family='flux'), not {m.family!r}")
     if m.quantize != "none" and m.dtype == "fp32":

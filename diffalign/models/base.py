@@ -287,6 +287,15 @@ class Adapter:
     def extra_pipeline_components(self) -> dict[str, Any]:
         return {}
 
+    def default_image_size(self, pipe: Any) -> int:
+        """The pipeline's default height/width in pixels (``sample_size`` x VAE factor; FLUX: 1024)."""
+        sample = getattr(pipe, "default_sample_size", None) or self.denoiser.config.sample_size
+        return int(sample) * int(pipe.vae_scale_factor)
+
+    def unpipe_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """A pipeline's ``output_type="latent"`` result -> latents (N, C, h, w) for ``decode_latents``."""
+        return latents
+
 
 def process_for(scheduler: Any, shift: float | None = None, **sampling: Any) -> Any:
     """The training forward process of ``scheduler``; a dynamic-shifting flow scheduler (FLUX.1) without an

@@ -137,6 +137,13 @@ class Adapter(_Base):
     def extra_pipeline_components(self) -> dict[str, object]:
         return {"image_encoder": None, "feature_extractor": None}
 
+    def unpipe_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """``FluxPipeline(output_type="latent")`` returns packed tokens; unpack them for the pixel size."""
+        if latents.ndim == 4:
+            return latents
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return unpack(latents, height // factor, width // factor)
+
 
 def load(path: str, **kwargs: object) -> Adapter:
     """``Adapter.from_pretrained`` (hub id or local folder; see ``models.base.Adapter.from_pretrained``)."""

@@ -309,6 +309,7 @@ def validate(run: Run) -> None:
         out_dir = run.output_dir / "validation" / f"step-{run.step:08d}"
         out_dir.mkdir(parents=True, exist_ok=True)
         images = []
+        extra = {"skip_guidance_layers": list(skip)} if (skip := cfg.validation.skip_guidance_layers) else {}
         for i, prompt in enumerate(prompts):
             gen = torch.Generator(device="cpu").manual_seed(cfg.validation.seed + i)
             image = pipe(
@@ -318,6 +319,7 @@ def validate(run: Run) -> None:
                 height=res,
                 width=res,
                 generator=gen,
+                **extra,
             ).images[0]
             image.save(out_dir / f"{i:03d}.png")
             images.append(np.asarray(image))
