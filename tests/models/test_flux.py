@@ -217,3 +217,25 @@ def test_skip_layer_guidance_is_never_in_the_training_forward(tiny_dirs):
     )
     assert [1] in seen[2:]
     del adapter.denoiser.forward
+
+
+def test_flux_loads_a_bf16_variant_and_the_reference_is_the_bf16_base(tiny_dirs, tmp_path):
+    """Local folder with ``*.fp16.safetensors`` weights (``variant="fp16"``), loaded in bf16: the LoRA is fp32 and
+    the reference (adapter off) equals a LoRA-free bf16 base bit for bit."""
+    from diffusers import FluxPipeline
+
+    FluxPipeline.from_pretrained(str(tiny_dirs["flux"])).save_pretrained(tmp_path / "m", variant="fp16")
+    assert list((tmp_path / "m" / "transformer").glob("*.fp16.safetensors"))
+    short = {"max_sequence_length": 32}  # bf16 matmuls are slow on CPU; the T5 length does not matter here
+    base = models.load("flux", str(tmp_path / "m"), dtype="bf16", variant="fp16", adapter_kwargs=short)
+    adapter = models.load("flux", str(tmp_path / "m"), dtype="bf16", variant="fp16", adapter_kwargs=short)
+    assert adapter.dtype == torch.bfloat16 and adapter.vae.dtype == torch.float32
+    lora.add_lora(adapter, lora.LoraSpec(rank=4, init="default"))
+    assert {p.dtype for p in lora.trainable_parameters(adapter).values()} == {torch.float32}
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([100.0, 700.0])
+    with torch.no_grad():
+        cond = base.encode_prompts(["a", "b"])
+        base_out = base.predict(x, t, cond)
+        with adapter.reference():
+            ref_out = adapter.predict(x, t, cond)
+    assert base_out.dtype == torch.bfloat16 and torch.equal(ref_out, base_out)
