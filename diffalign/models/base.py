@@ -140,10 +140,6 @@ class Adapter:
         """The denoiser targets actually used for a requested list (``None`` = ``default_lora_targets``)."""
         return tuple(targets) if targets is not None else self.default_lora_targets()
 
-    @property
-    def has_text_encoders(self) -> bool:
-        return bool(self.text_encoders)
-
     def require_text_encoders(self) -> None:
         if not self.text_encoders:
             raise RuntimeError(
