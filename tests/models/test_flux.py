@@ -10,6 +10,7 @@ import torch
 from diffalign import models
 from diffalign.diffusion import flow
 from diffalign.models import flux, lora, tiny
+from diffalign.types import SampleInfo
 
 
 def test_pack_unpack_and_ids_match_flux_pipeline():
@@ -120,7 +121,7 @@ def test_flux_default_lora_targets_follow_the_diffusers_script(tiny_dirs):
     assert handle.modules == ["transformer", "text_encoder"]
 
 
-@pytest.mark.parametrize("family", ["flux", "sd35"])
+@pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_dirs, family):
     grads = []
     for checkpointing in (False, True):
@@ -132,9 +133,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dirs, family):
                 p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
         if checkpointing:
             adapter.denoiser.enable_gradient_checkpointing()
+        assert adapter.denoiser.is_gradient_checkpointing == checkpointing
         adapter.denoiser.train()
         x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-        adapter.predict(x, torch.tensor([100.0, 700.0]), adapter.encode_prompts(["a", "b"])).pow(2).mean().backward()
+        cond = adapter.encode_prompts(["a", "b"], [SampleInfo((32, 32), (0, 0), (32, 32))] * 2)
+        adapter.predict(x, torch.tensor([100.0, 700.0]), cond).pow(2).mean().backward()
         grads.append({k: p.grad.clone() for k, p in lora.trainable_parameters(adapter).items()})
     assert grads[0].keys() == grads[1].keys()
     for key in grads[0]:
