@@ -923,6 +923,17 @@ def summary(cfg: OfflinePrefConfig, num_processes: int = 1) -> str:
     lines.append(
         f"checkpoints: every {run.save_every} steps ({run.max_steps // run.save_every} total, keep last {run.keep_last})"
     )
+    m = cfg.model
+    if m.family in FLOW_FAMILIES:
+        guidance = f", guidance {m.guidance if m.guidance is not None else 'default (3.5 on FLUX.1-dev)'}"
+        lines.append(
+            f"flow process: {m.timestep_sampling} timesteps, shift {m.flow_shift}{guidance if m.family == 'flux' else ''}"
+        )
+    base = m.dtype if m.quantize == "none" else f"{m.quantize} (compute {m.dtype})"
+    lines.append(
+        f"memory: base {base}, gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}, text encoders "
+        f"{'loaded' if m.load_text_encoders else 'not loaded (cached embeddings)'}, optimizer {optim.name}"
+    )
     val = cfg.validation
     lines.append(f"validation: every {val.every} steps" if val.every else "validation: off")
     return "\n".join(lines)
