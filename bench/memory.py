@@ -77,7 +77,7 @@ FAMILY_ENCODERS["flux"] = ["CLIP-L", "T5-XXL encoder"]
 
 # ---- model construction ---------------------------------------------------------------------------------------
 def load_config(spec: Spec) -> dict[str, Any]:
-    config = json.loads((HERE / "configs" / spec.config).read_text())
+    config = json.loads((HERE / "configs" / spec.config).read_text())  # an absolute spec.config is used as is
     return {k: v for k, v in config.items() if k != "_source"}
 
 
@@ -202,24 +202,31 @@ class Shim:
         self.max_sequence_length = spec.text_len
 
 
-def inputs(spec: Spec, n: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    h = RESOLUTION // 8
-    x = torch.randn(n, spec.latent_channels, h, h, device="cuda")
-    t = torch.full((n,), 500.0, device="cuda")
+def inputs(
+    spec: Spec, n: int, resolution: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    h = resolution // 8
+    x = torch.randn(n, spec.latent_channels, h, h, device=device)
+    t = torch.full((n,), 500.0, device=device)
     cond = {
-        "encoder_hidden_states": torch.randn(n, spec.text_len, spec.text_dim, device="cuda"),
-        "pooled_projections": torch.randn(n, spec.pooled_dim, device="cuda"),
+        "encoder_hidden_states": torch.randn(n, spec.text_len, spec.text_dim, device=device),
+        "pooled_projections": torch.randn(n, spec.pooled_dim, device=device),
     }
     if spec.family == "sdxl":
+        size = [resolution, resolution, 0, 0, resolution, resolution]
         cond = {
             "encoder_hidden_states": cond["encoder_hidden_states"],
             "text_embeds": cond["pooled_projections"],
-            "time_ids": torch.tensor([[RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION]] * n, device="cuda"),
+            "time_ids": torch.tensor([size] * n, device=device),
         }
     return x, t, cond
 
 
-def run_one(name: str, option: str, rank: int, repeats: int) -> dict[str, Any]:
+def run_one(
+    name: str, option: str, rank: int, repeats: int, *, device: str = "cuda", resolution: int = RESOLUTION
+) -> dict[str, Any]:
+    """One (model, option): peak memory of a DPO pair step and median step times. ``device="cpu"`` (with a small
+    ``resolution``) only smoke-tests the code path: no peak, and quantized bases need CUDA."""
     from diffalign import models
     from diffalign.losses import dpo
     from diffalign.models.base import set_lora_enabled
@@ -228,7 +235,10 @@ def run_one(name: str, option: str, rank: int, repeats: int) -> dict[str, Any]:
 
     spec = MODELS[name]
     base, checkpointing, optim_name = OPTIONS[option]
-    model = build(spec, "cuda", torch.bfloat16).requires_grad_(False)
+    cuda = device == "cuda"
+    if base != "bf16" and not cuda:
+        raise RuntimeError(f"option {option!r}: the {base} base needs a CUDA GPU")
+    model = build(spec, device, torch.bfloat16).requires_grad_(False)
     if base != "bf16":
         quantize(model, base)
     params = add_lora(spec, model, rank)
@@ -239,7 +249,7 @@ def run_one(name: str, option: str, rank: int, repeats: int) -> dict[str, Any]:
     opt = optim.build_optimizer(params, cfg)
     predict = models.get(spec.family).Adapter.predict
     shim = Shim(spec, model)
-    x, t, cond = inputs(spec, 2)
+    x, t, cond = inputs(spec, 2, resolution, device)
     target = torch.randn_like(x)
 
     def errors(out: torch.Tensor) -> torch.Tensor:
@@ -266,19 +276,25 @@ def run_one(name: str, option: str, rank: int, repeats: int) -> dict[str, Any]:
     def forward() -> None:
         predict(shim, x, t, cond)
 
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     def timed(fn: Any) -> float:
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - start
 
     for fn in (plain, dpo_step, forward):  # warm-up (allocator, kernels, optimizer states)
         fn()
-    torch.cuda.reset_peak_memory_stats()
-    dpo_step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    peak = float("nan")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        dpo_step()
+        sync()
+        peak = torch.cuda.max_memory_allocated()
     times: dict[str, list[float]] = {"plain": [], "dpo": [], "fwd": []}
     for _ in range(repeats):  # interleaved so drift hits every variant alike
         times["plain"].append(timed(plain))

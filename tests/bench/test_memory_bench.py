@@ -34,3 +34,25 @@ def test_sd35_medium_lora_reaches_the_dual_attention_blocks(bench):
     bench.add_lora(spec, model, 4)
     hit = {n.split(".attn2.")[0] for n, _ in model.named_parameters() if ".attn2." in n and "lora_A" in n}
     assert hit == {f"transformer_blocks.{i}" for i in range(13)}  # dual_attention_layers 0-12
+
+
+def test_step_code_path_runs_on_cpu_with_tiny_configs(bench, tmp_path, monkeypatch):
+    """The GPU table's step (DPO pair step, plain step, no-grad forward through the adapters' own ``predict``)
+    on tiny configs of each architecture, on CPU: finite times, and the quantized options refuse the CPU."""
+    import json
+
+    from diffalign.models import tiny
+
+    tiny_models = {
+        "tiny-flux": (tiny.flux(0)["transformer"], bench.Spec("", "flux", 4, 8, 32, 16)),
+        "tiny-sd35": (tiny.sd35(0)["transformer"], bench.Spec("", "sd3", 4, 8, 32, 32)),
+        "tiny-sdxl": (tiny.sdxl(0)["unet"], bench.Spec("", "sdxl", 4, 8, 32, 16)),
+    }
+    for name, (model, spec) in tiny_models.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"_class_name": type(model).__name__, **dict(model.config)}, default=list))
+        monkeypatch.setitem(bench.MODELS, name, bench.Spec(str(path), *list(vars(spec).values())[1:]))
+        result = bench.run_one(name, "bf16+ckpt", 4, 1, device="cpu", resolution=128)
+        assert all(result[k] > 0 for k in ("dpo", "plain", "fwd")), name
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        bench.run_one("tiny-flux", "nf4+ckpt+8bit", 4, 1, device="cpu", resolution=128)
