@@ -223,6 +223,10 @@ class Adapter:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The denoiser's compute dtype (a quantized base: its first floating-point parameter, not the packed
+        uint8 NF4 weights)."""
+        if getattr(self.denoiser, "is_quantized", False):
+            return self.denoiser.dtype
         return next(self.denoiser.parameters()).dtype
 
     @contextlib.contextmanager
