@@ -142,14 +142,16 @@ def test_new_configs_are_listed_and_validate(capsys):
 
 
 def test_quantized_denoiser_dtype_is_its_compute_dtype():
-    """bitsandbytes stores NF4 weights as uint8 parameters (FLUX's first one is x_embedder's): the adapter feeds
+    """bitsandbytes stores NF4 weights as uint8 parameters (FLUX's first one is a Linear weight): the adapter feeds
     its inputs in the compute dtype, the first floating-point parameter, as diffusers' ``ModelMixin.dtype``."""
     from diffalign.models import tiny
 
     adapter = models.from_components("flux", tiny.flux(0))
     den = adapter.denoiser
-    packed = torch.zeros(den.x_embedder.weight.numel() // 2, 1, dtype=torch.uint8)
-    den.x_embedder.weight = torch.nn.Parameter(packed, requires_grad=False)
+    name, weight = next(den.named_parameters())
+    owner, _, attr = name.rpartition(".")
+    packed = torch.zeros(weight.numel() // 2, 1, dtype=torch.uint8)
+    setattr(den.get_submodule(owner), attr, torch.nn.Parameter(packed, requires_grad=False))
     den.is_quantized = True
     assert next(den.parameters()).dtype == torch.uint8
     assert adapter.dtype == torch.float32
