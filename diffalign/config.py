@@ -41,19 +41,32 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Which base model to align and how its frozen weights are loaded."""
+    """Which base model to align and how its frozen weights are loaded.
 
-    family: Literal["sd15", "sdxl", "sd3"]
+    Memory options for the frozen base (the LoRA is always fp32; the reference pass is this same base with the
+    adapter off, so every option keeps reference == base exactly): ``dtype: bf16``, ``quantize: nf4`` (bitsandbytes)
+    or ``float8`` (torchao, CUDA >= 8.9), ``gradient_checkpointing``, ``load_text_encoders: false`` (prompt
+    embeddings from ``data.latent_cache``), and ``optim.name: adamw8bit``.
+    """
+
+    family: Literal["sd15", "sdxl", "sd3", "flux"]  # sd3 covers SD3.5 (Medium, Large)
     path: str  # hub id or local diffusers folder
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files on the hub
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # dtype of the frozen weights
     vae_path: str | None = None  # e.g. madebyollin/sdxl-vae-fp16-fix
     gradient_checkpointing: bool = False
-    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"  # SD3 (SD3 paper Sec. 3.1)
+    quantize: Literal["none", "nf4", "float8"] = "none"  # frozen denoiser weights only
+    load_text_encoders: bool = True  # false: train from the latent cache's prompt embeddings
+    # flow models (sd3, flux): training-timestep density (SD3 paper Sec. 3.1) and the fixed timestep shift:
+    # "scheduler" = the table diffusers' scripts index (SD3: 3.0; FLUX's dynamic scheduler: unshifted, 1.0),
+    # "resolution" = the shift FluxPipeline samples with at data.resolution (exp(mu); 3.16 at 1024 px), or a number
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    flow_shift: float | Literal["scheduler", "resolution"] = "scheduler"
+    guidance: float | None = None  # flux, guidance-distilled (FLUX.1-dev): the guidance-embedding input; None -> 3.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +76,7 @@ class LoraConfig:
     rank: int = 8
     alpha: float | None = None  # None -> alpha = rank (scale 1)
     dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    targets: list[str] | None = None  # None -> the family's defaults (models.<family>.Adapter.default_lora_targets)
     init: Literal["gaussian", "default"] = (
         "gaussian"  # peft init_lora_weights: "gaussian" or True; lora_B = 0 either way
     )
@@ -94,7 +107,7 @@ class DataConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule; ``batch_size`` counts groups (pairs or lists) per device."""
 
-    name: Literal["adamw", "adafactor"] = "adamw"
+    name: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"  # adamw8bit: bitsandbytes 8-bit states
     lr: float = 1e-5
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
@@ -133,6 +146,9 @@ class ValidationConfig:
     guidance_scale: float = 7.5
     seed: int = 0
     resolution: int | None = None  # None -> data.resolution
+    # sd3 only: skip-layer guidance at sampling (StableDiffusion3Pipeline skip_guidance_layers; [7, 8, 9] is the
+    # pipeline's recommendation for SD3.5-Medium). A sampling option: no training forward ever skips a layer.
+    skip_guidance_layers: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -426,8 +442,11 @@ def _coerce(value: Any, tp: Any, key: str, ctx: _Context) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # ``X | None``: X's own error (it may name an item, e.g. lora.targets[1])
+            return _coerce(value, options[0], key, ctx)
         problems = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in options:
             try:
                 return _coerce(value, arg, key, ctx)
             except _FieldError as e:
@@ -824,12 +843,46 @@ def _check_training(cfg: Any, problems: list[str]) -> None:
             problems.append(f"{key}={res} must be a multiple of 8 (the VAE downsamples by 8)")
     if m.dtype != "fp32" and run.mixed_precision not in ("no", m.dtype):
         problems.append(f"model.dtype={m.dtype!r} and run.mixed_precision={run.mixed_precision!r} disagree")
+    _check_model(cfg, problems)
     if val.every < 0 or optim.weight_decay < 0:
         problems.append("validation.every and optim.weight_decay must be >= 0")
     if val.prompts and val.prompts_file:
         problems.append("set one of validation.prompts and validation.prompts_file, not both")
     if val.every > 0 and not (val.prompts or val.prompts_file):
         problems.append(f"validation.every={val.every} needs validation.prompts or validation.prompts_file")
+
+
+FLOW_FAMILIES = ("sd3", "flux")
+
+
+def _check_model(cfg: Any, problems: list[str]) -> None:
+    """Model options that only some families take, and the memory options' requirements."""
+    m, data, val = cfg.model, cfg.data, cfg.validation
+    if m.family not in FLOW_FAMILIES:
+        if m.timestep_sampling != "uniform":
+            problems.append(
+                f"model.timestep_sampling={m.timestep_sampling!r} applies to flow models (model.family in "
+                f"{FLOW_FAMILIES}), not {m.family!r}; use 'uniform'"
+            )
+        if m.flow_shift != "scheduler":
+            problems.append(f"model.flow_shift={m.flow_shift!r} applies to flow models, not {m.family!r}")
+    if isinstance(m.flow_shift, float) and m.flow_shift <= 0:
+        problems.append(f"model.flow_shift={m.flow_shift} must be > 0")
+    if val.skip_guidance_layers and m.family != "sd3":
+        problems.append(f"validation.skip_guidance_layers is an SD3/SD3.5 sampling option, not {m.family!r}")
+    if m.guidance is not None and m.family != "flux":
+        problems.append(f"model.guidance applies to guidance-distilled FLUX.1 (model.family='flux'), not {m.family!r}")
+    if m.quantize != "none" and m.dtype == "fp32":
+        problems.append(f"model.quantize={m.quantize!r} computes in model.dtype: set model.dtype to bf16 (or fp16)")
+    if not m.load_text_encoders:
+        if not getattr(data, "latent_cache", None):
+            problems.append(
+                "model.load_text_encoders=false needs data.latent_cache (prompt embeddings from the cache)"
+            )
+        if cfg.lora.text_encoder:
+            problems.append("model.load_text_encoders=false cannot train a text-encoder LoRA (lora.text_encoder=true)")
+        if val.every:
+            problems.append("model.load_text_encoders=false: validation sampling needs the text encoders; set every=0")
 
 
 @register_validator(OfflinePrefConfig)
@@ -842,11 +895,6 @@ def _check_offline(cfg: OfflinePrefConfig) -> list[str]:
     _unit_interval(
         problems, data__hflip_prob=data.hflip_prob, data__proportion_empty_prompts=data.proportion_empty_prompts
     )
-    if m.timestep_sampling != "uniform" and m.family != "sd3":
-        problems.append(
-            f"model.timestep_sampling={m.timestep_sampling!r} applies to flow models (model.family='sd3'), "
-            f"not {m.family!r}; use 'uniform'"
-        )
     if lora.text_encoder and data.latent_cache:
         problems.append("lora.text_encoder=true needs prompt embeddings recomputed each step; unset data.latent_cache")
     if data.num_workers < 0:
@@ -897,6 +945,17 @@ def summary(cfg: OfflinePrefConfig, num_processes: int = 1) -> str:
         )
     lines.append(
         f"checkpoints: every {run.save_every} steps ({run.max_steps // run.save_every} total, keep last {run.keep_last})"
+    )
+    m = cfg.model
+    if m.family in FLOW_FAMILIES:
+        guidance = f", guidance {m.guidance if m.guidance is not None else 'default (3.5 on FLUX.1-dev)'}"
+        lines.append(
+            f"flow process: {m.timestep_sampling} timesteps, shift {m.flow_shift}{guidance if m.family == 'flux' else ''}"
+        )
+    base = m.dtype if m.quantize == "none" else f"{m.quantize} (compute {m.dtype})"
+    lines.append(
+        f"memory: base {base}, gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}, text encoders "
+        f"{'loaded' if m.load_text_encoders else 'not loaded (cached embeddings)'}, optimizer {optim.name}"
     )
     val = cfg.validation
     lines.append(f"validation: every {val.every} steps" if val.every else "validation: off")
@@ -956,9 +1015,9 @@ def _check_selfnpo(cfg: SelfNPOConfig) -> list[str]:
         data__proportion_empty_prompts=data.proportion_empty_prompts,
         selfnpo__ema_decay=s.ema_decay,
     )
-    if m.family == "sd3":
+    if m.family in FLOW_FAMILIES:
         problems.append(
-            "model.family='sd3' is not supported by selfnpo: its DDIM teacher rollout and re-noising use the "
+            f"model.family={m.family!r} is not supported by selfnpo: its DDIM teacher rollout and re-noising use the "
             "variance-preserving process of sd15/sdxl"
         )
     if m.timestep_sampling != "uniform":
@@ -1088,10 +1147,10 @@ def _check_stepwise(cfg: StepwisePrefConfig) -> list[str]:
         problems.append(f"stepwise.scorer.name={sc.name!r}: {registry.suggest(sc.name, _BUILTIN_STEP_SCORERS)}")
     if sc.name == "decoded" and not sc.pixel_scorer:
         problems.append("stepwise.scorer.name='decoded' needs stepwise.scorer.pixel_scorer (e.g. pickscore)")
-    if m.family == "sd3":
+    if m.family in FLOW_FAMILIES:
         problems.append(
-            "model.family='sd3' is not supported by stepwise_pref: SPO / LPO mine pairs with a stochastic DDIM "
-            "sampler on a VP (DDPM-family) model; flow matching needs an SDE sampler"
+            f"model.family={m.family!r} is not supported by stepwise_pref: SPO / LPO mine pairs with a stochastic "
+            "DDIM sampler on a VP (DDPM-family) model; flow matching needs an SDE sampler"
         )
     if m.timestep_sampling != "uniform":
         problems.append(f"model.timestep_sampling={m.timestep_sampling!r} does not apply to stepwise_pref")

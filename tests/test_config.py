@@ -85,7 +85,7 @@ def test_minimal_config_fills_defaults_and_types(write, dpo):
     assert isinstance(cfg, OfflinePrefConfig)
     assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.betas == (0.9, 0.999)
-    assert cfg.lora.targets == ["to_q", "to_k", "to_v", "to_out.0"] and cfg.lora.alpha is None
+    assert cfg.lora.targets is None and cfg.lora.alpha is None  # None: the family's default targets
     assert cfg.validation == config.ValidationConfig()
     # loss params hold every Config field, type-coerced (2500 int -> 2500.0 float)
     assert cfg.loss.name == "dpo"
@@ -385,6 +385,10 @@ def test_summary_reports_derived_quantities(write, dpo):
     assert "effective batch: 16 pairs = 2 per device x 2 processes x 4 accumulation" in text
     assert "images per optimizer step: 32" in text
     assert "optimizer steps: 100" in text and "pairs seen: 1600" in text
+    assert "memory: base fp32, gradient checkpointing off, text encoders loaded, optimizer adamw" in text
+    flux = config.summary(config.load("flux/dpo_lora_24gb"))
+    assert "flow process: uniform timesteps, shift scheduler, guidance 3.5" in flux
+    assert "base nf4 (compute bf16)" in flux and "text encoders not loaded (cached embeddings)" in flux
 
 
 def test_shipped_config_names_resolve(tmp_path, monkeypatch, dpo):

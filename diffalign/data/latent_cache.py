@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("set data.latent_cache=<dir> (where the cache is written)")
     m = cfg.model
     adapter = models.load(m.family, m.path, dtype=m.dtype, variant=m.variant, revision=m.revision, vae_path=m.vae_path)
-    adapter.to("cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for module in (adapter.vae, *adapter.text_encoders):  # the denoiser is not needed here: FLUX's would not fit
+        module.to(device)  # beside T5-XXL on a 24 GB GPU
     print(build(cfg, adapter, cfg.data.latent_cache))
 
 

@@ -40,12 +40,13 @@ class ForwardProcess(Protocol):
     def pred_eps(self, x_t: Tensor, model_out: Tensor, timesteps: Tensor) -> Tensor: ...
 
 
-def from_scheduler(scheduler_or_config: Any, **sampling: Any) -> VPProcess | FlowProcess:
+def from_scheduler(scheduler_or_config: Any, shift: float | None = None, **sampling: Any) -> VPProcess | FlowProcess:
     """A process for a diffusers scheduler instance or config dict.
 
     ``FlowMatch*`` class names (or a config with ``shift`` and no betas) give a ``FlowProcess``; anything with
     beta keys gives a ``VPProcess``. ``sampling`` (weighting, logit_mean, logit_std, mode_scale) is only valid
-    for flow processes; VP training samples timesteps uniformly.
+    for flow processes; VP training samples timesteps uniformly. ``shift`` overrides a flow scheduler's shift
+    (required for dynamic-shifting schedulers such as FLUX.1's).
     """
     config = getattr(scheduler_or_config, "config", scheduler_or_config)
     if not isinstance(config, Mapping):
@@ -58,10 +59,11 @@ def from_scheduler(scheduler_or_config: Any, **sampling: Any) -> VPProcess | Flo
         class_name = str(config.get("_class_name", ""))
     has_betas = any(key in config for key in _BETA_KEYS)
     if class_name.startswith("FlowMatch") or (not has_betas and "shift" in config):
-        return FlowProcess.from_scheduler_config(config, **sampling)
+        return FlowProcess.from_scheduler_config(config, shift=shift, **sampling)
     if has_betas:
-        if sampling:
-            raise ValueError(f"timestep sampling options {sorted(sampling)} apply to flow schedulers only")
+        if sampling or shift is not None:
+            options = sorted([*sampling, *(["shift"] if shift is not None else [])])
+            raise ValueError(f"timestep sampling options {options} apply to flow schedulers only")
         return VPProcess.from_scheduler_config(config)
     raise ValueError(
         f"cannot tell the forward process of scheduler {class_name or '<unnamed config>'!r}: expected a FlowMatch* "

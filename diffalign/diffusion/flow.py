@@ -8,6 +8,14 @@ paper, in diffusers' sign convention). Training timesteps follow diffusers' SD3 
 The model is called with ``timesteps = sigma * T`` (floats in model units). Deviation: an index of ``T``
 (``u == 1``, possible under "mode" sampling) is clamped to ``T - 1`` instead of raising IndexError.
 
+FLUX.1 schedulers use *dynamic* (resolution-dependent) shifting: ``FluxPipeline`` samples with
+``mu = calculate_shift(image_seq_len)`` (linear in the packed sequence length: 0.5 at 256 tokens, 1.15 at 4096)
+and ``sigma' = e^mu / (e^mu + 1/s - 1)``, which is the fixed-shift formula with ``shift = e^mu``
+(``resolution_shift``). A training process needs one fixed shift, so it is always explicit here:
+``training_shift`` gives the table diffusers' training scripts index (for a dynamic-shifting scheduler the
+table stored at init is *unshifted*, shift 1, which is what ``train_dreambooth_lora_flux.py`` trains on), and
+``resolution_shift`` gives the shift the pipeline samples with at a resolution.
+
 Shapes: data tensors are (B, ...) with any trailing dims; ``timesteps`` / ``sigmas`` are (B,) fp32.
 """
 
@@ -27,6 +35,30 @@ from diffalign.registry import suggest
 WEIGHTINGS = ("logit_normal", "mode", "uniform")
 LOSS_WEIGHTS = ("none", "sigma_sqrt", "cosmap")
 _SAMPLING_KEYS = ("weighting", "logit_mean", "logit_std", "mode_scale")
+
+
+def resolution_shift(config: Mapping[str, Any], image_seq_len: int) -> float:
+    """``exp(mu)`` of ``FluxPipeline``'s ``calculate_shift`` for ``image_seq_len`` packed tokens (4096 at 1024 px).
+
+    Uses the scheduler config's ``base_image_seq_len`` / ``max_image_seq_len`` / ``base_shift`` / ``max_shift``
+    (diffusers' defaults 256 / 4096 / 0.5 / 1.15 where absent). 1024 px FLUX: mu = 1.15, shift = 3.158.
+    """
+    base_len = int(config.get("base_image_seq_len") or 256)
+    max_len = int(config.get("max_image_seq_len") or 4096)
+    base_shift = float(config.get("base_shift") or 0.5)
+    max_shift = float(config.get("max_shift") or 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    mu = image_seq_len * slope + base_shift - slope * base_len
+    return math.exp(mu)
+
+
+def training_shift(config: Mapping[str, Any]) -> float:
+    """The shift of the sigma table diffusers' training scripts index (``noise_scheduler.timesteps[u * T]``).
+
+    A fixed-shift scheduler (SD3: 3.0) stores its shifted table; a dynamic-shifting one (FLUX.1) stores the
+    unshifted table at init, so the FLUX LoRA script trains on shift 1.
+    """
+    return 1.0 if config.get("use_dynamic_shifting") else float(config.get("shift", 1.0))
 
 
 def shifted_sigmas(num_train_timesteps: int, shift: float) -> Tensor:
@@ -55,22 +87,26 @@ class FlowProcess:
             )
 
     @classmethod
-    def from_scheduler_config(cls, config: Mapping[str, Any], **sampling: Any) -> FlowProcess:
+    def from_scheduler_config(
+        cls, config: Mapping[str, Any], shift: float | None = None, **sampling: Any
+    ) -> FlowProcess:
         """Build from a ``FlowMatchEulerDiscreteScheduler`` config; ``sampling`` sets the timestep density.
 
-        Dynamic (resolution-dependent) shifting is rejected: training needs one fixed shift.
+        ``shift`` overrides the config's. A dynamic (resolution-dependent) scheduler needs it: training needs
+        one fixed shift (``training_shift`` or ``resolution_shift`` give the usual choices).
         """
-        if config.get("use_dynamic_shifting"):
+        if config.get("use_dynamic_shifting") and shift is None:
             raise ValueError(
-                "scheduler config has use_dynamic_shifting=True; training needs a fixed shift. "
-                "Pass a config with use_dynamic_shifting=False and the shift you want (SD3 uses 3.0)."
+                "scheduler config has use_dynamic_shifting=True; training needs a fixed shift. Pass shift= "
+                "(diffalign.diffusion.flow.training_shift: 1.0 as diffusers' FLUX script; resolution_shift: the "
+                "pipeline's shift at a resolution) or a config with use_dynamic_shifting=False (SD3 uses 3.0)."
             )
         for key in sampling:
             if key not in _SAMPLING_KEYS:
                 raise ValueError(f"unknown sampling option {key!r}; {suggest(key, _SAMPLING_KEYS)}")
         return cls(
             num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
-            shift=float(config.get("shift", 1.0)),
+            shift=float(config.get("shift", 1.0)) if shift is None else float(shift),
             **sampling,
         )
 

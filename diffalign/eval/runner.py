@@ -477,7 +477,7 @@ def generate(
     pipe = adapter.pipeline(scheduler=make_scheduler(protocol.scheduler, adapter.scheduler))
     if lora is not None:
         _load_lora(pipe, lora, protocol.family)
-    default = adapter.denoiser.config.sample_size * pipe.vae_scale_factor
+    default = adapter.default_image_size(pipe)
     height, width = protocol.height or default, protocol.width or default
     jobs = [(i, k, rec) for i, rec in enumerate(records) for k in range(protocol.images_per_prompt)]
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -495,7 +495,8 @@ def generate(
                 generator=[torch.Generator().manual_seed(s) for s in seeds],
                 output_type="latent",
             ).images
-            for (i, k, rec), seed, image in zip(chunk, seeds, to_pil(adapter.decode_latents(latents)), strict=True):
+            pixels = adapter.decode_latents(adapter.unpipe_latents(latents, height, width))
+            for (i, k, rec), seed, image in zip(chunk, seeds, to_pil(pixels), strict=True):
                 name = f"{i:05d}_{k:02d}.png"
                 image.save(image_dir / name)
                 items.append(ImageItem(f"{image_dir.name}/{name}", rec.prompt, rec.prompt_id, seed))

@@ -78,7 +78,7 @@ class GeneratorPool:
     def size(self, index: int) -> tuple[int, int]:
         """(height, width) of generator ``index``'s images."""
         base, protocol = self._bases[self.generators[index].base_key()], self.protocols[index]
-        default = base.adapter.denoiser.config.sample_size * base.pipe.vae_scale_factor
+        default = base.adapter.default_image_size(base.pipe)
         return protocol.height or default, protocol.width or default
 
     def _activate(self, index: int) -> _Base:
@@ -114,7 +114,7 @@ class GeneratorPool:
                 generator=[torch.Generator().manual_seed(int(s)) for s in chunk_seeds],
                 output_type="latent",
             ).images
-            images.extend(to_pil(base.adapter.decode_latents(latents)))
+            images.extend(to_pil(base.adapter.decode_latents(base.adapter.unpipe_latents(latents, height, width))))
         return images
 
     def describe(self, index: int) -> dict[str, Any]:

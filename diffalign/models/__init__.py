@@ -1,4 +1,6 @@
-"""Model adapters by family (``sd15``, ``sdxl``, ``sd3``): the only code that knows denoiser signatures."""
+"""Model adapters by family (``sd15``, ``sdxl``, ``sd3`` (SD3 and SD3.5), ``flux`` (FLUX.1)).
+
+The adapters are the only code that knows denoiser signatures."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from typing import Any
 from diffalign import registry
 
 
-FAMILIES = ("sd15", "sdxl", "sd3")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+FLOW_FAMILIES = ("sd3", "flux")
 
 
 def get(family: str) -> ModuleType:

@@ -1,4 +1,4 @@
-"""The model-adapter contract shared by SD1.5, SDXL and SD3.
+"""The model-adapter contract shared by SD1.5, SDXL, SD3/SD3.5 and FLUX.1.
 
 An adapter is the only code that knows a denoiser's call signature. It owns the frozen parts (VAE,
 text encoders, tokenizers), the trainable denoiser, and the forward process read from the checkpoint's
@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from diffalign import diffusion
+from diffalign.diffusion import flow
 from diffalign.types import SampleInfo
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Cond = dict[str, Tensor]
+Quantize = Literal["none", "nf4", "float8"]
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -64,12 +66,13 @@ def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
 
 
 class Adapter:
-    """Shared behaviour of the family adapters (``sd15.Adapter``, ``sdxl.Adapter``, ``sd3.Adapter``).
+    """Shared behaviour of the family adapters (``sd15``, ``sdxl``, ``sd3`` (SD3 and SD3.5), ``flux``).
 
     Attributes:
-        denoiser: the UNet or SD3 transformer (the module that gets the LoRA).
+        denoiser: the UNet or transformer (the module that gets the LoRA).
         vae: kept in fp32 (the SDXL VAE overflows in fp16), frozen.
-        text_encoders / tokenizers: in checkpoint order (``text_encoder``, ``text_encoder_2``, ...).
+        text_encoders / tokenizers: in checkpoint order (``text_encoder``, ``text_encoder_2``, ...); both empty
+            when the model was loaded without text encoders (training from cached prompt embeddings).
         scheduler: the checkpoint's scheduler, used for sampling pipelines.
         process: the training forward process (``VPProcess`` or ``FlowProcess``) from the scheduler config.
     """
@@ -77,6 +80,12 @@ class Adapter:
     family: ClassVar[str]
     pipeline_class: ClassVar[str]
     denoiser_name: ClassVar[str] = "unet"
+    # transformers class per tokenizer component (the slow CLIP tokenizer loads the shipped tiny vocab exactly)
+    tokenizer_classes: ClassVar[dict[str, str]] = {
+        "tokenizer": "CLIPTokenizer",
+        "tokenizer_2": "CLIPTokenizer",
+        "tokenizer_3": "AutoTokenizer",
+    }
 
     def __init__(
         self,
@@ -92,8 +101,10 @@ class Adapter:
         self.vae = vae if vae.dtype == torch.float32 else vae.to(torch.float32)
         self.text_encoders = list(text_encoders)
         self.tokenizers = list(tokenizers)
+        if self.text_encoders and len(self.text_encoders) != len(self.text_encoder_names()):
+            raise ValueError(f"{self.family}: expected text encoders {self.text_encoder_names()} or none")
         self.scheduler = scheduler
-        self.process = process if process is not None else diffusion.from_scheduler(scheduler)
+        self.process = process if process is not None else process_for(scheduler)
         for module in self.frozen_modules():
             module.requires_grad_(False).eval()
         self.denoiser.requires_grad_(False).eval()  # recipes call .train() (LoRA dropout) when training
@@ -102,7 +113,7 @@ class Adapter:
     @classmethod
     def from_components(cls, components: dict[str, Any], **kwargs: Any) -> Adapter:
         """Build from a pipeline-style component dict (``pipe.components`` or ``models.tiny.sd15()``)."""
-        names = cls.text_encoder_names()
+        names = [n for n in cls.text_encoder_names() if components.get(n) is not None]
         return cls(
             denoiser=components[cls.denoiser_name],
             vae=components["vae"],
@@ -117,6 +128,26 @@ class Adapter:
         raise NotImplementedError
 
     @classmethod
+    def lora_text_encoder_names(cls) -> list[str]:
+        """The text encoders ``lora.text_encoder=true`` adapts (the CLIP ones the family's pipeline can save)."""
+        return cls.text_encoder_names()[:2]
+
+    def default_lora_targets(self) -> tuple[str, ...]:
+        """Denoiser LoRA targets when the config names none (the diffusers DPO scripts' attention projections)."""
+        return ("to_q", "to_k", "to_v", "to_out.0")
+
+    def resolve_lora_targets(self, targets: Sequence[str] | None) -> tuple[str, ...]:
+        """The denoiser targets actually used for a requested list (``None`` = ``default_lora_targets``)."""
+        return tuple(targets) if targets is not None else self.default_lora_targets()
+
+    def require_text_encoders(self) -> None:
+        if not self.text_encoders:
+            raise RuntimeError(
+                f"{self.family} model was loaded without text encoders (model.load_text_encoders=false): prompts "
+                "cannot be encoded; train from a latent cache (data.latent_cache) that holds the prompt embeddings"
+            )
+
+    @classmethod
     def from_pretrained(
         cls,
         path: str,
@@ -125,6 +156,9 @@ class Adapter:
         variant: str | None = None,
         revision: str | None = None,
         vae_path: str | None = None,
+        quantize: Quantize = "none",
+        load_text_encoders: bool = True,
+        adapter_kwargs: dict[str, Any] | None = None,
         **process_kwargs: Any,
     ) -> Adapter:
         """Load a hub id or a local diffusers folder exactly as users do.
@@ -134,15 +168,26 @@ class Adapter:
             dtype: dtype of the frozen denoiser and text encoders (the VAE stays fp32).
             variant: weight variant such as ``"fp16"`` (``diffusion_pytorch_model.fp16.safetensors``).
             vae_path: optional replacement VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix``), a folder or hub id.
-            process_kwargs: forwarded to the forward process (e.g. SD3 timestep sampling).
+            quantize: ``"nf4"`` (bitsandbytes 4-bit) or ``"float8"`` (torchao) frozen denoiser weights; the LoRA
+                stays fp32 and the reference is this same quantized base with the adapter off.
+            load_text_encoders: ``False`` skips the text encoders (training from cached prompt embeddings).
+            adapter_kwargs: family options of the adapter (FLUX: ``guidance``).
+            process_kwargs: forwarded to the forward process (flow models: timestep sampling, ``shift``).
         """
         from diffalign.models import loading
 
         components = loading.load_components(
-            cls, path, dtype=resolve_dtype(dtype), variant=variant, revision=revision, vae_path=vae_path
+            cls,
+            path,
+            dtype=resolve_dtype(dtype),
+            variant=variant,
+            revision=revision,
+            vae_path=vae_path,
+            quantize=quantize,
+            load_text_encoders=load_text_encoders,
         )
-        process = diffusion.from_scheduler(components["scheduler"], **process_kwargs)
-        return cls.from_components(components, process=process)
+        process = process_for(components["scheduler"], **process_kwargs)
+        return cls.from_components(components, process=process, **(adapter_kwargs or {}))
 
     # ---- modules ------------------------------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:
@@ -151,13 +196,26 @@ class Adapter:
     def named_modules(self) -> dict[str, nn.Module]:
         """Trainable-capable modules by their pipeline component name."""
         names = {self.denoiser_name: self.denoiser}
-        names.update(dict(zip(self.text_encoder_names(), self.text_encoders, strict=True)))
+        if self.text_encoders:
+            names.update(dict(zip(self.text_encoder_names(), self.text_encoders, strict=True)))
         return names
 
     def to(self, device: torch.device | str) -> Adapter:
-        for module in (self.denoiser, self.vae, *self.text_encoders):
+        for module in (self.vae, *self.text_encoders):
             module.to(device)
+        if not getattr(self.denoiser, "is_quantized", False):  # bitsandbytes weights live where they were loaded
+            self.denoiser.to(device)
         return self
+
+    def resolution_shift(self, resolution: int) -> float:
+        """The shift a flow pipeline samples with at ``resolution`` px (``flow.resolution_shift``)."""
+        if not isinstance(self.process, diffusion.FlowProcess):
+            raise ValueError(f"{self.family} is not a flow model; a timestep shift does not apply")
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        patch = int(getattr(self.denoiser.config, "patch_size", 1) or 1)
+        patch = 2 if patch == 1 else patch  # FLUX: patch_size 1 on 2x2-packed latents
+        tokens = (resolution // (factor * patch)) ** 2
+        return flow.resolution_shift(self.scheduler.config, tokens)
 
     @property
     def device(self) -> torch.device:
@@ -165,6 +223,10 @@ class Adapter:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The denoiser's compute dtype (a quantized base: its first floating-point parameter, not the packed
+        uint8 NF4 weights)."""
+        if getattr(self.denoiser, "is_quantized", False):
+            return self.denoiser.dtype
         return next(self.denoiser.parameters()).dtype
 
     @contextlib.contextmanager
@@ -211,6 +273,7 @@ class Adapter:
         """A stock diffusers pipeline sharing this adapter's modules (LoRA state as it is now)."""
         import diffusers
 
+        self.require_text_encoders()
         components: dict[str, Any] = dict(self.named_modules().items())
         components["vae"] = self.vae
         components["scheduler"] = scheduler or self.scheduler
@@ -223,6 +286,24 @@ class Adapter:
 
     def extra_pipeline_components(self) -> dict[str, Any]:
         return {}
+
+    def default_image_size(self, pipe: Any) -> int:
+        """The pipeline's default height/width in pixels (``sample_size`` x VAE factor; FLUX: 1024)."""
+        sample = getattr(pipe, "default_sample_size", None) or self.denoiser.config.sample_size
+        return int(sample) * int(pipe.vae_scale_factor)
+
+    def unpipe_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """A pipeline's ``output_type="latent"`` result -> latents (N, C, h, w) for ``decode_latents``."""
+        return latents
+
+
+def process_for(scheduler: Any, shift: float | None = None, **sampling: Any) -> Any:
+    """The training forward process of ``scheduler``; a dynamic-shifting flow scheduler (FLUX.1) without an
+    explicit ``shift`` trains on the table diffusers' FLUX script indexes (``flow.training_shift``: 1.0)."""
+    config = getattr(scheduler, "config", scheduler)
+    if shift is None and config.get("use_dynamic_shifting"):
+        shift = flow.training_shift(config)
+    return diffusion.from_scheduler(scheduler, shift=shift, **sampling)
 
 
 def repeat_cond(cond: Cond, k: int) -> Cond:

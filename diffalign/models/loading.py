@@ -14,9 +14,6 @@ import torch
 from diffalign import resources
 
 
-TOKENIZER_CLASSES = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "AutoTokenizer"}
-
-
 def _check_source(path: str) -> None:
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or local.exists()
@@ -36,8 +33,14 @@ def load_components(
     variant: str | None = None,
     revision: str | None = None,
     vae_path: str | None = None,
+    quantize: str = "none",
+    load_text_encoders: bool = True,
 ) -> dict[str, Any]:
-    """Sub-models of ``path`` by component name, read with ``from_pretrained(path, subfolder=...)``."""
+    """Sub-models of ``path`` by component name, read with ``from_pretrained(path, subfolder=...)``.
+
+    ``quantize`` applies to the denoiser only (``quantization_config``, see ``quantization_config``);
+    ``load_text_encoders=False`` leaves the text encoders and tokenizers out (cached prompt embeddings).
+    """
     import diffusers
     import transformers
 
@@ -47,14 +50,18 @@ def load_components(
     weights = {**common, "variant": variant, "torch_dtype": dtype}
     index = diffusers.DiffusionPipeline.load_config(path, revision=revision)
     out: dict[str, Any] = {}
-    names = [adapter_cls.denoiser_name, "vae", "scheduler", *adapter_cls.text_encoder_names()]
-    names += [n.replace("text_encoder", "tokenizer") for n in adapter_cls.text_encoder_names()]
+    names = [adapter_cls.denoiser_name, "vae", "scheduler"]
+    if load_text_encoders:
+        names += adapter_cls.text_encoder_names()
+        names += [n.replace("text_encoder", "tokenizer") for n in adapter_cls.text_encoder_names()]
     for name in names:
         if name not in index or index[name][0] is None:
             raise ValueError(f"{path!r} has no {name!r} component (model_index.json lists {sorted(index)})")
         library, class_name = index[name]
         module = diffusers if library == "diffusers" else transformers
-        cls = getattr(module, TOKENIZER_CLASSES.get(name, class_name) if library == "transformers" else class_name)
+        if library == "transformers":
+            class_name = adapter_cls.tokenizer_classes.get(name, class_name)
+        cls = getattr(module, class_name)
         if name.startswith("tokenizer") or name == "scheduler":
             out[name] = cls.from_pretrained(path, subfolder=name, **common)
         elif name == "vae" and vae_path:
@@ -63,5 +70,44 @@ def load_components(
             kwargs = dict(weights)
             if name == "vae":
                 kwargs["torch_dtype"] = torch.float32
+            if name == adapter_cls.denoiser_name and quantize != "none":
+                kwargs["quantization_config"] = quantization_config(quantize, dtype)
             out[name] = cls.from_pretrained(path, subfolder=name, **kwargs)
     return out
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype) -> Any:
+    """diffusers' ``quantization_config`` for a frozen denoiser: ``nf4`` (bitsandbytes) or ``float8`` (torchao).
+
+    NF4 is the QLoRA set-up of diffusers' ``research_projects/flux_lora_quantization`` (4-bit NormalFloat,
+    compute in ``compute_dtype``); diffusers' bitsandbytes loader quantizes onto a CUDA GPU and refuses to run
+    without one. float8 is torchao's weight-only e4m3 (``float8wo_e4m3``), which needs a CUDA GPU of compute
+    capability >= 8.9. A missing library or device is an error saying what to install or use.
+    """
+    import diffusers
+
+    if kind == "nf4":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "model.quantize=nf4 needs a CUDA GPU: diffusers' bitsandbytes loader quantizes the weights onto the "
+                "GPU while loading. On CPU use model.quantize=none (with model.dtype=bf16 for half the memory)"
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ImportError("model.quantize=nf4 needs bitsandbytes: pip install 'diffalign[memory]'") from e
+        return diffusers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    if kind == "float8":
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+            raise RuntimeError(
+                "model.quantize=float8 needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper: torchao float8 "
+                "kernels); on this machine use model.quantize=nf4 or none"
+            )
+        try:
+            import torchao  # noqa: F401
+        except ImportError as e:
+            raise ImportError("model.quantize=float8 needs torchao: pip install torchao") from e
+        return diffusers.TorchAoConfig("float8wo_e4m3")
+    raise ValueError(f"unknown quantization {kind!r}; choices: none, nf4, float8")

@@ -30,12 +30,16 @@ INITS = {"gaussian": "gaussian", "default": True}
 
 @dataclass(frozen=True, kw_only=True)
 class LoraSpec:
-    """LoRA hyper-parameters. ``alpha=None`` means alpha = rank (scale 1), the diffusers DPO default."""
+    """LoRA hyper-parameters. ``alpha=None`` means alpha = rank (scale 1), the diffusers DPO default.
+
+    ``targets=None`` takes the family's defaults (``Adapter.default_lora_targets``); on SD3.5-Medium either way
+    the dual-attention ``attn2`` projections are added (``sd3.Adapter.resolve_lora_targets``).
+    """
 
     rank: int = 8
     alpha: float | None = None
     dropout: float = 0.0
-    targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0")
+    targets: Sequence[str] | None = None
     init: str = "gaussian"
     text_encoder: bool = False
     text_encoder_targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -58,10 +62,11 @@ class LoraSpec:
 
 @dataclass
 class LoraHandle:
-    """What ``add_lora`` did: the spec and the component names that carry an adapter."""
+    """What ``add_lora`` did: the spec, the component names that carry an adapter, the denoiser targets used."""
 
     spec: LoraSpec
     modules: list[str] = field(default_factory=list)
+    targets: tuple[str, ...] = ()
 
 
 def add_lora(adapter: Adapter, spec: LoraSpec) -> LoraHandle:
@@ -70,9 +75,11 @@ def add_lora(adapter: Adapter, spec: LoraSpec) -> LoraHandle:
     At init ``lora_B`` is zero, so the policy equals the reference exactly.
     """
     handle = LoraHandle(spec)
-    targets = {adapter.denoiser_name: spec.targets}
+    targets = {adapter.denoiser_name: adapter.resolve_lora_targets(spec.targets)}
     if spec.text_encoder:
-        targets.update(dict.fromkeys(adapter.text_encoder_names()[:2], spec.text_encoder_targets))
+        adapter.require_text_encoders()
+        targets.update(dict.fromkeys(adapter.lora_text_encoder_names(), spec.text_encoder_targets))
+    handle.targets = tuple(targets[adapter.denoiser_name])
     modules = adapter.named_modules()
     for name, module_targets in targets.items():
         module = modules[name]

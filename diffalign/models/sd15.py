@@ -22,6 +22,7 @@ class Adapter(_Base):
         return ["text_encoder"]
 
     def encode_prompts(self, prompts: Sequence[str], info: Sequence[SampleInfo] | None = None) -> Cond:
+        self.require_text_encoders()
         (encoder,), (tokenizer,) = self.text_encoders, self.tokenizers
         ids = tokenize(tokenizer, prompts).to(encoder.device)
         return {"encoder_hidden_states": encoder(ids)[0]}

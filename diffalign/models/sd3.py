@@ -1,8 +1,19 @@
-"""Stable Diffusion 3/3.5: CLIP-L + CLIP-G + T5, MMDiT transformer, rectified-flow velocity target."""
+"""Stable Diffusion 3/3.5: CLIP-L + CLIP-G + T5, MMDiT transformer, rectified-flow velocity target.
+
+SD3.5 is the same ``SD3Transformer2DModel`` with two config switches (read by ``architecture``):
+``qk_norm`` (RMSNorm on q/k; weights that are not Linear layers, so never LoRA targets) and
+``dual_attention_layers`` (SD3.5-Medium: blocks 0-12 carry a second, image-only attention ``attn2``). peft matches
+a target by exact name or ``.``-suffix, so the ``attn.to_q``-style lists of diffusers' SD3 script and Flow-GRPO
+silently skip ``attn2``; ``resolve_lora_targets`` adds the ``attn2`` twin of every ``attn.`` projection target.
+Skip-layer guidance (``skip_layers``) is a sampling option of ``StableDiffusion3Pipeline`` only: ``predict``,
+the training forward, never skips a layer.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +22,13 @@ from torch import Tensor
 from diffalign.models.base import Adapter as _Base
 from diffalign.models.base import Cond, tokenize
 from diffalign.types import SampleInfo
+
+
+logger = logging.getLogger(__name__)
+# the joint-attention projections of both streams (train_dreambooth_lora_sd3.py, flow_grpo's SD3 configs)
+JOINT_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+CONTEXT_TARGETS = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+DUAL_TARGETS = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 
 
 class Adapter(_Base):
@@ -31,7 +49,36 @@ class Adapter(_Base):
     def text_encoder_names(cls) -> list[str]:
         return ["text_encoder", "text_encoder_2", "text_encoder_3"]
 
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """SD3.5 switches from the transformer config: ``qk_norm`` (None or "rms_norm"), ``dual_attention_layers``."""
+        cfg = self.denoiser.config
+        return {
+            "qk_norm": getattr(cfg, "qk_norm", None),
+            "dual_attention_layers": tuple(getattr(cfg, "dual_attention_layers", None) or ()),
+        }
+
+    def default_lora_targets(self) -> tuple[str, ...]:
+        """Joint attention of both streams, plus ``attn2`` of SD3.5-Medium's dual-attention blocks."""
+        return self.resolve_lora_targets((*JOINT_TARGETS, *CONTEXT_TARGETS))
+
+    def resolve_lora_targets(self, targets: Sequence[str] | None) -> tuple[str, ...]:
+        """Add the ``attn2.`` twin of each ``attn.`` projection target when the model has dual-attention blocks."""
+        if targets is None:
+            return self.default_lora_targets()
+        out = list(targets)
+        if self.architecture["dual_attention_layers"]:
+            twins = [f"attn2.{t[len('attn.') :]}" for t in targets if t in JOINT_TARGETS]
+            added = [t for t in twins if t not in out]
+            if added:
+                logger.info(
+                    "dual-attention blocks %s: LoRA also on %s", self.architecture["dual_attention_layers"], added
+                )
+            out += added
+        return tuple(out)
+
     def encode_prompts(self, prompts: Sequence[str], info: Sequence[SampleInfo] | None = None) -> Cond:
+        self.require_text_encoders()
         clip_hidden, pooled = [], []
         for encoder, tokenizer in zip(self.text_encoders[:2], self.tokenizers[:2], strict=True):
             out = encoder(tokenize(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
@@ -47,6 +94,7 @@ class Adapter(_Base):
         }
 
     def predict(self, x_t: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:
+        """Velocity of the full model: no ``skip_layers`` (skip-layer guidance is for sampling only)."""
         return self.denoiser(
             hidden_states=x_t.to(self.dtype),
             timestep=timesteps,

@@ -34,6 +34,7 @@ class Adapter(_Base):
         return ["text_encoder", "text_encoder_2"]
 
     def encode_prompts(self, prompts: Sequence[str], info: Sequence[SampleInfo] | None = None) -> Cond:
+        self.require_text_encoders()
         if info is None or len(info) != len(prompts):
             raise ValueError("SDXL needs one SampleInfo (original size, crop, target size) per prompt")
         hidden, pooled = [], None

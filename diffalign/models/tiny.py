@@ -1,8 +1,8 @@
-"""Tiny random-init SD1.5, SDXL and SD3 component sets, built in-process with no download.
+"""Tiny random-init SD1.5, SDXL, SD3, SD3.5-Medium-shaped and FLUX.1-dev-shaped component sets, built in-process.
 
 They use the same diffusers/transformers classes as the real checkpoints (``UNet2DConditionModel``,
-``SD3Transformer2DModel``, ``AutoencoderKL``, CLIP and T5 encoders), so adapters, LoRA, pipelines and
-recipes run on them unchanged. The tokenizers are real: ``assets/tokenizers/clip`` is the CLIP BPE
+``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``AutoencoderKL``, CLIP and T5 encoders), so adapters,
+LoRA, pipelines and recipes run on them unchanged. ``sd35`` is loaded as family ``sd3`` (``ADAPTER_FAMILY``). The tokenizers are real: ``assets/tokenizers/clip`` is the CLIP BPE
 tokenizer (converted from open_clip's bundled vocabulary) and ``assets/tokenizers/t5`` a small T5 one.
 
 Save a full diffusers folder (then load it like any checkpoint)::
@@ -24,7 +24,13 @@ from diffalign import resources
 ASSETS = resources.ASSETS
 CLIP_TOKENIZER = ASSETS / "tokenizers" / "clip"
 T5_TOKENIZER = ASSETS / "tokenizers" / "t5"
-FAMILIES = ("sd15", "sdxl", "sd3")
+FAMILIES = ("sd15", "sdxl", "sd3", "sd35", "flux")
+ADAPTER_FAMILY = {"sd35": "sd3"}  # tiny builder name -> model family (adapter) that loads it
+
+
+def adapter_family(name: str) -> str:
+    """The ``models`` family that loads tiny builder ``name`` (``sd35`` -> ``sd3``)."""
+    return ADAPTER_FAMILY.get(name, name)
 
 
 def _clip_text(hidden: int, projection: int | None = None, layers: int = 2) -> Any:
@@ -139,13 +145,10 @@ def sdxl(seed: int = 0, prediction_type: str = "epsilon") -> dict[str, Any]:
     }
 
 
-def sd3(seed: int = 0) -> dict[str, Any]:
-    """Components of a ``StableDiffusion3Pipeline`` (CLIP-L/G + T5, MMDiT, flow-matching scheduler)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+def _t5() -> Any:
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
-    t5 = T5EncoderModel(
+    return T5EncoderModel(
         T5Config(
             vocab_size=AutoTokenizer.from_pretrained(T5_TOKENIZER).vocab_size,
             d_model=32,
@@ -157,19 +160,29 @@ def sd3(seed: int = 0) -> dict[str, Any]:
             decoder_start_token_id=0,
         )
     )
-    transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,  # T5 width; CLIP hidden states are zero-padded to it
-        caption_projection_dim=16,
-        pooled_projection_dim=32,  # pooled CLIP-L (16) + CLIP-G (16)
-        pos_embed_max_size=32,
-    )
+
+
+def sd3(seed: int = 0, **transformer_extra: Any) -> dict[str, Any]:
+    """Components of a ``StableDiffusion3Pipeline`` (CLIP-L/G + T5, MMDiT, flow-matching scheduler)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    t5 = _t5()
+    shape = {
+        "sample_size": 16,
+        "patch_size": 2,
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,  # T5 width; CLIP hidden states are zero-padded to it
+        "caption_projection_dim": 16,
+        "pooled_projection_dim": 32,  # pooled CLIP-L (16) + CLIP-G (16)
+        "pos_embed_max_size": 32,
+    }
+    transformer = SD3Transformer2DModel(**{**shape, **transformer_extra})
     return {
         "transformer": transformer,
         "vae": _vae(scaling_factor=1.5035, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
@@ -185,11 +198,67 @@ def sd3(seed: int = 0) -> dict[str, Any]:
     }
 
 
-BUILDERS = {"sd15": sd15, "sdxl": sdxl, "sd3": sd3}
+def sd35(seed: int = 0) -> dict[str, Any]:
+    """SD3.5-Medium-shaped ``StableDiffusion3Pipeline`` components: RMS q/k norm and a dual-attention block.
+
+    SD3.5-Medium has ``qk_norm="rms_norm"`` and ``dual_attention_layers`` 0-12 of 24 (an extra image-only ``attn2``
+    per block); here block 0 of 3 is dual, the last is context-pre-only as in every SD3 model.
+    """
+    return sd3(seed, num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0,))
+
+
+def flux(seed: int = 0, guidance_embeds: bool = True) -> dict[str, Any]:
+    """FLUX.1-dev-shaped ``FluxPipeline`` components (``guidance_embeds=False``: schnell-shaped).
+
+    One double-stream and one single-stream block on 2x2-packed 4-channel latents (in_channels 16), CLIP-L pooled
+    (16) + T5 (32) conditioning, the FLUX VAE's shift/scale and FLUX.1-dev's dynamic-shifting scheduler config.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    t5 = _t5()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x 2 x 2 packed
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,  # = sum(axes_dims_rope)
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5 width
+        pooled_projection_dim=16,  # CLIP-L pooled width
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return {
+        "transformer": transformer,
+        "vae": _vae(scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        "text_encoder": _clip_text(16, projection=None),
+        "text_encoder_2": t5,
+        "tokenizer": _clip_tokenizer(),
+        "tokenizer_2": AutoTokenizer.from_pretrained(T5_TOKENIZER),
+        "scheduler": scheduler,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+BUILDERS = {"sd15": sd15, "sdxl": sdxl, "sd3": sd3, "sd35": sd35, "flux": flux}
 PIPELINES = {
     "sd15": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
     "sd3": "StableDiffusion3Pipeline",
+    "sd35": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
 }
 
 

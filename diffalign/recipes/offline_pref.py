@@ -38,8 +38,6 @@ class State:
 
 def setup(cfg: Any, accelerator: Any) -> State:
     objective, loss_cfg = dconfig.loss_config(cfg.loss)
-    if cfg.model.family != "sd3" and cfg.model.timestep_sampling != "uniform":
-        raise dconfig.ConfigError(f"model.timestep_sampling={cfg.model.timestep_sampling!r} applies to sd3 only")
     adapter = loop.build_adapter(cfg, accelerator.device)
     run = loop.build_run(cfg, accelerator, adapter)
     path = loop.resume_path(cfg)

@@ -12,7 +12,7 @@ with the paper's optional weight merging of the negative model, written with LoR
 ``eta = 0`` (the authors' default) puts the NPO offset on top of the positive model; ``eta = 1`` on the base.
 
 Works on stock diffusers pipelines (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-``StableDiffusion3Pipeline``) without a second denoiser: both LoRAs are named adapters on the one UNet /
+``StableDiffusion3Pipeline``, ``FluxPipeline``) without a second denoiser: both LoRAs are named adapters on the one UNet /
 transformer, and a wrapper around its ``forward`` runs the first (unconditional) half of each CFG-doubled batch
 with the negative branch's adapters and the second (conditional) half with the positive branch's, as two
 half-batch forwards like the authors' double-UNet pipelines. The pipeline's own CFG arithmetic (and
@@ -20,6 +20,16 @@ half-batch forwards like the authors' double-UNet pipelines. The pipeline's own 
 
     with npo_guidance(pipe, negative="runs/npo/lora", positive="runs/dpo/lora"):
         image = pipe("a cat", guidance_scale=7.5).images[0]
+
+FLUX.1: FLUX.1-dev is guidance-distilled. Its ordinary sampling feeds ``guidance_scale`` to a guidance embedding
+and makes ONE conditional prediction per step, so there is no unconditional branch for a negative model to take;
+``FluxPipeline`` called that way under NPO guidance raises a ``ValueError`` saying so. With true CFG
+(``true_cfg_scale > 1`` and a ``negative_prompt``, e.g. ``""``) the pipeline makes a separate negative-prompt call
+per step, labelled ``cache_context("uncond")``; that call runs with the negative branch and the ``"cond"`` call
+with the positive one (no batch splitting, so a branch that adds nothing is bit-identical to plain true CFG)::
+
+    with npo_guidance(flux_pipe, negative="runs/flux-npo/lora"):
+        image = flux_pipe("a cat", negative_prompt="", true_cfg_scale=4.0, guidance_scale=3.5).images[0]
 
 Details: at ``guidance_scale <= 1`` the stock pipelines compute no unconditional branch, so the output is the
 positive model's. SD3's skip-layer-guidance call (``skip_layers=...``) is a conditional prediction and runs with
@@ -33,6 +43,7 @@ pipelines encode the positive and negative prompts with one text-encoder state.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from collections.abc import Iterator
@@ -127,6 +138,40 @@ def _cfg_doubled(pipe: Any, kwargs: dict[str, Any]) -> bool:
     return doing_cfg and kwargs.get("skip_layers") is None
 
 
+def _separate_uncond(pipe: Any) -> bool:
+    """True for true-CFG pipelines (FLUX.1) that make the negative-prompt prediction as its own denoiser call."""
+    return "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters
+
+
+NO_UNCOND_BRANCH = (
+    "NPO guidance on {name} needs an unconditional branch, and this call has none: FLUX.1-dev is guidance-distilled "
+    "(guidance_scale goes into a guidance embedding; each step makes ONE conditional prediction), so there is no "
+    "branch for the negative model to run on. Call with true_cfg_scale > 1 and a negative_prompt (e.g. "
+    "negative_prompt='') to sample with true CFG; the negative LoRA then runs the negative-prompt prediction."
+)
+
+
+@contextlib.contextmanager
+def _require_true_cfg(pipe: Any) -> Iterator[None]:
+    """While active, calling a true-CFG pipeline without true CFG raises ``NO_UNCOND_BRANCH``."""
+    original = type(pipe)
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(original.__call__).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        call = bound.arguments
+        has_negative = call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None
+        if not (call.get("true_cfg_scale", 1.0) > 1 and has_negative):
+            raise ValueError(NO_UNCOND_BRANCH.format(name=original.__name__))
+        return original.__call__(self, *args, **kwargs)
+
+    pipe.__class__ = type(original.__name__, (original,), {"__call__": __call__})
+    try:
+        yield
+    finally:
+        pipe.__class__ = original
+
+
 def _take(value: Any, n: int, part: slice) -> Any:
     """Rows ``part`` of every tensor with batch size ``n`` inside ``value`` (nested dicts, lists, tuples)."""
     if torch.is_tensor(value):
@@ -154,7 +199,9 @@ def cfg_branches(pipe: Any, *, uncond: Branch, cond: Branch) -> Iterator[None]:
     """Run the unconditional half of every CFG-doubled denoiser call with ``uncond``, the rest with ``cond``.
 
     The adapters must already be loaded on the denoiser (``pipe.load_lora_weights(dir, adapter_name=...)``).
-    Calls without CFG run entirely with ``cond``. Restores the denoiser's ``forward`` and adapter state on exit.
+    Calls without CFG run entirely with ``cond``. True-CFG pipelines (FLUX.1): the ``cache_context("uncond")`` call
+    runs with ``uncond``, and a call without true CFG raises (there is no unconditional branch). Restores the
+    denoiser's ``forward``, ``cache_context``, the pipeline's class and the adapter state on exit.
     """
     denoiser = denoiser_of(pipe)
     loaded = set(getattr(denoiser, "peft_config", None) or {})
@@ -165,8 +212,23 @@ def cfg_branches(pipe: Any, *, uncond: Branch, cond: Branch) -> Iterator[None]:
     state = _LoraState(denoiser)
     own = vars(denoiser).get("forward")  # e.g. an accelerate offload hook
     inner = denoiser.forward
+    separate = _separate_uncond(pipe) and uncond != cond
+    context: dict[str, str | None] = {"name": None}
+    inner_context = getattr(denoiser, "cache_context", None)
+
+    @contextlib.contextmanager
+    def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
+        context["name"] = name
+        try:
+            with inner_context(name, *args, **kwargs):
+                yield
+        finally:
+            context["name"] = None
 
     def forward(*args: Any, **kwargs: Any) -> Any:
+        if separate:
+            _activate(denoiser, uncond if context["name"] == "uncond" else cond)
+            return inner(*args, **kwargs)
         if uncond == cond or not _cfg_doubled(pipe, kwargs):
             _activate(denoiser, cond)
             return inner(*args, **kwargs)
@@ -181,13 +243,22 @@ def cfg_branches(pipe: Any, *, uncond: Branch, cond: Branch) -> Iterator[None]:
         return _concat(*outputs)
 
     denoiser.forward = forward
+    guard = contextlib.nullcontext()
+    if separate:
+        if inner_context is None:
+            raise TypeError(f"{type(denoiser).__name__} has no cache_context: cannot tell its cond and uncond calls")
+        denoiser.cache_context = cache_context
+        guard = _require_true_cfg(pipe)
     try:
-        yield
+        with guard:
+            yield
     finally:
         if own is None:
             del denoiser.forward
         else:
             denoiser.forward = own
+        if separate:
+            del denoiser.cache_context
         state.restore()
 
 

@@ -11,6 +11,7 @@ loop in ``train`` is twenty lines a recipe can copy and change.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable
@@ -187,14 +188,37 @@ def check_resume_config(cfg: Any, path: Path) -> None:
 def build_adapter(cfg: Any, device: torch.device) -> Any:
     """Load the base model and add the trained LoRA; the reference is the same model with the LoRA off."""
     m = cfg.model
-    sampling = {}
-    if m.family == "sd3":
-        sampling = {"weighting": m.timestep_sampling, "logit_mean": m.logit_mean, "logit_std": m.logit_std}
-        sampling["mode_scale"] = m.mode_scale
+    kwargs: dict[str, Any] = {}
+    if m.family in dconfig.FLOW_FAMILIES:
+        kwargs = {"weighting": m.timestep_sampling, "logit_mean": m.logit_mean, "logit_std": m.logit_std}
+        kwargs["mode_scale"] = m.mode_scale
+        if isinstance(m.flow_shift, float):
+            kwargs["shift"] = m.flow_shift
+    if m.family == "flux":
+        kwargs["adapter_kwargs"] = {"guidance": m.guidance}
     adapter = models.load(
-        m.family, m.path, dtype=m.dtype, variant=m.variant, revision=m.revision, vae_path=m.vae_path, **sampling
+        m.family,
+        m.path,
+        dtype=m.dtype,
+        variant=m.variant,
+        revision=m.revision,
+        vae_path=m.vae_path,
+        quantize=m.quantize,
+        load_text_encoders=m.load_text_encoders,
+        **kwargs,
     )
-    lora.add_lora(adapter, lora.LoraSpec(**dconfig.to_dict(cfg.lora)))
+    if m.flow_shift == "resolution":
+        adapter.process = dataclasses.replace(adapter.process, shift=adapter.resolution_shift(cfg.data.resolution))
+    if m.family in dconfig.FLOW_FAMILIES:
+        logger.info(
+            "flow process: shift %.4f (model.flow_shift=%s), %s timesteps%s",
+            adapter.process.shift,
+            m.flow_shift,
+            adapter.process.weighting,
+            f", guidance {adapter.guidance}" if getattr(adapter, "guidance", None) is not None else "",
+        )
+    handle = lora.add_lora(adapter, lora.LoraSpec(**dconfig.to_dict(cfg.lora)))
+    logger.info("LoRA on %s, denoiser targets %s", handle.modules, list(handle.targets))
     if m.gradient_checkpointing:
         adapter.denoiser.enable_gradient_checkpointing()
     adapter.denoiser.train()  # LoRA dropout; the SD denoisers have no other dropout by default
@@ -391,6 +415,7 @@ def validate(run: Run) -> None:
         out_dir = run.output_dir / "validation" / f"step-{run.step:08d}"
         out_dir.mkdir(parents=True, exist_ok=True)
         images = []
+        extra = {"skip_guidance_layers": list(skip)} if (skip := cfg.validation.skip_guidance_layers) else {}
         for i, prompt in enumerate(prompts):
             gen = torch.Generator(device="cpu").manual_seed(cfg.validation.seed + i)
             image = pipe(
@@ -400,6 +425,7 @@ def validate(run: Run) -> None:
                 height=res,
                 width=res,
                 generator=gen,
+                **extra,
             ).images[0]
             image.save(out_dir / f"{i:03d}.png")
             images.append(np.asarray(image))

@@ -10,7 +10,7 @@ from torch import nn
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
-    """AdamW (default) or Adafactor with a fixed learning rate (as the Salesforce SDXL DPO recipe uses).
+    """AdamW (default), bitsandbytes' 8-bit AdamW, or Adafactor with a fixed learning rate (Salesforce SDXL DPO).
 
     ``cfg`` is the recipe's ``optim`` section (name, lr, weight_decay, betas, eps).
     """
@@ -19,6 +19,15 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: Any) -> torch.optim.Opt
         raise ValueError("no trainable parameters: add a LoRA before building the optimizer")
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("optim.name=adamw8bit needs bitsandbytes: pip install 'diffalign[memory]'") from e
+        # 8-bit block-wise quantized moments (Dettmers et al. 2022); tensors under 4096 values keep fp32 states
+        return bnb.optim.AdamW8bit(
+            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     if cfg.name == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -31,7 +40,7 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: Any) -> torch.optim.Opt
             warmup_init=False,
             clip_threshold=1.0,
         )
-    raise ValueError(f"unknown optimizer {cfg.name!r}; choices: adamw, adafactor")
+    raise ValueError(f"unknown optimizer {cfg.name!r}; choices: adamw, adamw8bit, adafactor")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, max_steps: int) -> Any:

@@ -48,7 +48,7 @@ def test_two_loras_and_the_base_share_one_model(tiny_dirs, lora_dir, tmp_path):
         assert np.abs(got[g, s] - stock_sample(tiny, loras[g], "a red cat", s)).max() <= 1, (g, s)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_other_families_sample_deterministically(tiny_dirs, family):
     gens = [Generator(name=family, family=family, path=str(tiny_dirs[family]))]
     pool = GeneratorPool(gens, [SamplingProtocol(steps=2, guidance_scale=4.0, height=48, width=32)], batch_size=2)

@@ -8,17 +8,21 @@ import pytest
 import torch
 
 from diffalign import losses, models
-from diffalign.models import lora
+from diffalign.models import lora, tiny
 from diffalign.terms.offline import group_errors, pair_terms
 from diffalign.types import SampleInfo
 
 
-FAMILIES = ["sd15", "sdxl", "sd3"]
+FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux"]  # tiny builders; sd35 loads as family sd3
 INFO = SampleInfo(original_size=(40, 56), crop_top_left=(4, 12), target_size=(32, 32))
 
 
+def _family(name: str) -> str:
+    return tiny.adapter_family(name)
+
+
 def _load(tiny_dirs, family, **kw):
-    adapter = models.load(family, str(tiny_dirs[family]), **kw)
+    adapter = models.load(_family(family), str(tiny_dirs[family]), **kw)
     lora.add_lora(adapter, lora.LoraSpec(rank=4))
     return adapter
 
@@ -40,8 +44,8 @@ def test_dpo_is_log2_at_lora_init(tiny_dirs, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reference_equals_base_model_and_has_no_grad(tiny_dirs, family):
     """With the adapter disabled the output equals a LoRA-free base model bit for bit, and no grads flow."""
-    base = models.load(family, str(tiny_dirs[family]))
-    adapter = models.load(family, str(tiny_dirs[family]))
+    base = models.load(_family(family), str(tiny_dirs[family]))
+    adapter = models.load(_family(family), str(tiny_dirs[family]))
     lora.add_lora(adapter, lora.LoraSpec(rank=4, init="default"))
     with torch.no_grad():  # make the LoRA non-zero so that policy != reference
         for p in lora.trainable_parameters(adapter).values():
@@ -66,7 +70,7 @@ def test_reference_equals_base_model_and_has_no_grad(tiny_dirs, family):
 def test_lora_loads_in_stock_pipeline_and_changes_images(tiny_dirs, family, tmp_path):
     import diffusers
 
-    adapter = models.load(family, str(tiny_dirs[family]))
+    adapter = models.load(_family(family), str(tiny_dirs[family]))
     lora.add_lora(adapter, lora.LoraSpec(rank=4, alpha=8, text_encoder=True))
     assert {"text_encoder", "text_encoder_2"} & {k.split(".")[0] for k in lora.trainable_parameters(adapter)}
     with torch.no_grad():
@@ -91,7 +95,7 @@ def test_lora_loads_in_stock_pipeline_and_changes_images(tiny_dirs, family, tmp_
         x, t = torch.randn(1, 4, 16, 16), torch.tensor([300])
         cond = adapter.encode_prompts(["a red circle"], [SampleInfo((32, 32), (0, 0), (32, 32))])
         ours = adapter.predict(x, t, cond)
-        loaded = models.get(family).Adapter.from_components(pipe.components)
+        loaded = models.get(_family(family)).Adapter.from_components(pipe.components)
         theirs = loaded.predict(
             x, t, loaded.encode_prompts(["a red circle"], [SampleInfo((32, 32), (0, 0), (32, 32))])
         )
@@ -106,10 +110,10 @@ def test_text_encoder_lora_does_not_depend_on_transformers_peft_gate(tiny_dirs, 
     import transformers.integrations.peft as hf_peft
 
     monkeypatch.setattr(hf_peft, "MIN_PEFT_VERSION", "999.0")
-    base = models.load(family, str(tiny_dirs[family]))
-    adapter = models.load(family, str(tiny_dirs[family]))
+    base = models.load(_family(family), str(tiny_dirs[family]))
+    adapter = models.load(_family(family), str(tiny_dirs[family]))
     lora.add_lora(adapter, lora.LoraSpec(rank=4, init="default", text_encoder=True))
-    encoders = adapter.text_encoder_names()[:2]
+    encoders = adapter.lora_text_encoder_names()
     assert all(f"{name}." in " ".join(lora.trainable_parameters(adapter)) for name in encoders)
     with torch.no_grad():
         for p in lora.trainable_parameters(adapter).values():

@@ -1,5 +1,7 @@
-"""Every offline objective runs through recipes/offline_pref.py on tiny SD1.5, SDXL and SD3 (flow target),
-starts at its analytic LoRA-init value, and exports a LoRA that a stock diffusers pipeline loads."""
+"""Every offline objective runs through recipes/offline_pref.py on tiny SD1.5, SDXL, SD3, SD3.5-Medium-shaped and
+FLUX.1-dev-shaped models (flow target for the last three), starts at its analytic LoRA-init value, and exports a
+LoRA that a stock diffusers pipeline loads: the images change, and with the LoRA disabled they are the base's
+exactly (the reference is the base)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import torch
 from tests.recipes.conftest import ROOT, toy_overrides
 
 
-FAMILIES = ["sd15", "sdxl", "sd3"]
+FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux"]
+FLOW = {"sd3", "sd35", "flux"}
 OBJECTIVES = ["dpo", "mapo", "sdpo", "npo", "rankdpo"]
 
 
@@ -41,8 +44,10 @@ def stock_pipes(tiny_dirs):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", OBJECTIVES)
 def test_objective_runs_on_family(recipe, tiny_dirs, stock_pipes, tmp_path, family, name):
-    extra = {"run.max_steps": 2, "run.log_every": 1, "model.family": family}
-    if family == "sd3":
+    from diffalign.models import tiny
+
+    extra = {"run.max_steps": 2, "run.log_every": 1, "model.family": tiny.adapter_family(family)}
+    if family in FLOW:
         extra["model.timestep_sampling"] = "logit_normal"
     overrides = toy_overrides(tiny_dirs[family], tmp_path / "run", **extra)
     if name == "rankdpo":
@@ -57,11 +62,21 @@ def test_objective_runs_on_family(recipe, tiny_dirs, stock_pipes, tmp_path, fami
         assert 0.0 <= first["loss/lambda"] <= 1.0
 
     pipe = stock_pipes[family]
+    before = sample(pipe)
     pipe.load_lora_weights(str(result["lora_dir"]), adapter_name="trained")
     try:
-        assert "trained" in pipe.get_list_adapters().get("transformer" if family == "sd3" else "unet", [])
+        assert "trained" in pipe.get_list_adapters().get("unet" if family in {"sd15", "sdxl"} else "transformer", [])
+        assert not torch.equal(sample(pipe), before)
+        pipe.disable_lora()
+        assert torch.equal(sample(pipe), before)
     finally:
+        pipe.enable_lora()
         pipe.delete_adapters("trained")
+
+
+def sample(pipe) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=gen, output_type="pt").images
 
 
 def test_every_objective_is_listed_with_paper_and_defaults(capsys):

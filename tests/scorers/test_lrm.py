@@ -18,7 +18,7 @@ PROMPTS = ["a cat", "a dog", "a cat"]
 
 @pytest.fixture(scope="module")
 def adapters():
-    return {family: models.from_components(family, getattr(tiny, family)(seed=0)) for family in models.FAMILIES}
+    return {family: models.from_components(family, getattr(tiny, family)(seed=0)) for family in lrm.FAMILIES}
 
 
 def timesteps(family: str) -> torch.Tensor:
@@ -46,7 +46,7 @@ def reference_features(adapter, latents, t, prompts, num_blocks):
     return caps
 
 
-@pytest.mark.parametrize("family", models.FAMILIES)
+@pytest.mark.parametrize("family", lrm.FAMILIES)
 def test_trunk_and_text_reproduce_the_diffusion_model(adapters, family):
     adapter = adapters[family]
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def test_lrm_learns_a_separable_toy_preference_from_noisy_latents(adapters):
     assert after >= 0.85, (before, after)  # measured 1.0
 
 
-@pytest.mark.parametrize("family", models.FAMILIES)
+@pytest.mark.parametrize("family", lrm.FAMILIES)
 def test_save_load_round_trip_reproduces_scores(adapters, family, tmp_path):
     adapter = adapters[family]
     torch.manual_seed(0)

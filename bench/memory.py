@@ -1,0 +1,353 @@
+"""Memory and time of a LoRA DPO pair step vs a plain LoRA step on real-size denoisers, per memory option.
+
+The denoisers are built from their published configs (``bench/configs/*.json``: SDXL UNet, SD3.5-Medium,
+SD3.5-Large, FLUX.1-dev transformers) with random init: no weights are downloaded. Latents and prompt embeddings
+are random tensors of the real shapes at 1024 px, i.e. every row assumes the latent cache with T5/CLIP embeddings
+(the text encoders and the VAE are never resident; their bf16 sizes are printed below the table).
+
+Memory options (model/optim config keys): ``bf16`` base (``model.dtype``), ``ckpt`` gradient checkpointing,
+``nf4`` bitsandbytes 4-bit base / ``float8`` torchao weight-only e4m3 base (``model.quantize``), ``8bit``
+8-bit AdamW (``optim.name=adamw8bit``). The LoRA (family default targets, ``--rank``) is fp32 in every row.
+
+On CPU the models are built on the meta device and the script prints what it can count exactly: parameter bytes
+of the frozen base per option, LoRA parameter, gradient and optimizer-state bytes. The peak memory and the step
+times need a CUDA GPU; on one (``--device cuda``) each (model, option) runs in a fresh subprocess and reports:
+
+* **peak GB**: ``torch.cuda.max_memory_allocated`` over a DPO pair step (batch 1 pair = 2 images).
+* **dpo s / plain s / fwd s**: median time of one DPO pair step (policy forward + backward on the 2 images + one
+  no-grad reference forward with the LoRA switched off + optimizer step), of one plain LoRA fine-tuning step on the
+  same 2 images (forward + backward + optimizer step), and of one no-grad forward of the same 2 images.
+* **(dpo-plain)/fwd**: the extra cost of DPO in no-grad forwards; the floor is 1 (the reference pass).
+
+Run::
+
+    python bench/memory.py                              # CPU: byte counts only (~1 min)
+    python bench/memory.py --device cuda --repeats 5    # GPU: the full table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+HERE = Path(__file__).resolve().parent
+GB = 1024**3
+RESOLUTION = 1024
+
+
+@dataclass(frozen=True)
+class Spec:
+    config: str
+    family: str
+    latent_channels: int
+    text_len: int  # prompt-embedding tokens (CLIP 77 + T5 256 for SD3; T5 512 for FLUX)
+    text_dim: int
+    pooled_dim: int
+
+
+MODELS = {
+    "sdxl": Spec("sdxl_unet.json", "sdxl", 4, 77, 2048, 1280),
+    "sd35-medium": Spec("sd35_medium_transformer.json", "sd3", 16, 77 + 256, 4096, 2048),
+    "sd35-large": Spec("sd35_large_transformer.json", "sd3", 16, 77 + 256, 4096, 2048),
+    "flux1-dev": Spec("flux1_dev_transformer.json", "flux", 16, 512, 4096, 768),
+}
+# option name -> (base, gradient checkpointing, optimizer)
+OPTIONS = {
+    "bf16": ("bf16", False, "adamw"),
+    "bf16+ckpt": ("bf16", True, "adamw"),
+    "bf16+ckpt+8bit": ("bf16", True, "adamw8bit"),
+    "nf4+ckpt+8bit": ("nf4", True, "adamw8bit"),
+    "float8+ckpt+8bit": ("float8", True, "adamw8bit"),
+}
+# frozen text encoders a run without the latent cache keeps resident (bf16 bytes; param counts of the releases)
+TEXT_ENCODERS = {"CLIP-L": 123e6, "OpenCLIP-G": 695e6, "T5-XXL encoder": 4.76e9}
+FAMILY_ENCODERS = {"sdxl": ["CLIP-L", "OpenCLIP-G"], "sd3": ["CLIP-L", "OpenCLIP-G", "T5-XXL encoder"]}
+FAMILY_ENCODERS["flux"] = ["CLIP-L", "T5-XXL encoder"]
+
+
+# ---- model construction ---------------------------------------------------------------------------------------
+def load_config(spec: Spec) -> dict[str, Any]:
+    config = json.loads((HERE / "configs" / spec.config).read_text())  # an absolute spec.config is used as is
+    return {k: v for k, v in config.items() if k != "_source"}
+
+
+def build(spec: Spec, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    import diffusers
+
+    config = load_config(spec)
+    cls = getattr(diffusers, config.pop("_class_name"))
+    with torch.device(device):
+        model = cls.from_config(config)
+    return model.to(dtype) if device != "meta" else model
+
+
+def lora_targets(spec: Spec, model: torch.nn.Module) -> list[str]:
+    """The family's default LoRA targets (as ``models.<family>.Adapter.default_lora_targets``)."""
+    from diffalign.models import flux, sd3
+
+    if spec.family == "flux":
+        return list(flux.Adapter.default_lora_targets(None))  # type: ignore[arg-type]
+    if spec.family == "sd3":
+        dual = getattr(model.config, "dual_attention_layers", None)
+        return [*sd3.JOINT_TARGETS, *sd3.CONTEXT_TARGETS, *(sd3.DUAL_TARGETS if dual else ())]
+    return ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def add_lora(spec: Spec, model: torch.nn.Module, rank: int) -> list[torch.nn.Parameter]:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=lora_targets(spec, model)
+    )
+    inject_adapter_in_model(config, model)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def count(model: torch.nn.Module) -> dict[str, int]:
+    """Frozen base parameters split into Linear weights (what nf4/float8 quantize) and the rest; LoRA params."""
+    from torch import nn
+
+    linear = sum(m.weight.numel() for n, m in model.named_modules() if type(m) is nn.Linear and "lora_" not in n)
+    total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return {"linear": linear, "other": total - linear, "lora": lora}
+
+
+def static_bytes(counts: dict[str, int], option: str) -> dict[str, float]:
+    """Exact-as-counted bytes: base weights per option, LoRA fp32 params + grads, optimizer states."""
+    base, _, optim = OPTIONS[option]
+    per_linear = {"bf16": 2.0, "nf4": 0.5 + 4 / 64, "float8": 1.0}[base]  # nf4: 4 bits + fp32 absmax per 64
+    lora = counts["lora"]
+    return {
+        "base": counts["linear"] * per_linear + counts["other"] * 2.0,
+        "lora+grad": lora * 8.0,
+        "optim": lora * (8.0 if optim == "adamw" else 2.0),  # AdamW: two fp32 moments; 8-bit: two uint8
+    }
+
+
+# ---- CPU: byte table --------------------------------------------------------------------------------------------
+def cpu_table(models: list[str], rank: int) -> None:
+    print(f"CPU: byte counts at rank {rank}; peak memory and step times need a CUDA GPU (--device cuda).\n")
+    print("| model | base params | LoRA params | option | base GB | LoRA+grad GB | optimizer GB | static GB |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    for name in models:
+        spec = MODELS[name]
+        model = build(spec, "meta", torch.float32)
+        add_lora(spec, model, rank)
+        counts = count(model)
+        for option in OPTIONS:
+            b = static_bytes(counts, option)
+            print(
+                f"| {name} | {(counts['linear'] + counts['other']) / 1e9:.2f} B | {counts['lora'] / 1e6:.1f} M | "
+                f"{option} | {b['base'] / GB:.2f} | {b['lora+grad'] / GB:.3f} | {b['optim'] / GB:.3f} | "
+                f"{sum(b.values()) / GB:.2f} |"
+            )
+    print("\nText encoders kept resident without cached embeddings (bf16):")
+    for family in ("sdxl", "sd3", "flux"):
+        names = FAMILY_ENCODERS[family]
+        print(f"  {family}: {' + '.join(names)} = {sum(TEXT_ENCODERS[n] for n in names) * 2 / GB:.1f} GB")
+
+
+# ---- GPU: one (model, option) per subprocess ----------------------------------------------------------------------
+def quantize(model: torch.nn.Module, kind: str) -> None:
+    """NF4 (bitsandbytes ``Linear4bit``, as diffusers' BitsAndBytesConfig builds) or torchao float8 weight-only."""
+    from torch import nn
+
+    if kind == "float8":
+        from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+        quantize_(model, Float8WeightOnlyConfig())
+        return
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    quant_type="nf4",
+                )
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, name, q.cuda())
+    torch.cuda.empty_cache()
+
+
+class Shim:
+    """The attributes a family adapter's ``predict`` reads, so the bench runs the same forward code as training."""
+
+    def __init__(self, spec: Spec, model: torch.nn.Module) -> None:
+        from diffalign.diffusion import FlowProcess
+
+        self.denoiser, self.dtype = model, torch.bfloat16
+        self.process = FlowProcess(shift=1.0)
+        self.guidance = 3.5 if spec.family == "flux" else None
+        self.max_sequence_length = spec.text_len
+
+
+def inputs(
+    spec: Spec, n: int, resolution: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    h = resolution // 8
+    x = torch.randn(n, spec.latent_channels, h, h, device=device)
+    t = torch.full((n,), 500.0, device=device)
+    cond = {
+        "encoder_hidden_states": torch.randn(n, spec.text_len, spec.text_dim, device=device),
+        "pooled_projections": torch.randn(n, spec.pooled_dim, device=device),
+    }
+    if spec.family == "sdxl":
+        size = [resolution, resolution, 0, 0, resolution, resolution]
+        cond = {
+            "encoder_hidden_states": cond["encoder_hidden_states"],
+            "text_embeds": cond["pooled_projections"],
+            "time_ids": torch.tensor([size] * n, device=device),
+        }
+    return x, t, cond
+
+
+def run_one(
+    name: str, option: str, rank: int, repeats: int, *, device: str = "cuda", resolution: int = RESOLUTION
+) -> dict[str, Any]:
+    """One (model, option): peak memory of a DPO pair step and median step times. ``device="cpu"`` (with a small
+    ``resolution``) only smoke-tests the code path: no peak, and quantized bases need CUDA."""
+    from diffalign import models
+    from diffalign.losses import dpo
+    from diffalign.models.base import set_lora_enabled
+    from diffalign.training import optim
+    from diffalign.types import PairTerms
+
+    spec = MODELS[name]
+    base, checkpointing, optim_name = OPTIONS[option]
+    cuda = device == "cuda"
+    if base != "bf16" and not cuda:
+        raise RuntimeError(f"option {option!r}: the {base} base needs a CUDA GPU")
+    model = build(spec, device, torch.bfloat16).requires_grad_(False)
+    if base != "bf16":
+        quantize(model, base)
+    params = add_lora(spec, model, rank)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    cfg = argparse.Namespace(name=optim_name, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    opt = optim.build_optimizer(params, cfg)
+    predict = models.get(spec.family).Adapter.predict
+    shim = Shim(spec, model)
+    x, t, cond = inputs(spec, 2, resolution, device)
+    target = torch.randn_like(x)
+
+    def errors(out: torch.Tensor) -> torch.Tensor:
+        return (out.float() - target).pow(2).flatten(1).mean(1)
+
+    def plain() -> None:
+        errors(predict(shim, x, t, cond)).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def dpo_step() -> None:
+        policy = errors(predict(shim, x, t, cond))
+        with torch.no_grad():
+            set_lora_enabled(model, False)
+            ref = errors(predict(shim, x, t, cond))
+            set_lora_enabled(model, True)
+        terms = PairTerms(policy_w=policy[:1], policy_l=policy[1:], ref_w=ref[:1], ref_l=ref[1:], timesteps=t[:1],
+                          num_train_timesteps=1000)  # fmt: skip
+        dpo.loss(terms, dpo.Config(beta=100.0)).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def forward() -> None:
+        predict(shim, x, t, cond)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn: Any) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    for fn in (plain, dpo_step, forward):  # warm-up (allocator, kernels, optimizer states)
+        fn()
+    peak = float("nan")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        dpo_step()
+        sync()
+        peak = torch.cuda.max_memory_allocated()
+    times: dict[str, list[float]] = {"plain": [], "dpo": [], "fwd": []}
+    for _ in range(repeats):  # interleaved so drift hits every variant alike
+        times["plain"].append(timed(plain))
+        times["dpo"].append(timed(dpo_step))
+        times["fwd"].append(timed(forward))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": name, "option": option, "peak_gb": peak / GB, **med}
+
+
+def gpu_table(models: list[str], rank: int, repeats: int, timeout: int) -> None:
+    print(f"GPU: {torch.cuda.get_device_name()}, rank {rank}, {RESOLUTION} px, batch 1 pair, median of {repeats}\n")
+    print("| model | option | peak GB | dpo s | plain s | fwd s | dpo/plain | (dpo-plain)/fwd |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in models:
+        for option in OPTIONS:
+            cmd = [sys.executable, __file__, "--one", name, option, "--rank", str(rank), "--repeats", str(repeats)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                print(f"| {name} | {option} | timed out after {timeout} s | | | | | |", flush=True)
+                continue
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode or not lines:
+                reason = (proc.stderr.strip().splitlines() or ["failed"])[-1][:90]
+                print(f"| {name} | {option} | n/a: {reason} | | | | | |", flush=True)
+                continue
+            r = json.loads(lines[-1])
+            print(
+                f"| {name} | {option} | {r['peak_gb']:.1f} | {r['dpo']:.3f} | {r['plain']:.3f} | {r['fwd']:.3f} | "
+                f"{r['dpo'] / r['plain']:.2f} | {(r['dpo'] - r['plain']) / r['fwd']:.2f} |",
+                flush=True,
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--timeout", type=int, default=900, help="seconds per (model, option) subprocess")
+    p.add_argument("--one", nargs=2, metavar=("MODEL", "OPTION"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one[0], args.one[1], args.rank, args.repeats)))
+        return
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA GPU here; run without --device for the CPU byte table")
+        gpu_table(args.models, args.rank, args.repeats, args.timeout)
+    else:
+        cpu_table(args.models, args.rank)
+
+
+if __name__ == "__main__":
+    main()
