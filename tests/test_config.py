@@ -459,3 +459,12 @@ def test_recipe_key_selects_schema_and_round_trips(tmp_path):
     bad.write_text("recipe: selfnpoo\n" + config.dumps(config.load("toy/dpo")).split("\n", 1)[1])
     with pytest.raises(ConfigError, match="did you mean 'selfnpo'"):
         config.load(bad)
+
+
+def test_validation_prompts_file_with_a_byte_order_mark(tmp_path):
+    from diffalign.training.loop import validation_prompts
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes("\ufeffa red circle\n\nblue square\n".encode())
+    cfg = config.load("toy/dpo", [f"validation.prompts_file={prompts}"])
+    assert validation_prompts(cfg) == ["a red circle", "blue square"]

@@ -394,7 +394,7 @@ def log(run: Run, metrics: dict[str, float]) -> None:
 def validation_prompts(cfg: Any) -> list[str]:
     prompts = list(cfg.validation.prompts)
     if cfg.validation.prompts_file:
-        lines = Path(cfg.validation.prompts_file).read_text().splitlines()
+        lines = Path(cfg.validation.prompts_file).read_text(encoding="utf-8-sig").splitlines()  # no BOM in prompt 1
         prompts += [line.strip() for line in lines if line.strip()]
     return prompts
 
