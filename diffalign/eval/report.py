@@ -3,7 +3,8 @@
 The HTML report has no scripts, no stylesheets or fonts from elsewhere and no network references: images are small
 JPEG thumbnails embedded as base64 ``data:`` URIs and the score histograms are inline SVG drawn here. A run report
 shows, per scorer, the histogram of image scores (dashed line: the mean) and grids of the best and worst images;
-a comparison report shows both runs' histograms overlaid and the win-rate table.
+a comparison report shows the win-rate table, both runs' histograms overlaid and, per scorer, the two runs' images
+side by side for the same prompt and seed (biggest gains, biggest losses, a random sample; ``eval.sidebyside``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffalign.eval import stats
+from diffalign.eval import sidebyside, stats
 
 
 COLORS = ("#3366cc", "#dc6a12")
@@ -34,6 +35,10 @@ figcaption { overflow-wrap: anywhere; }
 .missing { width: 128px; height: 128px; background: #fdd; display: flex; align-items: center; justify-content: center; }
 section.scorer { border-top: 2px solid #ddd; margin-top: 24px; }
 .note { color: #a33; }
+table.sbs td { vertical-align: middle; }
+table.sbs figure { width: 132px; }
+details.sbs { margin: 8px 0; }
+details.sbs summary { cursor: pointer; font-weight: 600; }
 svg text { font-size: 11px; fill: #333; }
 """
 
@@ -198,8 +203,8 @@ class _Thumbs:
         return self.cache[path]
 
 
-def _figure(row: Mapping[str, Any], key: str, thumbs: _Thumbs) -> str:
-    prompt = str(row["prompt"])
+def _figure(row: Mapping[str, Any], key: str, thumbs: _Thumbs, *, with_prompt: bool = True) -> str:
+    prompt = str(row["prompt"]) if with_prompt else ""
     short = prompt if len(prompt) <= 90 else prompt[:87] + "..."
     uri = thumbs.get(str(row["path"]))
     alt = html.escape(prompt, quote=True)
@@ -211,6 +216,28 @@ def _figure(row: Mapping[str, Any], key: str, thumbs: _Thumbs) -> str:
         else f'<div class="missing" title="{title}">image not found</div>'
     )
     return f"<figure>{img}<figcaption><b>{fmt(float(row[key]))}</b> {html.escape(short)}</figcaption></figure>"
+
+
+def _side_by_side(
+    pairs: Sequence[sidebyside.Pair], key: str, labels: Sequence[str], thumbs: tuple[_Thumbs, _Thumbs], k: int
+) -> str:
+    """Per view a table of rows ``prompt | seed | reference image | candidate image | difference``."""
+    cand, ref = labels
+    headers = "".join(f"<th>{html.escape(h)}</th>" for h in ("prompt", "seed", ref, cand, f"{cand} - {ref}"))
+    out = []
+    for view, title in zip(sidebyside.VIEWS, ("Biggest gains", "Biggest losses", "Random sample"), strict=True):
+        rows = []
+        for c, r in sidebyside.select(pairs, key, view, k):
+            cells = [html.escape(str(c["prompt"])), html.escape(str(c.get("seed", "-")))]
+            cells += [_figure(r, key, thumbs[1], with_prompt=False), _figure(c, key, thumbs[0], with_prompt=False)]
+            cells.append(f"{sidebyside.difference((c, r), key):+.4g}")
+            rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+        out.append(
+            f'<details class="sbs {view}"{" open" if view == "gains" else ""}><summary>{title} ({len(rows)} of '
+            f'{len(pairs)} pairs)</summary><table class="sbs"><thead><tr>{headers}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table></details>"
+        )
+    return "".join(out)
 
 
 def best_and_worst(rows: Sequence[Mapping[str, Any]], key: str, k: int) -> tuple[list[Any], list[Any]]:
@@ -286,10 +313,18 @@ def write_run_report(
 
 
 def compare_report(
-    comparison: Mapping[str, Any], rows_a: Sequence[Mapping[str, Any]], rows_b: Sequence[Mapping[str, Any]]
+    comparison: Mapping[str, Any],
+    rows_a: Sequence[Mapping[str, Any]],
+    rows_b: Sequence[Mapping[str, Any]],
+    *,
+    roots: tuple[Path, Path] = (Path("."), Path(".")),
+    thumbs: int = 8,
 ) -> str:
-    """The HTML page of a comparison: the win-rate table, notes, and overlaid per-scorer histograms."""
+    """The HTML page of a comparison: the win-rate table, notes, overlaid per-scorer histograms, and the runs'
+    images side by side (same prompt and seed; ``roots`` are the folders the two runs' image paths are under)."""
     a, b = comparison["labels"]
+    pairs = sidebyside.pair_rows(rows_a, rows_b)
+    caches = (_Thumbs(roots[0]), _Thumbs(roots[1]))
     runs = comparison["runs"]
     body = ["<h1>diffalign eval: comparison</h1>", f"<p>{html.escape(a)}: {html.escape(runs[a])}<br>"]
     body.append(f"{html.escape(b)}: {html.escape(runs[b])}<br>shared prompts: {comparison['n_shared_prompts']}</p>")
@@ -301,7 +336,14 @@ def compare_report(
     for i, key in enumerate(comparison["scorers"]):
         series = [(a, [float(r[key]) for r in rows_a]), (b, [float(r[key]) for r in rows_b])]
         body.append(f'<section class="scorer" id="scorer-{i}"><h2>{html.escape(key)}</h2>')
-        body.append(svg_histogram(series, title=f"{key} per image") + "</section>")
+        body.append(svg_histogram(series, title=f"{key} per image"))
+        if pairs:
+            body.append(f"<h3>Side by side: {html.escape(b)} | {html.escape(a)}, same prompt and seed</h3>")
+            body.append(f'<p>PNG grid: <a href="{sidebyside.png_name(key)}">{sidebyside.png_name(key)}</a></p>')
+            body.append(_side_by_side(pairs, key, (a, b), caches, thumbs))
+        else:
+            body.append('<p class="note">no image shows the same prompt and seed in both runs: no side-by-side</p>')
+        body.append("</section>")
     return _page("diffalign eval comparison", "".join(body))
 
 
@@ -310,7 +352,15 @@ def write_compare_report(
     comparison: Mapping[str, Any],
     rows_a: Sequence[Mapping[str, Any]],
     rows_b: Sequence[Mapping[str, Any]],
+    *,
+    roots: tuple[Path, Path] = (Path("."), Path(".")),
 ) -> Path:
+    """The comparison page, and beside it one side-by-side PNG grid per scorer (``sidebyside.png_name``)."""
     path = Path(path)
-    path.write_text(compare_report(comparison, rows_a, rows_b), encoding="utf-8")
+    path.write_text(compare_report(comparison, rows_a, rows_b, roots=roots), encoding="utf-8")
+    pairs = sidebyside.pair_rows(rows_a, rows_b)
+    if pairs:
+        labels = tuple(comparison["labels"])
+        for key in comparison["scorers"]:
+            sidebyside.write_png(path.parent / sidebyside.png_name(key), pairs, key, labels, roots)
     return path

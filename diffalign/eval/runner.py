@@ -667,12 +667,13 @@ def _compare_notes(
 
 
 def write_comparison(out_dir: str | Path, comparison: Mapping[str, Any]) -> Path:
-    """``compare.json`` and the comparison ``report.html`` (overlaid histograms) in ``out_dir``."""
+    """``compare.json``, the comparison ``report.html`` and the side-by-side PNG grids in ``out_dir``."""
     from diffalign.eval import report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / COMPARE_FILE).write_text(json.dumps(comparison, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    rows_a, rows_b = (load_run(comparison["runs"][label])[0] for label in comparison["labels"])
-    report.write_compare_report(out_dir / REPORT_FILE, comparison, rows_a, rows_b)
+    (rows_a, sum_a), (rows_b, sum_b) = (load_run(comparison["runs"][label]) for label in comparison["labels"])
+    roots = (Path(sum_a.get("image_root", ".")), Path(sum_b.get("image_root", ".")))
+    report.write_compare_report(out_dir / REPORT_FILE, comparison, rows_a, rows_b, roots=roots)
     return out_dir
