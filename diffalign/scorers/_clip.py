@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from diffalign.scorers import _files
 from diffalign.scorers.base import ImageTransform
 
 
@@ -38,10 +39,13 @@ def text_embeds(model: Any, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def load_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype) -> Any:
-    """``CLIPModel.from_pretrained(path)`` (hub id or ``save_pretrained`` folder), in eval mode on device/dtype."""
+    """``CLIPModel.from_pretrained(path)`` (hub id or ``save_pretrained`` folder), in eval mode on device/dtype.
+    Local folders are checked for config + weights first and never sent to the hub (``_files``)."""
     from transformers import CLIPModel
 
-    model = CLIPModel.from_pretrained(os.fspath(path))
+    model = _files.call_pretrained(
+        CLIPModel.from_pretrained, path, what="CLIP model", expected=_files.CLIP_MODEL_FILES
+    )
     return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
@@ -53,14 +57,29 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     """
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(os.fspath(path))
+    return _files.call_pretrained(
+        CLIPTokenizer.from_pretrained,
+        path,
+        what="CLIP tokenizer",
+        expected=_files.CLIP_TOKENIZER_FILES,
+        tokens=("<|startoftext|>", "<|endoftext|>"),
+    )
 
 
 def load_transform(path: str | os.PathLike, **kwargs: Any) -> ImageTransform:
     """The eval transform described by ``preprocessor_config.json`` of a hub id or folder."""
     from transformers import CLIPImageProcessor
 
-    return ImageTransform.from_hf_processor(CLIPImageProcessor.from_pretrained(os.fspath(path)), **kwargs)
+    processor = _files.call_pretrained(
+        CLIPImageProcessor.from_pretrained, path, what="CLIP image processor", expected=_files.PREPROCESSOR_FILES
+    )
+    return ImageTransform.from_hf_processor(processor, **kwargs)
+
+
+def processor_next_to(path: str | os.PathLike) -> str | None:
+    """A local folder holding both the tokenizer files and ``preprocessor_config.json`` at (or beside) the weights
+    at ``path``, else ``None``."""
+    return _files.companion(path, expected=(*_files.CLIP_TOKENIZER_FILES, *_files.PREPROCESSOR_FILES))
 
 
 def tokenize(

@@ -344,23 +344,11 @@ def checkpoint_blocks(blocks: Sequence[torch.nn.Module], enable: bool) -> None:
 
 
 def resolve_file(path: str | os.PathLike, filename: str, *, also: Sequence[str] = ()) -> str:
-    """A file from a local file, a local folder laid out like the hub repo, or a hub repo id.
+    """A file from a local file, a local folder laid out like the hub repo, or a hub repo id (``_files.resolve_file``:
+    local paths never reach the hub, a missing local path is a one-line error, offline means cache only)."""
+    from diffalign.scorers import _files
 
-    ``path`` a file: that file. A folder: ``filename``, else the first of ``also`` present (e.g. a ``.safetensors``
-    conversion). Otherwise a hub repo id: ``hf_hub_download(path, filename)``.
-    """
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return path
-    if os.path.isdir(path):
-        candidates = [filename, *also]
-        for name in candidates:
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise FileNotFoundError(f"{path} has none of {candidates}; it holds {sorted(os.listdir(path))}")
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(repo_id=path, filename=filename)
+    return _files.resolve_file(path, filename, also=also)
 
 
 def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Any:
