@@ -215,7 +215,7 @@ def check_images(images: Any) -> int:
         if not images.is_floating_point():
             raise TypeError(f"image tensor must be float in [0, 1], got {images.dtype}; use x.float() / 255")
         if images.numel():
-            lo, hi = float(images.min()), float(images.max())
+            lo, hi = float(images.detach().min()), float(images.detach().max())
             if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
                 raise ValueError(
                     f"image tensor values lie in [{lo:.4f}, {hi:.4f}]; scorers take [0, 1] (for [-1, 1] pass (x + 1) / 2)"
@@ -300,9 +300,7 @@ class BatchedScorer:
                 batch_prompts = None if checked is None else checked[lo:hi]
                 scores = self._score(pixels, batch_prompts).float().reshape(-1)
                 out.append(scores.to(images.device) if grad else scores.cpu())
-        if not out:
-            return torch.empty(0)
-        return torch.cat(out)
+            return torch.cat(out) if out else torch.empty(0)
 
     def _score(self, pixels: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         raise NotImplementedError
