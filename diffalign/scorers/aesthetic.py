@@ -61,7 +61,7 @@ def load(
     """The head from a hub repo / folder (``filename`` in it) or a file; the CLIP backbone and its
     ``preprocessor_config.json`` from ``clip_path``: by default a local CLIP folder next to the head (the head's
     folder itself, or ``clip/`` / ``clip-vit-large-patch14/`` inside or beside it), else ``DEFAULT_CLIP``."""
-    file = resolve_file(path, filename, also=(os.path.splitext(filename)[0] + ".safetensors",))
+    file = resolve_file(path, filename, also=(os.path.splitext(filename)[0] + ".safetensors",), what="aesthetic head")
     if clip_path is None:
         expected = (*_files.CLIP_MODEL_FILES, *_files.CLIP_TOKENIZER_FILES, *_files.PREPROCESSOR_FILES)
         clip_path = _files.companion(path, expected=expected, subfolders=CLIP_SUBFOLDERS) or DEFAULT_CLIP

@@ -341,12 +341,14 @@ def checkpoint_blocks(blocks: Sequence[torch.nn.Module], enable: bool) -> None:
         block.forward = forward
 
 
-def resolve_file(path: str | os.PathLike, filename: str, *, also: Sequence[str] = ()) -> str:
+def resolve_file(
+    path: str | os.PathLike, filename: str, *, also: Sequence[str] = (), what: str = "scorer weights"
+) -> str:
     """A file from a local file, a local folder laid out like the hub repo, or a hub repo id (``_files.resolve_file``:
     local paths never reach the hub, a missing local path is a one-line error, offline means cache only)."""
     from diffalign.scorers import _files
 
-    return _files.resolve_file(path, filename, also=also)
+    return _files.resolve_file(path, filename, also=also, what=what)
 
 
 def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Any:

@@ -129,7 +129,9 @@ def load(
         raise ValueError(f"unknown HPSv2 preprocess {preprocess!r}; {suggest(preprocess, list(PREPROCESS))}")
     from_file = os.path.isfile(os.fspath(path))
     wanted = check_version(version, "", False) if version is not None else DEFAULT_VERSION
-    file = resolve_file(path, FILES[wanted], also=(FILES[wanted].replace(".pt", ".safetensors"),))
+    file = resolve_file(
+        path, FILES[wanted], also=(FILES[wanted].replace(".pt", ".safetensors"),), what="HPSv2 checkpoint"
+    )
     version = check_version(version, file, from_file)
     state = tensor_state_dict(load_checkpoint(file, allow_pickle=allow_pickle), file, key="state_dict")
     model = open_clip.create_model(model_name, pretrained=None)

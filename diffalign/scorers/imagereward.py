@@ -232,8 +232,10 @@ def load(
     if tokenizer_path is None:
         found = _files.companion(path, expected=_files.BERT_TOKENIZER_FILES, subfolders=TOKENIZER_SUBFOLDERS)
         tokenizer_path = found or DEFAULT_TOKENIZER
-    file = resolve_file(path, CHECKPOINT_FILE, also=("ImageReward.safetensors",))
-    config_path = resolve_file(os.path.dirname(file) if os.path.isfile(path) else path, CONFIG_FILE)
+    file = resolve_file(path, CHECKPOINT_FILE, also=("ImageReward.safetensors",), what="ImageReward checkpoint")
+    config_path = resolve_file(
+        os.path.dirname(file) if os.path.isfile(path) else path, CONFIG_FILE, what="ImageReward med_config"
+    )
     with open(config_path) as f:
         med_config = json.load(f)
     state = remap_state_dict(tensor_state_dict(load_checkpoint(file, allow_pickle=allow_pickle), file), file)
