@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from diffalign.scorers import _files
 from diffalign.scorers.base import ImageTransform
 
 
@@ -38,10 +39,13 @@ def text_embeds(model: Any, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def load_model(path: str | os.PathLike, device: torch.device, dtype: torch.dtype) -> Any:
-    """``CLIPModel.from_pretrained(path)`` (hub id or ``save_pretrained`` folder), in eval mode on device/dtype."""
+    """``CLIPModel.from_pretrained(path)`` (hub id or ``save_pretrained`` folder), in eval mode on device/dtype.
+    Local folders are checked for config + weights first and never sent to the hub (``_files``)."""
     from transformers import CLIPModel
 
-    model = CLIPModel.from_pretrained(os.fspath(path))
+    model = _files.call_pretrained(
+        CLIPModel.from_pretrained, path, what="CLIP model", expected=_files.CLIP_MODEL_FILES
+    )
     return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
@@ -53,25 +57,63 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     """
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(os.fspath(path))
+    return _files.call_pretrained(
+        CLIPTokenizer.from_pretrained,
+        path,
+        what="CLIP tokenizer",
+        expected=_files.CLIP_TOKENIZER_FILES,
+        tokens=("<|startoftext|>", "<|endoftext|>"),
+    )
 
 
 def load_transform(path: str | os.PathLike, **kwargs: Any) -> ImageTransform:
     """The eval transform described by ``preprocessor_config.json`` of a hub id or folder."""
     from transformers import CLIPImageProcessor
 
-    return ImageTransform.from_hf_processor(CLIPImageProcessor.from_pretrained(os.fspath(path)), **kwargs)
+    processor = _files.call_pretrained(
+        CLIPImageProcessor.from_pretrained, path, what="CLIP image processor", expected=_files.PREPROCESSOR_FILES
+    )
+    return ImageTransform.from_hf_processor(processor, **kwargs)
 
 
-def tokenize(tokenizer: Any, prompts: list[str], model: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """``padding=True, truncation=True`` to the text tower's length (77 for CLIP), as PickScore's README does."""
+def processor_next_to(path: str | os.PathLike) -> str | None:
+    """A local folder holding both the tokenizer files and ``preprocessor_config.json`` at (or beside) the weights
+    at ``path``, else ``None``."""
+    return _files.companion(path, expected=(*_files.CLIP_TOKENIZER_FILES, *_files.PREPROCESSOR_FILES))
+
+
+def tokenize(
+    tokenizer: Any, prompts: list[str], model: Any, device: torch.device, *, truncation: str = "eos"
+) -> dict[str, torch.Tensor]:
+    """``padding=True`` token ids and mask, at most the text tower's length (77 for CLIP).
+
+    ``truncation="eos"``: ``truncation=True, max_length=77``, i.e. BOS + 75 tokens + EOS, as PickScore's README and
+    OpenAI ``clip.tokenize(truncate=True)`` cut. ``truncation="slice"``: tokenise in full, then keep the first 77
+    columns (the EOS of a long prompt is dropped), as torchmetrics' ``_get_features`` does
+    (``src/torchmetrics/functional/multimodal/clip_score.py`` L137-148).
+    """
     max_length = int(model.config.text_config.max_position_embeddings)
-    enc = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    if truncation == "eos":
+        enc = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    elif truncation == "slice":
+        enc = tokenizer(prompts, padding=True, return_tensors="pt")
+        enc = {k: enc[k][..., :max_length] for k in ("input_ids", "attention_mask")}
+    else:
+        raise ValueError(f"truncation must be 'eos' or 'slice', got {truncation!r}")
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
 
-def cosine(model: Any, tokenizer: Any, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """``cos(image_embed, text_embed)`` per pair, ``(B,)`` fp32."""
+def cosine(
+    model: Any, tokenizer: Any, pixels: torch.Tensor, prompts: list[str], *, truncation: str = "eos"
+) -> torch.Tensor:
+    """``cos(image_embed, text_embed)`` per pair, ``(B,)`` fp32. The text side never carries a graph (it does not
+    depend on the pixels), so a differentiable call stores activations of the image tower only."""
     img = image_embeds(model, pixels)
-    txt = text_embeds(model, tokenize(tokenizer, prompts, model, pixels.device))
+    with torch.no_grad():
+        txt = text_embeds(model, tokenize(tokenizer, prompts, model, pixels.device, truncation=truncation))
     return (img * txt).sum(dim=-1)
+
+
+def vision_blocks(model: Any) -> Any:
+    """The transformer blocks of a transformers ``CLIPModel``'s vision tower."""
+    return model.vision_model.encoder.layers

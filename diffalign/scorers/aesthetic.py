@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from diffalign.scorers import _clip
+from diffalign.scorers import _clip, _files
 from diffalign.scorers._mlp import RewardMLP, mlp_input_size
 from diffalign.scorers.base import BatchedScorer, ImageTransform, load_checkpoint, resolve_file, tensor_state_dict
 
@@ -27,6 +27,7 @@ from diffalign.scorers.base import BatchedScorer, ImageTransform, load_checkpoin
 DEFAULT_PATH = "camenduru/improved-aesthetic-predictor"
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+CLIP_SUBFOLDERS = ("clip", "clip-vit-large-patch14")  # beside or inside the head's folder (DiffSynth's layout)
 
 
 class Aesthetic(BatchedScorer):
@@ -43,20 +44,27 @@ class Aesthetic(BatchedScorer):
     def _score(self, pixels: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         return self.head(_clip.image_embeds(self.clip, pixels)).squeeze(-1)
 
+    def vision_blocks(self) -> Any:
+        return _clip.vision_blocks(self.clip)
+
 
 def load(
     path: str | os.PathLike = DEFAULT_PATH,
     *,
     filename: str = HEAD_FILE,
-    clip_path: str | os.PathLike = DEFAULT_CLIP,
+    clip_path: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     batch_size: int = 16,
 ) -> Aesthetic:
     """The head from a hub repo / folder (``filename`` in it) or a file; the CLIP backbone and its
-    ``preprocessor_config.json`` from ``clip_path``."""
-    file = resolve_file(path, filename, also=(os.path.splitext(filename)[0] + ".safetensors",))
+    ``preprocessor_config.json`` from ``clip_path``: by default a local CLIP folder next to the head (the head's
+    folder itself, or ``clip/`` / ``clip-vit-large-patch14/`` inside or beside it), else ``DEFAULT_CLIP``."""
+    file = resolve_file(path, filename, also=(os.path.splitext(filename)[0] + ".safetensors",), what="aesthetic head")
+    if clip_path is None:
+        expected = (*_files.CLIP_MODEL_FILES, *_files.CLIP_TOKENIZER_FILES, *_files.PREPROCESSOR_FILES)
+        clip_path = _files.companion(path, expected=expected, subfolders=CLIP_SUBFOLDERS) or DEFAULT_CLIP
     state = tensor_state_dict(load_checkpoint(file, allow_pickle=allow_pickle), file)
     head = RewardMLP(mlp_input_size(state, "", file))
     missing, unexpected = head.load_state_dict(state, strict=False)

@@ -7,14 +7,23 @@ A scorer maps ``(images, prompts)`` to one float per image, higher = better:
   are rejected rather than guessed at: pass ``(x + 1) / 2``. Values may stray outside [0, 1] by at most
   ``RANGE_TOLERANCE`` (rounding in fp16/bf16 decoders) and are then clamped.
 - ``prompts``: one string per image (prompt-free scorers accept ``None``).
-- result: ``(B,)`` fp32 tensor on the CPU.
+- result: ``(B,)`` fp32 tensor on the CPU; with ``grad=True`` (tensor images only) it keeps the autograd graph back
+  to ``images``, preprocessing included, and lies on ``images.device``.
 
-Preprocessing is the published one of each scorer: resize (shortest side + center crop, or longest side + zero
-pad for HPSv2), then per-channel normalisation. PIL images are resized with PIL bicubic on uint8, which is what
-the original pipelines (torchvision ``Resize`` on PIL, transformers' PIL image processors) do. Tensors are resized
-with ``resize_like_pil``: PIL's separable antialiased bicubic (same a = -0.5 kernel) in two clamped passes. The two
-paths then differ only by PIL's uint8 rounding of the resized image: about 0.25/255 per pixel on average and 1/255
-at most, before normalisation (tests/scorers/test_preprocess.py measures it on real photos).
+Preprocessing is each scorer's published one: resize (shortest side + center crop, or longest side + zero pad for
+HPSv2), then per-channel normalisation. Two resize conventions exist, set by ``ImageTransform.resample``:
+
+- ``"pil"``: the published pipeline resizes the PIL image (torchvision ``Resize`` before ``ToTensor``,
+  transformers' PIL image processors: PickScore, CLIPScore, ImageReward, the aesthetic predictor). PIL images are
+  resized exactly so, with PIL bicubic on uint8. Tensors go through ``resize_like_pil``: PIL's separable
+  antialiased bicubic (same a = -0.5 kernel) in two clamped passes, which differs from the PIL path by PIL's uint8
+  rounding of the resized image: about 0.25/255 per pixel on average and ~1/255 at most, before normalisation
+  (tests/scorers/test_preprocess.py measures it on real photos). The two paths are close, not equal.
+- ``"tensor"``: the published pipeline resizes the float tensor after ``ToTensor`` (HPSv2's ``ResizeMaxSize``,
+  tgxs002/HPSv2 ``hpsv2/src/open_clip/transform.py`` L26-49 and L141-157): one antialiased bicubic
+  ``F.interpolate`` pass with no clamp, i.e. torchvision's ``F.resize`` on a float tensor. PIL images are turned
+  into tensors first (``ToTensor``), so PIL and tensor inputs take the same arithmetic. It differs from the PIL
+  resize by up to ~15/255 at sharp edges (mean ~0.3/255).
 """
 
 from __future__ import annotations
@@ -49,8 +58,11 @@ class Scorer(Protocol):
     device: torch.device
     dtype: torch.dtype
 
-    def __call__(self, images: Sequence[Image.Image] | torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
-        """Scores ``(B,)`` fp32 on the CPU, one per image."""
+    def __call__(
+        self, images: Sequence[Image.Image] | torch.Tensor, prompts: Sequence[str] | None, *, grad: bool = False
+    ) -> torch.Tensor:
+        """Scores ``(B,)`` fp32, one per image: on the CPU, or with ``grad=True`` differentiable on the images'
+        device."""
         ...
 
 
@@ -65,12 +77,16 @@ class ImageTransform:
     ``mode="pad"``: resize the longest side to ``size`` (other side ``round(side / ratio)``, as open_clip's
     ``ResizeKeepRatio(longest=1)`` and HPSv2's ``ResizeMaxSize``), then zero-pad (black) to ``size`` x ``size``,
     left/top getting ``margin // 2``.
+    ``resample``: ``"pil"`` (resize the PIL image, as torchvision/transformers pipelines do before ``ToTensor``)
+    or ``"tensor"`` (resize the float tensor after ``ToTensor`` in one unclamped pass, as HPSv2's code does); see
+    the module docstring.
     """
 
     size: int = 224
     resize: int | None = None
     mode: Literal["crop", "pad"] = "crop"
     crop_offset: Literal["floor", "round"] = "floor"
+    resample: Literal["pil", "tensor"] = "pil"
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
 
@@ -79,6 +95,8 @@ class ImageTransform:
             raise ValueError(f"ImageTransform.mode must be 'crop' or 'pad', got {self.mode!r}")
         if self.crop_offset not in ("floor", "round"):
             raise ValueError(f"ImageTransform.crop_offset must be 'floor' or 'round', got {self.crop_offset!r}")
+        if self.resample not in ("pil", "tensor"):
+            raise ValueError(f"ImageTransform.resample must be 'pil' or 'tensor', got {self.resample!r}")
         if self.mode == "crop" and self.resize is not None and self.resize < self.size:
             raise ValueError(f"resize ({self.resize}) must be >= crop size ({self.size})")
 
@@ -137,11 +155,15 @@ def _size_field(size: Any, key: str) -> int | None:
 
 
 def preprocess_pil(image: Image.Image, transform: ImageTransform) -> torch.Tensor:
-    """One PIL image -> ``(3, size, size)`` fp32, normalised (PIL bicubic resize on uint8, as published)."""
+    """One PIL image -> ``(3, size, size)`` fp32, normalised: PIL bicubic resize on uint8 (``resample="pil"``), or
+    ``ToTensor`` then the tensor resize (``resample="tensor"``)."""
     import numpy as np
     from PIL import Image
 
     image = image.convert("RGB")
+    if transform.resample == "tensor":
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+        return preprocess_tensor(x[None], transform)[0]
     h, w = image.height, image.width
     new_h, new_w = transform.resized_hw(h, w)
     if (new_h, new_w) != (h, w):
@@ -167,10 +189,21 @@ def resize_like_pil(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x
 
 
+def resize_tensor(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """torchvision ``F.resize(x, (height, width), BICUBIC)`` on a float tensor (antialias on, the default since
+    torchvision 0.17): one ``F.interpolate`` pass, values not clamped. What HPSv2's ``ResizeMaxSize`` does after
+    ``ToTensor``. Differentiable."""
+    if x.shape[-2:] == (height, width):
+        return x
+    return F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+
+
 def preprocess_tensor(images: torch.Tensor, transform: ImageTransform) -> torch.Tensor:
-    """``(B, 3, H, W)`` in [0, 1] -> ``(B, 3, size, size)`` fp32, normalised (``resize_like_pil``)."""
+    """``(B, 3, H, W)`` in [0, 1] -> ``(B, 3, size, size)`` fp32, normalised (``resize_like_pil`` or, for
+    ``resample="tensor"``, ``resize_tensor``). Differentiable with respect to ``images``."""
     x = images.float().clamp(0.0, 1.0)
-    x = resize_like_pil(x, *transform.resized_hw(*x.shape[-2:]))
+    resize = resize_tensor if transform.resample == "tensor" else resize_like_pil
+    x = resize(x, *transform.resized_hw(*x.shape[-2:]))
     return transform.normalize(transform.crop_or_pad(x))
 
 
@@ -182,7 +215,7 @@ def check_images(images: Any) -> int:
         if not images.is_floating_point():
             raise TypeError(f"image tensor must be float in [0, 1], got {images.dtype}; use x.float() / 255")
         if images.numel():
-            lo, hi = float(images.min()), float(images.max())
+            lo, hi = float(images.detach().min()), float(images.detach().max())
             if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
                 raise ValueError(
                     f"image tensor values lie in [{lo:.4f}, {hi:.4f}]; scorers take [0, 1] (for [-1, 1] pass (x + 1) / 2)"
@@ -222,9 +255,10 @@ def preprocess_images(images: Any, transform: ImageTransform, device: torch.devi
 
 
 class BatchedScorer:
-    """Base class: validation, batching, ``torch.no_grad``, device/dtype handling. Subclasses set ``name``,
-    ``needs_prompts`` and implement ``_score(pixels, prompts) -> (b,)`` on normalised ``(b, 3, S, S)`` pixels
-    already on ``device`` in ``dtype``."""
+    """Base class: validation, batching, device/dtype handling, the no-grad and the differentiable paths. Subclasses
+    set ``name``, ``needs_prompts``, implement ``_score(pixels, prompts) -> (b,)`` on normalised ``(b, 3, S, S)``
+    pixels already on ``device`` in ``dtype``, and ``vision_blocks()`` (the image tower's transformer blocks, for
+    gradient checkpointing)."""
 
     name: str = ""
     needs_prompts: bool = True
@@ -246,43 +280,75 @@ class BatchedScorer:
         self.dtype = dtype
         self.batch_size = batch_size
 
-    def __call__(self, images: Sequence[Image.Image] | torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
+    def __call__(
+        self, images: Sequence[Image.Image] | torch.Tensor, prompts: Sequence[str] | None, *, grad: bool = False
+    ) -> torch.Tensor:
+        """``(B,)`` fp32 scores. ``grad=False``: under ``torch.no_grad``, on the CPU. ``grad=True``: ``images`` must
+        be a ``(B, 3, H, W)`` tensor; the graph is kept from the scores back to ``images`` (resize, crop/pad and
+        normalisation included; the towers run in the scorer's ``dtype``, weights frozen) and the scores lie on
+        ``images.device``. Text features, which do not depend on the images, are computed without a graph where the
+        architecture allows (CLIP-style scorers). See ``gradient_checkpointing`` to save activation memory."""
         n = check_images(images)
+        if grad and not isinstance(images, torch.Tensor):
+            raise TypeError("grad=True needs images as one (B, 3, H, W) float tensor in [0, 1], not PIL images")
         checked = check_prompts(prompts, n, required=self.needs_prompts)
         out = []
-        with torch.no_grad():
+        with torch.enable_grad() if grad else torch.no_grad():
             for lo in range(0, n, self.batch_size):
                 hi = min(n, lo + self.batch_size)
                 pixels = preprocess_images(images[lo:hi], self.transform, self.device).to(self.dtype)
                 batch_prompts = None if checked is None else checked[lo:hi]
-                out.append(self._score(pixels, batch_prompts).float().reshape(-1).cpu())
-        return torch.cat(out) if out else torch.empty(0)
+                scores = self._score(pixels, batch_prompts).float().reshape(-1)
+                out.append(scores.to(images.device) if grad else scores.cpu())
+            return torch.cat(out) if out else torch.empty(0)
 
     def _score(self, pixels: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def vision_blocks(self) -> Sequence[torch.nn.Module]:
+        """The image tower's transformer blocks (what ``gradient_checkpointing`` wraps)."""
+        raise NotImplementedError
+
+    def gradient_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each vision-tower block in the backward pass instead of storing its activations
+        (``torch.utils.checkpoint``, non-reentrant): activation memory of the image tower drops from all blocks to
+        about one, for one extra forward of the tower. Only acts while a graph is being built (``grad=True``);
+        scores and gradients are unchanged."""
+        checkpoint_blocks(self.vision_blocks(), enable)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, variant={self.variant!r}, device={self.device}, dtype={self.dtype})"
 
 
-def resolve_file(path: str | os.PathLike, filename: str, *, also: Sequence[str] = ()) -> str:
-    """A file from a local file, a local folder laid out like the hub repo, or a hub repo id.
+def checkpoint_blocks(blocks: Sequence[torch.nn.Module], enable: bool) -> None:
+    """Make each block's ``forward`` run under ``torch.utils.checkpoint.checkpoint`` when grad is enabled (an
+    instance attribute over the class method, so parameter names and state dicts are untouched); ``enable=False``
+    restores the class method. Works for any module type, including transformers layers in eval mode, whose own
+    ``gradient_checkpointing_enable`` only acts in training mode."""
+    from torch.utils.checkpoint import checkpoint
 
-    ``path`` a file: that file. A folder: ``filename``, else the first of ``also`` present (e.g. a ``.safetensors``
-    conversion). Otherwise a hub repo id: ``hf_hub_download(path, filename)``.
-    """
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return path
-    if os.path.isdir(path):
-        candidates = [filename, *also]
-        for name in candidates:
-            if os.path.isfile(os.path.join(path, name)):
-                return os.path.join(path, name)
-        raise FileNotFoundError(f"{path} has none of {candidates}; it holds {sorted(os.listdir(path))}")
-    from huggingface_hub import hf_hub_download
+    for block in blocks:
+        block.__dict__.pop("forward", None)
+        if not enable:
+            continue
+        plain = block.forward
 
-    return hf_hub_download(repo_id=path, filename=filename)
+        def forward(*args: Any, _plain: Any = plain, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            return _plain(*args, **kwargs)
+
+        block.forward = forward
+
+
+def resolve_file(
+    path: str | os.PathLike, filename: str, *, also: Sequence[str] = (), what: str = "scorer weights"
+) -> str:
+    """A file from a local file, a local folder laid out like the hub repo, or a hub repo id (``_files.resolve_file``:
+    local paths never reach the hub, a missing local path is a one-line error, offline means cache only)."""
+    from diffalign.scorers import _files
+
+    return _files.resolve_file(path, filename, also=also, what=what)
 
 
 def load_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> Any:

@@ -2,7 +2,9 @@
 
 Checkpoint: hub repo ``THUDM/ImageReward``, files ``ImageReward.pt`` (state dict in the original BLIP layout:
 ``blip.visual_encoder.*``, ``blip.text_encoder.*``, ``mlp.layers.*``) and ``med_config.json`` (the BERT config).
-Tokenizer: ``bert-base-uncased`` plus ``[DEC]`` (bos) and ``[ENC]`` specials (BLIP ``init_tokenizer``), vocab 30524.
+Tokenizer: ``bert-base-uncased`` plus ``[DEC]`` (bos) and ``[ENC]`` specials (BLIP ``init_tokenizer``), vocab 30524;
+looked up next to the checkpoint first (``vocab.txt`` in its folder, or a ``tokenizer/`` / ``bert-base-uncased/``
+folder inside or beside it, DiffSynth's layout), else the ``bert-base-uncased`` hub repo.
 
 Forward (``ImageReward.py`` ``score``), rebuilt on transformers modules:
 
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffalign.scorers import _files
 from diffalign.scorers._mlp import RewardMLP, mlp_input_size
 from diffalign.scorers.base import BatchedScorer, ImageTransform, load_checkpoint, resolve_file, tensor_state_dict
 
@@ -34,6 +37,7 @@ DEFAULT_PATH = "THUDM/ImageReward"
 CHECKPOINT_FILE = "ImageReward.pt"
 CONFIG_FILE = "med_config.json"
 DEFAULT_TOKENIZER = "bert-base-uncased"
+TOKENIZER_SUBFOLDERS = ("tokenizer", "bert-base-uncased")
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
 MAX_PROMPT_TOKENS = 35
@@ -161,7 +165,13 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     """BERT WordPiece tokenizer + BLIP's ``[DEC]`` bos and ``[ENC]`` specials (``init_tokenizer``)."""
     from transformers import BertTokenizer
 
-    tokenizer = BertTokenizer.from_pretrained(os.fspath(path))
+    tokenizer = _files.call_pretrained(
+        BertTokenizer.from_pretrained,
+        path,
+        what="ImageReward tokenizer",
+        expected=_files.BERT_TOKENIZER_FILES,
+        tokens=("[CLS]", "[SEP]", "[PAD]"),
+    )
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tokenizer
@@ -199,11 +209,14 @@ class ImageReward(BatchedScorer):
         enc = self.tokenize(prompts or [])
         return self.model(pixels, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
 
+    def vision_blocks(self) -> Any:
+        return self.model.vision.encoder.layers
+
 
 def load(
     path: str | os.PathLike = DEFAULT_PATH,
     *,
-    tokenizer_path: str | os.PathLike = DEFAULT_TOKENIZER,
+    tokenizer_path: str | os.PathLike | None = None,
     vision_config: dict[str, Any] | None = None,
     allow_pickle: bool = False,
     device: str | torch.device = "cpu",
@@ -214,9 +227,15 @@ def load(
     ``med_config.json``, or the checkpoint file itself (``med_config.json`` beside it).
 
     ``vision_config`` overrides the BLIP ViT-L/16 settings (tests use a tiny ViT); the checkpoint must fit exactly.
+    ``tokenizer_path``: default next to the checkpoint, else ``DEFAULT_TOKENIZER`` (module docstring).
     """
-    file = resolve_file(path, CHECKPOINT_FILE, also=("ImageReward.safetensors",))
-    config_path = resolve_file(os.path.dirname(file) if os.path.isfile(path) else path, CONFIG_FILE)
+    if tokenizer_path is None:
+        found = _files.companion(path, expected=_files.BERT_TOKENIZER_FILES, subfolders=TOKENIZER_SUBFOLDERS)
+        tokenizer_path = found or DEFAULT_TOKENIZER
+    file = resolve_file(path, CHECKPOINT_FILE, also=("ImageReward.safetensors",), what="ImageReward checkpoint")
+    config_path = resolve_file(
+        os.path.dirname(file) if os.path.isfile(path) else path, CONFIG_FILE, what="ImageReward med_config"
+    )
     with open(config_path) as f:
         med_config = json.load(f)
     state = remap_state_dict(tensor_state_dict(load_checkpoint(file, allow_pickle=allow_pickle), file), file)

@@ -1,8 +1,9 @@
 """PickScore (Kirstain et al., "Pick-a-Pic", NeurIPS 2023): a CLIP ViT-H/14 fine-tuned on Pick-a-Pic preferences.
 
 Checkpoint: ``yuvalkirstain/PickScore_v1``, a transformers ``CLIPModel`` folder (config.json + model.safetensors).
-The processor (tokenizer + image transform) comes from ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``, as the model
-card does. Score (README, ``eval_preference_predictor.py``)::
+The processor (tokenizer + image transform) is looked up next to the weights first (a local folder holding
+``vocab.json``/``merges.txt`` or ``tokenizer.json`` and ``preprocessor_config.json``, as a ``snapshot_download`` of
+the PickScore repo does); otherwise it comes from ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``, as the model card says. Score (README, ``eval_preference_predictor.py``)::
 
     s(x, c) = exp(logit_scale) * cos(E_img(x), E_txt(c))          # ~100 * cos, SD1.5 ~20.5, SDXL ~22
 
@@ -41,6 +42,9 @@ class PickScore(BatchedScorer):
     def _score(self, pixels: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         return self.logit_scale * _clip.cosine(self.model, self.tokenizer, pixels, prompts or [])
 
+    def vision_blocks(self) -> Any:
+        return _clip.vision_blocks(self.model)
+
     def preference(self, images_a: Any, images_b: Any, prompts: Sequence[str]) -> torch.Tensor:
         """``(B,)`` probability that image A is preferred over image B for its prompt: softmax over the pair."""
         return torch.sigmoid(self(images_a, prompts) - self(images_b, prompts))
@@ -49,12 +53,15 @@ class PickScore(BatchedScorer):
 def load(
     path: str | os.PathLike = DEFAULT_PATH,
     *,
-    processor_path: str | os.PathLike = DEFAULT_PROCESSOR,
+    processor_path: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     batch_size: int = 16,
 ) -> PickScore:
-    """PickScore from a hub id or a ``save_pretrained`` folder; ``processor_path`` gives tokenizer + transform."""
+    """PickScore from a hub id or a ``save_pretrained`` folder; ``processor_path`` gives tokenizer + transform
+    (default: the weights' own folder when it holds them, else ``DEFAULT_PROCESSOR``)."""
+    if processor_path is None:
+        processor_path = _clip.processor_next_to(path) or DEFAULT_PROCESSOR
     device = torch.device(device)
     model = _clip.load_model(path, device, torch.float32)
     scorer = PickScore(

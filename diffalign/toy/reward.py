@@ -19,6 +19,8 @@ For an image ``x`` (resized to 32x32 by area averaging if it is another size) an
   uniformly: the base gets faithfulness mostly right and the size preference half right.
 
 All values are deterministic functions of the pixels; the result is ``(B,)`` fp32 on the CPU, higher = better.
+Every term is differentiable in the pixels almost everywhere (the maxima pass the gradient of the best template),
+so ``scorer(x, captions, grad=True)`` gives reward gradients for a ``(B, 3, H, W)`` tensor ``x``.
 """
 
 from __future__ import annotations
@@ -57,12 +59,13 @@ def templates() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(masks), torch.cat(kinds)
 
 
-def _pixels(images: Any) -> torch.Tensor:
-    """A checked batch (PIL list or (B, 3, H, W) in [0, 1]) -> (B, 3, SIZE, SIZE) fp32 on the CPU."""
+def _pixels(images: Any, *, grad: bool = False) -> torch.Tensor:
+    """A checked batch (PIL list or (B, 3, H, W) in [0, 1]) -> (B, 3, SIZE, SIZE) fp32 on the CPU (``grad``: the
+    graph back to a tensor input is kept)."""
     import numpy as np
 
     if isinstance(images, torch.Tensor):
-        x = images.detach().float().cpu().clamp(0, 1)
+        x = (images if grad else images.detach()).float().cpu().clamp(0, 1)
     else:
         arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
         x = torch.from_numpy(arr).permute(0, 3, 1, 2)
@@ -127,23 +130,27 @@ class ToyReward:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
-    def __call__(self, images: Any, prompts: Sequence[str] | None) -> torch.Tensor:
-        return self.components(images, prompts)[self.kind]
+    def __call__(self, images: Any, prompts: Sequence[str] | None, *, grad: bool = False) -> torch.Tensor:
+        return self.components(images, prompts, grad=grad)[self.kind]
 
-    def components(self, images: Any, prompts: Sequence[str] | None) -> dict[str, torch.Tensor]:
-        """All terms, each ``(B,)`` fp32 on the CPU."""
+    def components(self, images: Any, prompts: Sequence[str] | None, *, grad: bool = False) -> dict[str, torch.Tensor]:
+        """All terms, each ``(B,)`` fp32 on the CPU; ``grad=True`` (tensor images only) keeps the autograd graph and
+        returns them on ``images.device`` (computed on the CPU)."""
         from diffalign.scorers.base import check_images, check_prompts
 
         n = check_images(images)
+        if grad and not isinstance(images, torch.Tensor):
+            raise TypeError("grad=True needs images as one (B, 3, H, W) float tensor in [0, 1], not PIL images")
         texts = check_prompts(prompts, n, required=True)
         parts: list[dict[str, torch.Tensor]] = []
-        for lo in range(0, n, self.batch_size):
-            hi = min(n, lo + self.batch_size)
-            with torch.no_grad():
-                parts.append(components(_pixels(images[lo:hi]), texts[lo:hi]))
-        if not parts:
-            return {k: torch.empty(0) for k in (*KINDS, "background", "object", "shape")}
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        with torch.enable_grad() if grad else torch.no_grad():
+            for lo in range(0, n, self.batch_size):
+                hi = min(n, lo + self.batch_size)
+                parts.append(components(_pixels(images[lo:hi], grad=grad), texts[lo:hi]))
+            if not parts:
+                return {k: torch.empty(0) for k in (*KINDS, "background", "object", "shape")}
+            device = images.device if grad else torch.device("cpu")
+            return {k: torch.cat([p[k] for p in parts]).to(device) for k in parts[0]}
 
     def __repr__(self) -> str:
         return f"ToyReward(kind={self.kind!r}, variant={self.variant!r})"

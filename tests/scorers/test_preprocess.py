@@ -7,6 +7,9 @@ odd crop margin):
 * tensor path vs PIL path: max 1.03/255, mean 0.25-0.30/255 in [0, 1] units, i.e. PIL's uint8 rounding of the
   resized image (round-to-nearest: 0.25/255 mean for uniform residuals). Checked at max 1.5/255, mean 0.4/255.
   A one-pass float resize is 5/255 off at sharp edges; the test would catch a regression to it.
+* ``resample="tensor"`` (HPSv2's own: ``ToTensor`` then torchvision ``F.resize`` on the float tensor, then pad)
+  vs torchvision's ``F.resize``/``F.pad`` on the ToTensor'd image: 0.0. It is *not* the PIL resize: measured max
+  11-16/255, mean 0.18-0.47/255 from open_clip's PIL ``resize_mode="longest"`` transform.
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ def test_crop_offset_rounding_differs_on_odd_margin(images):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_pad_mode_equals_open_clip_longest(images, size):
-    """HPSv2's ResizeMaxSize == open_clip ``resize_mode="longest"`` (resize longest side, zero-pad)."""
+    """``resample="pil"`` pad mode == upstream open_clip ``resize_mode="longest"`` (PIL resize of the longest side,
+    zero-pad). HPSv2's own code resizes after ToTensor instead: ``test_tensor_resample_equals_hpsv2_resize``."""
     import open_clip
 
     ref = open_clip.image_transform(size, is_train=False, resize_mode="longest", fill_color=0)
@@ -116,6 +120,31 @@ def test_pad_mode_equals_open_clip_longest(images, size):
         assert torch.allclose(preprocess_pil(im, tf), ref(im), atol=1e-6, rtol=0), im.size
     coffee = preprocess_pil(images[1], tf)  # 400x600 -> 149x224 pad: black rows top and bottom
     assert torch.allclose(_unnormalised(coffee, tf)[:, 0], torch.zeros(3, size), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_tensor_resample_equals_hpsv2_resize(images, size):
+    """HPSv2's ``ResizeMaxSize`` after ``ToTensor``: torchvision ``F.resize`` of the float tensor (bicubic; antialias
+    is torchvision's default), ``F.pad`` with 0; equal for PIL and tensor inputs, and far from the PIL resize."""
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TF
+
+    tf = ImageTransform(size=size, mode="pad", resample="tensor")
+    pil_tf = ImageTransform(size=size, mode="pad")
+    worst = 0.0
+    for im in images:
+        x = T.ToTensor()(im)
+        scale = size / max(x.shape[1:])
+        new = [round(d * scale) for d in x.shape[1:]]
+        ref = TF.resize(x, new, T.InterpolationMode.BICUBIC)
+        pad_h, pad_w = size - new[0], size - new[1]
+        ref = TF.pad(ref, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+        ref = T.Normalize(tf.mean, tf.std)(ref)
+        assert torch.allclose(preprocess_pil(im, tf), ref, atol=1e-6, rtol=0), im.size
+        assert torch.allclose(preprocess_tensor(x[None], tf)[0], ref, atol=1e-6, rtol=0), im.size
+        diff = (_unnormalised(preprocess_pil(im, pil_tf), tf) - _unnormalised(ref, tf)).abs()
+        worst = max(worst, float(diff.max()) * 255)
+    assert worst > 3.0  # the two conventions are genuinely different (measured 11-16/255)
 
 
 @pytest.mark.parametrize(
@@ -143,6 +172,8 @@ def test_transform_config_checks():
         ImageTransform(mode="stretch")
     with pytest.raises(ValueError, match="resize"):
         ImageTransform(size=224, resize=200)
+    with pytest.raises(ValueError, match="resample"):
+        ImageTransform(resample="lanczos")
     assert ImageTransform(size=224).resized_hw(400, 600) == (224, 336)
     assert ImageTransform(size=224, mode="pad").resized_hw(400, 600) == (149, 224)
 
