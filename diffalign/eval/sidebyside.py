@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,9 @@ def _open_tile(path: Path) -> Any:
     tile = Image.new("RGB", (TILE_PX, TILE_PX), (238, 238, 238))
     if path.is_file():
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((TILE_PX, TILE_PX))
+            scale = TILE_PX / max(im.size)  # up (toy 32 px images) or down, keeping the aspect ratio
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            im = im.convert("RGB").resize(size, Image.Resampling.BICUBIC)
             tile.paste(im, ((TILE_PX - im.width) // 2, (TILE_PX - im.height) // 2))
     return tile
 
@@ -112,7 +114,7 @@ def write_png(
         y += head_h
         for cand, ref in rows:
             prompt = str(cand["prompt"])
-            lines = [prompt[i : i + 40] for i in range(0, min(len(prompt), 160), 40)]
+            lines = textwrap.wrap(prompt, 40, max_lines=5, placeholder=" ...")
             lines += [f"seed {cand.get('seed', '-')}", f"diff {difference((cand, ref), key):+.4f}"]
             draw.multiline_text((gap, y), "\n".join(lines), fill="black", spacing=2)
             for x, row, root in ((x_ref, ref, roots[1]), (x_cand, cand, roots[0])):

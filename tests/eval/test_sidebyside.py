@@ -42,8 +42,16 @@ def test_pairs_without_seeds_match_the_kth_image_of_each_prompt():
 
 
 # reference run colours -> candidate run colours for the same (prompt, k-th image)
-REF = [("cat_0.png", "a cat", (100, 100, 100)), ("cat_1.png", "a cat", (50, 50, 50)), ("dog_0.png", "a dog", (90, 90, 90))]
-CAND = [("cat_0.png", "a cat", (250, 250, 250)), ("cat_1.png", "a cat", (0, 0, 0)), ("dog_0.png", "a dog", (120, 120, 120))]
+REF = [
+    ("cat_0.png", "a cat", (100, 100, 100)),
+    ("cat_1.png", "a cat", (50, 50, 50)),
+    ("dog_0.png", "a dog", (90, 90, 90)),
+]
+CAND = [
+    ("cat_0.png", "a cat", (250, 250, 250)),
+    ("cat_1.png", "a cat", (0, 0, 0)),
+    ("dog_0.png", "a dog", (120, 120, 120)),
+]
 
 
 def _scored(tmp_path, name, spec):
