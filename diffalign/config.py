@@ -72,9 +72,14 @@ class LoraConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Preference data: Pick-a-Pic style pairs or ranked lists, and the joint image transforms."""
+    """Preference data: Pick-a-Pic style pairs, ranked lists or unpaired labelled images, and the image transforms.
 
-    format: Literal["pickapic", "ranked"] = "pickapic"
+    ``format: unpaired`` is a plain (image, caption, label) table; unpaired objectives (kto) also read
+    ``pickapic`` pairs as unpaired images. ``positive_ratio`` (unpaired only): draw desirable images with this
+    probability (Diffusion-KTO's label-balanced sampler); None shuffles as usual.
+    """
+
+    format: Literal["pickapic", "ranked", "unpaired"] = "pickapic"
     path: str
     split: str = "train"
     streaming: bool = False
@@ -87,6 +92,7 @@ class DataConfig:
     proportion_empty_prompts: float = 0.0
     num_workers: int = 0
     latent_cache: str | None = None
+    positive_ratio: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -838,12 +844,32 @@ def _check_loss_matches_data(cfg: OfflinePrefConfig, problems: list[str]) -> Non
     except ConfigError as e:
         problems.append(f"loss.name: {e}")
         return
-    wanted = {"pickapic": "pair", "ranked": "list"}[cfg.data.format]
+    if kind == "unpaired":
+        _check_unpaired_data(cfg, problems)
+        return
+    if cfg.data.positive_ratio is not None:
+        problems.append(f"data.positive_ratio applies to unpaired losses (kto), not {cfg.loss.name!r}")
+    wanted = {"pickapic": "pair", "ranked": "list", "unpaired": "unpaired"}[cfg.data.format]
     if kind != wanted:
         problems.append(
             f"loss.name={cfg.loss.name!r} is a {kind} loss (TERMS={kind!r}) but data.format={cfg.data.format!r} "
             f"needs a {wanted} loss"
         )
+
+
+def _check_unpaired_data(cfg: OfflinePrefConfig, problems: list[str]) -> None:
+    data = cfg.data
+    if data.format not in ("pickapic", "unpaired"):
+        problems.append(
+            f"loss.name={cfg.loss.name!r} is an unpaired loss; data.format={data.format!r} must be 'pickapic' "
+            "(pairs read as unpaired images) or 'unpaired'"
+        )
+    if data.streaming or data.latent_cache:
+        problems.append(
+            f"loss.name={cfg.loss.name!r} reads map-style images: unset data.streaming / data.latent_cache"
+        )
+    if data.positive_ratio is not None:
+        _unit_interval(problems, data__positive_ratio=data.positive_ratio)
 
 
 # ------------------------------------------------------------------------------------------- summary
@@ -855,9 +881,11 @@ def summary(cfg: OfflinePrefConfig, num_processes: int = 1) -> str:
     per_step = optim.batch_size * num_processes * optim.grad_accum
     module = cfg.loss.resolve(cfg.loss.name)
     kind = terms_kind(module)
-    group = "2" if kind == "pair" else "K"
-    unit = "pairs" if kind == "pair" else "lists"
-    images = f"{2 * per_step}" if kind == "pair" else f"{per_step} x K (K = list length in the data)"
+    group = {"pair": "2", "unpaired": "1"}.get(kind, "K")
+    unit = {"pair": "pairs", "unpaired": "images"}.get(kind, "lists")
+    images = {"pair": f"{2 * per_step}", "unpaired": f"{per_step}"}.get(
+        kind, f"{per_step} x K (K = list length in the data)"
+    )
     params = ", ".join(f"{k}={v}" for k, v in cfg.loss.params.items())
     lines = [
         f"loss: {cfg.loss.name} ({kind} terms; {params})",

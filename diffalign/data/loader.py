@@ -92,8 +92,11 @@ class _WithEpoch(torch.utils.data.Dataset):
 class PlannedLoader:
     """Micro-batches for one process, with per-group seeds and an exact resume position."""
 
-    def __init__(self, cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, unpaired: bool = False
+    ) -> None:
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.unpaired = unpaired
         self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
         self._iter: Iterator[Any] | None = None
@@ -104,6 +107,11 @@ class PlannedLoader:
             self._cache = LatentCache(cfg.latent_cache)
             self.records = None
             num_items = len(self._cache)
+        elif unpaired:  # single labelled images (Diffusion-KTO): diffalign.data.unpaired
+            from diffalign.data.unpaired import unpaired_records
+
+            self.records = unpaired_records(cfg)
+            num_items = len(self.records)
         else:
             source = record_source(cfg)
             if isinstance(source, PickapicSource):
@@ -159,14 +167,13 @@ class PlannedLoader:
         return iter(loader)
 
     def _sampler(self) -> GroupSampler:
-        sampler = GroupSampler(
-            self.num_items,
-            self.batch_size,
-            num_processes=self.world_size,
-            rank=self.rank,
-            seed=self.seed,
-            with_epoch=True,
-        )
+        kwargs = {"num_processes": self.world_size, "rank": self.rank, "seed": self.seed, "with_epoch": True}
+        if self.unpaired and getattr(self.cfg, "positive_ratio", None) is not None:
+            from diffalign.data.balanced import BalancedSampler
+
+            sampler = BalancedSampler(self.records.labels, self.cfg.positive_ratio, self.batch_size, **kwargs)
+        else:
+            sampler = GroupSampler(self.num_items, self.batch_size, **kwargs)
         sampler.load_state_dict({"epoch": self.epoch, "position": self.position})
         return sampler
 
@@ -197,6 +204,12 @@ def _chunks(items: Iterator[tuple[Group, int]], size: int, collate: _Collate) ->
             chunk = []
 
 
-def build_loader(cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> PlannedLoader:
-    """A ``PlannedLoader`` for the ``data`` config section (see the module docstring)."""
-    return PlannedLoader(cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+def build_loader(
+    cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, unpaired: bool = False
+) -> PlannedLoader:
+    """A ``PlannedLoader`` for the ``data`` config section (see the module docstring).
+
+    ``unpaired``: single labelled images (one-image groups, scores [1.0] / [0.0]) for unpaired objectives
+    (Diffusion-KTO), label-balanced when ``cfg.positive_ratio`` is set.
+    """
+    return PlannedLoader(cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, unpaired=unpaired)

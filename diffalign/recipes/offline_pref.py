@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from diffalign import config as dconfig
-from diffalign.terms import offline
+from diffalign.data.loader import build_loader
+from diffalign.terms import offline, unpaired
 from diffalign.training import loop
 from diffalign.types import Batch
 
@@ -41,7 +42,17 @@ def setup(cfg: Any, accelerator: Any) -> State:
     if cfg.model.family != "sd3" and cfg.model.timestep_sampling != "uniform":
         raise dconfig.ConfigError(f"model.timestep_sampling={cfg.model.timestep_sampling!r} applies to sd3 only")
     adapter = loop.build_adapter(cfg, accelerator.device)
-    run = loop.build_run(cfg, accelerator, adapter)
+    loader = None
+    if objective.TERMS == "unpaired":  # single labelled images, each with its own noise and timestep (KTO)
+        loader = build_loader(
+            cfg.data,
+            batch_size=cfg.optim.batch_size,
+            seed=cfg.run.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            unpaired=True,
+        )
+    run = loop.build_run(cfg, accelerator, adapter, loader)
     path = loop.resume_path(cfg)
     if path is not None:
         loop.restore(run, path)
@@ -56,6 +67,8 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
         b, k = batch.pixels.shape[:2]
         latents = adapter.encode_images(batch.pixels.flatten(0, 1))
         latents = latents.view(b, k, *latents.shape[1:])
+    if objective.TERMS == "unpaired":
+        return _unpaired_step(state, batch, latents, seeds)
     with state.run.accelerator.autocast():
         errors = offline.group_errors(
             adapter,
@@ -72,6 +85,26 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
         terms = offline.pair_terms(errors, num_t)
     else:
         terms = offline.list_terms(errors, batch.scores, num_t)
+    out = objective.loss(terms, state.loss_cfg)
+    return {"loss": out.loss, **{f"loss/{k}": v for k, v in out.metrics.items()}}
+
+
+def _unpaired_step(state: State, batch: Batch, latents: torch.Tensor, seeds: list[int]) -> dict[str, torch.Tensor]:
+    """Unpaired objectives: one image per row with its own noise and timestep; batch statistics are global."""
+    acc, objective = state.run.accelerator, state.objective
+    reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
+    with acc.autocast():
+        terms = unpaired.unpaired_terms(
+            state.run.adapter,
+            latents,
+            unpaired.labels_from_scores(batch.scores),
+            seeds,
+            prompts=batch.prompts,
+            info=batch.info,
+            cond=batch.prompt_embeds,
+            need_ref="ref" in objective.REQUIRES,
+            reduce_sum=reduce_sum,
+        )
     out = objective.loss(terms, state.loss_cfg)
     return {"loss": out.loss, **{f"loss/{k}": v for k, v in out.metrics.items()}}
 
