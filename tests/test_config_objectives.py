@@ -1,0 +1,35 @@
+"""Cross-field checks for the objectives of issue 11 (unpaired KTO data, positive_ratio)."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffalign import config
+
+
+BASE = ["run.output_dir=/tmp/x", "model.path=/tmp/m"]
+
+
+def test_kto_reads_pickapic_or_an_unpaired_table():
+    assert config.load("toy/kto", BASE).data.positive_ratio == 0.8
+    assert config.load("toy/kto", [*BASE, "data.format=unpaired"]).data.format == "unpaired"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.format=ranked"], "unpaired loss"),
+        (["data.positive_ratio=1.5"], "positive_ratio=1.5"),
+        (["data.streaming=true"], "map-style"),
+    ],
+)
+def test_kto_data_problems(overrides, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load("toy/kto", [*BASE, *overrides])
+
+
+def test_pair_losses_reject_unpaired_options():
+    with pytest.raises(config.ConfigError, match="positive_ratio"):
+        config.load("toy/dpo", [*BASE, "data.positive_ratio=0.8"])
+    with pytest.raises(config.ConfigError, match=r"data\.format='unpaired'"):
+        config.load("toy/dpo", [*BASE, "data.format=unpaired"])
