@@ -79,6 +79,7 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
             cond=batch.prompt_embeds,
             need_ref="ref" in objective.REQUIRES,
             need_pred="pred" in objective.REQUIRES,
+            need_gap="gap" in objective.REQUIRES,
         )
     num_t = adapter.process.num_train_timesteps
     if objective.TERMS == "pair":

@@ -24,13 +24,17 @@ from diffalign.types import ListTerms, PairTerms, SampleInfo
 
 @dataclass(frozen=True)
 class GroupErrors:
-    """Shapes: ``policy``/``ref`` (B, K) fp32; ``timesteps`` (B,); ``pred``/``target`` (B, K, C, h, w)."""
+    """Shapes: ``policy``/``ref``/``gap`` (B, K) fp32; ``timesteps`` (B,); ``pred``/``target`` (B, K, C, h, w).
+
+    ``gap``: mean over C,H,W of (policy prediction - reference prediction)^2, with gradient (DSPO).
+    """
 
     policy: Tensor
     timesteps: Tensor
     ref: Tensor | None = None
     pred: Tensor | None = None
     target: Tensor | None = None
+    gap: Tensor | None = None
 
 
 def draw_noise(process: object, shape: Sequence[int], seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -61,6 +65,7 @@ def group_errors(
     cond: Cond | None = None,
     need_ref: bool = True,
     need_pred: bool = False,
+    need_gap: bool = False,
 ) -> GroupErrors:
     """Policy (and reference) denoising errors of K latents per group under shared noise and timestep.
 
@@ -72,6 +77,7 @@ def group_errors(
             reference pass re-encodes them with the adapters off.
         need_ref: run the no-grad reference forward (adapter disabled).
         need_pred: also return the raw policy predictions and targets (e.g. SDPO's safeguard).
+        need_gap: also return the policy-vs-reference prediction gap (needs ``need_ref``; DSPO).
     """
     b, k = latents.shape[:2]
     if len(seeds) != b:
@@ -98,6 +104,11 @@ def group_errors(
             ref_cond = _encode(adapter, prompts, info, grad=False) if text_lora else policy_cond
             ref_pred = adapter.predict(x_t, t, repeat_cond(ref_cond, k))
         ref = per_sample_error(ref_pred, target).view(b, k)
+    gap = None
+    if need_gap:
+        if not need_ref:
+            raise ValueError("need_gap needs the reference forward (need_ref=True)")
+        gap = per_sample_error(pred, ref_pred).view(b, k)
     shape = (b, k, *latents.shape[2:])
     return GroupErrors(
         policy=policy,
@@ -105,6 +116,7 @@ def group_errors(
         ref=ref,
         pred=pred.view(shape) if need_pred else None,
         target=target.view(shape) if need_pred else None,
+        gap=gap,
     )
 
 
@@ -131,6 +143,7 @@ def pair_terms(errors: GroupErrors, num_train_timesteps: int) -> PairTerms:
         pred_l=None if errors.pred is None else errors.pred[:, 1],
         target_w=None if errors.target is None else errors.target[:, 0],
         target_l=None if errors.target is None else errors.target[:, 1],
+        gap_w=None if errors.gap is None else errors.gap[:, 0],
     )
 
 
