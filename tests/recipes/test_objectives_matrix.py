@@ -12,13 +12,15 @@ from tests.recipes.conftest import ROOT, toy_overrides
 
 
 FAMILIES = ["sd15", "sdxl", "sd3"]
-OBJECTIVES = ["dpo", "mapo", "sdpo", "npo", "rankdpo", "kto", "dspo"]
+OBJECTIVES = ["dpo", "mapo", "sdpo", "npo", "rankdpo", "kto", "dspo", "dmpo"]
 
 
 def init_loss(name: str, first: dict[str, float]) -> float | None:
     """The loss at LoRA init (policy == reference), where it is known in closed form."""
     if name in {"dpo", "sdpo", "npo"}:
         return math.log(2)
+    if name == "dmpo":  # p = 1/2 against q = 0.99 (toy alpha 0.01): KL(Bern(1/2) || Bern(q))
+        return math.log(0.5) - 0.5 * math.log(0.99 * 0.01)
     if name == "dspo":  # c = 1/2, gap = 0: the SD1.5 form is the winner's plain MSE
         return first["loss/policy_err_w"]
     if name == "kto":  # g = 0 and the reference point 0: h = 1/2, times mean(lambda_y) = 1
