@@ -178,6 +178,19 @@ class LossSection(PluginSection):
 
 
 @dataclass(frozen=True, kw_only=True)
+class NoiseConfig:
+    """The training noise: ``random`` (one shared draw per group) or ``inversion``: the policy's DDIM inversion of
+    each image (InPO, SmPO; ``diffalign.terms.inversion``). ``num_steps`` / ``eta`` / ``renoise``: the inverse
+    grid, the noise added per inverse step, and SmPO's averaged two-prediction step."""
+
+    kind: Literal["random", "inversion"] = "random"
+    num_steps: int = 10
+    eta: float = 0.1
+    renoise: bool = False
+    steps_offset: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
 class OfflinePrefConfig:
     """Schema of ``recipes/offline_pref.py``: offline preference optimisation on pairs or ranked lists."""
 
@@ -188,6 +201,7 @@ class OfflinePrefConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
 
 
 # Recipe script stem -> schema. Recipes not listed (e.g. a user's copy of offline_pref.py) use the default.
@@ -834,7 +848,24 @@ def _check_offline(cfg: OfflinePrefConfig) -> list[str]:
         problems.append("lora.text_encoder=true needs prompt embeddings recomputed each step; unset data.latent_cache")
     if data.num_workers < 0:
         problems.append("data.num_workers must be >= 0")
+    _check_noise(cfg, problems)
     return problems
+
+
+def _check_noise(cfg: OfflinePrefConfig, problems: list[str]) -> None:
+    n = cfg.noise
+    if n.kind == "random":
+        return
+    _positive(problems, noise__num_steps=n.num_steps)
+    if n.eta < 0 or n.steps_offset < 0:
+        problems.append(f"noise.eta={n.eta} and noise.steps_offset={n.steps_offset} must be >= 0")
+    if cfg.model.family == "sd3":
+        problems.append("noise.kind='inversion' needs a DDIM (variance-preserving) model: sd15 or sdxl, not sd3")
+    try:
+        if terms_kind(cfg.loss.resolve(cfg.loss.name)) == "unpaired":
+            problems.append(f"noise.kind='inversion' is not supported for the unpaired loss {cfg.loss.name!r}")
+    except ConfigError:
+        pass
 
 
 def _check_loss_matches_data(cfg: OfflinePrefConfig, problems: list[str]) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from diffalign import config as dconfig
 from diffalign.data.loader import build_loader
-from diffalign.terms import offline, unpaired
+from diffalign.terms import inversion, offline, unpaired
 from diffalign.training import loop
 from diffalign.types import Batch
 
@@ -35,6 +35,7 @@ class State:
     run: loop.Run
     objective: Any
     loss_cfg: Any
+    noise_fn: Any = None
 
 
 def setup(cfg: Any, accelerator: Any) -> State:
@@ -56,7 +57,20 @@ def setup(cfg: Any, accelerator: Any) -> State:
     path = loop.resume_path(cfg)
     if path is not None:
         loop.restore(run, path)
-    return State(run, objective, loss_cfg)
+    return State(run, objective, loss_cfg, noise_fn(cfg, adapter))
+
+
+def noise_fn(cfg: Any, adapter: Any) -> Any:
+    """None (random shared noise) or the policy's DDIM-inversion noise (InPO / SmPO) per ``cfg.noise``."""
+    n = cfg.noise
+    if n.kind == "random":
+        return None
+    spec = inversion.InversionSpec(num_steps=n.num_steps, eta=n.eta, renoise=n.renoise, steps_offset=n.steps_offset)
+    return partial(_invert, adapter, spec)
+
+
+def _invert(adapter: Any, spec: Any, x0: torch.Tensor, t: torch.Tensor, cond: Any, seeds: list[int]) -> torch.Tensor:
+    return inversion.inversion_noise(adapter.predict, adapter.process, x0, t, cond, seeds, spec)
 
 
 def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.Tensor]:
@@ -80,6 +94,7 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
             need_ref="ref" in objective.REQUIRES,
             need_pred="pred" in objective.REQUIRES,
             need_gap="gap" in objective.REQUIRES,
+            noise_fn=state.noise_fn,
         )
     num_t = adapter.process.num_train_timesteps
     if objective.TERMS == "pair":

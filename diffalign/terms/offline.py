@@ -12,7 +12,7 @@ single-process run, and a resumed run reproduces an uninterrupted one).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,9 @@ from torch import Tensor
 
 from diffalign.models.base import Adapter, Cond, has_adapters, repeat_cond
 from diffalign.types import ListTerms, PairTerms, SampleInfo
+
+
+NoiseFn = Callable[[Tensor, Tensor, Cond, list[int]], Tensor]
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ def group_errors(
     need_ref: bool = True,
     need_pred: bool = False,
     need_gap: bool = False,
+    noise_fn: NoiseFn | None = None,
 ) -> GroupErrors:
     """Policy (and reference) denoising errors of K latents per group under shared noise and timestep.
 
@@ -78,6 +82,8 @@ def group_errors(
         need_ref: run the no-grad reference forward (adapter disabled).
         need_pred: also return the raw policy predictions and targets (e.g. SDPO's safeguard).
         need_gap: also return the policy-vs-reference prediction gap (needs ``need_ref``; DSPO).
+        noise_fn: replaces the shared random noise, ``noise_fn(x0, t, cond, image_seeds) -> eps`` per image under
+            no_grad (``diffalign.terms.inversion``: InPO / SmPO's DDIM-inversion noise); None keeps the draw.
     """
     b, k = latents.shape[:2]
     if len(seeds) != b:
@@ -88,13 +94,15 @@ def group_errors(
     x0 = latents.flatten(0, 1).to(device, torch.float32)
     eps = noise.repeat_interleave(k, dim=0).to(device)
     t = timesteps.repeat_interleave(k).to(device)
-    x_t = process.add_noise(x0, eps, t)
-    target = process.target(x0, eps, t)
-
     text_lora = any(has_adapters(m) for m in adapter.text_encoders)
     if cond is not None and text_lora:
         raise ValueError("cached prompt embeddings cannot be used with a text-encoder LoRA; disable the latent cache")
     policy_cond = cond if cond is not None else _encode(adapter, prompts, info, grad=text_lora)
+    if noise_fn is not None:
+        with torch.no_grad():
+            eps = noise_fn(x0, t, repeat_cond(policy_cond, k), _image_seeds(seeds, k)).to(device, torch.float32)
+    x_t = process.add_noise(x0, eps, t)
+    target = process.target(x0, eps, t)
     pred = adapter.predict(x_t, t, repeat_cond(policy_cond, k))
     policy = per_sample_error(pred, target).view(b, k)
 
@@ -118,6 +126,11 @@ def group_errors(
         target=target.view(shape) if need_pred else None,
         gap=gap,
     )
+
+
+def _image_seeds(group_seeds: Sequence[int], k: int) -> list[int]:
+    """One seed per image (group-major), distinct from the group's noise seed (for a noise_fn's own draws)."""
+    return [(int(s) * 1_000_003 + 7919 * (j + 1)) % (2**63 - 1) for s in group_seeds for j in range(k)]
 
 
 def _encode(adapter: Adapter, prompts: Sequence[str] | None, info: Sequence[SampleInfo] | None, grad: bool) -> Cond:
