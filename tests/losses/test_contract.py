@@ -46,10 +46,11 @@ def make_terms(module, *, with_ref: bool = True):
             gap_w=_leaf(4, seed=7) if "gap" in module.REQUIRES else None,
         )
     if module.TERMS == "list":
+        k = getattr(module, "LIST_K", 3)  # objectives defined for one list length only (SmPO: pairs, K=2)
         return ListTerms(
-            policy=_leaf(4, 3, seed=0),
-            scores=torch.rand(4, 3, generator=torch.Generator().manual_seed(1)),
-            ref=_leaf(4, 3, seed=2).detach() if ref else None,
+            policy=_leaf(4, k, seed=0),
+            scores=torch.rand(4, k, generator=torch.Generator().manual_seed(1)),
+            ref=_leaf(4, k, seed=2).detach() if ref else None,
             timesteps=torch.tensor([10, 200, 500, 900]),
         )
     if module.TERMS == "unpaired":  # single labelled images (Diffusion-KTO)
