@@ -93,6 +93,7 @@ class DataConfig:
     num_workers: int = 0
     latent_cache: str | None = None
     positive_ratio: float | None = None
+    caption_columns: list[str] | None = None  # pickapic: one caption column per image, e.g. [caption_0, caption_1]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -849,7 +850,26 @@ def _check_offline(cfg: OfflinePrefConfig) -> list[str]:
     if data.num_workers < 0:
         problems.append("data.num_workers must be >= 0")
     _check_noise(cfg, problems)
+    _check_captions(cfg, problems)
     return problems
+
+
+def _check_captions(cfg: OfflinePrefConfig, problems: list[str]) -> None:
+    data = cfg.data
+    try:
+        wants = bool(getattr(cfg.loss.resolve(cfg.loss.name), "PER_IMAGE_CAPTIONS", False))
+    except ConfigError:
+        return
+    if wants and not data.caption_columns:
+        problems.append(
+            f"loss.name={cfg.loss.name!r} conditions each image on its own caption: set data.caption_columns"
+        )
+    if data.caption_columns is None:
+        return
+    if data.format != "pickapic" or len(data.caption_columns) != 2:
+        problems.append("data.caption_columns names two caption columns (jpg_0's, jpg_1's) of format: pickapic data")
+    if data.latent_cache:
+        problems.append("data.caption_columns needs per-image prompt encoding: unset data.latent_cache")
 
 
 def _check_noise(cfg: OfflinePrefConfig, problems: list[str]) -> None:

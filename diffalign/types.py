@@ -99,6 +99,7 @@ class Batch:
     Shapes: ``pixels`` (B, K, 3, H, W) in [-1, 1], or ``latents`` (B, K, C, h, w) when read from the
     latent cache; ``scores`` (B, K) or None (pairs are ordered winner-first and need no scores).
     ``prompt_embeds`` holds cached prompt embeddings keyed by the adapter's names, or None.
+    ``image_prompts``: one caption per image, (B lists of K), when each image has its own (DCPO); else None.
     """
 
     prompts: list[str]
@@ -107,6 +108,7 @@ class Batch:
     latents: Tensor | None = None
     scores: Tensor | None = None
     prompt_embeds: dict[str, Tensor] | None = None
+    image_prompts: list[list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -48,6 +48,7 @@ def collate_groups(items: Sequence[Group | SkippedRow | None]) -> GroupBatch:
         pixels=torch.stack([g.pixels for g in groups]),
         scores=scores,
         skipped=skipped,
+        image_prompts=[list(g.image_prompts) for g in groups] if groups[0].image_prompts is not None else None,
     )
 
 

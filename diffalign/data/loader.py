@@ -51,6 +51,7 @@ def record_source(cfg: Any) -> Any:
             ties=cfg.ties,
             on_bad_row=cfg.on_bad_row,
             max_rows=cfg.max_rows,
+            image_caption_columns=tuple(cfg.caption_columns) if getattr(cfg, "caption_columns", None) else None,
         )
     if cfg.streaming:
         raise ValueError("data.streaming is only supported for format: pickapic")
@@ -73,6 +74,8 @@ class _Collate:
                 gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index, PROMPT_SALT))
                 if torch.rand((), generator=gen).item() < self.p_empty:
                     batch.prompts[i] = ""
+                    if batch.image_prompts is not None:
+                        batch.image_prompts[i] = [""] * len(batch.image_prompts[i])
         return batch, indices, epoch
 
 

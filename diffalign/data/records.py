@@ -48,6 +48,7 @@ class PreferenceRecord:
     images: list[Image.Image]
     scores: list[float] | None
     index: int
+    image_prompts: list[str] | None = None  # one caption per image (DCPO), in the images' order
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Group:
     info: SampleInfo
     scores: list[float] | None
     index: int
+    image_prompts: list[str] | None = None
 
 
 @dataclass

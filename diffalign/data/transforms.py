@@ -143,7 +143,14 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 def to_group(record: PreferenceRecord, transform: JointTransform, generator: torch.Generator | None) -> Group:
     pixels, info = transform(record.images, generator)
-    return Group(prompt=record.prompt, pixels=pixels, info=info, scores=record.scores, index=record.index)
+    return Group(
+        prompt=record.prompt,
+        pixels=pixels,
+        info=info,
+        scores=record.scores,
+        index=record.index,
+        image_prompts=record.image_prompts,
+    )
 
 
 class TransformedDataset(Dataset):

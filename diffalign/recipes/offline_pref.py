@@ -95,6 +95,7 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
             need_pred="pred" in objective.REQUIRES,
             need_gap="gap" in objective.REQUIRES,
             noise_fn=state.noise_fn,
+            image_prompts=batch.image_prompts,
         )
     num_t = adapter.process.num_train_timesteps
     if objective.TERMS == "pair":

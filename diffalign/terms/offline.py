@@ -70,6 +70,7 @@ def group_errors(
     need_pred: bool = False,
     need_gap: bool = False,
     noise_fn: NoiseFn | None = None,
+    image_prompts: Sequence[Sequence[str]] | None = None,
 ) -> GroupErrors:
     """Policy (and reference) denoising errors of K latents per group under shared noise and timestep.
 
@@ -84,6 +85,8 @@ def group_errors(
         need_gap: also return the policy-vs-reference prediction gap (needs ``need_ref``; DSPO).
         noise_fn: replaces the shared random noise, ``noise_fn(x0, t, cond, image_seeds) -> eps`` per image under
             no_grad (``diffalign.terms.inversion``: InPO / SmPO's DDIM-inversion noise); None keeps the draw.
+        image_prompts: one caption per image (B lists of K), each image conditioned on its own (DCPO); replaces
+            ``prompts`` for the denoiser (``info`` is shared by the group's images).
     """
     b, k = latents.shape[:2]
     if len(seeds) != b:
@@ -97,20 +100,32 @@ def group_errors(
     text_lora = any(has_adapters(m) for m in adapter.text_encoders)
     if cond is not None and text_lora:
         raise ValueError("cached prompt embeddings cannot be used with a text-encoder LoRA; disable the latent cache")
+    if image_prompts is not None:  # per-image captions: encode B*K prompts, no repeat
+        if cond is not None:
+            raise ValueError("per-image captions cannot use cached prompt embeddings; disable the latent cache")
+        prompts = [text for group in image_prompts for text in group]
+        info = None if info is None else [g for g in info for _ in range(k)]
+        if len(prompts) != b * k:
+            raise ValueError(f"image_prompts: need {k} captions for each of {b} groups, got {len(prompts)} in all")
+    per_image = image_prompts is not None
+
+    def expand(c: Cond) -> Cond:
+        return c if per_image else repeat_cond(c, k)
+
     policy_cond = cond if cond is not None else _encode(adapter, prompts, info, grad=text_lora)
     if noise_fn is not None:
         with torch.no_grad():
-            eps = noise_fn(x0, t, repeat_cond(policy_cond, k), _image_seeds(seeds, k)).to(device, torch.float32)
+            eps = noise_fn(x0, t, expand(policy_cond), _image_seeds(seeds, k)).to(device, torch.float32)
     x_t = process.add_noise(x0, eps, t)
     target = process.target(x0, eps, t)
-    pred = adapter.predict(x_t, t, repeat_cond(policy_cond, k))
+    pred = adapter.predict(x_t, t, expand(policy_cond))
     policy = per_sample_error(pred, target).view(b, k)
 
     ref = None
     if need_ref:
         with torch.no_grad(), adapter.reference():
             ref_cond = _encode(adapter, prompts, info, grad=False) if text_lora else policy_cond
-            ref_pred = adapter.predict(x_t, t, repeat_cond(ref_cond, k))
+            ref_pred = adapter.predict(x_t, t, expand(ref_cond))
         ref = per_sample_error(ref_pred, target).view(b, k)
     gap = None
     if need_gap:

@@ -12,13 +12,13 @@ from tests.recipes.conftest import ROOT, toy_overrides
 
 
 FAMILIES = ["sd15", "sdxl", "sd3"]
-OBJECTIVES = ["dpo", "mapo", "sdpo", "npo", "rankdpo", "kto", "dspo", "dmpo", "inpo", "smpo"]
+OBJECTIVES = ["dpo", "mapo", "sdpo", "npo", "rankdpo", "kto", "dspo", "dmpo", "inpo", "smpo", "dcpo"]
 VP_ONLY = {"inpo", "smpo"}  # DDIM-inversion noise: not for flow models (sd3)
 
 
 def init_loss(name: str, first: dict[str, float]) -> float | None:
     """The loss at LoRA init (policy == reference), where it is known in closed form."""
-    if name in {"dpo", "sdpo", "npo", "inpo", "smpo"}:
+    if name in {"dpo", "sdpo", "npo", "inpo", "smpo", "dcpo"}:
         return math.log(2)
     if name == "dmpo":  # p = 1/2 against q = 0.99 (toy alpha 0.01): KL(Bern(1/2) || Bern(q))
         return math.log(0.5) - 0.5 * math.log(0.99 * 0.01)
@@ -56,6 +56,8 @@ def test_objective_runs_on_family(recipe, tiny_dirs, stock_pipes, tmp_path, fami
     overrides = toy_overrides(tiny_dirs[family], tmp_path / "run", **extra)
     if name == "rankdpo":
         overrides.append(f"data.path={ROOT / 'assets' / 'ranked_tiny'}")
+    if name == "dcpo":  # one caption column per image
+        overrides.append(f"data.path={ROOT / 'assets' / 'pickapic_tiny_dual'}")
     if name == "smpo":  # scored pairs: K=2 ranked lists
         overrides += [f"data.path={ROOT / 'assets' / 'ranked_tiny'}", "data.split=pairs"]
     result = recipe.main(["--config", f"toy/{name}", *overrides])
