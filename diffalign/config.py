@@ -71,6 +71,18 @@ class LoraConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CurriculumConfig:
+    """Curriculum-DPO's sampler (``diffalign.data.curriculum``): ``chunks`` cumulative chunks of the groups sorted by
+    reward gap (largest first), the next unlocked every ``steps_per_chunk`` optimizer steps; ``chunks: 0`` is off.
+    ``min_gap``: keep groups whose gap exceeds it; ``max_groups``: keep at most this many (authors: 150k)."""
+
+    chunks: int = 0
+    steps_per_chunk: int = 500
+    min_gap: float = 0.0
+    max_groups: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Preference data: Pick-a-Pic style pairs, ranked lists or unpaired labelled images, and the image transforms.
 
@@ -94,6 +106,7 @@ class DataConfig:
     latent_cache: str | None = None
     positive_ratio: float | None = None
     caption_columns: list[str] | None = None  # pickapic: one caption column per image, e.g. [caption_0, caption_1]
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -851,7 +864,21 @@ def _check_offline(cfg: OfflinePrefConfig) -> list[str]:
         problems.append("data.num_workers must be >= 0")
     _check_noise(cfg, problems)
     _check_captions(cfg, problems)
+    _check_curriculum(cfg, problems)
     return problems
+
+
+def _check_curriculum(cfg: OfflinePrefConfig, problems: list[str]) -> None:
+    c, data = cfg.data.curriculum, cfg.data
+    if c.chunks == 0:
+        return
+    _positive(problems, data__curriculum__chunks=c.chunks, data__curriculum__steps_per_chunk=c.steps_per_chunk)
+    _positive(problems, data__curriculum__max_groups=c.max_groups)
+    if data.format != "ranked" or data.latent_cache or data.streaming:
+        problems.append(
+            "data.curriculum orders groups by their score gap: it needs data.format='ranked' (scores per image), "
+            "map-style, without data.latent_cache"
+        )
 
 
 def _check_captions(cfg: OfflinePrefConfig, problems: list[str]) -> None:
@@ -901,7 +928,7 @@ def _check_loss_matches_data(cfg: OfflinePrefConfig, problems: list[str]) -> Non
     if cfg.data.positive_ratio is not None:
         problems.append(f"data.positive_ratio applies to unpaired losses (kto), not {cfg.loss.name!r}")
     wanted = {"pickapic": "pair", "ranked": "list", "unpaired": "unpaired"}[cfg.data.format]
-    if kind != wanted:
+    if kind != wanted and not (kind == "pair" and cfg.data.format == "ranked"):  # ranked K=2 lists are scored pairs
         problems.append(
             f"loss.name={cfg.loss.name!r} is a {kind} loss (TERMS={kind!r}) but data.format={cfg.data.format!r} "
             f"needs a {wanted} loss"

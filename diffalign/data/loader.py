@@ -96,10 +96,18 @@ class PlannedLoader:
     """Micro-batches for one process, with per-group seeds and an exact resume position."""
 
     def __init__(
-        self, cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, unpaired: bool = False
+        self,
+        cfg: Any,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        unpaired: bool = False,
+        grad_accum: int = 1,
     ) -> None:
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
-        self.unpaired = unpaired
+        self.unpaired, self.grad_accum = unpaired, grad_accum
         self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
         self._iter: Iterator[Any] | None = None
@@ -171,7 +179,21 @@ class PlannedLoader:
 
     def _sampler(self) -> GroupSampler:
         kwargs = {"num_processes": self.world_size, "rank": self.rank, "seed": self.seed, "with_epoch": True}
-        if self.unpaired and getattr(self.cfg, "positive_ratio", None) is not None:
+        curriculum = getattr(self.cfg, "curriculum", None)
+        if curriculum is not None and curriculum.chunks > 0:  # Curriculum-DPO: diffalign.data.curriculum
+            from diffalign.data.curriculum import CurriculumSampler
+
+            gaps = [e.scores[0] - e.scores[-1] for e in self.records._entries]
+            sampler = CurriculumSampler(
+                gaps,
+                self.batch_size,
+                chunks=curriculum.chunks,
+                batches_per_stage=curriculum.steps_per_chunk * self.grad_accum,
+                min_gap=curriculum.min_gap,
+                max_groups=curriculum.max_groups,
+                **kwargs,
+            )
+        elif self.unpaired and getattr(self.cfg, "positive_ratio", None) is not None:
             from diffalign.data.balanced import BalancedSampler
 
             sampler = BalancedSampler(self.records.labels, self.cfg.positive_ratio, self.batch_size, **kwargs)
@@ -208,11 +230,27 @@ def _chunks(items: Iterator[tuple[Group, int]], size: int, collate: _Collate) ->
 
 
 def build_loader(
-    cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, unpaired: bool = False
+    cfg: Any,
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    unpaired: bool = False,
+    grad_accum: int = 1,
 ) -> PlannedLoader:
     """A ``PlannedLoader`` for the ``data`` config section (see the module docstring).
 
     ``unpaired``: single labelled images (one-image groups, scores [1.0] / [0.0]) for unpaired objectives
-    (Diffusion-KTO), label-balanced when ``cfg.positive_ratio`` is set.
+    (Diffusion-KTO), label-balanced when ``cfg.positive_ratio`` is set. ``grad_accum`` (micro-batches per optimizer
+    step) sizes the Curriculum-DPO stages when ``cfg.curriculum.chunks`` > 0 (``diffalign.data.curriculum``).
     """
-    return PlannedLoader(cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, unpaired=unpaired)
+    return PlannedLoader(
+        cfg,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        unpaired=unpaired,
+        grad_accum=grad_accum,
+    )

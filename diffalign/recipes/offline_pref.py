@@ -44,14 +44,16 @@ def setup(cfg: Any, accelerator: Any) -> State:
         raise dconfig.ConfigError(f"model.timestep_sampling={cfg.model.timestep_sampling!r} applies to sd3 only")
     adapter = loop.build_adapter(cfg, accelerator.device)
     loader = None
-    if objective.TERMS == "unpaired":  # single labelled images, each with its own noise and timestep (KTO)
+    unpaired = objective.TERMS == "unpaired"  # single labelled images, each with its own noise and timestep (KTO)
+    if unpaired or cfg.data.curriculum.chunks > 0:  # the curriculum's stages count optimizer steps
         loader = build_loader(
             cfg.data,
             batch_size=cfg.optim.batch_size,
             seed=cfg.run.seed,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
-            unpaired=True,
+            unpaired=unpaired,
+            grad_accum=cfg.optim.grad_accum,
         )
     run = loop.build_run(cfg, accelerator, adapter, loader)
     path = loop.resume_path(cfg)

@@ -12,13 +12,14 @@ from tests.recipes.conftest import ROOT, toy_overrides
 
 
 FAMILIES = ["sd15", "sdxl", "sd3"]
-OBJECTIVES = ["dpo", "mapo", "sdpo", "npo", "rankdpo", "kto", "dspo", "dmpo", "inpo", "smpo", "dcpo"]
+OBJECTIVES = ["dpo", "mapo", "sdpo", "npo", "rankdpo", "kto", "dspo", "dmpo", "inpo", "smpo", "dcpo", "curriculum_dpo"]
+NOT_LOSSES = {"inpo", "curriculum_dpo"}  # dpo + noise.kind=inversion; dpo + data.curriculum
 VP_ONLY = {"inpo", "smpo"}  # DDIM-inversion noise: not for flow models (sd3)
 
 
 def init_loss(name: str, first: dict[str, float]) -> float | None:
     """The loss at LoRA init (policy == reference), where it is known in closed form."""
-    if name in {"dpo", "sdpo", "npo", "inpo", "smpo", "dcpo"}:
+    if name in {"dpo", "sdpo", "npo", "inpo", "smpo", "dcpo", "curriculum_dpo"}:
         return math.log(2)
     if name == "dmpo":  # p = 1/2 against q = 0.99 (toy alpha 0.01): KL(Bern(1/2) || Bern(q))
         return math.log(0.5) - 0.5 * math.log(0.99 * 0.01)
@@ -58,7 +59,7 @@ def test_objective_runs_on_family(recipe, tiny_dirs, stock_pipes, tmp_path, fami
         overrides.append(f"data.path={ROOT / 'assets' / 'ranked_tiny'}")
     if name == "dcpo":  # one caption column per image
         overrides.append(f"data.path={ROOT / 'assets' / 'pickapic_tiny_dual'}")
-    if name == "smpo":  # scored pairs: K=2 ranked lists
+    if name in {"smpo", "curriculum_dpo"}:  # scored pairs: K=2 ranked lists
         overrides += [f"data.path={ROOT / 'assets' / 'ranked_tiny'}", "data.split=pairs"]
     result = recipe.main(["--config", f"toy/{name}", *overrides])
     first = result["history"][0]
@@ -93,7 +94,7 @@ def test_every_objective_is_listed_with_paper_and_defaults(capsys):
     assert main(["ls", "losses"]) == 0
     out = capsys.readouterr().out
     for name in OBJECTIVES:
-        assert name in out or name in VP_ONLY - {"smpo"}  # InPO is dpo + noise.kind=inversion, not a loss
+        assert name in out or name in NOT_LOSSES
     assert "beta=5000" in out and "Wallace" in out
 
 
