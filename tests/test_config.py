@@ -298,7 +298,7 @@ def test_dump_load_round_trip(write, dpo, tmp_path):
 
 def test_to_dict_is_plain_yaml_data(write, dpo):
     d = config.to_dict(config.load(write()))
-    assert list(d) == ["model", "lora", "data", "loss", "optim", "run", "validation"]
+    assert list(d) == ["model", "lora", "data", "loss", "optim", "run", "validation", "noise"]
     assert d["optim"]["betas"] == [0.9, 0.999]
     yaml.safe_dump(d)  # only plain types
 
@@ -306,7 +306,7 @@ def test_to_dict_is_plain_yaml_data(write, dpo):
 @pytest.mark.parametrize(
     ("updates", "needles"),
     [
-        ({"data": {"format": "ranked"}}, ["loss.name='dpo'", "pair loss", "data.format='ranked'", "list loss"]),
+        ({"data": {"format": "unpaired"}}, ["loss.name='dpo'", "pair loss", "data.format='unpaired'", "unpaired loss"]),
         ({"optim": {"warmup_steps": 200}}, ["optim.warmup_steps=200", "run.max_steps=100"]),
         ({"run": {"save_every": 0}}, ["run.save_every=0", "> 0"]),
         ({"run": {"max_steps": 0}}, ["run.max_steps=0"]),
