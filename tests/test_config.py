@@ -306,7 +306,10 @@ def test_to_dict_is_plain_yaml_data(write, dpo):
 @pytest.mark.parametrize(
     ("updates", "needles"),
     [
-        ({"data": {"format": "unpaired"}}, ["loss.name='dpo'", "pair loss", "data.format='unpaired'", "unpaired loss"]),
+        (
+            {"data": {"format": "unpaired"}},
+            ["loss.name='dpo'", "pair loss", "data.format='unpaired'", "unpaired loss"],
+        ),
         ({"optim": {"warmup_steps": 200}}, ["optim.warmup_steps=200", "run.max_steps=100"]),
         ({"run": {"save_every": 0}}, ["run.save_every=0", "> 0"]),
         ({"run": {"max_steps": 0}}, ["run.max_steps=0"]),
