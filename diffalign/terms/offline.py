@@ -8,6 +8,10 @@ computed in fp32 whatever the autocast dtype, because DPO multiplies error diffe
 Noise and timestep of a group come from a generator seeded with that group's own seed, so the draw does not
 depend on how groups are split across processes or micro-batches (data-parallel runs reproduce a
 single-process run, and a resumed run reproduces an uninterrupted one).
+
+Optional, at no cost when unused: ``need_gap`` (DSPO's policy-vs-reference prediction gap), ``noise_fn`` (a noise
+provider replacing the shared draw, e.g. InPO / SmPO's DDIM inversion in ``terms.inversion``: each image then has
+its own noise at the group's timestep) and ``image_prompts`` (one caption per image, DCPO).
 """
 
 from __future__ import annotations
