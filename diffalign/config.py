@@ -86,12 +86,13 @@ class CurriculumConfig:
 class DataConfig:
     """Preference data: Pick-a-Pic style pairs, ranked lists or unpaired labelled images, and the image transforms.
 
-    ``format: unpaired`` is a plain (image, caption, label) table; unpaired objectives (kto) also read
+    ``format: scored_pairs`` reads K=2 ranked lists (prompt, 2 images, 2 scores) as pairs for pair losses (e.g. a
+    Curriculum-DPO curriculum over their score gaps). ``format: unpaired`` is a plain (image, caption, label) table; unpaired objectives (kto) also read
     ``pickapic`` pairs as unpaired images. ``positive_ratio`` (unpaired only): draw desirable images with this
     probability (Diffusion-KTO's label-balanced sampler); None shuffles as usual.
     """
 
-    format: Literal["pickapic", "ranked", "unpaired"] = "pickapic"
+    format: Literal["pickapic", "ranked", "unpaired", "scored_pairs"] = "pickapic"
     path: str
     split: str = "train"
     streaming: bool = False
@@ -874,10 +875,10 @@ def _check_curriculum(cfg: OfflinePrefConfig, problems: list[str]) -> None:
         return
     _positive(problems, data__curriculum__chunks=c.chunks, data__curriculum__steps_per_chunk=c.steps_per_chunk)
     _positive(problems, data__curriculum__max_groups=c.max_groups)
-    if data.format != "ranked" or data.latent_cache or data.streaming:
+    if data.format not in ("ranked", "scored_pairs") or data.latent_cache or data.streaming:
         problems.append(
-            "data.curriculum orders groups by their score gap: it needs data.format='ranked' (scores per image), "
-            "map-style, without data.latent_cache"
+            "data.curriculum orders groups by their score gap: it needs data.format='scored_pairs' or 'ranked' "
+            "(scores per image), map-style, without data.latent_cache"
         )
 
 
@@ -927,8 +928,8 @@ def _check_loss_matches_data(cfg: OfflinePrefConfig, problems: list[str]) -> Non
         return
     if cfg.data.positive_ratio is not None:
         problems.append(f"data.positive_ratio applies to unpaired losses (kto), not {cfg.loss.name!r}")
-    wanted = {"pickapic": "pair", "ranked": "list", "unpaired": "unpaired"}[cfg.data.format]
-    if kind != wanted and not (kind == "pair" and cfg.data.format == "ranked"):  # ranked K=2 lists are scored pairs
+    wanted = {"pickapic": "pair", "ranked": "list", "unpaired": "unpaired", "scored_pairs": "pair"}[cfg.data.format]
+    if kind != wanted:
         problems.append(
             f"loss.name={cfg.loss.name!r} is a {kind} loss (TERMS={kind!r}) but data.format={cfg.data.format!r} "
             f"needs a {wanted} loss"

@@ -306,10 +306,7 @@ def test_to_dict_is_plain_yaml_data(write, dpo):
 @pytest.mark.parametrize(
     ("updates", "needles"),
     [
-        (
-            {"data": {"format": "unpaired"}},
-            ["loss.name='dpo'", "pair loss", "data.format='unpaired'", "unpaired loss"],
-        ),
+        ({"data": {"format": "ranked"}}, ["loss.name='dpo'", "pair loss", "data.format='ranked'", "list loss"]),
         ({"optim": {"warmup_steps": 200}}, ["optim.warmup_steps=200", "run.max_steps=100"]),
         ({"run": {"save_every": 0}}, ["run.save_every=0", "> 0"]),
         ({"run": {"max_steps": 0}}, ["run.max_steps=0"]),

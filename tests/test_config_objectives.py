@@ -35,10 +35,12 @@ def test_pair_losses_reject_unpaired_options():
         config.load("toy/dpo", [*BASE, "data.format=unpaired"])
 
 
-def test_curriculum_needs_scored_groups_and_pair_losses_take_k2_ranked_data():
+def test_curriculum_needs_scored_groups():
     cfg = config.load("toy/curriculum_dpo", BASE)
-    assert (cfg.data.curriculum.chunks, cfg.data.format, cfg.loss.name) == (2, "ranked", "dpo")
-    with pytest.raises(config.ConfigError, match=r"data\.format='ranked'"):
+    assert (cfg.data.curriculum.chunks, cfg.data.format, cfg.loss.name) == (2, "scored_pairs", "dpo")
+    with pytest.raises(config.ConfigError, match=r"data\.format='scored_pairs'"):
         config.load("toy/dpo", [*BASE, "data.curriculum.chunks=3"])
     with pytest.raises(config.ConfigError, match="steps_per_chunk"):
         config.load("toy/curriculum_dpo", [*BASE, "data.curriculum.steps_per_chunk=0"])
+    with pytest.raises(config.ConfigError, match="list loss"):  # ranked lists stay for list losses
+        config.load("toy/curriculum_dpo", [*BASE, "data.format=ranked"])

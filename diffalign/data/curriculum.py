@@ -16,7 +16,7 @@ draws from chunk ``min(s, chunks - 1)``, in fresh permutations of that chunk (se
 the stage is full. A stage is one ``GroupSampler`` epoch, so rank slicing, global batches, noise seeds per
 (epoch, index) and the exact resume position are the ordinary ones. The authors' dataloader picks up a new chunk
 at its next pass over the data; here it changes exactly at the step boundary. The gap of a group is its best score
-minus its worst (a pair: winner minus loser), from the data's scores (``data.format: ranked``).
+minus its worst (a pair: winner minus loser), from the data's scores (``data.format: scored_pairs`` or ``ranked``).
 """
 
 from __future__ import annotations
