@@ -24,6 +24,7 @@ What runs (the quickstart's pieces, ``diffalign.quickstart``, with its defaults)
    dmpo      offline_pref      pairs                        base + LoRA
    inpo      offline_pref      pairs, inversion noise       base + LoRA
    smpo      offline_pref      best-vs-worst scored pairs   base + LoRA
+   curriculum_dpo offline_pref best-vs-worst scored pairs   base + LoRA (DPO, pairs by reward gap in chunks)
    ========  ================  ===========================  ==========================================
 
    NPO guidance (``diffalign.sampling.npo.npo_guidance``) puts the negative LoRA on the unconditional branch of CFG
@@ -76,6 +77,7 @@ OBJECTIVES = {
     "dmpo": Objective("offline_pref", "pairs", "lora"),
     "inpo": Objective("offline_pref", "pairs", "lora"),
     "smpo": Objective("offline_pref", "scored_pairs", "lora"),
+    "curriculum_dpo": Objective("offline_pref", "scored_pairs", "lora"),
 }
 
 
