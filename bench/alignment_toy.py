@@ -24,9 +24,9 @@ What runs (the quickstart's pieces, ``diffalign.quickstart``, with its defaults)
    dmpo      offline_pref      pairs                        base + LoRA
    inpo      offline_pref      pairs, inversion noise       base + LoRA
    smpo      offline_pref      best-vs-worst scored pairs   base + LoRA
-   curriculum_dpo offline_pref best-vs-worst scored pairs   base + LoRA (DPO, pairs by reward gap in chunks)
    ========  ================  ===========================  ==========================================
 
+   ``curriculum_dpo`` is DPO on smpo's scored pairs with the Curriculum-DPO sampler (``data.curriculum``).
    NPO guidance (``diffalign.sampling.npo.npo_guidance``) puts the negative LoRA on the unconditional branch of CFG
    and the base on the conditional one. SPO and LPO score children with the toy reward on the decoded
    x0-prediction: the toy world has no trained step-aware preference model or latent reward model.
