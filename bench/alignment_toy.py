@@ -19,8 +19,14 @@ What runs (the quickstart's pieces, ``diffalign.quickstart``, with its defaults)
    selfnpo   selfnpo           winner images + captions     base with NPO guidance (negative LoRA)
    spo       stepwise_pref     online, decoded toy reward   base + LoRA
    lpo       stepwise_pref     online, decoded toy reward   base + LoRA
+   kto       offline_pref      pairs read as unpaired       base + LoRA
+   dspo      offline_pref      pairs                        base + LoRA
+   dmpo      offline_pref      pairs                        base + LoRA
+   inpo      offline_pref      pairs, inversion noise       base + LoRA
+   smpo      offline_pref      best-vs-worst scored pairs   base + LoRA
    ========  ================  ===========================  ==========================================
 
+   ``curriculum_dpo`` is DPO on smpo's scored pairs with the Curriculum-DPO sampler (``data.curriculum``).
    NPO guidance (``diffalign.sampling.npo.npo_guidance``) puts the negative LoRA on the unconditional branch of CFG
    and the base on the conditional one. SPO and LPO score children with the toy reward on the decoded
    x0-prediction: the toy world has no trained step-aware preference model or latent reward model.
@@ -53,7 +59,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Objective:
     recipe: str
-    data: str | None  # "pairs", "ranked" or None (online)
+    data: str | None  # "pairs", "ranked", "scored_pairs" or None (online)
     sampling: str  # "lora" or "npo"
 
 
@@ -66,7 +72,28 @@ OBJECTIVES = {
     "selfnpo": Objective("selfnpo", "pairs", "npo"),
     "spo": Objective("stepwise_pref", None, "lora"),
     "lpo": Objective("stepwise_pref", None, "lora"),
+    "kto": Objective("offline_pref", "pairs", "lora"),
+    "dspo": Objective("offline_pref", "pairs", "lora"),
+    "dmpo": Objective("offline_pref", "pairs", "lora"),
+    "inpo": Objective("offline_pref", "pairs", "lora"),
+    "smpo": Objective("offline_pref", "scored_pairs", "lora"),
+    "curriculum_dpo": Objective("offline_pref", "scored_pairs", "lora"),
 }
+
+
+def scored_pairs(ranked_file: str) -> Path:
+    """``pairs.jsonl`` beside the labelled ranked lists: each list's best vs worst image by raw toy reward (K=2)."""
+    path = Path(ranked_file)
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        raw = row["raw_scores"]["toyreward"] if isinstance(row["raw_scores"], dict) else row["raw_scores"]
+        best, worst = max(range(len(raw)), key=raw.__getitem__), min(range(len(raw)), key=raw.__getitem__)
+        pair = {"prompt": row["prompt"], "images": [row["images"][best], row["images"][worst]]}
+        lines.append(json.dumps(pair | {"scores": [raw[best], raw[worst]]}))
+    out = path.parent / "pairs.jsonl"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
 
 
 def leading_copy(base: str, out: Path) -> Path:
@@ -91,6 +118,8 @@ def train(name: str, obj: Objective, labels: dict[str, Any], out: Path, s: Any, 
         overrides.append(f"data.path={labels['pairs_dir']}")
     elif obj.data == "ranked":
         overrides.append(f"data.path={Path(labels['ranked_file']).parent}")
+    elif obj.data == "scored_pairs":
+        overrides.append(f"data.path={scored_pairs(labels['ranked_file']).parent}")
     shutil.rmtree(out, ignore_errors=True)
     start = time.time()
     result = quickstart.load_recipe(obj.recipe).main(["--config", f"toy/{name}_world", *overrides, *extra])

@@ -85,10 +85,28 @@ class LoraConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataConfig:
-    """Preference data: Pick-a-Pic style pairs or ranked lists, and the joint image transforms."""
+class CurriculumConfig:
+    """Curriculum-DPO's sampler (``diffalign.data.curriculum``): ``chunks`` cumulative chunks of the groups sorted by
+    reward gap (largest first), the next unlocked every ``steps_per_chunk`` optimizer steps; ``chunks: 0`` is off.
+    ``min_gap``: keep groups whose gap exceeds it; ``max_groups``: keep at most this many (authors: 150k)."""
 
-    format: Literal["pickapic", "ranked"] = "pickapic"
+    chunks: int = 0
+    steps_per_chunk: int = 500
+    min_gap: float = 0.0
+    max_groups: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Preference data: Pick-a-Pic style pairs, ranked lists or unpaired labelled images, and the image transforms.
+
+    ``format: scored_pairs`` reads K=2 ranked lists (prompt, 2 images, 2 scores) as pairs for pair losses (e.g. a
+    Curriculum-DPO curriculum over their score gaps). ``format: unpaired`` is a plain (image, caption, label) table; unpaired objectives (kto) also read
+    ``pickapic`` pairs as unpaired images. ``positive_ratio`` (unpaired only): draw desirable images with this
+    probability (Diffusion-KTO's label-balanced sampler); None shuffles as usual.
+    """
+
+    format: Literal["pickapic", "ranked", "unpaired", "scored_pairs"] = "pickapic"
     path: str
     split: str = "train"
     streaming: bool = False
@@ -101,6 +119,9 @@ class DataConfig:
     proportion_empty_prompts: float = 0.0
     num_workers: int = 0
     latent_cache: str | None = None
+    positive_ratio: float | None = None
+    caption_columns: list[str] | None = None  # pickapic: one caption column per image, e.g. [caption_0, caption_1]
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,6 +210,19 @@ class LossSection(PluginSection):
 
 
 @dataclass(frozen=True, kw_only=True)
+class NoiseConfig:
+    """The training noise: ``random`` (one shared draw per group) or ``inversion``: the policy's DDIM inversion of
+    each image (InPO, SmPO; ``diffalign.terms.inversion``). ``num_steps`` / ``eta`` / ``renoise``: the inverse
+    grid, the noise added per inverse step, and SmPO's averaged two-prediction step."""
+
+    kind: Literal["random", "inversion"] = "random"
+    num_steps: int = 10
+    eta: float = 0.1
+    renoise: bool = False
+    steps_offset: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
 class OfflinePrefConfig:
     """Schema of ``recipes/offline_pref.py``: offline preference optimisation on pairs or ranked lists."""
 
@@ -199,6 +233,7 @@ class OfflinePrefConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
 
 
 # Recipe script stem -> schema. Recipes not listed (e.g. a user's copy of offline_pref.py) use the default.
@@ -899,7 +934,57 @@ def _check_offline(cfg: OfflinePrefConfig) -> list[str]:
         problems.append("lora.text_encoder=true needs prompt embeddings recomputed each step; unset data.latent_cache")
     if data.num_workers < 0:
         problems.append("data.num_workers must be >= 0")
+    _check_noise(cfg, problems)
+    _check_captions(cfg, problems)
+    _check_curriculum(cfg, problems)
     return problems
+
+
+def _check_curriculum(cfg: OfflinePrefConfig, problems: list[str]) -> None:
+    c, data = cfg.data.curriculum, cfg.data
+    if c.chunks == 0:
+        return
+    _positive(problems, data__curriculum__chunks=c.chunks, data__curriculum__steps_per_chunk=c.steps_per_chunk)
+    _positive(problems, data__curriculum__max_groups=c.max_groups)
+    if data.format not in ("ranked", "scored_pairs") or data.latent_cache or data.streaming:
+        problems.append(
+            "data.curriculum orders groups by their score gap: it needs data.format='scored_pairs' or 'ranked' "
+            "(scores per image), map-style, without data.latent_cache"
+        )
+
+
+def _check_captions(cfg: OfflinePrefConfig, problems: list[str]) -> None:
+    data = cfg.data
+    try:
+        wants = bool(getattr(cfg.loss.resolve(cfg.loss.name), "PER_IMAGE_CAPTIONS", False))
+    except ConfigError:
+        return
+    if wants and not data.caption_columns:
+        problems.append(
+            f"loss.name={cfg.loss.name!r} conditions each image on its own caption: set data.caption_columns"
+        )
+    if data.caption_columns is None:
+        return
+    if data.format != "pickapic" or len(data.caption_columns) != 2:
+        problems.append("data.caption_columns names two caption columns (jpg_0's, jpg_1's) of format: pickapic data")
+    if data.latent_cache:
+        problems.append("data.caption_columns needs per-image prompt encoding: unset data.latent_cache")
+
+
+def _check_noise(cfg: OfflinePrefConfig, problems: list[str]) -> None:
+    n = cfg.noise
+    if n.kind == "random":
+        return
+    _positive(problems, noise__num_steps=n.num_steps)
+    if n.eta < 0 or n.steps_offset < 0:
+        problems.append(f"noise.eta={n.eta} and noise.steps_offset={n.steps_offset} must be >= 0")
+    if cfg.model.family == "sd3":
+        problems.append("noise.kind='inversion' needs a DDIM (variance-preserving) model: sd15 or sdxl, not sd3")
+    try:
+        if terms_kind(cfg.loss.resolve(cfg.loss.name)) == "unpaired":
+            problems.append(f"noise.kind='inversion' is not supported for the unpaired loss {cfg.loss.name!r}")
+    except ConfigError:
+        pass
 
 
 def _check_loss_matches_data(cfg: OfflinePrefConfig, problems: list[str]) -> None:
@@ -909,12 +994,32 @@ def _check_loss_matches_data(cfg: OfflinePrefConfig, problems: list[str]) -> Non
     except ConfigError as e:
         problems.append(f"loss.name: {e}")
         return
-    wanted = {"pickapic": "pair", "ranked": "list"}[cfg.data.format]
+    if kind == "unpaired":
+        _check_unpaired_data(cfg, problems)
+        return
+    if cfg.data.positive_ratio is not None:
+        problems.append(f"data.positive_ratio applies to unpaired losses (kto), not {cfg.loss.name!r}")
+    wanted = {"pickapic": "pair", "ranked": "list", "unpaired": "unpaired", "scored_pairs": "pair"}[cfg.data.format]
     if kind != wanted:
         problems.append(
             f"loss.name={cfg.loss.name!r} is a {kind} loss (TERMS={kind!r}) but data.format={cfg.data.format!r} "
             f"needs a {wanted} loss"
         )
+
+
+def _check_unpaired_data(cfg: OfflinePrefConfig, problems: list[str]) -> None:
+    data = cfg.data
+    if data.format not in ("pickapic", "unpaired"):
+        problems.append(
+            f"loss.name={cfg.loss.name!r} is an unpaired loss; data.format={data.format!r} must be 'pickapic' "
+            "(pairs read as unpaired images) or 'unpaired'"
+        )
+    if data.streaming or data.latent_cache:
+        problems.append(
+            f"loss.name={cfg.loss.name!r} reads map-style images: unset data.streaming / data.latent_cache"
+        )
+    if data.positive_ratio is not None:
+        _unit_interval(problems, data__positive_ratio=data.positive_ratio)
 
 
 # ------------------------------------------------------------------------------------------- summary
@@ -926,9 +1031,11 @@ def summary(cfg: OfflinePrefConfig, num_processes: int = 1) -> str:
     per_step = optim.batch_size * num_processes * optim.grad_accum
     module = cfg.loss.resolve(cfg.loss.name)
     kind = terms_kind(module)
-    group = "2" if kind == "pair" else "K"
-    unit = "pairs" if kind == "pair" else "lists"
-    images = f"{2 * per_step}" if kind == "pair" else f"{per_step} x K (K = list length in the data)"
+    group = {"pair": "2", "unpaired": "1"}.get(kind, "K")
+    unit = {"pair": "pairs", "unpaired": "images"}.get(kind, "lists")
+    images = {"pair": f"{2 * per_step}", "unpaired": f"{per_step}"}.get(
+        kind, f"{per_step} x K (K = list length in the data)"
+    )
     params = ", ".join(f"{k}={v}" for k, v in cfg.loss.params.items())
     lines = [
         f"loss: {cfg.loss.name} ({kind} terms; {params})",

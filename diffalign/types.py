@@ -6,6 +6,7 @@ Everything here is a plain container. Losses consume ``PairTerms`` / ``ListTerms
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -19,7 +20,9 @@ class PairTerms:
     ``ref_*`` is None when the objective does not need the reference pass.
     ``timesteps`` (B,) are in model units (0..num_train_timesteps). ``pred_*`` / ``target_*`` are the
     raw (B, C, H, W) policy predictions and targets; they are filled only when an objective asks for
-    them (``REQUIRES`` contains ``"pred"``), e.g. SDPO's output-space safeguard.
+    them (``REQUIRES`` contains ``"pred"``), e.g. SDPO's output-space safeguard. ``gap_w`` (B,) is the mean over
+    C,H,W of (policy prediction - reference prediction)^2 on the preferred image, WITH gradient through the
+    policy; filled only for ``REQUIRES`` containing ``"gap"`` (DSPO).
     """
 
     policy_w: Tensor
@@ -32,6 +35,25 @@ class PairTerms:
     pred_l: Tensor | None = None
     target_w: Tensor | None = None
     target_l: Tensor | None = None
+    gap_w: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class UnpairedTerms:
+    """Per-image denoising errors for unpaired binary feedback (Diffusion-KTO): each image is its own sample.
+
+    Shapes: ``policy``, ``ref``, ``labels``, ``timesteps`` are (B,); errors fp32 (mean over C,H,W of the
+    squared error), ``labels`` bool (True = desirable). Every image has its OWN noise draw and timestep.
+    ``reduce_sum`` sums a tensor over all data-parallel processes (None: a single process); objectives use it
+    for batch statistics that must cover the global batch (KTO's reference point).
+    """
+
+    policy: Tensor
+    labels: Tensor
+    ref: Tensor | None = None
+    timesteps: Tensor | None = None
+    num_train_timesteps: int = 1000
+    reduce_sum: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,7 @@ class Batch:
     Shapes: ``pixels`` (B, K, 3, H, W) in [-1, 1], or ``latents`` (B, K, C, h, w) when read from the
     latent cache; ``scores`` (B, K) or None (pairs are ordered winner-first and need no scores).
     ``prompt_embeds`` holds cached prompt embeddings keyed by the adapter's names, or None.
+    ``image_prompts``: one caption per image, (B lists of K), when each image has its own (DCPO); else None.
     """
 
     prompts: list[str]
@@ -85,6 +108,7 @@ class Batch:
     latents: Tensor | None = None
     scores: Tensor | None = None
     prompt_embeds: dict[str, Tensor] | None = None
+    image_prompts: list[list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -50,6 +50,7 @@ def collate_groups(items: Sequence[Group | SkippedRow | None]) -> GroupBatch:
         scores=scores,
         skipped=skipped,
         flagged=[(g.index, kind, detail) for g in groups for kind, detail in g.flags],
+        image_prompts=[list(g.image_prompts) for g in groups] if groups[0].image_prompts is not None else None,
     )
 
 

@@ -51,6 +51,7 @@ def record_source(cfg: Any) -> Any:
             ties=cfg.ties,
             on_bad_row=cfg.on_bad_row,
             max_rows=cfg.max_rows,
+            image_caption_columns=tuple(cfg.caption_columns) if getattr(cfg, "caption_columns", None) else None,
         )
     if cfg.streaming:
         raise ValueError("data.streaming is only supported for format: pickapic")
@@ -73,6 +74,8 @@ class _Collate:
                 gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index, PROMPT_SALT))
                 if torch.rand((), generator=gen).item() < self.p_empty:
                     batch.prompts[i] = ""
+                    if batch.image_prompts is not None:
+                        batch.image_prompts[i] = [""] * len(batch.image_prompts[i])
         return batch, indices, epoch
 
 
@@ -92,8 +95,19 @@ class _WithEpoch(torch.utils.data.Dataset):
 class PlannedLoader:
     """Micro-batches for one process, with per-group seeds and an exact resume position."""
 
-    def __init__(self, cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        unpaired: bool = False,
+        grad_accum: int = 1,
+    ) -> None:
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.unpaired, self.grad_accum = unpaired, grad_accum
         self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
         self._iter: Iterator[Any] | None = None
@@ -104,6 +118,11 @@ class PlannedLoader:
             self._cache = LatentCache(cfg.latent_cache)
             self.records = None
             num_items = len(self._cache)
+        elif unpaired:  # single labelled images (Diffusion-KTO): diffalign.data.unpaired
+            from diffalign.data.unpaired import unpaired_records
+
+            self.records = unpaired_records(cfg)
+            num_items = len(self.records)
         else:
             source = record_source(cfg)
             if isinstance(source, PickapicSource):
@@ -159,14 +178,27 @@ class PlannedLoader:
         return iter(loader)
 
     def _sampler(self) -> GroupSampler:
-        sampler = GroupSampler(
-            self.num_items,
-            self.batch_size,
-            num_processes=self.world_size,
-            rank=self.rank,
-            seed=self.seed,
-            with_epoch=True,
-        )
+        kwargs = {"num_processes": self.world_size, "rank": self.rank, "seed": self.seed, "with_epoch": True}
+        curriculum = getattr(self.cfg, "curriculum", None)
+        if curriculum is not None and curriculum.chunks > 0:  # Curriculum-DPO: diffalign.data.curriculum
+            from diffalign.data.curriculum import CurriculumSampler
+
+            gaps = [e.scores[0] - e.scores[-1] for e in self.records._entries]
+            sampler = CurriculumSampler(
+                gaps,
+                self.batch_size,
+                chunks=curriculum.chunks,
+                batches_per_stage=curriculum.steps_per_chunk * self.grad_accum,
+                min_gap=curriculum.min_gap,
+                max_groups=curriculum.max_groups,
+                **kwargs,
+            )
+        elif self.unpaired and getattr(self.cfg, "positive_ratio", None) is not None:
+            from diffalign.data.balanced import BalancedSampler
+
+            sampler = BalancedSampler(self.records.labels, self.cfg.positive_ratio, self.batch_size, **kwargs)
+        else:
+            sampler = GroupSampler(self.num_items, self.batch_size, **kwargs)
         sampler.load_state_dict({"epoch": self.epoch, "position": self.position})
         return sampler
 
@@ -198,6 +230,28 @@ def _chunks(items: Iterator[tuple[Group, int]], size: int, collate: _Collate) ->
             chunk = []
 
 
-def build_loader(cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> PlannedLoader:
-    """A ``PlannedLoader`` for the ``data`` config section (see the module docstring)."""
-    return PlannedLoader(cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+def build_loader(
+    cfg: Any,
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    unpaired: bool = False,
+    grad_accum: int = 1,
+) -> PlannedLoader:
+    """A ``PlannedLoader`` for the ``data`` config section (see the module docstring).
+
+    ``unpaired``: single labelled images (one-image groups, scores [1.0] / [0.0]) for unpaired objectives
+    (Diffusion-KTO), label-balanced when ``cfg.positive_ratio`` is set. ``grad_accum`` (micro-batches per optimizer
+    step) sizes the Curriculum-DPO stages when ``cfg.curriculum.chunks`` > 0 (``diffalign.data.curriculum``).
+    """
+    return PlannedLoader(
+        cfg,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        unpaired=unpaired,
+        grad_accum=grad_accum,
+    )

@@ -102,6 +102,7 @@ class PickapicSource:
     has_label_column: str = "has_label"
     are_different_column: str = "are_different"
     cache_dir: str | None = None
+    image_caption_columns: tuple[str, str] | None = None  # DCPO: one caption per image (jpg_0's, jpg_1's)
 
     def __post_init__(self) -> None:
         check_choice("ties policy", self.ties, TIE_POLICIES)
@@ -120,7 +121,7 @@ class PickapicSource:
         return fields
 
     def required_columns(self) -> list[str]:
-        return [self.caption_column, *self.image_columns, *self.label_fields()]
+        return [self.caption_column, *self.image_columns, *self.label_fields(), *(self.image_caption_columns or ())]
 
 
 @dataclass(frozen=True)
@@ -185,9 +186,19 @@ def build_record(
             images.append(decode_image(row[column]))
         except ValueError as e:
             return handle_bad_row(source.on_bad_row, stats, name, index, f"column {column!r}: {e}", cause=e)
+    image_prompts = None
+    if source.image_caption_columns is not None:
+        image_prompts = [row[column] for column in source.image_caption_columns]
+        for column, text in zip(source.image_caption_columns, image_prompts, strict=True):
+            if not isinstance(text, str):
+                reason = f"column {column!r} is not a string: {text!r}"
+                return handle_bad_row(source.on_bad_row, stats, name, index, reason)
     if decision.first == 1:
         images.reverse()
-    return PreferenceRecord(prompt=caption, images=images, scores=list(decision.scores), index=index)
+        image_prompts = image_prompts[::-1] if image_prompts is not None else None
+    return PreferenceRecord(
+        prompt=caption, images=images, scores=list(decision.scores), index=index, image_prompts=image_prompts
+    )
 
 
 class PickapicDataset(Dataset):
@@ -205,7 +216,9 @@ class PickapicDataset(Dataset):
         ds, self.name = open_tabular(source.path, source.split, streaming=False, cache_dir=source.cache_dir)
         require_columns(column_names(ds), source.required_columns(), self.name)
         num_rows = len(ds) if source.max_rows is None else min(len(ds), source.max_rows)
-        self._rows = ds.select_columns([source.caption_column, *source.image_columns])
+        self._rows = ds.select_columns(
+            [source.caption_column, *source.image_columns, *(source.image_caption_columns or ())]
+        )
         self._index, self._first, self._tie = self._filter(ds, num_rows)
         self._known_bad: dict[int, SkippedRow] = {}
 

@@ -48,6 +48,7 @@ class PreferenceRecord:
     images: list[Image.Image]
     scores: list[float] | None
     index: int
+    image_prompts: list[str] | None = None  # one caption per image (DCPO), in the images' order
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Group:
     scores: list[float] | None
     index: int
     flags: tuple[tuple[str, str], ...] = ()
+    image_prompts: list[str] | None = None
 
 
 EMPTY_CAPTION, DEGENERATE_IMAGE = "empty captions", "degenerate images"

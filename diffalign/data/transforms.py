@@ -144,7 +144,15 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 def to_group(record: PreferenceRecord, transform: JointTransform, generator: torch.Generator | None) -> Group:
     pixels, info = transform(record.images, generator)
     flags = quality_flags(record)
-    return Group(prompt=record.prompt, pixels=pixels, info=info, scores=record.scores, index=record.index, flags=flags)
+    return Group(
+        prompt=record.prompt,
+        pixels=pixels,
+        info=info,
+        scores=record.scores,
+        index=record.index,
+        flags=flags,
+        image_prompts=record.image_prompts,
+    )
 
 
 class TransformedDataset(Dataset):

@@ -14,6 +14,7 @@ from diffalign.types import PairTerms
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "ref": ("ref_w", "ref_l"),
     "pred": ("pred_w", "pred_l", "target_w", "target_l"),
+    "gap": ("gap_w",),
 }
 
 

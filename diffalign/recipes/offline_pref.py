@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from diffalign import config as dconfig
-from diffalign.terms import offline
+from diffalign.data.loader import build_loader
+from diffalign.terms import inversion, offline, unpaired
 from diffalign.training import loop
 from diffalign.types import Batch
 
@@ -34,16 +35,42 @@ class State:
     run: loop.Run
     objective: Any
     loss_cfg: Any
+    noise_fn: Any = None
 
 
 def setup(cfg: Any, accelerator: Any) -> State:
     objective, loss_cfg = dconfig.loss_config(cfg.loss)
     adapter = loop.build_adapter(cfg, accelerator.device)
-    run = loop.build_run(cfg, accelerator, adapter)
+    loader = None
+    unpaired = objective.TERMS == "unpaired"  # single labelled images, each with its own noise and timestep (KTO)
+    if unpaired or cfg.data.curriculum.chunks > 0:  # the curriculum's stages count optimizer steps
+        loader = build_loader(
+            cfg.data,
+            batch_size=cfg.optim.batch_size,
+            seed=cfg.run.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            unpaired=unpaired,
+            grad_accum=cfg.optim.grad_accum,
+        )
+    run = loop.build_run(cfg, accelerator, adapter, loader)
     path = loop.resume_path(cfg)
     if path is not None:
         loop.restore(run, path)
-    return State(run, objective, loss_cfg)
+    return State(run, objective, loss_cfg, noise_fn(cfg, adapter))
+
+
+def noise_fn(cfg: Any, adapter: Any) -> Any:
+    """None (random shared noise) or the policy's DDIM-inversion noise (InPO / SmPO) per ``cfg.noise``."""
+    n = cfg.noise
+    if n.kind == "random":
+        return None
+    spec = inversion.InversionSpec(num_steps=n.num_steps, eta=n.eta, renoise=n.renoise, steps_offset=n.steps_offset)
+    return partial(_invert, adapter, spec)
+
+
+def _invert(adapter: Any, spec: Any, x0: torch.Tensor, t: torch.Tensor, cond: Any, seeds: list[int]) -> torch.Tensor:
+    return inversion.inversion_noise(adapter.predict, adapter.process, x0, t, cond, seeds, spec)
 
 
 def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.Tensor]:
@@ -54,6 +81,8 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
         b, k = batch.pixels.shape[:2]
         latents = adapter.encode_images(batch.pixels.flatten(0, 1))
         latents = latents.view(b, k, *latents.shape[1:])
+    if objective.TERMS == "unpaired":
+        return _unpaired_step(state, batch, latents, seeds)
     with state.run.accelerator.autocast():
         errors = offline.group_errors(
             adapter,
@@ -64,12 +93,35 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
             cond=batch.prompt_embeds,
             need_ref="ref" in objective.REQUIRES,
             need_pred="pred" in objective.REQUIRES,
+            need_gap="gap" in objective.REQUIRES,
+            noise_fn=state.noise_fn,
+            image_prompts=batch.image_prompts,
         )
     num_t = adapter.process.num_train_timesteps
     if objective.TERMS == "pair":
         terms = offline.pair_terms(errors, num_t)
     else:
         terms = offline.list_terms(errors, batch.scores, num_t)
+    out = objective.loss(terms, state.loss_cfg)
+    return {"loss": out.loss, **{f"loss/{k}": v for k, v in out.metrics.items()}}
+
+
+def _unpaired_step(state: State, batch: Batch, latents: torch.Tensor, seeds: list[int]) -> dict[str, torch.Tensor]:
+    """Unpaired objectives: one image per row with its own noise and timestep; batch statistics are global."""
+    acc, objective = state.run.accelerator, state.objective
+    reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
+    with acc.autocast():
+        terms = unpaired.unpaired_terms(
+            state.run.adapter,
+            latents,
+            unpaired.labels_from_scores(batch.scores),
+            seeds,
+            prompts=batch.prompts,
+            info=batch.info,
+            cond=batch.prompt_embeds,
+            need_ref="ref" in objective.REQUIRES,
+            reduce_sum=reduce_sum,
+        )
     out = objective.loss(terms, state.loss_cfg)
     return {"loss": out.loss, **{f"loss/{k}": v for k, v in out.metrics.items()}}
 

@@ -8,11 +8,15 @@ computed in fp32 whatever the autocast dtype, because DPO multiplies error diffe
 Noise and timestep of a group come from a generator seeded with that group's own seed, so the draw does not
 depend on how groups are split across processes or micro-batches (data-parallel runs reproduce a
 single-process run, and a resumed run reproduces an uninterrupted one).
+
+Optional, at no cost when unused: ``need_gap`` (DSPO's policy-vs-reference prediction gap), ``noise_fn`` (a noise
+provider replacing the shared draw, e.g. InPO / SmPO's DDIM inversion in ``terms.inversion``: each image then has
+its own noise at the group's timestep) and ``image_prompts`` (one caption per image, DCPO).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,15 +26,22 @@ from diffalign.models.base import Adapter, Cond, has_adapters, repeat_cond
 from diffalign.types import ListTerms, PairTerms, SampleInfo
 
 
+NoiseFn = Callable[[Tensor, Tensor, Cond, list[int]], Tensor]
+
+
 @dataclass(frozen=True)
 class GroupErrors:
-    """Shapes: ``policy``/``ref`` (B, K) fp32; ``timesteps`` (B,); ``pred``/``target`` (B, K, C, h, w)."""
+    """Shapes: ``policy``/``ref``/``gap`` (B, K) fp32; ``timesteps`` (B,); ``pred``/``target`` (B, K, C, h, w).
+
+    ``gap``: mean over C,H,W of (policy prediction - reference prediction)^2, with gradient (DSPO).
+    """
 
     policy: Tensor
     timesteps: Tensor
     ref: Tensor | None = None
     pred: Tensor | None = None
     target: Tensor | None = None
+    gap: Tensor | None = None
 
 
 def draw_noise(process: object, shape: Sequence[int], seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -61,6 +72,9 @@ def group_errors(
     cond: Cond | None = None,
     need_ref: bool = True,
     need_pred: bool = False,
+    need_gap: bool = False,
+    noise_fn: NoiseFn | None = None,
+    image_prompts: Sequence[Sequence[str]] | None = None,
 ) -> GroupErrors:
     """Policy (and reference) denoising errors of K latents per group under shared noise and timestep.
 
@@ -72,6 +86,11 @@ def group_errors(
             reference pass re-encodes them with the adapters off.
         need_ref: run the no-grad reference forward (adapter disabled).
         need_pred: also return the raw policy predictions and targets (e.g. SDPO's safeguard).
+        need_gap: also return the policy-vs-reference prediction gap (needs ``need_ref``; DSPO).
+        noise_fn: replaces the shared random noise, ``noise_fn(x0, t, cond, image_seeds) -> eps`` per image under
+            no_grad (``diffalign.terms.inversion``: InPO / SmPO's DDIM-inversion noise); None keeps the draw.
+        image_prompts: one caption per image (B lists of K), each image conditioned on its own (DCPO); replaces
+            ``prompts`` for the denoiser (``info`` is shared by the group's images).
     """
     b, k = latents.shape[:2]
     if len(seeds) != b:
@@ -82,22 +101,41 @@ def group_errors(
     x0 = latents.flatten(0, 1).to(device, torch.float32)
     eps = noise.repeat_interleave(k, dim=0).to(device)
     t = timesteps.repeat_interleave(k).to(device)
-    x_t = process.add_noise(x0, eps, t)
-    target = process.target(x0, eps, t)
-
     text_lora = any(has_adapters(m) for m in adapter.text_encoders)
     if cond is not None and text_lora:
         raise ValueError("cached prompt embeddings cannot be used with a text-encoder LoRA; disable the latent cache")
+    if image_prompts is not None:  # per-image captions: encode B*K prompts, no repeat
+        if cond is not None:
+            raise ValueError("per-image captions cannot use cached prompt embeddings; disable the latent cache")
+        prompts = [text for group in image_prompts for text in group]
+        info = None if info is None else [g for g in info for _ in range(k)]
+        if len(prompts) != b * k:
+            raise ValueError(f"image_prompts: need {k} captions for each of {b} groups, got {len(prompts)} in all")
+    per_image = image_prompts is not None
+
+    def expand(c: Cond) -> Cond:
+        return c if per_image else repeat_cond(c, k)
+
     policy_cond = cond if cond is not None else _encode(adapter, prompts, info, grad=text_lora)
-    pred = adapter.predict(x_t, t, repeat_cond(policy_cond, k))
+    if noise_fn is not None:
+        with torch.no_grad():
+            eps = noise_fn(x0, t, expand(policy_cond), _image_seeds(seeds, k)).to(device, torch.float32)
+    x_t = process.add_noise(x0, eps, t)
+    target = process.target(x0, eps, t)
+    pred = adapter.predict(x_t, t, expand(policy_cond))
     policy = per_sample_error(pred, target).view(b, k)
 
     ref = None
     if need_ref:
         with torch.no_grad(), adapter.reference():
             ref_cond = _encode(adapter, prompts, info, grad=False) if text_lora else policy_cond
-            ref_pred = adapter.predict(x_t, t, repeat_cond(ref_cond, k))
+            ref_pred = adapter.predict(x_t, t, expand(ref_cond))
         ref = per_sample_error(ref_pred, target).view(b, k)
+    gap = None
+    if need_gap:
+        if not need_ref:
+            raise ValueError("need_gap needs the reference forward (need_ref=True)")
+        gap = per_sample_error(pred, ref_pred).view(b, k)
     shape = (b, k, *latents.shape[2:])
     return GroupErrors(
         policy=policy,
@@ -105,7 +143,13 @@ def group_errors(
         ref=ref,
         pred=pred.view(shape) if need_pred else None,
         target=target.view(shape) if need_pred else None,
+        gap=gap,
     )
+
+
+def _image_seeds(group_seeds: Sequence[int], k: int) -> list[int]:
+    """One seed per image (group-major), distinct from the group's noise seed (for a noise_fn's own draws)."""
+    return [(int(s) * 1_000_003 + 7919 * (j + 1)) % (2**63 - 1) for s in group_seeds for j in range(k)]
 
 
 def _encode(adapter: Adapter, prompts: Sequence[str] | None, info: Sequence[SampleInfo] | None, grad: bool) -> Cond:
@@ -131,6 +175,7 @@ def pair_terms(errors: GroupErrors, num_train_timesteps: int) -> PairTerms:
         pred_l=None if errors.pred is None else errors.pred[:, 1],
         target_w=None if errors.target is None else errors.target[:, 0],
         target_l=None if errors.target is None else errors.target[:, 1],
+        gap_w=None if errors.gap is None else errors.gap[:, 0],
     )
 
 

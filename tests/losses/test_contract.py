@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffalign import losses
-from diffalign.types import ListTerms, LossOutput, PairTerms, StepTerms
+from diffalign.types import ListTerms, LossOutput, PairTerms, StepTerms, UnpairedTerms
 
 
 NAMES = losses.available()
@@ -43,12 +43,21 @@ def make_terms(module, *, with_ref: bool = True):
             pred_l=_leaf(4, 2, 3, 3, seed=5) if pred else None,
             target_w=_leaf(4, 2, 3, 3, seed=6).detach() if pred else None,
             target_l=_leaf(4, 2, 3, 3, seed=6).detach() if pred else None,
+            gap_w=_leaf(4, seed=7) if "gap" in module.REQUIRES else None,
         )
     if module.TERMS == "list":
+        k = getattr(module, "LIST_K", 3)  # objectives defined for one list length only (SmPO: pairs, K=2)
         return ListTerms(
-            policy=_leaf(4, 3, seed=0),
-            scores=torch.rand(4, 3, generator=torch.Generator().manual_seed(1)),
-            ref=_leaf(4, 3, seed=2).detach() if ref else None,
+            policy=_leaf(4, k, seed=0),
+            scores=torch.rand(4, k, generator=torch.Generator().manual_seed(1)),
+            ref=_leaf(4, k, seed=2).detach() if ref else None,
+            timesteps=torch.tensor([10, 200, 500, 900]),
+        )
+    if module.TERMS == "unpaired":  # single labelled images (Diffusion-KTO)
+        return UnpairedTerms(
+            policy=_leaf(4, seed=0),
+            labels=torch.tensor([True, False, True, False]),
+            ref=_leaf(4, seed=2).detach() if ref else None,
             timesteps=torch.tensor([10, 200, 500, 900]),
         )
     if module.TERMS == "step":  # per-pair transition log-probabilities (SPO / LPO)
@@ -67,8 +76,8 @@ def test_module_surface(name: str) -> None:
     module = losses.get(name)
     first_paragraph = (module.__doc__ or "").strip().split("\n\n")[0]
     assert "arxiv" in first_paragraph.lower(), f"{name}: the docstring must open with the paper and its arXiv link"
-    assert module.TERMS in ("pair", "list", "step")
-    assert isinstance(module.REQUIRES, frozenset) and module.REQUIRES.issubset({"ref", "pred"})
+    assert module.TERMS in ("pair", "list", "step", "unpaired")
+    assert isinstance(module.REQUIRES, frozenset) and module.REQUIRES.issubset({"ref", "pred", "gap"})
     assert dataclasses.is_dataclass(module.Config)
     cfg = module.Config()  # every field has the paper default
     fields = dataclasses.fields(cfg)

@@ -15,13 +15,21 @@ from tests.recipes.conftest import ROOT, toy_overrides
 
 FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux"]
 FLOW = {"sd3", "sd35", "flux"}
-OBJECTIVES = ["dpo", "mapo", "sdpo", "npo", "rankdpo"]
+OBJECTIVES = ["dpo", "mapo", "sdpo", "npo", "rankdpo", "kto", "dspo", "dmpo", "inpo", "smpo", "dcpo", "curriculum_dpo"]
+NOT_LOSSES = {"inpo", "curriculum_dpo"}  # dpo + noise.kind=inversion; dpo + data.curriculum
+VP_ONLY = {"inpo", "smpo"}  # DDIM-inversion noise: not for flow models
 
 
 def init_loss(name: str, first: dict[str, float]) -> float | None:
     """The loss at LoRA init (policy == reference), where it is known in closed form."""
-    if name in {"dpo", "sdpo", "npo"}:
+    if name in {"dpo", "sdpo", "npo", "inpo", "smpo", "dcpo", "curriculum_dpo"}:
         return math.log(2)
+    if name == "dmpo":  # p = 1/2 against q = 0.99 (toy alpha 0.01): KL(Bern(1/2) || Bern(q))
+        return math.log(0.5) - 0.5 * math.log(0.99 * 0.01)
+    if name == "dspo":  # c = 1/2, gap = 0: the SD1.5 form is the winner's plain MSE
+        return first["loss/policy_err_w"]
+    if name == "kto":  # g = 0 and the reference point 0: h = 1/2, times mean(lambda_y) = 1
+        return 0.5
     if name == "rankdpo":  # sum over ordered pairs of weight * log 2, averaged over prompts
         return first["loss/mean_weight"] * first["loss/pairs_per_prompt"] * math.log(2)
     return None
@@ -46,12 +54,18 @@ def stock_pipes(tiny_dirs):
 def test_objective_runs_on_family(recipe, tiny_dirs, stock_pipes, tmp_path, family, name):
     from diffalign.models import tiny
 
+    if family in FLOW and name in VP_ONLY:
+        pytest.skip("inversion noise needs a DDIM (variance-preserving) model")
     extra = {"run.max_steps": 2, "run.log_every": 1, "model.family": tiny.adapter_family(family)}
     if family in FLOW:
         extra["model.timestep_sampling"] = "logit_normal"
     overrides = toy_overrides(tiny_dirs[family], tmp_path / "run", **extra)
     if name == "rankdpo":
         overrides.append(f"data.path={ROOT / 'assets' / 'ranked_tiny'}")
+    if name == "dcpo":  # one caption column per image
+        overrides.append(f"data.path={ROOT / 'assets' / 'pickapic_tiny_dual'}")
+    if name in {"smpo", "curriculum_dpo"}:  # scored pairs: K=2 ranked lists
+        overrides += [f"data.path={ROOT / 'assets' / 'ranked_tiny'}", "data.split=pairs"]
     result = recipe.main(["--config", f"toy/{name}", *overrides])
     first = result["history"][0]
     expected = init_loss(name, first)
@@ -79,13 +93,23 @@ def sample(pipe) -> torch.Tensor:
     return pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=gen, output_type="pt").images
 
 
+def test_inpo_with_inversion_switched_off_is_exactly_dpo(recipe, tiny_dirs, tmp_path):
+    runs = {}
+    for name, extra in (("dpo", {}), ("inpo", {"noise.kind": "random"})):
+        overrides = toy_overrides(
+            tiny_dirs["sd15"], tmp_path / name, **{"run.max_steps": 2, "run.log_every": 1}, **extra
+        )
+        runs[name] = recipe.main(["--config", f"toy/{name}", *overrides])["history"]
+    assert runs["inpo"] == runs["dpo"]
+
+
 def test_every_objective_is_listed_with_paper_and_defaults(capsys):
     from diffalign.cli.main import main
 
     assert main(["ls", "losses"]) == 0
     out = capsys.readouterr().out
     for name in OBJECTIVES:
-        assert name in out
+        assert name in out or name in NOT_LOSSES
     assert "beta=5000" in out and "Wallace" in out
 
 

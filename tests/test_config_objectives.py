@@ -1,0 +1,46 @@
+"""Cross-field checks for the objectives of issue 11 (unpaired KTO data, positive_ratio)."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffalign import config
+
+
+BASE = ["run.output_dir=/tmp/x", "model.path=/tmp/m"]
+
+
+def test_kto_reads_pickapic_or_an_unpaired_table():
+    assert config.load("toy/kto", BASE).data.positive_ratio == 0.8
+    assert config.load("toy/kto", [*BASE, "data.format=unpaired"]).data.format == "unpaired"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.format=ranked"], "unpaired loss"),
+        (["data.positive_ratio=1.5"], "positive_ratio=1.5"),
+        (["data.streaming=true"], "map-style"),
+    ],
+)
+def test_kto_data_problems(overrides, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load("toy/kto", [*BASE, *overrides])
+
+
+def test_pair_losses_reject_unpaired_options():
+    with pytest.raises(config.ConfigError, match="positive_ratio"):
+        config.load("toy/dpo", [*BASE, "data.positive_ratio=0.8"])
+    with pytest.raises(config.ConfigError, match=r"data\.format='unpaired'"):
+        config.load("toy/dpo", [*BASE, "data.format=unpaired"])
+
+
+def test_curriculum_needs_scored_groups():
+    cfg = config.load("toy/curriculum_dpo", BASE)
+    assert (cfg.data.curriculum.chunks, cfg.data.format, cfg.loss.name) == (2, "scored_pairs", "dpo")
+    with pytest.raises(config.ConfigError, match=r"data\.format='scored_pairs'"):
+        config.load("toy/dpo", [*BASE, "data.curriculum.chunks=3"])
+    with pytest.raises(config.ConfigError, match="steps_per_chunk"):
+        config.load("toy/curriculum_dpo", [*BASE, "data.curriculum.steps_per_chunk=0"])
+    with pytest.raises(config.ConfigError, match="list loss"):  # ranked lists stay for list losses
+        config.load("toy/curriculum_dpo", [*BASE, "data.format=ranked"])
