@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffalign.losses import dpo
-from diffalign.losses._common import check_finite_config
+from diffalign.losses._common import check_finite_config, check_positive_beta
 from diffalign.types import LossOutput, PairTerms
 
 
@@ -41,6 +41,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_finite_config("dcpo", beta=self.beta)
+        check_positive_beta("dcpo", self.beta)
 
 
 def loss(terms: PairTerms, cfg: Config) -> LossOutput:

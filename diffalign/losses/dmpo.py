@@ -26,7 +26,14 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from diffalign.losses import dpo
-from diffalign.losses._common import check_finite_config, check_pair_terms, detached_metrics, fp32, implicit_accuracy
+from diffalign.losses._common import (
+    check_finite_config,
+    check_pair_terms,
+    check_positive_beta,
+    detached_metrics,
+    fp32,
+    implicit_accuracy,
+)
 from diffalign.types import LossOutput, PairTerms
 
 
@@ -44,6 +51,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_finite_config("dmpo", beta=self.beta, alpha=self.alpha)
+        check_positive_beta("dmpo", self.beta)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"dmpo: Config.alpha must be in [0, 1]; got {self.alpha}")
 

@@ -34,7 +34,14 @@ from dataclasses import dataclass
 import torch
 
 from diffalign.losses import dpo
-from diffalign.losses._common import check_finite_config, check_pair_terms, detached_metrics, fp32, implicit_accuracy
+from diffalign.losses._common import (
+    check_finite_config,
+    check_pair_terms,
+    check_positive_beta,
+    detached_metrics,
+    fp32,
+    implicit_accuracy,
+)
 from diffalign.types import LossOutput, PairTerms
 
 
@@ -54,6 +61,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_finite_config("dspo", beta=self.beta, gap_threshold=self.gap_threshold)
+        check_positive_beta("dspo", self.beta)
         if self.form not in FORMS:
             raise ValueError(f"dspo: unknown form {self.form!r}; choose one of {FORMS}")
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffalign.losses._common import check_finite_config
+from diffalign.losses._common import check_finite_config, check_positive_beta
 from diffalign.types import LossOutput, UnpairedTerms
 
 
@@ -59,6 +59,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_finite_config("kto", beta=self.beta, lambda_d=self.lambda_d, lambda_u=self.lambda_u)
+        check_positive_beta("kto", self.beta)
         if self.lambda_d < 0 or self.lambda_u < 0:
             raise ValueError(f"kto: lambda_d and lambda_u must be >= 0; got {self.lambda_d}, {self.lambda_u}")
         if self.reference_point not in REFERENCE_POINTS:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from diffalign.losses._common import check_finite_config, detached_metrics, implicit_accuracy
+from diffalign.losses._common import check_finite_config, check_positive_beta, detached_metrics, implicit_accuracy
 from diffalign.types import ListTerms, LossOutput
 
 
@@ -51,6 +51,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_finite_config("smpo", beta=self.beta, smooth=self.smooth, score_scale=self.score_scale)
+        check_positive_beta("smpo", self.beta)
         if not self.score_max > self.score_min:
             raise ValueError(f"smpo: score_max ({self.score_max}) must exceed score_min ({self.score_min})")
 
