@@ -1,0 +1,50 @@
+"""Typed, strict recipe configs: YAML file -> dotted ``a.b=c`` overrides -> frozen dataclasses.
+
+``engine`` is the machinery (YAML 1.2 reading, overrides, typed binding with "did you mean", load/dump, the
+recipe and validator registries, where shipped recipes and configs are). The schemas are beside it:
+``common`` (sections every recipe shares and their checks) and one module per recipe (``offline_pref``,
+``selfnpo``, ``stepwise_pref``), each registering its schema and cross-field checks with the engine. A new recipe
+adds one module here and one import below. Everything is re-exported, so ``from diffalign import config;
+config.load(...)`` is the API.
+"""
+
+from diffalign.config.common import (
+    FLOW_FAMILIES,
+    CurriculumConfig,
+    DataConfig,
+    LoraConfig,
+    LossSection,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ValidationConfig,
+    terms_kind,
+)
+from diffalign.config.engine import (
+    DEFAULT_RECIPE,
+    RECIPE_SCHEMAS,
+    ConfigError,
+    PluginSection,
+    apply_overrides,
+    build,
+    config_names,
+    configs_dir,
+    dump,
+    dumps,
+    load,
+    loss_config,
+    parse_override,
+    recipe_name,
+    recipe_names,
+    recipe_of,
+    recipes_dir,
+    register_recipe,
+    register_validator,
+    resolve_config_path,
+    schema_for_recipe,
+    to_dict,
+    validate,
+)
+from diffalign.config.offline_pref import NoiseConfig, OfflinePrefConfig, summary
+from diffalign.config.selfnpo import SelfNPOConfig, SelfNPOSection
+from diffalign.config.stepwise_pref import PromptDataConfig, StepScorerConfig, StepwisePrefConfig, StepwiseSection

@@ -1,0 +1,277 @@
+"""Config sections every recipe shares (model, LoRA, data, optimizer, run, validation, loss) and their checks."""
+
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from diffalign.config.engine import ConfigError, PluginSection, to_dict
+
+
+# --------------------------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which base model to align and how its frozen weights are loaded.
+
+    Memory options for the frozen base (the LoRA is always fp32; the reference pass is this same base with the
+    adapter off, so every option keeps reference == base exactly): ``dtype: bf16``, ``quantize: nf4`` (bitsandbytes)
+    or ``float8`` (torchao, CUDA >= 8.9), ``gradient_checkpointing``, ``load_text_encoders: false`` (prompt
+    embeddings from ``data.latent_cache``), and ``optim.name: adamw8bit``.
+    """
+
+    family: Literal["sd15", "sdxl", "sd3", "flux"]  # sd3 covers SD3.5 (Medium, Large)
+    path: str  # hub id or local diffusers folder
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" weight files on the hub
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # dtype of the frozen weights
+    vae_path: str | None = None  # e.g. madebyollin/sdxl-vae-fp16-fix
+    gradient_checkpointing: bool = False
+    quantize: Literal["none", "nf4", "float8"] = "none"  # frozen denoiser weights only
+    load_text_encoders: bool = True  # false: train from the latent cache's prompt embeddings
+    # flow models (sd3, flux): training-timestep density (SD3 paper Sec. 3.1) and the fixed timestep shift:
+    # "scheduler" = the table diffusers' scripts index (SD3: 3.0; FLUX's dynamic scheduler: unshifted, 1.0),
+    # "resolution" = the shift FluxPipeline samples with at data.resolution (exp(mu); 3.16 at 1024 px), or a number
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    flow_shift: float | Literal["scheduler", "resolution"] = "scheduler"
+    guidance: float | None = None  # flux, guidance-distilled (FLUX.1-dev): the guidance-embedding input; None -> 3.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """The trained LoRA adapter (the frozen base with the adapter disabled is the reference model)."""
+
+    rank: int = 8
+    alpha: float | None = None  # None -> alpha = rank (scale 1)
+    dropout: float = 0.0
+    targets: list[str] | None = None  # None -> the family's defaults (models.<family>.Adapter.default_lora_targets)
+    init: Literal["gaussian", "default"] = (
+        "gaussian"  # peft init_lora_weights: "gaussian" or True; lora_B = 0 either way
+    )
+    text_encoder: bool = False
+    text_encoder_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class CurriculumConfig:
+    """Curriculum-DPO's sampler (``diffalign.data.curriculum``): ``chunks`` cumulative chunks of the groups sorted by
+    reward gap (largest first), the next unlocked every ``steps_per_chunk`` optimizer steps; ``chunks: 0`` is off.
+    ``min_gap``: keep groups whose gap exceeds it; ``max_groups``: keep at most this many (authors: 150k)."""
+
+    chunks: int = 0
+    steps_per_chunk: int = 500
+    min_gap: float = 0.0
+    max_groups: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Preference data: Pick-a-Pic style pairs, ranked lists or unpaired labelled images, and the image transforms.
+
+    ``format: scored_pairs`` reads K=2 ranked lists (prompt, 2 images, 2 scores) as pairs for pair losses (e.g. a
+    Curriculum-DPO curriculum over their score gaps). ``format: unpaired`` is a plain (image, caption, label) table; unpaired objectives (kto) also read
+    ``pickapic`` pairs as unpaired images. ``positive_ratio`` (unpaired only): draw desirable images with this
+    probability (Diffusion-KTO's label-balanced sampler); None shuffles as usual.
+    """
+
+    format: Literal["pickapic", "ranked", "unpaired", "scored_pairs"] = "pickapic"
+    path: str
+    split: str = "train"
+    streaming: bool = False
+    resolution: int = 512
+    crop: Literal["center", "random"] = "center"
+    hflip_prob: float = 0.5
+    ties: Literal["drop", "keep"] = "drop"
+    on_bad_row: Literal["skip", "raise"] = "skip"
+    max_rows: int | None = None
+    proportion_empty_prompts: float = 0.0
+    num_workers: int = 0
+    latent_cache: str | None = None
+    positive_ratio: float | None = None
+    caption_columns: list[str] | None = None  # pickapic: one caption column per image, e.g. [caption_0, caption_1]
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule; ``batch_size`` counts groups (pairs or lists) per device."""
+
+    name: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"  # adamw8bit: bitsandbytes 8-bit states
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Where outputs go, how long to train (``max_steps`` optimizer steps), logging and checkpoints."""
+
+    output_dir: str
+    max_steps: int
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 3
+    resume_from: str | None = None  # "latest" or a checkpoint folder
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    allow_tf32: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationConfig:
+    """Periodic sample generation during training; ``every=0`` turns it off."""
+
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None
+    every: int = 0
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    seed: int = 0
+    resolution: int | None = None  # None -> data.resolution
+    # sd3 only: skip-layer guidance at sampling (StableDiffusion3Pipeline skip_guidance_layers; [7, 8, 9] is the
+    # pipeline's recommendation for SD3.5-Medium). A sampling option: no training forward ever skips a layer.
+    skip_guidance_layers: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossSection(PluginSection):
+    """``loss: {name: dpo, beta: 5000}``: the objective module and its ``Config`` parameters."""
+
+    package: ClassVar[str] = "diffalign.losses"
+    kind: ClassVar[str] = "loss"
+
+
+# ---------------------------------------------------------------------------------- cross-field checks
+
+
+def terms_kind(module: types.ModuleType) -> str:
+    """``"pair"``, ``"list"`` or ``"step"`` from a loss module's ``TERMS`` (a string or a terms class)."""
+    terms = getattr(module, "TERMS", None)
+    if isinstance(terms, str):
+        return terms
+    if isinstance(terms, type):
+        return terms.__name__.removesuffix("Terms").lower()
+    raise ConfigError(f"loss module {module.__name__} has no TERMS")
+
+
+def _positive(problems: list[str], **values: float | int | None) -> None:
+    for key, value in values.items():
+        if value is not None and value <= 0:
+            problems.append(f"{key.replace('__', '.')}={value} must be > 0")
+
+
+def _unit_interval(problems: list[str], closed: bool = True, **values: float) -> None:
+    for key, value in values.items():
+        if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+            problems.append(f"{key.replace('__', '.')}={value} must be in [0, 1{']' if closed else ')'}")
+
+
+def _nonfinite(value: Any, key: str = "") -> list[str]:
+    """Dotted keys of NaN / infinite numbers anywhere in ``to_dict`` data (``nan <= 0`` is False: range checks miss it)."""
+    if isinstance(value, dict):
+        return [k for name, v in value.items() for k in _nonfinite(v, f"{key}.{name}" if key else str(name))]
+    if isinstance(value, list):
+        return [k for i, v in enumerate(value) for k in _nonfinite(v, f"{key}[{i}]")]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{key}={value} must be a finite number"]
+    return []
+
+
+_MAX_SEED = 2**32 - 1  # numpy's seed range; accelerate's set_seed seeds numpy too
+
+
+def _check_training(cfg: Any, problems: list[str]) -> None:
+    """Checks every LoRA training recipe shares: run, optim, lora, model dtype, resolutions and validation."""
+    m, lora, data, optim, run, val = cfg.model, cfg.lora, cfg.data, cfg.optim, cfg.run, cfg.validation
+    problems.extend(_nonfinite(to_dict(cfg)))
+    if not run.output_dir.strip():
+        problems.append("run.output_dir is empty; name the folder the run writes to (e.g. run.output_dir=runs/dpo)")
+    for key, seed in (("run.seed", run.seed), ("validation.seed", val.seed)):
+        if not 0 <= seed <= _MAX_SEED:
+            problems.append(f"{key}={seed} must be in [0, 2**32 - 1]")
+    _positive(
+        problems,
+        run__max_steps=run.max_steps,
+        run__save_every=run.save_every,
+        run__log_every=run.log_every,
+        run__keep_last=run.keep_last,
+        optim__batch_size=optim.batch_size,
+        optim__grad_accum=optim.grad_accum,
+        optim__lr=optim.lr,
+        optim__eps=optim.eps,
+        optim__max_grad_norm=optim.max_grad_norm,
+        lora__rank=lora.rank,
+        lora__alpha=lora.alpha,
+        data__resolution=data.resolution,
+        validation__num_inference_steps=val.num_inference_steps,
+    )
+    _unit_interval(
+        problems,
+        closed=False,
+        lora__dropout=lora.dropout,
+        **{f"optim__betas[{i}]": b for i, b in enumerate(optim.betas)},
+    )
+    if optim.warmup_steps < 0 or optim.warmup_steps > run.max_steps:
+        problems.append(f"optim.warmup_steps={optim.warmup_steps} must be in [0, run.max_steps={run.max_steps}]")
+    if optim.warmup_steps > 0 and optim.scheduler == "constant":
+        problems.append(
+            "optim.warmup_steps > 0 has no effect with optim.scheduler='constant'; use 'constant_with_warmup'"
+        )
+    for key, res in (("data.resolution", data.resolution), ("validation.resolution", val.resolution)):
+        if res is not None and res % 8:
+            problems.append(f"{key}={res} must be a multiple of 8 (the VAE downsamples by 8)")
+    if m.dtype != "fp32" and run.mixed_precision not in ("no", m.dtype):
+        problems.append(f"model.dtype={m.dtype!r} and run.mixed_precision={run.mixed_precision!r} disagree")
+    _check_model(cfg, problems)
+    if val.every < 0 or optim.weight_decay < 0:
+        problems.append("validation.every and optim.weight_decay must be >= 0")
+    if val.prompts and val.prompts_file:
+        problems.append("set one of validation.prompts and validation.prompts_file, not both")
+    if val.every > 0 and not (val.prompts or val.prompts_file):
+        problems.append(f"validation.every={val.every} needs validation.prompts or validation.prompts_file")
+
+
+FLOW_FAMILIES = ("sd3", "flux")
+
+
+def _check_model(cfg: Any, problems: list[str]) -> None:
+    """Model options that only some families take, and the memory options' requirements."""
+    m, data, val = cfg.model, cfg.data, cfg.validation
+    if m.family not in FLOW_FAMILIES:
+        if m.timestep_sampling != "uniform":
+            problems.append(
+                f"model.timestep_sampling={m.timestep_sampling!r} applies to flow models (model.family in "
+                f"{FLOW_FAMILIES}), not {m.family!r}; use 'uniform'"
+            )
+        if m.flow_shift != "scheduler":
+            problems.append(f"model.flow_shift={m.flow_shift!r} applies to flow models, not {m.family!r}")
+    if isinstance(m.flow_shift, float) and m.flow_shift <= 0:
+        problems.append(f"model.flow_shift={m.flow_shift} must be > 0")
+    if val.skip_guidance_layers and m.family != "sd3":
+        problems.append(f"validation.skip_guidance_layers is an SD3/SD3.5 sampling option, not {m.family!r}")
+    if m.guidance is not None and m.family != "flux":
+        problems.append(f"model.guidance applies to guidance-distilled FLUX.1 (model.family='flux'), not {m.family!r}")
+    if m.quantize != "none" and m.dtype == "fp32":
+        problems.append(f"model.quantize={m.quantize!r} computes in model.dtype: set model.dtype to bf16 (or fp16)")
+    if not m.load_text_encoders:
+        if not getattr(data, "latent_cache", None):
+            problems.append(
+                "model.load_text_encoders=false needs data.latent_cache (prompt embeddings from the cache)"
+            )
+        if cfg.lora.text_encoder:
+            problems.append("model.load_text_encoders=false cannot train a text-encoder LoRA (lora.text_encoder=true)")
+        if val.every:
+            problems.append("model.load_text_encoders=false: validation sampling needs the text encoders; set every=0")
