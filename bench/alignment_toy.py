@@ -19,6 +19,8 @@ What runs (the quickstart's pieces, ``diffalign.quickstart``, with its defaults)
    selfnpo   selfnpo           winner images + captions     base with NPO guidance (negative LoRA)
    spo       stepwise_pref     online, decoded toy reward   base + LoRA
    lpo       stepwise_pref     online, decoded toy reward   base + LoRA
+   refl      reward_grad       online, toy reward gradient  base + LoRA
+   draft     reward_grad       online, toy reward gradient  base + LoRA
    ========  ================  ===========================  ==========================================
 
    NPO guidance (``diffalign.sampling.npo.npo_guidance``) puts the negative LoRA on the unconditional branch of CFG
@@ -66,6 +68,8 @@ OBJECTIVES = {
     "selfnpo": Objective("selfnpo", "pairs", "npo"),
     "spo": Objective("stepwise_pref", None, "lora"),
     "lpo": Objective("stepwise_pref", None, "lora"),
+    "refl": Objective("reward_grad", None, "lora"),
+    "draft": Objective("reward_grad", None, "lora"),
 }
 
 
