@@ -213,10 +213,13 @@ def test_draft_lv_renoises_the_final_sample(sd15, monkeypatch):
     assert reward_grad.group_mean(torch.tensor([1.0, 3.0, 5.0, 7.0]), 2).tolist() == [2.0, 6.0]
 
 
-def test_flow_rollouts_backpropagate(sd3):
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_every_family_backpropagates(family, sd3):
+    adapter = sd3 if family == "sd3" else _adapter(family)
     for method in ("refl", "draft", "draft_lv"):
-        ro = reward_grad.rollout(sd3, PROMPTS, SEEDS, spec(method=method, guidance_scale=1.0), batch_seed=0)
-        grads = lora_grads(sd3, toy_reward(ro.images).sum())
+        s = spec(method=method, guidance_scale=1.0, uncond="zeros" if family == "sdxl" else "empty_prompt")
+        ro = reward_grad.rollout(adapter, PROMPTS, SEEDS, s, batch_seed=0)
+        grads = lora_grads(adapter, toy_reward(ro.images).sum())
         assert ro.images.shape == (2 * ro.n, 3, 32, 32)
         assert all(bool(torch.isfinite(g).all()) for g in grads.values())
         assert any(float(g.abs().sum()) > 0 for g in grads.values()), method
