@@ -3,8 +3,8 @@
 Four methods share one sampler (``Sampler``: the family's DDIM grid on VP models, an Euler ODE grid on flow models)
 and differ in which denoiser calls keep a graph (``rollout``):
 
-* **ReFL** (Xu et al. 2023, ImageReward, arXiv 2304.05977, Sec. 4; code: THUDM/ImageReward ``ImageReward/ReFL.py``
-  lines 714-756): no-grad sampling with ``set_timesteps(40)`` (DDPMScheduler, no CFG) to a step index
+* **ReFL** (Xu et al. 2023, ImageReward, arXiv 2304.05977, Sec. 4; code: THUDM/ImageReward @ c1392c6,
+  ``ImageReward/ReFL.py`` lines 714-756): no-grad sampling with ``set_timesteps(40)`` (DDPMScheduler, no CFG) to a step index
   ``m ~ U{30, ..., 39}`` (``random.randint(30, 39)``, line 717), ONE grad-enabled denoiser call at ``timesteps[m]``
   and the reward on its predicted x0 (``scheduler.step(...).pred_original_sample``, line 737), decoded by the VAE
   and clamped to [0, 1] (lines 739-741). Loss ``relu(2 - r) * grad_scale`` with ``grad_scale = 1e-3`` (lines
@@ -15,10 +15,10 @@ and differ in which denoiser calls keep a graph (``rollout``):
 * **DRaFT-LV** (same paper, Sec. 4.2, Alg. 2): the chain runs without grad to ``x_0``, which is noised back to the
   last grid timestep ``n`` times with fresh noise (``x_1 = sqrt(a_1) sg(x_0) + sqrt(1 - a_1) eps_i``); each copy takes
   the last sampler step with grad, and the rewards of the ``n`` copies are averaged (paper: n = 2).
-* **AlignProp** (Prabhudesai et al. 2023, arXiv 2310.03739; code: mihirp1998/AlignProp ``sd_pipeline.py`` lines
-  124-132 and 206-225): a full DDIM chain (50 steps, eta 1, CFG 5: ``config/alignprop_config.py`` lines 103-110)
+* **AlignProp** (Prabhudesai et al. 2023, arXiv 2310.03739; code: mihirp1998/AlignProp @ b22918a, the public
+  release, ``sd_pipeline.py`` lines 124-132 and 206-225): a full DDIM chain (50 steps, eta 1, CFG 5: ``config/alignprop_config.py`` lines 103-110)
   with every denoiser call under gradient checkpointing and the model outputs of steps before a random truncation
-  index ``b`` detached (``b ~ round(N(42, 5))`` by default, redrawn until ``1 <= b < N``; "uniform" and "fixed"
+  index ``b`` detached (``b = int(N(42, 5))`` by default, redrawn until ``1 <= b < N``; "uniform" and "fixed"
   strategies as there). Parameter gradients are then those of DRaFT-K with ``K = N - b``; the method is that
   randomised truncation plus checkpointing (``GradSpec.checkpointing``). Their loss is ``loss_coeff * (1 - r)``
   (HPS, ``alignprop_trainer.py`` lines 102 and 331, ``loss_coeff = 0.01``).
