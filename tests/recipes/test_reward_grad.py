@@ -124,3 +124,19 @@ def test_shipped_configs_load():
     ):
         cfg = dconfig.load(name)
         assert isinstance(cfg, dconfig.RewardGradConfig)
+
+
+def test_prompt_source_splits_like_one_process(recipe):
+    prompts = [f"p{i}" for i in range(5)]
+    one = recipe.PromptSource(prompts, seed=3, batch_size=4)
+    two = [recipe.PromptSource(prompts, seed=3, batch_size=2, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):  # crosses epochs: a fresh permutation each
+        p1, s1, b1 = one.next_batch()
+        parts = [src.next_batch() for src in two]
+        assert p1 == parts[0][0] + parts[1][0] and s1 == parts[0][1] + parts[1][1]
+        assert b1 == parts[0][2] == parts[1][2]
+    assert sorted(one.prompt_at(i) for i in range(5)) == prompts
+    state = one.state_dict()
+    fresh = recipe.PromptSource(prompts, seed=3, batch_size=4)
+    fresh.load_state_dict(state)
+    assert fresh.next_batch() == one.next_batch()
