@@ -240,7 +240,10 @@ def grad_start(spec: GradSpec, gen: torch.Generator) -> int:
 
 
 class _Model:
-    """The guided denoiser of one batch: conditioning encoded once, optional checkpointing and reference pass."""
+    """The guided denoiser of one batch: conditioning encoded once, optional checkpointing and reference pass.
+
+    With a text-encoder LoRA the prompts are encoded once with it on (and with grad); the reference pass reuses
+    those embeddings, so ``kl`` then regularises the denoiser's LoRA only."""
 
     def __init__(self, adapter: Adapter, prompts: Sequence[str], spec: GradSpec, hw: Sequence[int]) -> None:
         self.adapter, self.spec = adapter, spec
