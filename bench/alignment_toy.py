@@ -24,6 +24,8 @@ What runs (the quickstart's pieces, ``diffalign.quickstart``, with its defaults)
    dmpo      offline_pref      pairs                        base + LoRA
    inpo      offline_pref      pairs, inversion noise       base + LoRA
    smpo      offline_pref      best-vs-worst scored pairs   base + LoRA
+   refl      reward_grad       online, toy reward gradient  base + LoRA
+   draft     reward_grad       online, toy reward gradient  base + LoRA
    ========  ================  ===========================  ==========================================
 
    ``curriculum_dpo`` is DPO on smpo's scored pairs with the Curriculum-DPO sampler (``data.curriculum``).
@@ -78,6 +80,8 @@ OBJECTIVES = {
     "inpo": Objective("offline_pref", "pairs", "lora"),
     "smpo": Objective("offline_pref", "scored_pairs", "lora"),
     "curriculum_dpo": Objective("offline_pref", "scored_pairs", "lora"),
+    "refl": Objective("reward_grad", None, "lora"),
+    "draft": Objective("reward_grad", None, "lora"),
 }
 
 

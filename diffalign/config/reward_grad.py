@@ -1,0 +1,89 @@
+"""Schema and cross-field checks of ``recipes/reward_grad.py`` (ReFL, DRaFT-K, DRaFT-LV, AlignProp)."""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Literal
+
+from diffalign import registry
+from diffalign.config.common import (
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ValidationConfig,
+    _check_training,
+    _positive,
+)
+from diffalign.config.engine import register_recipe, register_validator
+from diffalign.config.stepwise_pref import PromptDataConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardGradSection:
+    """Reward-gradient fine-tuning (``diffalign.terms.reward_grad``): ReFL, DRaFT-K, DRaFT-LV, AlignProp.
+
+    ``scorer`` is trained on through its differentiable path; ``guard_scorers`` are held out, scored without grad on
+    the same images and only logged (``guard/<name>``): a trained reward rising while they fall is reward hacking.
+    Loss per prompt: ``loss_scale * relu(margin - r)`` (``relu``, ReFL) or ``loss_scale * (margin - r)`` (``linear``),
+    plus ``kl_coeff`` x the squared policy-reference output distance at the grad-enabled steps.
+    """
+
+    method: Literal["refl", "draft", "draft_lv", "alignprop"] = "refl"
+    scorer: str = "imagereward"
+    scorer_path: str | None = None
+    scorer_checkpointing: bool = False  # scorer.gradient_checkpointing(True) on its vision tower
+    guard_scorers: list[str] = field(default_factory=list)
+    num_steps: int = 40
+    guidance_scale: float = 1.0
+    eta: float = 1.0
+    uncond: Literal["empty_prompt", "zeros"] = "empty_prompt"
+    refl_steps: tuple[int, int] = (30, 39)
+    k: int = 1
+    lv_samples: int = 2
+    truncation: Literal["gaussian", "uniform", "fixed"] = "gaussian"
+    truncation_args: list[float] = field(default_factory=lambda: [42.0, 5.0])
+    checkpointing: bool = False  # denoiser calls with a graph and the VAE decode
+    loss: Literal["relu", "linear"] = "relu"
+    margin: float = 2.0
+    loss_scale: float = 1e-3
+    kl_coeff: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardGradConfig:
+    """Schema of ``recipes/reward_grad.py``: LoRA fine-tuning on the gradient of a differentiable reward."""
+
+    model: ModelConfig
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: PromptDataConfig
+    reward_grad: RewardGradSection = field(default_factory=RewardGradSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+register_recipe("reward_grad", RewardGradConfig)
+
+
+@register_validator(RewardGradConfig)
+def _check_reward_grad(cfg: RewardGradConfig) -> list[str]:
+    from diffalign import scorers
+    from diffalign.terms import reward_grad
+
+    problems: list[str] = []
+    r = cfg.reward_grad
+    _check_training(cfg, problems)
+    _positive(problems, data__max_prompts=cfg.data.max_prompts, reward_grad__loss_scale=r.loss_scale)
+    if r.kl_coeff < 0:
+        problems.append(f"reward_grad.kl_coeff={r.kl_coeff} must be >= 0")
+    for key, name in [("scorer", r.scorer), *(("guard_scorers", g) for g in r.guard_scorers)]:
+        if name not in scorers.available():
+            problems.append(f"reward_grad.{key}: {name!r}: {registry.suggest(name, scorers.available())}")
+    keys = ("method", "num_steps", "refl_steps", "k", "lv_samples", "truncation", "truncation_args", "eta")
+    spec = types.SimpleNamespace(**{k: getattr(r, k) for k in keys})
+    problems.extend(f"reward_grad: {p}" for p in reward_grad.spec_problems(spec))
+    if cfg.model.timestep_sampling != "uniform":
+        problems.append("model.timestep_sampling applies to timestep-sampled training, not reward_grad")
+    return problems
