@@ -93,3 +93,31 @@ def test_config_checks(override, match):
 def test_paper_configs_load(name):
     cfg = dconfig.load(name)
     assert cfg.loss.name == "grpo" and cfg.optim.grad_accum % cfg.online.trained_steps_per_round() == 0
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(grpo_run, tiny_dirs, tmp_path, free_port):
+    """accelerate, 2 CPU processes with 4 samples each == one process with 8 (same rewards, advantages and update up to
+    all-reduce rounding). Opt-in (-m slow): ~15 s on 2 cores."""
+    import subprocess
+    import sys
+
+    from tests.recipes.conftest import ROOT, child_env
+
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--main_process_port", str(free_port), str(ROOT / "recipes" / "online_rl.py")]
+    args = overrides(tiny_dirs["sd3"], two, **{"run.max_steps": 2, "run.save_every": 1, "optim.grad_accum": 3})
+    done = subprocess.run(
+        [*launch, "--config", "toy/grpo", *args], cwd=ROOT, env=child_env() | {"ACCELERATE_USE_CPU": "true"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    one_rows, two_rows = (
+        [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (grpo_run[0], two)
+    )
+    assert one_rows[0]["reward/toy_pixel/mean"] == two_rows[0]["reward/toy_pixel/mean"]
+    assert one_rows[0]["grad_norm"] == pytest.approx(two_rows[0]["grad_norm"], rel=1e-5)
+    want = load_file(str(grpo_run[0] / "lora" / "pytorch_lora_weights.safetensors"))
+    got = load_file(str(two / "lora" / "pytorch_lora_weights.safetensors"))
+    assert all(float((want[k] - got[k]).abs().max()) < 1e-6 for k in want)
