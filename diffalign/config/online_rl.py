@@ -41,8 +41,9 @@ class OnlineSection:
     """Rollouts, advantages and trained steps (``diffalign.terms.online``, ``diffalign.terms.advantages``).
 
     A round samples ``prompts_per_round`` prompts x ``group_size`` images over all processes (each process an equal
-    block), scores them, normalises the rewards per prompt and makes ONE optimizer step over every sample and every
-    trained step: ``optim.grad_accum`` must be (samples per process / ``optim.batch_size``) x trained steps per round.
+    block), scores them, normalises the rewards per prompt and makes ``updates_per_round`` optimizer steps, each
+    over its share of the micro-batches at every trained step: ``optim.grad_accum`` must be (samples per process /
+    ``optim.batch_size`` / ``updates_per_round``) x trained steps per round.
     """
 
     num_steps: int = 10
@@ -54,6 +55,7 @@ class OnlineSection:
     detach_uncond: bool = True  # Flow-GRPO; DDPO trains through both branches
     prompts_per_round: int = 2
     group_size: int = 4
+    updates_per_round: int = 1  # Flow-GRPO: 2 (the second sees ratios != 1); checkpoints only between rounds
     train_steps: Literal["fraction", "window"] = "fraction"
     timestep_fraction: float = 0.99  # Flow-GRPO int(10 * 0.99) = 9; DanceGRPO 0.6 with shuffle_steps
     shuffle_steps: bool = False
@@ -92,12 +94,16 @@ register_recipe("online_rl", OnlineRLConfig)
 
 
 def grad_accum_for(cfg: OnlineRLConfig, num_processes: int) -> int:
-    """The ``optim.grad_accum`` one round needs on ``num_processes`` processes (0 if the split is not even)."""
+    """The ``optim.grad_accum`` one update needs on ``num_processes`` processes (0 if the split is not even): the
+    process's micro-batches of a round / ``updates_per_round``, x trained steps."""
     o = cfg.online
     samples = o.prompts_per_round * o.group_size
     if samples % num_processes or (samples // num_processes) % cfg.optim.batch_size:
         return 0
-    return samples // num_processes // cfg.optim.batch_size * o.trained_steps_per_round()
+    micro = samples // num_processes // cfg.optim.batch_size
+    if micro % o.updates_per_round:
+        return 0
+    return micro // o.updates_per_round * o.trained_steps_per_round()
 
 
 @register_validator(OnlineRLConfig)
@@ -129,8 +135,17 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
         problems.append(f"online.noise_level={o.noise_level} must be > 0 (a deterministic sampler has no log-prob)")
     if not 0 < o.timestep_fraction <= 1:
         problems.append(f"online.timestep_fraction={o.timestep_fraction} must be in (0, 1]")
-    if o.train_steps == "window" and not 0 <= o.window_init <= o.num_steps - 2:
-        problems.append(f"online.window_init={o.window_init} must be in [0, online.num_steps - 2]")
+    if o.train_steps == "window" and not 0 <= o.window_init <= o.num_steps - 1 - o.window_size:
+        problems.append(
+            f"online.window_init={o.window_init} must be in [0, online.num_steps - 1 - window_size] (a full window "
+            "inside the trainable steps)"
+        )
+    u = o.updates_per_round
+    if u < 1 or cfg.run.max_steps % u or cfg.run.save_every % u:
+        problems.append(
+            f"online.updates_per_round={u} must be >= 1 and divide run.max_steps={cfg.run.max_steps} and "
+            f"run.save_every={cfg.run.save_every} (checkpoints fall between rounds)"
+        )
     if not o.rewards:
         problems.append("online.rewards is empty; name at least one reward scorer (e.g. {pickscore: {weight: 1}})")
     if cfg.lora.dropout > 0:
@@ -148,8 +163,9 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
         )
     elif cfg.optim.grad_accum % o.trained_steps_per_round() or grad_accum_for(cfg, 1) % cfg.optim.grad_accum:
         problems.append(
-            f"optim.grad_accum={cfg.optim.grad_accum}: one round is one optimizer step over every sample and "
-            f"trained step; on N processes it must be {samples // cfg.optim.batch_size} / N micro-batches x "
-            f"{o.trained_steps_per_round()} trained steps (1 process: {grad_accum_for(cfg, 1)})"
+            f"optim.grad_accum={cfg.optim.grad_accum}: an optimizer step covers 1 / updates_per_round of a round's "
+            f"samples at every trained step; on N processes it must be {samples // cfg.optim.batch_size} / N "
+            f"micro-batches / {o.updates_per_round} x {o.trained_steps_per_round()} trained steps (1 process: "
+            f"{grad_accum_for(cfg, 1)})"
         )
     return problems

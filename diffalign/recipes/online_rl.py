@@ -1,6 +1,6 @@
 """Online RL of a diffusion model as a LoRA: GRPO on SDE rollouts (Flow-GRPO, DanceGRPO, MixGRPO) and DDPO.
 
-One optimizer step is one round. Every process samples its block of the round's ``online.prompts_per_round x
+A round is ``online.updates_per_round`` optimizer steps (default 1; Flow-GRPO makes 2). Every process samples its block of the round's ``online.prompts_per_round x
 online.group_size`` images with the current policy (LoRA on) using the stochastic sampler of
 ``diffalign.terms.online`` (flow models: Flow-GRPO's or DanceGRPO's SDE; epsilon / v models: DDIM with eta, DDPO),
 in micro-batches of ``optim.batch_size``, keeping every transition and its log-probability. The final latents are
@@ -9,14 +9,17 @@ prompt (``diffalign.terms.advantages``) and each process keeps its rows. Then, f
 as in the rollout, so the first ratio is exactly 1) and every trained step (``online.train_steps``; the last step
 never), ``diffalign.terms.online.transition_log_prob`` re-evaluates the stored transition under the policy (and,
 with ``loss.kl_coef > 0``, the reference: the same weights with the LoRA off) and ``diffalign.losses.grpo`` gives
-the PPO-clipped loss; ``loop.optimizer_step`` accumulates them all into one update (gradients averaged over the
-kept rows x trained steps of all processes; the NaN stop). Zero-std groups are kept in the forward (so the batch
+the PPO-clipped loss; ``loop.optimizer_step`` accumulates ``optim.grad_accum`` of these (micro-batch, step) items
+into one update (gradients averaged over the kept rows x trained steps of all processes; the NaN stop). The first
+update of a round sees ratios of exactly 1 (it is plain policy gradient); later ones see the moved policy, and
+the clip acts. Zero-std groups are kept in the forward (so the batch
 composition stays the rollout's) but masked out of the loss.
 
 Everything random is seeded: the prompts of round k from ``(run seed, epoch)``, each image's noises from ``(run
 seed, round, global sample index)``, the trained steps from ``(run seed, round)``; so N processes reproduce one
-process with the same global batch. The buffer is empty at every checkpoint, which therefore needs only the round
-counter next to the LoRA and optimizer: a resumed run reproduces an uninterrupted one.
+process with the same global batch. Checkpoints fall between rounds (the config checks that ``updates_per_round``
+divides ``run.save_every`` and ``run.max_steps``), so one needs only the round counter next to the LoRA and the
+optimizer: a resumed run reproduces an uninterrupted one.
 
 Launch:
     python recipes/online_rl.py --config recipes/configs/toy/grpo.yaml run.output_dir=runs/toy-grpo
@@ -167,7 +170,7 @@ def round_steps(state: State) -> tuple[Tensor, Tensor]:
     o, n, k = state.cfg.online, state.grid.num_steps, state.buffer.round
     if o.train_steps == "window":
         start = online.window_start(
-            k, num_steps=n, stride=o.window_stride, interval=o.window_interval, init=o.window_init
+            k, num_steps=n, stride=o.window_stride, interval=o.window_interval, init=o.window_init, size=o.window_size
         )
         steps = online.train_steps(n, mode="window", window=(start, o.window_size))
         sde = torch.zeros(n, dtype=torch.bool)
@@ -255,7 +258,8 @@ def micro_step(state: State, micro: Micro, step: int) -> dict[str, Tensor]:
 
 
 def train_step(state: State) -> dict[str, float]:
-    stats = fill_round(state)
+    """One optimizer step; a new round first when the last one's items are used up (``updates_per_round`` steps)."""
+    stats = fill_round(state) if not state.buffer.items else {}
     t0 = time.perf_counter()
     shown = loop.optimizer_step(state.run, partial(micro_step, state), metrics=stats)
     shown["time/update"] = time.perf_counter() - t0

@@ -359,13 +359,15 @@ def train_steps(
     return torch.randperm(last, generator=generator)[:k]
 
 
-def window_start(iteration: int, *, num_steps: int, stride: int, interval: int, init: int = 0) -> int:
+def window_start(iteration: int, *, num_steps: int, stride: int, interval: int, init: int = 0, size: int = 1) -> int:
     """MixGRPO's progressive window (``fastvideo/utils/grpo_states.py:85-148``) as a function of the iteration.
 
-    The start moves by ``stride`` every ``interval`` iterations and rolls back to ``init`` once it would pass the
-    last trainable step (N - 2). Stateless, so a resumed run finds the same window.
+    The start moves by ``stride`` every ``interval`` iterations and rolls back to ``init`` once the window of ``size``
+    steps would pass the last trainable step (N - 2), so every window is full (MixGRPO also trains the shortened
+    windows at the end of the grid before rolling back). Stateless, so a resumed run finds the same window.
     """
-    if stride < 1 or interval < 1 or not 0 <= init <= num_steps - 2:
-        raise ValueError(f"need stride >= 1, interval >= 1 and 0 <= init <= {num_steps - 2}")
-    positions = (num_steps - 2 - init) // stride + 1
+    last = num_steps - 1 - size  # the largest start of a full window
+    if stride < 1 or interval < 1 or size < 1 or not 0 <= init <= last:
+        raise ValueError(f"need stride, interval, size >= 1 and 0 <= init <= {last} (N - 1 - size)")
+    positions = (last - init) // stride + 1
     return init + ((iteration // interval) % positions) * stride

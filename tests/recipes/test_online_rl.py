@@ -74,6 +74,16 @@ def test_toy_ddpo_on_sd15(recipe, tiny_dirs, tmp_path):
     assert math.isfinite(h["loss"]) and h["loss/ratio_min"] == h["loss/ratio_max"] == 1.0 and h["grad_norm"] > 0
 
 
+def test_two_updates_per_round_clip_the_second(recipe, tiny_dirs, tmp_path):
+    """Flow-GRPO's 2 updates per round: the second half of the round's micro-batches meets the moved policy."""
+    extra = {"run.max_steps": 2, "run.save_every": 2, "online.updates_per_round": 2, "optim.grad_accum": 3}
+    result = recipe.main(["--config", "toy/grpo", *overrides(tiny_dirs["sd3"], tmp_path / "run", **extra)])
+    first, second = result["history"]
+    assert result["rounds"] == 1 and "reward/toy_pixel/mean" in first and "reward/toy_pixel/mean" not in second
+    assert first["loss/ratio_min"] == first["loss/ratio_max"] == 1.0 and first["groups"] == 4 * 3
+    assert second["loss/ratio_min"] != second["loss/ratio_max"] and second["loss/approx_kl"] > 0
+
+
 @pytest.mark.parametrize(
     ("override", "match"),
     [
@@ -82,6 +92,7 @@ def test_toy_ddpo_on_sd15(recipe, tiny_dirs, tmp_path):
         ("lora.dropout=0.1", "lora.dropout"),
         ("online.group_size=1", "group_size"),
         ("online.noise_level=0", "noise_level"),
+        ("online.updates_per_round=3", "updates_per_round"),
     ],
 )
 def test_config_checks(override, match):

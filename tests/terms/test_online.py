@@ -138,6 +138,8 @@ def test_train_steps_never_include_the_last_step() -> None:
     assert online.train_steps(2, fraction=1.0).tolist() == [0]
     starts = [online.window_start(i, num_steps=8, stride=2, interval=3) for i in range(0, 30, 3)]
     assert starts == [0, 2, 4, 6, 0, 2, 4, 6, 0, 2]
+    starts = [online.window_start(i, num_steps=8, stride=1, interval=1, size=4) for i in range(5)]
+    assert starts == [0, 1, 2, 3, 0]  # windows [s, s + 4) stay inside the 7 trainable steps
 
 
 # ---- rollout / update parity on the tiny families ----------------------------------------------------------
