@@ -181,8 +181,9 @@ def round_steps(state: State) -> tuple[Tensor, Tensor]:
     return steps, torch.ones(n, dtype=torch.bool)
 
 
-def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[str, Tensor]]:
-    """This process's rollouts in micro-batches, their global prompt positions (n,) and rewards per scorer."""
+def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[str, Tensor], float]:
+    """This process's rollouts in micro-batches, their global prompt positions (n,), rewards per scorer and the
+    seconds spent scoring."""
     cfg, adapter, buf = state.cfg, state.run.adapter, state.buffer
     o, b = cfg.online, cfg.optim.batch_size
     per_process = o.prompts_per_round * o.group_size // buf.world_size
@@ -191,6 +192,7 @@ def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[s
     positions = buf.round * o.prompts_per_round + index // o.group_size
     shape = stepwise.latent_shape(adapter, cfg.data.resolution)
     micros, rewards = [], {name: [] for name in state.scorers}
+    scoring = 0.0
     for start in range(0, per_process, b):
         rows = index[start : start + b]
         prompts = [buf.prompt_at(int(p)) for p in positions[start : start + b]]
@@ -204,10 +206,12 @@ def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[s
                 guidance_scale=o.guidance_scale, sde_steps=sde,
             )  # fmt: skip
             images = (adapter.decode_latents(traj.final) + 1.0) / 2.0
+        t0 = time.perf_counter()
         for name, scorer in state.scorers.items():
             rewards[name].append(scorer(images, prompts).float().cpu())
+        scoring += time.perf_counter() - t0
         micros.append(Micro(traj.latents, traj.log_probs, cond, uncond, prompts))
-    return micros, positions, {name: torch.cat(v) for name, v in rewards.items()}
+    return micros, positions, {name: torch.cat(v) for name, v in rewards.items()}, scoring
 
 
 def fill_round(state: State) -> dict[str, Tensor]:
@@ -215,7 +219,7 @@ def fill_round(state: State) -> dict[str, Tensor]:
     o, buf, acc = state.cfg.online, state.buffer, state.run.accelerator
     steps, sde = round_steps(state)
     t0 = time.perf_counter()
-    micros, positions, rewards = sample_round(state, sde)
+    micros, positions, rewards, scoring = sample_round(state, sde)
     t1 = time.perf_counter()
     weights = {name: r.weight for name, r in o.rewards.items()}
     adv = gathered_advantages(rewards, positions, state.adv_spec, acc, weights)
@@ -228,7 +232,8 @@ def fill_round(state: State) -> dict[str, Tensor]:
     buf.items = [(micro, int(j)) for micro in micros for j in steps]
     buf.round += 1
     stats = {k: torch.tensor(v) for k, v in adv.metrics.items()}
-    stats["time/rollout"] = torch.tensor(t1 - t0)
+    stats["time/rollout"] = torch.tensor(t1 - t0 - scoring)
+    stats["time/scoring"] = torch.tensor(scoring)
     stats["round/trained_steps"] = torch.tensor(float(len(steps)))
     return stats
 
