@@ -131,3 +131,23 @@ class StepTerms:
     ref_l: Tensor | None = None
     timesteps: Tensor | None = None
     num_train_timesteps: int = 1000
+
+
+@dataclass(frozen=True)
+class PolicyTerms:
+    """Per-sample transition log-probabilities at one trained sampler step (online RL: GRPO, DDPO).
+
+    ``policy`` (B,) fp32 with grad: the log-density of the stored transition ``x_j -> x_{j+1}`` under the policy as
+    it is now; ``old`` (B,): the same under the rollout policy (stored at sampling time, no grad); both averaged
+    over C,h,w. ``advantages`` (B,). ``mask`` (B,) bool: rows that count (None: all). For the optional KL to the
+    reference: ``policy_mean`` / ``ref_mean`` (B, C, h, w), the transition means with the LoRA on / off, and
+    ``kl_scale`` (B,) or (B, 1, 1, 1), the std the KL divides by (``diffalign.terms.online.StepOut.kl_scale``).
+    """
+
+    policy: Tensor
+    old: Tensor
+    advantages: Tensor
+    mask: Tensor | None = None
+    policy_mean: Tensor | None = None
+    ref_mean: Tensor | None = None
+    kl_scale: Tensor | None = None

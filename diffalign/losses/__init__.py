@@ -1,7 +1,7 @@
 """Preference objectives: one module per objective, each a pure function of per-sample ELBO terms.
 
 Every module has a docstring naming its paper, a frozen ``Config`` with the paper's defaults,
-``TERMS`` ("pair", "list", "step" or "unpaired"), ``REQUIRES`` (subset of {"ref", "pred", "gap"}) and ``loss(terms, cfg) -> LossOutput``.
+``TERMS`` ("pair", "list", "step", "unpaired" or "policy"), ``REQUIRES`` (subset of {"ref", "pred", "gap"}) and ``loss(terms, cfg) -> LossOutput``.
 """
 
 from types import ModuleType

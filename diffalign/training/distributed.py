@@ -54,3 +54,17 @@ def reduce_gradients(params: Sequence[nn.Parameter], accelerator: object, count:
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
+
+
+def gather_rows(values: Tensor, accelerator: object) -> Tensor:
+    """Concatenate ``values`` (n, ...) of every process in rank order (every process must pass the same n).
+
+    The row counts are checked first, so a mismatch is an error on every rank rather than a hang or garbage.
+    """
+    if accelerator.num_processes == 1:
+        return values
+    device = accelerator.device
+    counts = accelerator.gather(torch.tensor([values.shape[0]], device=device))
+    if int(counts.min()) != int(counts.max()):
+        raise ValueError(f"gather_rows needs the same row count on every process; got {counts.tolist()}")
+    return accelerator.gather(values.to(device).contiguous()).cpu()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffalign import losses
-from diffalign.types import ListTerms, LossOutput, PairTerms, StepTerms, UnpairedTerms
+from diffalign.types import ListTerms, LossOutput, PairTerms, PolicyTerms, StepTerms, UnpairedTerms
 
 
 NAMES = losses.available()
@@ -68,6 +68,12 @@ def make_terms(module, *, with_ref: bool = True):
             ref_l=_leaf(4, seed=3).detach() if ref else None,
             timesteps=torch.tensor([1, 251, 501, 751]),
         )
+    if module.TERMS == "policy":  # per-sample transition log-probs of SDE rollouts (GRPO / DDPO)
+        return PolicyTerms(
+            policy=_leaf(4, seed=0),
+            old=_leaf(4, seed=1).detach(),
+            advantages=torch.tensor([1.0, -0.5, 0.25, -2.0]),
+        )
     raise AssertionError(f"{module.__name__}: TERMS={module.TERMS!r}; teach make_terms about it")
 
 
@@ -76,7 +82,7 @@ def test_module_surface(name: str) -> None:
     module = losses.get(name)
     first_paragraph = (module.__doc__ or "").strip().split("\n\n")[0]
     assert "arxiv" in first_paragraph.lower(), f"{name}: the docstring must open with the paper and its arXiv link"
-    assert module.TERMS in ("pair", "list", "step", "unpaired")
+    assert module.TERMS in ("pair", "list", "step", "unpaired", "policy")
     assert isinstance(module.REQUIRES, frozenset) and module.REQUIRES.issubset({"ref", "pred", "gap"})
     assert dataclasses.is_dataclass(module.Config)
     cfg = module.Config()  # every field has the paper default

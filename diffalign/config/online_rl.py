@@ -1,0 +1,171 @@
+"""Schema and cross-field checks of ``recipes/online_rl.py`` (GRPO on SDE rollouts: Flow-GRPO, DanceGRPO, MixGRPO,
+DDPO)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from diffalign.config.common import (
+    LoraConfig,
+    LossSection,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ValidationConfig,
+    _check_training,
+    _positive,
+    terms_kind,
+)
+from diffalign.config.engine import ConfigError, register_recipe, register_validator
+from diffalign.config.stepwise_pref import PromptDataConfig
+
+
+TOY_REWARDS = ("toy_pixel",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """One reward scorer (keyed by its ``diffalign.scorers`` name, or ``toy_pixel``: a fixed random linear map of
+    pooled pixels) and its weight in the combined reward. ``path``: the scorer's weights (None: its default)."""
+
+    weight: float = 1.0
+    path: str | None = None
+    seed: int = 0  # toy_pixel
+    scale: float = 1.0  # toy_pixel
+    options: dict[str, Any] = field(default_factory=dict)  # more keyword options of the scorer's load()
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnlineSection:
+    """Rollouts, advantages and trained steps (``diffalign.terms.online``, ``diffalign.terms.advantages``).
+
+    A round samples ``prompts_per_round`` prompts x ``group_size`` images over all processes (each process an equal
+    block), scores them, normalises the rewards per prompt and makes ``updates_per_round`` optimizer steps, each
+    over its share of the micro-batches at every trained step: ``optim.grad_accum`` must be (samples per process /
+    ``optim.batch_size`` / ``updates_per_round``) x trained steps per round.
+    """
+
+    num_steps: int = 10
+    sde_form: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"  # flow models; VP models step DDIM
+    noise_level: float = 0.7  # Flow-GRPO a 0.7; DanceGRPO eta 0.3; DDPO eta 1.0
+    spacing: Literal["diffusers", "linear"] = "diffusers"  # flow grid (linear: DanceGRPO)
+    guidance_scale: float = 4.5  # 1.0: no CFG (FLUX.1-dev uses its guidance embedding, model.guidance)
+    uncond: Literal["empty_prompt", "zeros"] = "empty_prompt"
+    detach_uncond: bool = True  # Flow-GRPO; DDPO trains through both branches
+    prompts_per_round: int = 2
+    group_size: int = 4
+    updates_per_round: int = 1  # Flow-GRPO: 2 (the second sees ratios != 1); checkpoints only between rounds
+    train_steps: Literal["fraction", "window"] = "fraction"
+    timestep_fraction: float = 0.99  # Flow-GRPO int(10 * 0.99) = 9; DanceGRPO 0.6 with shuffle_steps
+    shuffle_steps: bool = False
+    window_size: int = 4  # MixGRPO
+    window_stride: int = 1
+    window_interval: int = 25
+    window_init: int = 0
+    adv_std: Literal["global", "group"] = "global"
+    adv_eps: float = 1.0e-4
+    adv_unbiased: bool = False
+    adv_clip: float = 5.0
+    per_reward: bool = False
+    rewards: dict[str, RewardConfig] = field(default_factory=lambda: {"toy_pixel": RewardConfig()})
+
+    def trained_steps_per_round(self) -> int:
+        if self.train_steps == "window":
+            return min(self.window_size, self.num_steps - 1)
+        return max(1, min(int(self.num_steps * self.timestep_fraction), self.num_steps - 1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnlineRLConfig:
+    """Schema of ``recipes/online_rl.py``: online RL with group-relative advantages on SDE rollouts."""
+
+    model: ModelConfig
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: PromptDataConfig
+    online: OnlineSection = field(default_factory=OnlineSection)
+    loss: LossSection
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+register_recipe("online_rl", OnlineRLConfig)
+
+
+def grad_accum_for(cfg: OnlineRLConfig, num_processes: int) -> int:
+    """The ``optim.grad_accum`` one update needs on ``num_processes`` processes (0 if the split is not even): the
+    process's micro-batches of a round / ``updates_per_round``, x trained steps."""
+    o = cfg.online
+    samples = o.prompts_per_round * o.group_size
+    if samples % num_processes or (samples // num_processes) % cfg.optim.batch_size:
+        return 0
+    micro = samples // num_processes // cfg.optim.batch_size
+    if micro % o.updates_per_round:
+        return 0
+    return micro // o.updates_per_round * o.trained_steps_per_round()
+
+
+@register_validator(OnlineRLConfig)
+def _check_online(cfg: OnlineRLConfig) -> list[str]:
+    problems: list[str] = []
+    o = cfg.online
+    _check_training(cfg, problems)
+    try:
+        kind = terms_kind(cfg.loss.resolve(cfg.loss.name))
+        if kind != "policy":
+            problems.append(f"loss.name={cfg.loss.name!r} is a {kind} loss; online_rl needs a policy loss (grpo)")
+    except ConfigError as e:
+        problems.append(f"loss.name: {e}")
+    _positive(
+        problems,
+        online__prompts_per_round=o.prompts_per_round,
+        online__window_size=o.window_size,
+        online__window_stride=o.window_stride,
+        online__window_interval=o.window_interval,
+        online__adv_eps=o.adv_eps,
+        online__adv_clip=o.adv_clip,
+        online__guidance_scale=o.guidance_scale,
+    )
+    if o.num_steps < 2:
+        problems.append(f"online.num_steps={o.num_steps} must be >= 2 (the last step is never trained)")
+    if o.group_size < 2:
+        problems.append(f"online.group_size={o.group_size} must be >= 2 (advantages are relative to the group)")
+    if o.noise_level <= 0:
+        problems.append(f"online.noise_level={o.noise_level} must be > 0 (a deterministic sampler has no log-prob)")
+    if not 0 < o.timestep_fraction <= 1:
+        problems.append(f"online.timestep_fraction={o.timestep_fraction} must be in (0, 1]")
+    if o.train_steps == "window" and not 0 <= o.window_init <= o.num_steps - 1 - o.window_size:
+        problems.append(
+            f"online.window_init={o.window_init} must be in [0, online.num_steps - 1 - window_size] (a full window "
+            "inside the trainable steps)"
+        )
+    u = o.updates_per_round
+    if u < 1 or cfg.run.max_steps % u or cfg.run.save_every % u:
+        problems.append(
+            f"online.updates_per_round={u} must be >= 1 and divide run.max_steps={cfg.run.max_steps} and "
+            f"run.save_every={cfg.run.save_every} (checkpoints fall between rounds)"
+        )
+    if not o.rewards:
+        problems.append("online.rewards is empty; name at least one reward scorer (e.g. {pickscore: {weight: 1}})")
+    if cfg.lora.dropout > 0:
+        problems.append(
+            f"lora.dropout={cfg.lora.dropout}: rollout and update must see the same policy for the first ratio to be "
+            "exactly 1; use lora.dropout=0"
+        )
+    if cfg.lora.text_encoder:
+        problems.append("lora.text_encoder=true is not supported by online_rl (prompts are encoded once per round)")
+    samples = o.prompts_per_round * o.group_size
+    if samples % cfg.optim.batch_size:
+        problems.append(
+            f"online.prompts_per_round x group_size = {samples} samples must split into optim.batch_size="
+            f"{cfg.optim.batch_size} micro-batches"
+        )
+    elif cfg.optim.grad_accum % o.trained_steps_per_round() or grad_accum_for(cfg, 1) % cfg.optim.grad_accum:
+        problems.append(
+            f"optim.grad_accum={cfg.optim.grad_accum}: an optimizer step covers 1 / updates_per_round of a round's "
+            f"samples at every trained step; on N processes it must be {samples // cfg.optim.batch_size} / N "
+            f"micro-batches / {o.updates_per_round} x {o.trained_steps_per_round()} trained steps (1 process: "
+            f"{grad_accum_for(cfg, 1)})"
+        )
+    return problems

@@ -1,0 +1,291 @@
+"""Online RL of a diffusion model as a LoRA: GRPO on SDE rollouts (Flow-GRPO, DanceGRPO, MixGRPO) and DDPO.
+
+A round is ``online.updates_per_round`` optimizer steps (default 1; Flow-GRPO makes 2). Every process samples its block of the round's ``online.prompts_per_round x
+online.group_size`` images with the current policy (LoRA on) using the stochastic sampler of
+``diffalign.terms.online`` (flow models: Flow-GRPO's or DanceGRPO's SDE; epsilon / v models: DDIM with eta, DDPO),
+in micro-batches of ``optim.batch_size``, keeping every transition and its log-probability. The final latents are
+decoded and scored by the ``online.rewards`` scorers; the rewards of all processes are gathered, normalised per
+prompt (``diffalign.terms.advantages``) and each process keeps its rows. Then, for every micro-batch (the same rows
+as in the rollout, so the first ratio is exactly 1) and every trained step (``online.train_steps``; the last step
+never), ``diffalign.terms.online.transition_log_prob`` re-evaluates the stored transition under the policy (and,
+with ``loss.kl_coef > 0``, the reference: the same weights with the LoRA off) and ``diffalign.losses.grpo`` gives
+the PPO-clipped loss; ``loop.optimizer_step`` accumulates ``optim.grad_accum`` of these (micro-batch, step) items
+into one update (gradients averaged over the kept rows x trained steps of all processes; the NaN stop). The first
+update of a round sees ratios of exactly 1 (it is plain policy gradient); later ones see the moved policy, and
+the clip acts. Zero-std groups are kept in the forward (so the batch
+composition stays the rollout's) but masked out of the loss.
+
+Everything random is seeded: the prompts of round k from ``(run seed, epoch)``, each image's noises from ``(run
+seed, round, global sample index)``, the trained steps from ``(run seed, round)``; so N processes reproduce one
+process with the same global batch. Checkpoints fall between rounds (the config checks that ``updates_per_round``
+divides ``run.save_every`` and ``run.max_steps``), so one needs only the round counter next to the LoRA and the
+optimizer: a resumed run reproduces an uninterrupted one.
+
+Launch:
+    python recipes/online_rl.py --config recipes/configs/toy/grpo.yaml run.output_dir=runs/toy-grpo
+    diffalign run online_rl --config sd3/grpo_pickscore run.output_dir=runs/grpo
+
+Outputs in ``run.output_dir``: ``config.yaml``, ``checkpoints/step-*``, ``lora/pytorch_lora_weights.safetensors``,
+``metrics.jsonl`` (reward mean / std per scorer, zero-std fraction, clip fraction, approx KL, grad norm),
+``validation/step-*/*.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffalign import config as dconfig
+from diffalign.config.online_rl import grad_accum_for
+from diffalign.models.base import Cond
+from diffalign.recipes.stepwise_pref import mixed_seed, read_prompts
+from diffalign.terms import online, stepwise
+from diffalign.terms.advantages import AdvantageSpec, gathered_advantages
+from diffalign.training import loop
+from diffalign.types import PolicyTerms
+
+
+logger = logging.getLogger("diffalign.online_rl")
+ORDER_SALT, NOISE_SALT, STEP_SALT = 21, 22, 23
+
+
+@dataclass
+class Micro:
+    """One micro-batch of a round on this process: ``latents`` (b, N + 1, C, h, w), ``log_probs`` (b, N), the
+    conditioning it was sampled with, and after scoring ``advantages`` / ``mask`` (b,). ``len`` = kept rows."""
+
+    latents: Tensor
+    log_probs: Tensor
+    cond: Cond
+    uncond: Cond | None
+    prompts: list[str]
+    advantages: Tensor | None = None
+    mask: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.mask.sum()) if self.mask is not None else self.latents.shape[0]
+
+
+@dataclass
+class RoundBuffer:
+    """The run's data source (``Run.loader``): the prompts, the round counter and the current round's
+    (micro-batch, trained step) work items, consumed by ``next_batch`` during the round's one optimizer step."""
+
+    prompts: list[str]
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    round: int = 0
+    items: list[tuple[Micro, int]] | None = None
+
+    def prompt_at(self, position: int) -> str:
+        n = len(self.prompts)
+        gen = torch.Generator().manual_seed(mixed_seed(self.seed, position // n, ORDER_SALT))
+        return self.prompts[int(torch.randperm(n, generator=gen)[position % n])]
+
+    def next_batch(self) -> tuple[Micro, int]:
+        if not self.items:
+            raise RuntimeError("online_rl: the round's work items ran out (optim.grad_accum does not fit the round)")
+        return self.items.pop(0)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"round": self.round}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "round" not in state:
+            raise KeyError(f"the checkpoint's data state {sorted(state)} has no round counter (not an online_rl run?)")
+        self.round = int(state["round"])
+
+    def stats_summary(self) -> str:
+        return f"{self.round} rollout rounds"
+
+
+@dataclass
+class State:
+    run: loop.Run
+    buffer: RoundBuffer
+    objective: Any
+    loss_cfg: Any
+    grid: online.Grid
+    spec: online.SDESpec
+    adv_spec: AdvantageSpec
+    scorers: dict[str, Any]
+
+    @property
+    def cfg(self) -> Any:
+        return self.run.cfg
+
+
+# ---- setup --------------------------------------------------------------------------------------------
+def build_scorers(cfg: Any, device: torch.device) -> dict[str, Any]:
+    from diffalign import scorers
+
+    out: dict[str, Any] = {}
+    for name, r in cfg.online.rewards.items():
+        if name == "toy_pixel":
+            out[name] = stepwise.PixelLinearScorer(seed=r.seed, scale=r.scale)
+        else:
+            out[name] = scorers.load(name, device=device, **({"path": r.path} if r.path else {}), **r.options)
+    return out
+
+
+def setup(cfg: Any, accelerator: Any) -> State:
+    need = grad_accum_for(cfg, accelerator.num_processes)
+    if need != cfg.optim.grad_accum:
+        what = f"set optim.grad_accum={need}" if need else "change online.prompts_per_round or optim.batch_size"
+        raise dconfig.ConfigError(
+            f"optim.grad_accum={cfg.optim.grad_accum} does not fit one round on {accelerator.num_processes} "
+            f"processes (samples per process / optim.batch_size x trained steps): {what}"
+        )
+    objective, loss_cfg = dconfig.loss_config(cfg.loss)
+    adapter = loop.build_adapter(cfg, accelerator.device)
+    adapter.denoiser.eval()  # rollout and update see the same policy (no LoRA dropout; checked by the config)
+    o = cfg.online
+    buffer = RoundBuffer(read_prompts(cfg), cfg.run.seed, accelerator.process_index, accelerator.num_processes)
+    state = State(
+        loop.build_run(cfg, accelerator, adapter, loader=buffer),
+        buffer,
+        objective,
+        loss_cfg,
+        online.make_grid(adapter, o.num_steps, spacing=o.spacing),
+        online.SDESpec(form=o.sde_form, noise_level=o.noise_level),
+        AdvantageSpec(std=o.adv_std, eps=o.adv_eps, unbiased=o.adv_unbiased, clip=o.adv_clip, per_reward=o.per_reward),
+        build_scorers(cfg, accelerator.device),
+    )
+    path = loop.resume_path(cfg)
+    if path is not None:
+        loop.restore(state.run, path)
+    return state
+
+
+# ---- one round ----------------------------------------------------------------------------------------
+def round_steps(state: State) -> tuple[Tensor, Tensor]:
+    """(trained steps, SDE-step mask (N,)) of the current round; the same on every process."""
+    o, n, k = state.cfg.online, state.grid.num_steps, state.buffer.round
+    if o.train_steps == "window":
+        start = online.window_start(
+            k, num_steps=n, stride=o.window_stride, interval=o.window_interval, init=o.window_init, size=o.window_size
+        )
+        steps = online.train_steps(n, mode="window", window=(start, o.window_size))
+        sde = torch.zeros(n, dtype=torch.bool)
+        sde[steps] = True  # MixGRPO: SDE inside the window, ODE elsewhere
+        return steps, sde
+    gen = torch.Generator().manual_seed(mixed_seed(state.buffer.seed, k, STEP_SALT))
+    steps = online.train_steps(n, fraction=o.timestep_fraction, shuffle=o.shuffle_steps, generator=gen)
+    return steps, torch.ones(n, dtype=torch.bool)
+
+
+def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[str, Tensor], float]:
+    """This process's rollouts in micro-batches, their global prompt positions (n,), rewards per scorer and the
+    seconds spent scoring."""
+    cfg, adapter, buf = state.cfg, state.run.adapter, state.buffer
+    o, b = cfg.online, cfg.optim.batch_size
+    per_process = o.prompts_per_round * o.group_size // buf.world_size
+    first = buf.rank * per_process
+    index = torch.arange(first, first + per_process)
+    positions = buf.round * o.prompts_per_round + index // o.group_size
+    shape = stepwise.latent_shape(adapter, cfg.data.resolution)
+    micros, rewards = [], {name: [] for name in state.scorers}
+    scoring = 0.0
+    for start in range(0, per_process, b):
+        rows = index[start : start + b]
+        prompts = [buf.prompt_at(int(p)) for p in positions[start : start + b]]
+        info = [stepwise.default_info(adapter, shape[1:])] * len(prompts)
+        gens = [torch.Generator().manual_seed(mixed_seed(buf.seed, buf.round, int(g), NOISE_SALT)) for g in rows]
+        with torch.no_grad(), state.run.accelerator.autocast():
+            cond, uncond = stepwise.encode_condition(adapter, prompts, info, o.uncond)
+            uncond = uncond if o.guidance_scale != 1.0 else None
+            traj = online.rollout(
+                adapter, state.grid, state.spec, cond, uncond, generators=gens, latent_shape=shape,
+                guidance_scale=o.guidance_scale, sde_steps=sde,
+            )  # fmt: skip
+            images = (adapter.decode_latents(traj.final) + 1.0) / 2.0
+        t0 = time.perf_counter()
+        for name, scorer in state.scorers.items():
+            rewards[name].append(scorer(images, prompts).float().cpu())
+        scoring += time.perf_counter() - t0
+        micros.append(Micro(traj.latents, traj.log_probs, cond, uncond, prompts))
+    return micros, positions, {name: torch.cat(v) for name, v in rewards.items()}, scoring
+
+
+def fill_round(state: State) -> dict[str, Tensor]:
+    """Roll out, score and normalise one round; queue its (micro-batch, step) items; round statistics."""
+    o, buf, acc = state.cfg.online, state.buffer, state.run.accelerator
+    steps, sde = round_steps(state)
+    t0 = time.perf_counter()
+    micros, positions, rewards, scoring = sample_round(state, sde)
+    t1 = time.perf_counter()
+    weights = {name: r.weight for name, r in o.rewards.items()}
+    adv = gathered_advantages(rewards, positions, state.adv_spec, acc, weights)
+    offset = 0
+    for micro in micros:
+        n = micro.latents.shape[0]
+        micro.advantages = adv.values[offset : offset + n].to(micro.latents.device)
+        micro.mask = adv.mask[offset : offset + n].to(micro.latents.device)
+        offset += n
+    buf.items = [(micro, int(j)) for micro in micros for j in steps]
+    buf.round += 1
+    stats = {k: torch.tensor(v) for k, v in adv.metrics.items()}
+    stats["time/rollout"] = torch.tensor(t1 - t0 - scoring)
+    stats["time/scoring"] = torch.tensor(scoring)
+    stats["round/trained_steps"] = torch.tensor(float(len(steps)))
+    return stats
+
+
+def micro_step(state: State, micro: Micro, step: int) -> dict[str, Tensor]:
+    """GRPO loss of one micro-batch at one trained step (mean over its kept rows); backward by the caller."""
+    o, adapter = state.cfg.online, state.run.adapter
+    args = (adapter, state.grid, state.spec, micro.latents[:, step], micro.latents[:, step + 1], step)
+    kw = {"guidance_scale": o.guidance_scale}
+    with state.run.accelerator.autocast():
+        now = online.transition_log_prob(*args, micro.cond, micro.uncond, detach_uncond=o.detach_uncond, **kw)
+        ref = None
+        if state.loss_cfg.kl_coef > 0:
+            with torch.no_grad(), adapter.reference():
+                ref = online.transition_log_prob(*args, micro.cond, micro.uncond, **kw)
+    terms = PolicyTerms(
+        policy=now.log_prob,
+        old=micro.log_probs[:, step],
+        advantages=micro.advantages,
+        mask=micro.mask,
+        policy_mean=now.mean,
+        ref_mean=ref.mean if ref is not None else None,
+        kl_scale=now.kl_scale,
+    )
+    out = state.objective.loss(terms, state.loss_cfg)
+    return {"loss": out.loss, **{f"loss/{k}": v for k, v in out.metrics.items()}}
+
+
+def train_step(state: State) -> dict[str, float]:
+    """One optimizer step; a new round first when the last one's items are used up (``updates_per_round`` steps)."""
+    stats = fill_round(state) if not state.buffer.items else {}
+    t0 = time.perf_counter()
+    shown = loop.optimizer_step(state.run, partial(micro_step, state), metrics=stats)
+    shown["time/update"] = time.perf_counter() - t0
+    return shown
+
+
+def progress(metrics: dict[str, float]) -> dict[str, str]:
+    reward = next((v for k, v in metrics.items() if k.startswith("reward/") and k.endswith("/mean")), float("nan"))
+    return {"loss": f"{metrics['loss']:.4f}", "reward": f"{reward:.3f}"}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = loop.parse_config(argv, dconfig.OnlineRLConfig, __doc__.splitlines()[0], example="toy/grpo")
+    acc = loop.make_accelerator(cfg)
+    loop.start(
+        cfg, acc, f"online_rl ({cfg.loss.name}) on {acc.num_processes} processes: {dconfig.to_dict(cfg.online)}"
+    )
+    state = setup(cfg, acc)
+    result = loop.train(state.run, partial(train_step, state), postfix=progress)
+    return {**result, "rounds": state.buffer.round}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Group-relative advantages (GRPO): G samples per prompt, normalised within their prompt's group.
+
+For rewards ``r`` of the samples of one prompt (Flow-GRPO ``flow_grpo/stat_tracking.py:11-31``)::
+
+    A = (r - mean_group(r)) / (std + eps)          std = std_group(r) ("group") or std_all(r) ("global")
+
+- ``std="global"`` is Flow-GRPO's default (``config/base.py:52``, every ``config/grpo.py`` recipe): the mean is
+  still per prompt, the std is over every reward of the iteration (all processes).
+- ``eps = 1e-4`` and the population std (``np.std``, ddof 0) are Flow-GRPO's; DanceGRPO uses the unbiased
+  ``torch.std`` and ``1e-8`` (``fastvideo/train_grpo_flux.py:533-545``): ``unbiased=True, eps=1e-8``.
+- ``A`` is clipped to ``[-clip, clip]`` (``train.adv_clip_max = 5``, ``config/base.py:84``; applied in the loss at
+  ``scripts/train_sd3.py:881-885`` and DanceGRPO ``:589-593``; clipping here is the same function).
+- Groups whose rewards are all equal carry no signal: they are masked out (``mask`` False, ``A = 0``). Flow-GRPO
+  drops every sample whose advantage is exactly 0 and then re-adds random ones to keep batches even
+  (``train_sd3.py:796-817``); here whole zero-std groups are dropped and nothing is re-added.
+- Rewards are gathered from every process *before* normalising (Flow-GRPO ``train_sd3.py:741-789``: its
+  ``DistributedKRepeatSampler`` spreads a group over ranks), and each process keeps its own rows.
+
+**Several rewards** (``Mapping[str, Tensor]`` with ``weights``): by default the weighted sum of the raw rewards is
+normalised (Flow-GRPO ``multi_score``, ``flow_grpo/rewards.py:360-403``). ``per_reward=True`` normalises each
+reward on its own and sums the weighted advantages (MixGRPO ``advantage_aggr``,
+``fastvideo/train_grpo_flux.py:429-456``), so a reward with a small spread is not drowned by one with a large
+spread (flow_grpo issue #142); a group is then masked only when every reward is constant in it.
+
+Shapes: rewards (N,) per scorer, ``group_ids`` (N,) long (any ids, e.g. global prompt positions; the rows of a
+group need not be contiguous); everything returned is (N,).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+STD_MODES = ("group", "global")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdvantageSpec:
+    """Defaults: Flow-GRPO's (global std, eps 1e-4, population std, clip 5)."""
+
+    std: str = "global"
+    eps: float = 1e-4
+    unbiased: bool = False
+    clip: float = 5.0
+    per_reward: bool = False
+
+    def __post_init__(self) -> None:
+        if self.std not in STD_MODES:
+            raise ValueError(f"AdvantageSpec.std={self.std!r}; choices: {', '.join(STD_MODES)}")
+        if not (self.eps > 0 and self.clip > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"AdvantageSpec needs eps > 0 and clip > 0; got eps={self.eps}, clip={self.clip}")
+
+
+@dataclass(frozen=True)
+class Advantages:
+    """``values`` (N,) fp32 (0 where masked); ``mask`` (N,) bool (False in zero-std groups); ``metrics``: reward
+    mean / std per scorer (``reward/<name>/mean``), ``zero_std_frac`` (of groups), ``adv_clip_frac``."""
+
+    values: Tensor
+    mask: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _std(x: Tensor, index: Tensor, groups: int, unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row group mean, per-row group std and per-group std (fp64); a one-sample group has std 0."""
+    count = torch.zeros(groups, dtype=x.dtype).index_add_(0, index, torch.ones_like(x))
+    mean = torch.zeros(groups, dtype=x.dtype).index_add_(0, index, x) / count
+    sq = torch.zeros(groups, dtype=x.dtype).index_add_(0, index, (x - mean[index]) ** 2)
+    denom = (count - 1).clamp_min(1) if unbiased else count
+    std = torch.where(count > 1, (sq / denom).sqrt(), torch.zeros_like(sq))
+    return mean[index], std[index], std
+
+
+def normalise(rewards: Tensor, group_ids: Tensor, spec: AdvantageSpec) -> tuple[Tensor, Tensor]:
+    """(N,) fp64 unclipped advantages of one reward, and (N,) bool: the row's group has a non-zero std."""
+    x = rewards.detach().double().cpu().reshape(-1)
+    _, index = torch.unique(group_ids.cpu().reshape(-1), return_inverse=True)
+    if x.shape != index.shape:
+        raise ValueError(f"{x.numel()} rewards for {index.numel()} group ids")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"non-finite rewards at rows {(~torch.isfinite(x)).nonzero().flatten().tolist()}")
+    mean, row_std, _ = _std(x, index, int(index.max()) + 1 if x.numel() else 0, spec.unbiased)
+    if spec.std == "global":
+        n = x.numel()
+        var = ((x - x.mean()) ** 2).sum() / (max(n - 1, 1) if spec.unbiased else max(n, 1))
+        scale = var.sqrt().expand_as(x)
+    else:
+        scale = row_std
+    return (x - mean) / (scale + spec.eps), row_std > 0
+
+
+def group_advantages(
+    rewards: Tensor | Mapping[str, Tensor],
+    group_ids: Tensor,
+    spec: AdvantageSpec,
+    weights: Mapping[str, float] | None = None,
+) -> Advantages:
+    """Advantages of ALL rows given (call ``gathered_advantages`` in a multi-process run)."""
+    named = {"reward": rewards} if isinstance(rewards, Tensor) else dict(rewards)
+    if not named:
+        raise ValueError("group_advantages needs at least one reward")
+    weights = dict(weights) if weights is not None else dict.fromkeys(named, 1.0)
+    if set(weights) != set(named):
+        raise ValueError(f"reward weights {sorted(weights)} do not match the rewards {sorted(named)}")
+    if spec.per_reward:
+        parts = {name: normalise(r, group_ids, spec) for name, r in named.items()}
+        adv = sum(weights[name] * a for name, (a, _) in parts.items())
+        live = torch.stack([ok for _, ok in parts.values()]).any(dim=0)
+    else:
+        total = sum(weights[name] * r.detach().double().cpu().reshape(-1) for name, r in named.items())
+        adv, live = normalise(total, group_ids, spec)
+    clipped = adv.abs() > spec.clip
+    values = torch.where(live, adv.clamp(-spec.clip, spec.clip), torch.zeros_like(adv)).float()
+    _, index = torch.unique(group_ids.cpu().reshape(-1), return_inverse=True)
+    groups = int(index.max()) + 1 if index.numel() else 0
+    group_live = torch.zeros(groups, dtype=torch.bool).index_fill_(0, index[live], True)
+    metrics = {"zero_std_frac": float(1 - group_live.float().mean()) if groups else 0.0}
+    metrics["adv_clip_frac"] = float((clipped & live).float().mean()) if index.numel() else 0.0
+    for name, r in named.items():
+        r = r.detach().double().cpu()
+        metrics[f"reward/{name}/mean"] = float(r.mean())
+        metrics[f"reward/{name}/std"] = float(r.std(unbiased=False))
+    return Advantages(values, live, metrics)
+
+
+def gathered_advantages(
+    rewards: Tensor | Mapping[str, Tensor],
+    group_ids: Tensor,
+    spec: AdvantageSpec,
+    accelerator: object,
+    weights: Mapping[str, float] | None = None,
+) -> Advantages:
+    """This process's rows of the advantages computed over every process's rows (same row count on each)."""
+    from diffalign.training.distributed import gather_rows
+
+    named = {"reward": rewards} if isinstance(rewards, Tensor) else dict(rewards)
+    all_ids = gather_rows(group_ids, accelerator)
+    all_rewards = {name: gather_rows(r, accelerator) for name, r in named.items()}
+    result = group_advantages(
+        all_rewards["reward"] if isinstance(rewards, Tensor) else all_rewards, all_ids, spec, weights
+    )
+    n, rank = group_ids.shape[0], accelerator.process_index
+    rows = slice(rank * n, (rank + 1) * n)
+    return Advantages(result.values[rows], result.mask[rows], result.metrics)

@@ -1,0 +1,134 @@
+"""End-to-end tests of recipes/online_rl.py (Flow-GRPO preset on tiny SD3, DDPO preset on tiny SD1.5)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from diffalign import config as dconfig
+from tests.recipes.conftest import recipe_module
+
+
+def overrides(tiny_dir: Path, out_dir: Path, **extra: object) -> list[str]:
+    base = {"model.path": str(tiny_dir), "run.output_dir": str(out_dir), "run.report_to": "[]"}
+    base.update({k: str(v) for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return recipe_module("online_rl")
+
+
+@pytest.fixture(scope="module")
+def grpo_run(recipe, tiny_dirs, tmp_path_factory):
+    """Toy Flow-GRPO on tiny SD3: 2 rounds (= 2 optimizer steps), a checkpoint after each."""
+    out = tmp_path_factory.mktemp("grpo") / "run"
+    args = overrides(tiny_dirs["sd3"], out, **{"run.max_steps": 2, "run.save_every": 1})
+    return out, recipe.main(["--config", "toy/grpo", *args])
+
+
+def test_toy_grpo_trains_logs_and_exports(grpo_run):
+    out, result = grpo_run
+    history = result["history"]
+    assert len(history) == 2 and result["rounds"] == 2 and all(math.isfinite(h["loss"]) for h in history)
+    first = history[0]
+    assert first["loss/ratio_min"] == first["loss/ratio_max"] == 1.0, "rollout and update log-probs are one function"
+    assert first["loss/clip_frac"] == 0.0 and first["loss/approx_kl"] == 0.0 and first["loss/kl"] == 0.0
+    assert history[1]["loss/kl"] > 0  # the LoRA moved away from the reference after step 1
+    for key in ("reward/toy_pixel/mean", "reward/toy_pixel/std", "zero_std_frac", "grad_norm", "adv_clip_frac"):
+        assert key in first and math.isfinite(first[key]), key
+    assert first["groups"] == 8 * 3  # 8 kept samples x 3 trained steps (4-step grid, last step not trained)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    weights = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_resume_equals_uninterrupted(recipe, grpo_run, tiny_dirs, tmp_path):
+    """1 step, stop, resume to 2: the same LoRA as the uninterrupted 2-step run (rollout seeds, round, optimizer)."""
+    out = tmp_path / "run"
+    recipe.main(["--config", "toy/grpo", *overrides(tiny_dirs["sd3"], out, **{"run.max_steps": 1})])
+    resumed = recipe.main(
+        [
+            "--config",
+            "toy/grpo",
+            *overrides(tiny_dirs["sd3"], out, **{"run.max_steps": 2, "run.resume_from": "latest"}),
+        ]
+    )
+    assert resumed["step"] == 2 and resumed["rounds"] == 2
+    want = load_file(str(grpo_run[0] / "lora" / "pytorch_lora_weights.safetensors"))
+    got = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    assert want.keys() == got.keys() and all(bool((want[k] == got[k]).all()) for k in want)
+
+
+def test_toy_ddpo_on_sd15(recipe, tiny_dirs, tmp_path):
+    result = recipe.main(
+        ["--config", "toy/ddpo", *overrides(tiny_dirs["sd15"], tmp_path / "run", **{"run.max_steps": 1})]
+    )
+    h = result["history"][0]
+    assert math.isfinite(h["loss"]) and h["loss/ratio_min"] == h["loss/ratio_max"] == 1.0 and h["grad_norm"] > 0
+
+
+def test_two_updates_per_round_clip_the_second(recipe, tiny_dirs, tmp_path):
+    """Flow-GRPO's 2 updates per round: the second half of the round's micro-batches meets the moved policy."""
+    extra = {"run.max_steps": 2, "run.save_every": 2, "online.updates_per_round": 2, "optim.grad_accum": 3}
+    result = recipe.main(["--config", "toy/grpo", *overrides(tiny_dirs["sd3"], tmp_path / "run", **extra)])
+    first, second = result["history"]
+    assert result["rounds"] == 1 and "reward/toy_pixel/mean" in first and "reward/toy_pixel/mean" not in second
+    assert first["loss/ratio_min"] == first["loss/ratio_max"] == 1.0 and first["groups"] == 4 * 3
+    assert second["loss/ratio_min"] != second["loss/ratio_max"] and second["loss/approx_kl"] > 0
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("optim.grad_accum=4", "grad_accum"),
+        ("loss={name: dpo, beta: 5000}", "policy loss"),
+        ("lora.dropout=0.1", "lora.dropout"),
+        ("online.group_size=1", "group_size"),
+        ("online.noise_level=0", "noise_level"),
+        ("online.updates_per_round=3", "updates_per_round"),
+    ],
+)
+def test_config_checks(override, match):
+    with pytest.raises(dconfig.ConfigError, match=match):
+        dconfig.load("toy/grpo", ["run.output_dir=x", override])
+
+
+@pytest.mark.parametrize("name", ["sd3/grpo_pickscore", "sd15/ddpo_aesthetic", "flux/grpo_hps", "toy/ddpo"])
+def test_paper_configs_load(name):
+    cfg = dconfig.load(name)
+    assert cfg.loss.name == "grpo" and cfg.optim.grad_accum % cfg.online.trained_steps_per_round() == 0
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(grpo_run, tiny_dirs, tmp_path, free_port):
+    """accelerate, 2 CPU processes with 4 samples each == one process with 8 (same rewards, advantages and update up to
+    all-reduce rounding). Opt-in (-m slow): ~15 s on 2 cores."""
+    import subprocess
+    import sys
+
+    from tests.recipes.conftest import ROOT, child_env
+
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--main_process_port", str(free_port), str(ROOT / "recipes" / "online_rl.py")]
+    args = overrides(tiny_dirs["sd3"], two, **{"run.max_steps": 2, "run.save_every": 1, "optim.grad_accum": 3})
+    done = subprocess.run(
+        [*launch, "--config", "toy/grpo", *args], cwd=ROOT, env=child_env() | {"ACCELERATE_USE_CPU": "true"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    one_rows, two_rows = (
+        [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (grpo_run[0], two)
+    )
+    assert one_rows[0]["reward/toy_pixel/mean"] == two_rows[0]["reward/toy_pixel/mean"]
+    assert one_rows[0]["grad_norm"] == pytest.approx(two_rows[0]["grad_norm"], rel=1e-5)
+    want = load_file(str(grpo_run[0] / "lora" / "pytorch_lora_weights.safetensors"))
+    got = load_file(str(two / "lora" / "pytorch_lora_weights.safetensors"))
+    assert all(float((want[k] - got[k]).abs().max()) < 1e-6 for k in want)
