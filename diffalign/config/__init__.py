@@ -3,9 +3,9 @@
 ``engine`` is the machinery (YAML 1.2 reading, overrides, typed binding with "did you mean", load/dump, the
 recipe and validator registries, where shipped recipes and configs are). The schemas are beside it:
 ``common`` (sections every recipe shares and their checks) and one module per recipe (``offline_pref``,
-``selfnpo``, ``stepwise_pref``, ``reward_grad``, ``online_rl``), each registering its schema and cross-field checks with the engine. A new recipe
-adds one module here and one import below. Everything is re-exported, so ``from diffalign import config;
-config.load(...)`` is the API.
+``selfnpo``, ``stepwise_pref``, ``reward_grad``, ``online_rl``), each registering its schema and cross-field
+checks with the engine. A new recipe adds one module here and one import below. Everything is re-exported, so
+``from diffalign import config; config.load(...)`` is the API.
 """
 
 from diffalign.config.common import (
