@@ -46,6 +46,13 @@ def draw_noise(process: object, shape: Sequence[int], seeds: Sequence[int]) -> t
     return torch.stack(noises), torch.stack(steps)
 
 
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """Host -> ``device`` without blocking the host: from pinned memory, asynchronously, on CUDA."""
+    if torch.device(device).type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def per_sample_error(pred: Tensor, target: Tensor) -> Tensor:
     """Mean over all non-batch dims of the squared error, in fp32. (N, ...) -> (N,)."""
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
@@ -79,9 +86,10 @@ def group_errors(
     device = adapter.device
     process = adapter.process
     noise, timesteps = draw_noise(process, latents.shape[2:], seeds)
-    x0 = latents.flatten(0, 1).to(device, torch.float32)
-    eps = noise.repeat_interleave(k, dim=0).to(device)
-    t = timesteps.repeat_interleave(k).to(device)
+    x0 = to_device(latents.flatten(0, 1), device).float()
+    eps = to_device(noise.repeat_interleave(k, dim=0), device)
+    timesteps = to_device(timesteps, device)
+    t = timesteps.repeat_interleave(k)
     x_t = process.add_noise(x0, eps, t)
     target = process.target(x0, eps, t)
 
@@ -101,7 +109,7 @@ def group_errors(
     shape = (b, k, *latents.shape[2:])
     return GroupErrors(
         policy=policy,
-        timesteps=timesteps.to(device),
+        timesteps=timesteps,
         ref=ref,
         pred=pred.view(shape) if need_pred else None,
         target=target.view(shape) if need_pred else None,

@@ -38,19 +38,27 @@ def sum_across(values: Mapping[str, Tensor | float], accelerator: object) -> dic
     return dict(zip(keys, vec.tolist(), strict=True))
 
 
-def reduce_gradients(params: Sequence[nn.Parameter], accelerator: object, count: float) -> None:
-    """Sum the gradients of ``params`` over processes (one flat all-reduce) and divide them by ``count``.
+def reduce_gradients(
+    params: Sequence[nn.Parameter], accelerator: object, groups: int, flag: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Sum the gradients of ``params``, this process's group count and ``flag`` over processes (ONE flat all-reduce,
+    no host synchronisation) and divide the gradients by the global count (at least 1).
 
-    Each process back-propagates the SUM of its per-group losses and ``count`` is the global number of groups of
-    the step, so the result is the mean over all groups whatever their split over processes and micro-batches.
+    Each process back-propagates the SUM of its per-group losses, so the result is the mean over all groups
+    whatever their split over processes and micro-batches. Returns the global count and the summed ``flag``
+    (0-d tensors on the device).
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    device = flag.device
+    extra = torch.stack([torch.full((), float(groups), device=device), flag.float().reshape(())])
+    flat = torch.cat([*(g.reshape(-1).float() for g in grads), extra.to(grads[0].device)])
     if accelerator.num_processes > 1:
         flat = accelerator.reduce(flat, reduction="sum")
-    flat = flat / count
+    count, total_flag = flat[-2], flat[-1]
+    flat = flat[:-2] / count.clamp(min=1.0)
     offset = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
+    return count, total_flag
