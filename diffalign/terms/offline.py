@@ -1,8 +1,8 @@
 """Per-sample ELBO terms for offline preference data: pairs (K=2) and ranked lists (K>2).
 
 All K images of a group share ONE noise draw and ONE timestep, and the whole batch goes through the
-denoiser as ONE concatenated forward for the policy and ONE no-grad forward for the reference (the same
-weights with the LoRA switched off). The per-sample error is mean over C,H,W of (prediction - target)^2,
+denoiser as ONE no-grad forward for the reference (the same weights with the LoRA switched off), run first, and
+ONE concatenated forward for the policy. The per-sample error is mean over C,H,W of (prediction - target)^2,
 computed in fp32 whatever the autocast dtype, because DPO multiplies error differences by ~2500.
 
 Noise and timestep of a group come from a generator seeded with that group's own seed, so the draw does not
@@ -97,15 +97,16 @@ def group_errors(
     if cond is not None and text_lora:
         raise ValueError("cached prompt embeddings cannot be used with a text-encoder LoRA; disable the latent cache")
     policy_cond = cond if cond is not None else _encode(adapter, prompts, info, grad=text_lora)
-    pred = adapter.predict(x_t, t, repeat_cond(policy_cond, k))
-    policy = per_sample_error(pred, target).view(b, k)
 
     ref = None
-    if need_ref:
+    if need_ref:  # before the policy pass: no policy activations are held while it runs (see bench/step_cost.py)
         with torch.no_grad(), adapter.reference():
             ref_cond = _encode(adapter, prompts, info, grad=False) if text_lora else policy_cond
             ref_pred = adapter.predict(x_t, t, repeat_cond(ref_cond, k))
-        ref = per_sample_error(ref_pred, target).view(b, k)
+            ref = per_sample_error(ref_pred, target).view(b, k)
+        del ref_pred
+    pred = adapter.predict(x_t, t, repeat_cond(policy_cond, k))
+    policy = per_sample_error(pred, target).view(b, k)
     shape = (b, k, *latents.shape[2:])
     return GroupErrors(
         policy=policy,
