@@ -348,11 +348,19 @@ def time_steps(size: str, args: argparse.Namespace) -> dict[str, float]:
             if i >= args.warmup:
                 wall[name].append(w)
                 cpu[name].append(c)
-        print(f"  round {i}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in wall.items() if v), file=sys.stderr)
+        if i >= args.warmup:
+            done = ", ".join(f"{k} {wall[k][-1]:.3f}s ({cpu[k][-1]:.3f}s CPU)" for k in wall)
+            print(f"  round {i}: {done}", file=sys.stderr)
     toggle = min(timed(toggle_only, s, args.device)[0] for _ in range(3))
     out = {"params_m": params_m, "toggle_ms": toggle * 1e3}
     out |= {name: statistics.median(values) for name, values in wall.items()}
-    return out | {f"{name}_cpu": statistics.median(values) for name, values in cpu.items()}
+    out |= {f"{name}_cpu": statistics.median(values) for name, values in cpu.items()}
+    # (DPO - plain) / fwd per round, then the median: each round's three steps ran under the same background load
+    for clock, times in (("", wall), ("_cpu", cpu)):
+        for dpo in ("dpo", "dpo-ref-last"):
+            rounds = zip(times[dpo], times["plain"], times["fwd"], strict=True)
+            out[f"extra/{dpo}{clock}"] = statistics.median((d - p) / f for d, p, f in rounds)
+    return out
 
 
 # ---- memory (one fresh subprocess per size and strategy) ----------------------------------------------------
@@ -433,19 +441,18 @@ def table(rows: list[dict[str, Any]], device_label: str, cuda: bool) -> str:
     the denoiser, then peak memory."""
     head = (
         "| model | denoiser params | mode | plain step | DPO step | no-grad fwd | DPO / plain | (DPO - plain) / fwd "
-        "| same, CPU time | ref pass after policy: (DPO - plain) / fwd | outside denoiser | toggle "
+        "| same, CPU time | ref pass after policy: (DPO - plain) / fwd | same, CPU time | outside denoiser | toggle "
         "| DPO (copied ref) / plain | peak mem, toggle | peak mem, copied ref | ref copy weights |"
     )
-    lines = [f"Device: {device_label}", "", head, "|" + " --- |" * 16]
+    lines = [f"Device: {device_label}", "", head, "|" + " --- |" * 17]
     for r in rows:
-        extra = (r["dpo"] - r["plain"]) / r["fwd"]
-        cpu_extra = "-" if cuda else f"{(r['dpo_cpu'] - r['plain_cpu']) / r['fwd_cpu']:.2f}"
+        cpu = {k: "-" if cuda else f"{r[f'extra/{k}_cpu']:.2f}" for k in ("dpo", "dpo-ref-last")}
         copied = f"{r['dpo-copy'] / r['plain']:.2f}" if "dpo-copy" in r else "-"
         outside = (r["dpo"] - r["fwdbwd"] - r["fwd"]) / r["dpo"]
         lines.append(
             f"| {r['size']} | {r['params_m']:.1f} M | {r['mode']} | {r['plain'] * 1e3:.1f} ms | {r['dpo'] * 1e3:.1f} ms "
-            f"| {r['fwd'] * 1e3:.1f} ms | {r['dpo'] / r['plain']:.2f} | {extra:.2f} | {cpu_extra} "
-            f"| {(r['dpo-ref-last'] - r['plain']) / r['fwd']:.2f} | {100 * outside:.1f}% | {r['toggle_ms']:.1f} ms "
+            f"| {r['fwd'] * 1e3:.1f} ms | {r['dpo'] / r['plain']:.2f} | {r['extra/dpo']:.2f} | {cpu['dpo']} "
+            f"| {r['extra/dpo-ref-last']:.2f} | {cpu['dpo-ref-last']} | {100 * outside:.1f}% | {r['toggle_ms']:.1f} ms "
             f"| {copied} | {r['mem_toggle']:.1f} MB | {r['mem_copy']:.1f} MB | {r['ref_weights_mb']:.1f} MB |"
         )
     return "\n".join(lines)

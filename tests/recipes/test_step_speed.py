@@ -90,7 +90,7 @@ def test_steady_state_steps_make_no_host_conversion(recipe, tiny_dirs, tmp_path,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_steady_state_steps_never_synchronise_cuda(recipe, tiny_dirs, tmp_path):
-    state = _state(recipe, tiny_dirs, tmp_path / "run", **{"data.latent_cache": ""})
+    state = _state(recipe, tiny_dirs, tmp_path / "run")
     step = partial(loop.optimizer_step, state.run, partial(recipe.micro_step, state))
     step()
     torch.cuda.synchronize()
