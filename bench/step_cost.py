@@ -50,6 +50,7 @@ import argparse
 import copy
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -342,12 +343,15 @@ def time_steps(size: str, args: argparse.Namespace) -> dict[str, float]:
     params_m = sum(p.numel() for p in s.adapter.denoiser.parameters() if not p.requires_grad) / 1e6
     wall: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
+    faults: dict[str, list[int]] = {name: [] for name in variants}  # minor page faults: pages the step first touches
     for i in range(args.warmup + args.repeats):
         for name, fn in variants.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             w, c = timed(fn, s, args.device)
             if i >= args.warmup:
                 wall[name].append(w)
                 cpu[name].append(c)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         if i >= args.warmup:
             done = ", ".join(f"{k} {wall[k][-1]:.3f}s ({cpu[k][-1]:.3f}s CPU)" for k in wall)
             print(f"  round {i}: {done}", file=sys.stderr)
@@ -355,6 +359,7 @@ def time_steps(size: str, args: argparse.Namespace) -> dict[str, float]:
     out = {"params_m": params_m, "toggle_ms": toggle * 1e3}
     out |= {name: statistics.median(values) for name, values in wall.items()}
     out |= {f"{name}_cpu": statistics.median(values) for name, values in cpu.items()}
+    out |= {f"{name}_faults": statistics.median(values) for name, values in faults.items()}
     # (DPO - plain) / fwd per round, then the median: each round's three steps ran under the same background load
     for clock, times in (("", wall), ("_cpu", cpu)):
         for dpo in ("dpo", "dpo-ref-last"):
@@ -441,18 +446,22 @@ def table(rows: list[dict[str, Any]], device_label: str, cuda: bool) -> str:
     the denoiser, then peak memory."""
     head = (
         "| model | denoiser params | mode | plain step | DPO step | no-grad fwd | DPO / plain | (DPO - plain) / fwd "
-        "| same, CPU time | ref pass after policy: (DPO - plain) / fwd | same, CPU time | outside denoiser | toggle "
+        "| same, CPU time | ref pass after policy: (DPO - plain) / fwd | same, CPU time | page faults, DPO / ref after "
+        "policy | outside denoiser | toggle "
         "| DPO (copied ref) / plain | peak mem, toggle | peak mem, copied ref | ref copy weights |"
     )
-    lines = [f"Device: {device_label}", "", head, "|" + " --- |" * 17]
+    lines = [f"Device: {device_label}", "", head, "|" + " --- |" * 18]
     for r in rows:
         cpu = {k: "-" if cuda else f"{r[f'extra/{k}_cpu']:.2f}" for k in ("dpo", "dpo-ref-last")}
         copied = f"{r['dpo-copy'] / r['plain']:.2f}" if "dpo-copy" in r else "-"
-        outside = (r["dpo"] - r["fwdbwd"] - r["fwd"]) / r["dpo"]
+        clock = "" if cuda else "_cpu"  # on CPU from CPU times: wall times of other jobs' preemptions would swamp it
+        outside = (r[f"dpo{clock}"] - r[f"fwdbwd{clock}"] - r[f"fwd{clock}"]) / r[f"dpo{clock}"]
         lines.append(
             f"| {r['size']} | {r['params_m']:.1f} M | {r['mode']} | {r['plain'] * 1e3:.1f} ms | {r['dpo'] * 1e3:.1f} ms "
             f"| {r['fwd'] * 1e3:.1f} ms | {r['dpo'] / r['plain']:.2f} | {r['extra/dpo']:.2f} | {cpu['dpo']} "
-            f"| {r['extra/dpo-ref-last']:.2f} | {cpu['dpo-ref-last']} | {100 * outside:.1f}% | {r['toggle_ms']:.1f} ms "
+            f"| {r['extra/dpo-ref-last']:.2f} | {cpu['dpo-ref-last']} "
+            f"| {r['dpo_faults'] / 1e3:.0f}k / {r['dpo-ref-last_faults'] / 1e3:.0f}k "
+            f"| {100 * outside:.1f}% | {r['toggle_ms']:.1f} ms "
             f"| {copied} | {r['mem_toggle']:.1f} MB | {r['mem_copy']:.1f} MB | {r['ref_weights_mb']:.1f} MB |"
         )
     return "\n".join(lines)
