@@ -434,31 +434,12 @@ def _resolve(run: Run) -> None:
         from accelerate.utils import gather_object
 
         keys = sorted(set(gather_object(keys)))
-    device = acc.device
-    rows = [
-        torch.stack(
-            [torch.as_tensor(p.local.get(k, 0.0), dtype=torch.float32, device=device).reshape(()) for k in keys]
-        )
-        for p in pending
-    ]
-    table = torch.stack(rows)
+    table = _stack([p.local for p in pending], keys, acc.device)
     if acc.num_processes > 1:
         table = acc.reduce(table, reduction="sum")
     same_keys = sorted({k for p in pending for k in p.same})
-    same = (
-        torch.stack(
-            [
-                torch.stack(
-                    [p.same.get(k, torch.zeros((), device=device)).float().reshape(()).to(device) for k in same_keys]
-                )
-                for p in pending
-            ]
-        )
-        if same_keys
-        else None
-    )
-    totals = table.tolist()
-    flags = same.tolist() if same is not None else [[] for _ in pending]
+    same = _stack([p.same for p in pending], same_keys, acc.device)
+    totals, flags = table.tolist(), same.tolist()
     nproc = acc.num_processes
     for p, row, srow in zip(pending, totals, flags, strict=True):
         total = dict(zip(keys, row, strict=True))
@@ -477,6 +458,14 @@ def _resolve(run: Run) -> None:
                 raise _non_finite(
                     run, p.step, f"{what.format(step=p.step)} (metrics {shown})", weights_bad=key == "bad/loss"
                 )
+
+
+def _stack(rows: list[dict[str, Any]], keys: list[str], device: torch.device) -> torch.Tensor:
+    """(len(rows), len(keys)) fp32 on ``device``, a key missing from a row counting as 0."""
+    zero = torch.zeros((), device=device)
+    return torch.stack(
+        [torch.stack([torch.as_tensor(r.get(k, zero), device=device).float().reshape(()) for k in keys]) for r in rows]
+    )
 
 
 def _non_finite(run: Run, step: int, what: str, weights_bad: bool = False) -> FloatingPointError:
