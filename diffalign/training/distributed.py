@@ -10,32 +10,10 @@ still takes part with zeros): a collective that one process skips aborts gloo an
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-
-
-def sum_across(values: Mapping[str, Tensor | float], accelerator: object) -> dict[str, float]:
-    """Sum scalars over processes in one all-reduce; a key that a process lacks counts as 0 there.
-
-    With several processes the key set is agreed first (one object all-gather), so a process whose micro-batches
-    were all bad rows, and has no metrics, still contributes a buffer of the same size.
-    """
-    keys = sorted(values)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        keys = sorted(set(gather_object(keys)))
-    if not keys:
-        return {}
-    device = accelerator.device
-    vec = torch.stack(
-        [torch.as_tensor(values.get(k, 0.0), dtype=torch.float32, device=device).reshape(()) for k in keys]
-    )
-    if accelerator.num_processes > 1:
-        vec = accelerator.reduce(vec, reduction="sum")
-    return dict(zip(keys, vec.tolist(), strict=True))
 
 
 def reduce_gradients(
