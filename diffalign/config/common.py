@@ -30,6 +30,7 @@ class ModelConfig:
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # dtype of the frozen weights
     vae_path: str | None = None  # e.g. madebyollin/sdxl-vae-fp16-fix
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the denoiser forward (static shapes: one graph per resolution and pass)
     quantize: Literal["none", "nf4", "float8"] = "none"  # frozen denoiser weights only
     load_text_encoders: bool = True  # false: train from the latent cache's prompt embeddings
     # flow models (sd3, flux): training-timestep density (SD3 paper Sec. 3.1) and the fixed timestep shift:

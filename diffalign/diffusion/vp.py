@@ -139,12 +139,17 @@ class VPProcess:
 
     def coefficients(self, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         """(sqrt(a_t), sqrt(1 - a_t)) as fp32 tensors shaped like ``timesteps``."""
-        t = torch.as_tensor(timesteps, device=self.alphas_cumprod.device).long()
+        t = torch.as_tensor(timesteps).long()
         if t.ndim > 1:
             raise ValueError(f"timesteps must be a scalar or (B,); got shape {tuple(t.shape)}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_train_timesteps):
-            raise ValueError(f"timesteps must lie in [0, {self.num_train_timesteps}); got {t.min()}..{t.max()}")
-        a = self.alphas_cumprod[t].float()
+        try:  # no host read: raises here on the CPU, as a device-side assert on an accelerator
+            torch._assert_async(((t >= 0) & (t < self.num_train_timesteps)).all(), "timesteps out of range")
+        except RuntimeError:
+            raise ValueError(
+                f"timesteps must lie in [0, {self.num_train_timesteps}); got {t.min()}..{t.max()}"
+            ) from None
+        table = self.alphas_cumprod.to(t.device, non_blocking=True)  # a no-op once ``to(device)`` put it there
+        a = table[t].float()
         return a.sqrt(), (1.0 - a).sqrt()
 
     def _coefs(self, timesteps: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -65,6 +65,21 @@ def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
             layer.enable_adapters(enabled)
 
 
+def compile_denoiser(module: nn.Module, recompile_limit: int = 64) -> None:
+    """``torch.compile`` the forward of ``module`` in place (``nn.Module.compile``: parameter names, state dicts and
+    the LoRA layers stay as they are), with static shapes.
+
+    Dynamo specialises each graph on the input shapes, on grad mode and on each LoRA layer's on/off flag, so a run
+    compiles two graphs per resolution bucket, the policy forward (LoRA on, with grad) and the reference forward
+    (LoRA off, no grad), and then only looks them up: toggling the adapter never recompiles. ``recompile_limit``
+    bounds the graphs kept per code object (torch's default, 8, is four buckets).
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
+    module.compile(dynamic=False)
+
+
 class Adapter:
     """Shared behaviour of the family adapters (``sd15``, ``sdxl``, ``sd3`` (SD3 and SD3.5), ``flux``).
 
@@ -205,6 +220,8 @@ class Adapter:
             module.to(device)
         if not getattr(self.denoiser, "is_quantized", False):  # bitsandbytes weights live where they were loaded
             self.denoiser.to(device)
+        if hasattr(self.process, "to"):  # the process's tables next to the model: no copy per step
+            self.process = self.process.to(device)
         return self
 
     def resolution_shift(self, resolution: int) -> float:
@@ -249,7 +266,7 @@ class Adapter:
         Uses the posterior mean rather than a sample: the SD VAEs' posterior std is tiny, and the mean
         makes cached latents exactly equal to latents computed on the fly.
         """
-        dist = self.vae.encode(pixels.to(self.vae.device, torch.float32)).latent_dist
+        dist = self.vae.encode(pixels.to(self.vae.device, torch.float32, non_blocking=True)).latent_dist
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (dist.mean - shift) * self.vae.config.scaling_factor
 

@@ -24,7 +24,7 @@ class Adapter(_Base):
     def encode_prompts(self, prompts: Sequence[str], info: Sequence[SampleInfo] | None = None) -> Cond:
         self.require_text_encoders()
         (encoder,), (tokenizer,) = self.text_encoders, self.tokenizers
-        ids = tokenize(tokenizer, prompts).to(encoder.device)
+        ids = tokenize(tokenizer, prompts).to(encoder.device, non_blocking=True)
         return {"encoder_hidden_states": encoder(ids)[0]}
 
     def predict(self, x_t: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:

@@ -1,8 +1,8 @@
 """Per-sample ELBO terms for offline preference data: pairs (K=2) and ranked lists (K>2).
 
 All K images of a group share ONE noise draw and ONE timestep, and the whole batch goes through the
-denoiser as ONE concatenated forward for the policy and ONE no-grad forward for the reference (the same
-weights with the LoRA switched off). The per-sample error is mean over C,H,W of (prediction - target)^2,
+denoiser as ONE no-grad forward for the reference (the same weights with the LoRA switched off), run first, and
+ONE concatenated forward for the policy. The per-sample error is mean over C,H,W of (prediction - target)^2,
 computed in fp32 whatever the autocast dtype, because DPO multiplies error differences by ~2500.
 
 Noise and timestep of a group come from a generator seeded with that group's own seed, so the draw does not
@@ -57,6 +57,13 @@ def draw_noise(process: object, shape: Sequence[int], seeds: Sequence[int]) -> t
     return torch.stack(noises), torch.stack(steps)
 
 
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """Host -> ``device`` without blocking the host: from pinned memory, asynchronously, on CUDA."""
+    if torch.device(device).type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def per_sample_error(pred: Tensor, target: Tensor) -> Tensor:
     """Mean over all non-batch dims of the squared error, in fp32. (N, ...) -> (N,)."""
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
@@ -98,9 +105,10 @@ def group_errors(
     device = adapter.device
     process = adapter.process
     noise, timesteps = draw_noise(process, latents.shape[2:], seeds)
-    x0 = latents.flatten(0, 1).to(device, torch.float32)
-    eps = noise.repeat_interleave(k, dim=0).to(device)
-    t = timesteps.repeat_interleave(k).to(device)
+    x0 = to_device(latents.flatten(0, 1), device).float()
+    eps = to_device(noise.repeat_interleave(k, dim=0), device)
+    timesteps = to_device(timesteps, device)
+    t = timesteps.repeat_interleave(k)
     text_lora = any(has_adapters(m) for m in adapter.text_encoders)
     if cond is not None and text_lora:
         raise ValueError("cached prompt embeddings cannot be used with a text-encoder LoRA; disable the latent cache")
@@ -122,24 +130,24 @@ def group_errors(
             eps = noise_fn(x0, t, expand(policy_cond), _image_seeds(seeds, k)).to(device, torch.float32)
     x_t = process.add_noise(x0, eps, t)
     target = process.target(x0, eps, t)
-    pred = adapter.predict(x_t, t, expand(policy_cond))
-    policy = per_sample_error(pred, target).view(b, k)
+    if need_gap and not need_ref:
+        raise ValueError("need_gap needs the reference forward (need_ref=True)")
 
-    ref = None
-    if need_ref:
+    ref = ref_pred = None
+    if need_ref:  # before the policy pass: no policy activations are held while it runs (see bench/step_cost.py)
         with torch.no_grad(), adapter.reference():
             ref_cond = _encode(adapter, prompts, info, grad=False) if text_lora else policy_cond
             ref_pred = adapter.predict(x_t, t, expand(ref_cond))
-        ref = per_sample_error(ref_pred, target).view(b, k)
-    gap = None
-    if need_gap:
-        if not need_ref:
-            raise ValueError("need_gap needs the reference forward (need_ref=True)")
-        gap = per_sample_error(pred, ref_pred).view(b, k)
+            ref = per_sample_error(ref_pred, target).view(b, k)
+        if not need_gap:
+            ref_pred = None  # freed before the policy forward
+    pred = adapter.predict(x_t, t, expand(policy_cond))
+    policy = per_sample_error(pred, target).view(b, k)
+    gap = per_sample_error(pred, ref_pred).view(b, k) if need_gap else None
     shape = (b, k, *latents.shape[2:])
     return GroupErrors(
         policy=policy,
-        timesteps=timesteps.to(device),
+        timesteps=timesteps,
         ref=ref,
         pred=pred.view(shape) if need_pred else None,
         target=target.view(shape) if need_pred else None,

@@ -10,50 +10,36 @@ still takes part with zeros): a collective that one process skips aborts gloo an
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 
-def sum_across(values: Mapping[str, Tensor | float], accelerator: object) -> dict[str, float]:
-    """Sum scalars over processes in one all-reduce; a key that a process lacks counts as 0 there.
+def reduce_gradients(
+    params: Sequence[nn.Parameter], accelerator: object, groups: int, flag: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Sum the gradients of ``params``, this process's group count and ``flag`` over processes (ONE flat all-reduce,
+    no host synchronisation) and divide the gradients by the global count (at least 1).
 
-    With several processes the key set is agreed first (one object all-gather), so a process whose micro-batches
-    were all bad rows, and has no metrics, still contributes a buffer of the same size.
-    """
-    keys = sorted(values)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        keys = sorted(set(gather_object(keys)))
-    if not keys:
-        return {}
-    device = accelerator.device
-    vec = torch.stack(
-        [torch.as_tensor(values.get(k, 0.0), dtype=torch.float32, device=device).reshape(()) for k in keys]
-    )
-    if accelerator.num_processes > 1:
-        vec = accelerator.reduce(vec, reduction="sum")
-    return dict(zip(keys, vec.tolist(), strict=True))
-
-
-def reduce_gradients(params: Sequence[nn.Parameter], accelerator: object, count: float) -> None:
-    """Sum the gradients of ``params`` over processes (one flat all-reduce) and divide them by ``count``.
-
-    Each process back-propagates the SUM of its per-group losses and ``count`` is the global number of groups of
-    the step, so the result is the mean over all groups whatever their split over processes and micro-batches.
+    Each process back-propagates the SUM of its per-group losses, so the result is the mean over all groups
+    whatever their split over processes and micro-batches. Returns the global count and the summed ``flag``
+    (0-d tensors on the device).
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    device = flag.device
+    extra = torch.stack([torch.full((), float(groups), device=device), flag.float().reshape(())])
+    flat = torch.cat([*(g.reshape(-1).float() for g in grads), extra.to(grads[0].device)])
     if accelerator.num_processes > 1:
         flat = accelerator.reduce(flat, reduction="sum")
-    flat = flat / count
+    count, total_flag = flat[-2], flat[-1]
+    flat = flat[:-2] / count.clamp(min=1.0)
     offset = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
+    return count, total_flag
 
 
 def gather_rows(values: Tensor, accelerator: object) -> Tensor:

@@ -31,6 +31,7 @@ from diffalign.data.latent_cache import LatentCache
 from diffalign.data.loader import build_loader
 from diffalign.fileio import FolderLock, append_jsonl, keep_jsonl, replace_dir
 from diffalign.models import lora
+from diffalign.models.base import compile_denoiser
 from diffalign.training import checkpoint, distributed, optim
 
 
@@ -67,6 +68,7 @@ class Run:
     loader: Source
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    pending: list[_Pending] = field(default_factory=list)  # steps whose figures are still on the device
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -222,7 +224,10 @@ def build_adapter(cfg: Any, device: torch.device) -> Any:
     if m.gradient_checkpointing:
         adapter.denoiser.enable_gradient_checkpointing()
     adapter.denoiser.train()  # LoRA dropout; the SD denoisers have no other dropout by default
-    return adapter.to(device)
+    adapter = adapter.to(device)
+    if m.compile:
+        compile_denoiser(adapter.denoiser)
+    return adapter
 
 
 def build_run(cfg: Any, accelerator: Accelerator, adapter: Any, loader: Source | None = None) -> Run:
@@ -304,9 +309,46 @@ def export_lora(run: Run) -> Path:
 
 
 # ---- one optimizer step -------------------------------------------------------------------------------
+def sync_step(cfg: Any, step: int) -> bool:
+    """Whether ``train`` logs, validates or saves after optimizer step ``step`` (1-based).
+
+    Only these steps read values back from the device: the NaN stop and the metrics of the steps in between wait
+    for the next one, so a steady-state step never blocks the host on the accelerator.
+    """
+    run, every = cfg.run, cfg.validation.every
+    return (
+        step == 1
+        or step >= run.max_steps
+        or step % run.log_every == 0
+        or step % run.save_every == 0
+        or bool(every and step % every == 0)
+    )
+
+
+@dataclass
+class _Pending:
+    """A step whose figures are still on the device: ``shown`` (the dict the step returned) is filled in place.
+
+    ``local``: this process's sums, summed over processes when resolved; ``same``: values already equal on every
+    process (gradient norm, non-finite flags of the loss, gradient norm and updated weights).
+    """
+
+    step: int
+    shown: dict[str, Any]
+    local: dict[str, torch.Tensor | float]
+    same: dict[str, torch.Tensor]
+
+
+_BAD = {
+    "bad/loss": "non-finite loss at step {step}",
+    "bad/norm": "non-finite gradient norm at step {step}",
+    "bad/weights": "non-finite weights after the update of step {step}",
+}
+
+
 def optimizer_step(
     run: Run, micro_step: MicroStep, *, metrics: dict[str, torch.Tensor] | None = None
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """``grad_accum`` micro-batches -> gradients averaged over the step's groups -> clip -> step, with the NaN stop.
 
     ``micro_step(*run.loader.next_batch())`` (offline: ``micro_step(batch, seeds)``) returns
@@ -318,60 +360,122 @@ def optimizer_step(
     Every process makes the same collectives in the same order whatever its data (``distributed``). The run stops
     (``FloatingPointError``) before anything is saved when the loss, the gradient norm (without fp16 loss
     scaling, which skips such steps itself) or the updated weights are not finite.
+
+    No host-device synchronisation on a step that is not a ``sync_step``: its checks are kept on the device and
+    its returned dict holds only ``lr`` until the next sync step resolves them (in place). A sync step first
+    stops on the earliest non-finite step since the last one (naming it; its update never reaches a checkpoint,
+    a validation or the LoRA export), then checks itself before its update as each step used to.
     """
     cfg, acc = run.cfg, run.accelerator
+    step, sync = run.step + 1, sync_step(cfg, run.step + 1)
     local: dict[str, torch.Tensor | float] = {f"mean/{k}": v.detach().float() for k, v in (metrics or {}).items()}
-    groups, nonfinite = 0, False
+    groups, nonfinite = 0, torch.zeros((), device=acc.device)
     for _ in range(cfg.optim.grad_accum):
         args = run.loader.next_batch()
         n = len(args[0])
         if n == 0:  # every row of this micro-batch was a skipped bad row
             continue
         out = micro_step(*args)
-        nonfinite |= not bool(torch.isfinite(out["loss"]))
-        acc.backward(out["loss"] * n)  # the sum over its groups; reduce_gradients divides by the global count
+        loss = out["loss"]
+        nonfinite = nonfinite + (~torch.isfinite(loss.detach())).to(nonfinite.device, nonfinite.dtype)
+        acc.backward(loss * n)  # the sum over its groups; reduce_gradients divides by the global count
         groups += n
         for k, v in out.items():
             local[f"sum/{k}"] = local.get(f"sum/{k}", 0.0) + v.detach().float() * n
-    total = distributed.sum_across({**local, "groups": float(groups), "nonfinite": float(nonfinite)}, acc)
-    count = total.pop("groups")
-    shown = {k[4:]: v / max(count, 1.0) for k, v in total.items() if k.startswith("sum/")}
-    shown.update({k[5:]: v / acc.num_processes for k, v in total.items() if k.startswith("mean/")})
-    if total["nonfinite"]:
-        raise _non_finite(run, f"non-finite loss at step {run.step + 1} (metrics {shown})", weights_bad=True)
+    local["groups"] = float(groups)
     params = run.params
-    if count == 0:
-        logger.warning("step %d: every row of the global batch was a skipped bad row; no update", run.step + 1)
+    count, bad_loss = distributed.reduce_gradients(params, acc, groups, nonfinite)
+    shown: dict[str, Any] = {}
+    pending = _Pending(step, shown, local, {"bad/loss": bad_loss > 0})
+    run.pending.append(pending)
+    if sync:
+        _resolve(run)
+    # the global count is 0 only if this process's is: only such a process asks the device
+    if groups == 0 and float(count) == 0:
+        logger.warning("step %d: every row of the global batch was a skipped bad row; no update", step)
         run.optimizer.zero_grad(set_to_none=True)
         shown["loss"] = float("nan")
     else:
-        distributed.reduce_gradients(params, acc, count)
         if cfg.optim.max_grad_norm is not None:
             norm = acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         else:
             acc.unscale_gradients()
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        shown["grad_norm"] = float(norm)
-        if acc.scaler is None and not torch.isfinite(torch.as_tensor(norm)):
-            raise _non_finite(run, f"non-finite gradient norm at step {run.step + 1} (metrics {shown})")
+        norm = torch.as_tensor(norm)
+        if acc.scaler is None:
+            pending.same["bad/norm"] = ~torch.isfinite(norm)
+        if sync:
+            shown["grad_norm"] = float(norm)
+            if "bad/norm" in pending.same and bool(pending.same["bad/norm"]):
+                raise _non_finite(run, step, f"{_BAD['bad/norm'].format(step=step)} (metrics {shown})")
+        else:
+            pending.same["grad_norm"] = norm.detach()
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         # the weights are replicated and updated identically on every process: the same answer everywhere
-        if not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
-            raise _non_finite(run, f"non-finite weights after the update of step {run.step + 1} (metrics {shown})")
+        weights_bad = ~torch.stack([p.detach().isfinite().all() for p in params]).all()
+        if sync and bool(weights_bad):
+            raise _non_finite(run, step, f"{_BAD['bad/weights'].format(step=step)} (metrics {shown})")
+        pending.same["bad/weights"] = weights_bad
+    if sync:
+        run.pending.clear()
     run.scheduler.step()
-    run.step += 1
-    shown["groups"] = count
+    run.step = step
     shown["lr"] = run.scheduler.get_last_lr()[0]
     return shown
 
 
-def _non_finite(run: Run, what: str, weights_bad: bool = False) -> FloatingPointError:
-    """The NaN stop's error. ``weights_bad``: the current weights gave it, so a checkpoint of them (the one saved
-    at the current step, if any) is set aside as ``step-N.nonfinite``, and ``latest`` no longer resumes into it."""
+def _resolve(run: Run) -> None:
+    """Bring the pending steps' figures to the host (one all-reduce, two transfers), fill their ``shown`` dicts,
+    and stop on the earliest non-finite one. The current step (last pending) is checked for its loss only."""
+    acc, pending = run.accelerator, run.pending
+    keys = sorted({k for p in pending for k in p.local})
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        keys = sorted(set(gather_object(keys)))
+    table = _stack([p.local for p in pending], keys, acc.device)
+    if acc.num_processes > 1:
+        table = acc.reduce(table, reduction="sum")
+    same_keys = sorted({k for p in pending for k in p.same})
+    same = _stack([p.same for p in pending], same_keys, acc.device)
+    totals, flags = table.tolist(), same.tolist()
+    nproc = acc.num_processes
+    for p, row, srow in zip(pending, totals, flags, strict=True):
+        total = dict(zip(keys, row, strict=True))
+        extra = dict(zip(same_keys, srow, strict=True))
+        count = total.pop("groups")
+        p.shown.update({k[4:]: v / max(count, 1.0) for k, v in total.items() if k.startswith("sum/")})
+        p.shown.update({k[5:]: v / nproc for k, v in total.items() if k.startswith("mean/")})
+        p.shown["groups"] = count
+        if count == 0:
+            p.shown["loss"] = float("nan")
+        elif "grad_norm" in extra:
+            p.shown["grad_norm"] = extra["grad_norm"]
+        for key, what in _BAD.items():
+            if extra.get(key):
+                shown = {k: v for k, v in p.shown.items() if k != "lr"}
+                raise _non_finite(
+                    run, p.step, f"{what.format(step=p.step)} (metrics {shown})", weights_bad=key == "bad/loss"
+                )
+
+
+def _stack(rows: list[dict[str, Any]], keys: list[str], device: torch.device) -> torch.Tensor:
+    """(len(rows), len(keys)) fp32 on ``device``, a key missing from a row counting as 0."""
+    zero = torch.zeros((), device=device)
+    return torch.stack(
+        [torch.stack([torch.as_tensor(r.get(k, zero), device=device).float().reshape(()) for k in keys]) for r in rows]
+    )
+
+
+def _non_finite(run: Run, step: int, what: str, weights_bad: bool = False) -> FloatingPointError:
+    """The NaN stop's error for a problem found at optimizer step ``step``. ``weights_bad``: the weights before
+    that step gave it, so a checkpoint of them (step ``step - 1``, if saved) is set aside as ``step-N.nonfinite``,
+    and ``latest`` no longer resumes into it."""
+    run.pending.clear()  # reported here; a caller that goes on (a test, a notebook) starts afresh
     root = run.output_dir / "checkpoints"
     note = ""
-    current = checkpoint.step_dir(root, run.step)
+    current = checkpoint.step_dir(root, step - 1)
     if weights_bad and run.accelerator.is_main_process and checkpoint.is_complete(current):
         note = (
             f" {current.name} holds the weights that gave it: moved to {checkpoint.set_aside(current, 'nonfinite')}."
@@ -418,7 +522,7 @@ def validate(run: Run) -> None:
         extra = {"skip_guidance_layers": list(skip)} if (skip := cfg.validation.skip_guidance_layers) else {}
         for i, prompt in enumerate(prompts):
             gen = torch.Generator(device="cpu").manual_seed(cfg.validation.seed + i)
-            image = pipe(
+            image = _eager(pipe)(
                 prompt,
                 num_inference_steps=cfg.validation.num_inference_steps,
                 guidance_scale=cfg.validation.guidance_scale,
@@ -434,6 +538,16 @@ def validate(run: Run) -> None:
             if tracker.name == "tensorboard":
                 tracker.log_images({"validation": np.stack(images)}, step=run.step, dataformats="NHWC")
     acc.wait_for_everyone()
+
+
+def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with a compiled denoiser's eager forward: sampling shapes would compile graphs of their own."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with torch.compiler.set_stance("force_eager"):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
@@ -454,7 +568,8 @@ def train(
         metrics = train_step()
         run.history.append(metrics)
         bar.update(1)
-        bar.set_postfix(**(postfix(metrics) if postfix else {"loss": f"{metrics['loss']:.4f}"}))
+        if "loss" in metrics:  # resolved (a sync step): steady-state steps never wait for the device
+            bar.set_postfix(**(postfix(metrics) if postfix else {"loss": f"{metrics['loss']:.4f}"}))
         if run.step % cfg.run.log_every == 0 or run.step == 1:
             log(run, metrics)
         if cfg.validation.every and run.step % cfg.validation.every == 0:

@@ -173,9 +173,14 @@ def test_eval_errors_are_one_line(folder, plugin, tmp_path, capsys):
     assert err.startswith("error: unknown scorer 'pickscor'; did you mean 'pickscore'") and "Traceback" not in err
     assert main(["eval", "score", str(folder), "--scorer", "no_such_module:X", "--out", str(tmp_path / "y")]) == 1
     assert "cannot import 'X' from 'no_such_module'" in capsys.readouterr().err
-    assert main(["eval", "score", str(folder), "--scorer", "clipscore,clip_at_zro=true", "--out", str(tmp_path / "w")]) == 1
+    assert (
+        main(["eval", "score", str(folder), "--scorer", "clipscore,clip_at_zro=true", "--out", str(tmp_path / "w")])
+        == 1
+    )
     err = capsys.readouterr().err
-    assert err.startswith("error: scorer spec 'clipscore,clip_at_zro=true': scorer 'clipscore' has no option 'clip_at_zro'")
+    assert err.startswith(
+        "error: scorer spec 'clipscore,clip_at_zro=true': scorer 'clipscore' has no option 'clip_at_zro'"
+    )
     assert "did you mean 'clip_at_zero'" in err and "Traceback" not in err
     (folder / "0.txt").unlink()
     assert main(["eval", "score", str(folder), "--scorer", plugin, "--out", str(tmp_path / "z")]) == 1
