@@ -26,6 +26,8 @@ What runs (the quickstart's pieces, ``diffalign.quickstart``, with its defaults)
    smpo      offline_pref      best-vs-worst scored pairs   base + LoRA
    refl      reward_grad       online, toy reward gradient  base + LoRA
    draft     reward_grad       online, toy reward gradient  base + LoRA
+   grpo      online_rl         online, toy reward           base + LoRA
+   ddpo      online_rl         online, toy reward           base + LoRA
    ========  ================  ===========================  ==========================================
 
    ``curriculum_dpo`` is DPO on smpo's scored pairs with the Curriculum-DPO sampler (``data.curriculum``).
@@ -82,6 +84,8 @@ OBJECTIVES = {
     "curriculum_dpo": Objective("offline_pref", "scored_pairs", "lora"),
     "refl": Objective("reward_grad", None, "lora"),
     "draft": Objective("reward_grad", None, "lora"),
+    "grpo": Objective("online_rl", None, "lora"),
+    "ddpo": Objective("online_rl", None, "lora"),
 }
 
 
