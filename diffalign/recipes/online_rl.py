@@ -47,7 +47,7 @@ from diffalign.models.base import Cond
 from diffalign.recipes.stepwise_pref import mixed_seed, read_prompts
 from diffalign.terms import online, stepwise
 from diffalign.terms.advantages import AdvantageSpec, gathered_advantages
-from diffalign.training import loop
+from diffalign.training import distributed, loop
 from diffalign.types import PolicyTerms
 
 
@@ -214,6 +214,18 @@ def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[s
     return micros, positions, {name: torch.cat(v) for name, v in rewards.items()}, scoring
 
 
+def check_rollout(state: State, micros: list[Micro], rewards: dict[str, Tensor], sde: Tensor) -> None:
+    """The NaN stop for the rollout: a non-finite sample, log-probability or reward on any process stops the run
+    (``loop``'s ``FloatingPointError``; the checkpoint of the weights that sampled it is set aside) before the
+    advantages see it."""
+    bad = sum(int((~torch.isfinite(r)).sum()) for r in rewards.values())
+    for m in micros:  # deterministic (ODE) steps store a NaN log-prob by design: only the SDE steps count
+        bad += int((~torch.isfinite(m.latents)).any()) + int((~torch.isfinite(m.log_probs[:, sde])).any())
+    if distributed.sum_across({"bad": float(bad)}, state.run.accelerator)["bad"]:
+        what = f"non-finite rollout (samples, log-probs or rewards) before step {state.run.step + 1}"
+        raise loop._non_finite(state.run, what, weights_bad=True)
+
+
 def fill_round(state: State) -> dict[str, Tensor]:
     """Roll out, score and normalise one round; queue its (micro-batch, step) items; round statistics."""
     o, buf, acc = state.cfg.online, state.buffer, state.run.accelerator
@@ -221,6 +233,7 @@ def fill_round(state: State) -> dict[str, Tensor]:
     t0 = time.perf_counter()
     micros, positions, rewards, scoring = sample_round(state, sde)
     t1 = time.perf_counter()
+    check_rollout(state, micros, rewards, sde)
     weights = {name: r.weight for name, r in o.rewards.items()}
     adv = gathered_advantages(rewards, positions, state.adv_spec, acc, weights)
     offset = 0
