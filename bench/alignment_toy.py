@@ -212,6 +212,7 @@ def row(name: str, obj: Objective, comparison: dict[str, Any], train_s: float) -
         "difference": d,
         "win_rate": w,
         "faithfulness": c["toyfaithfulness"][name]["mean"],
+        "faithfulness_difference": c["toyfaithfulness"]["difference"],  # the reward-hacking check's CI
         "prominence": c["toyprominence"][name]["mean"],
         "train_s": train_s,
         "verdict": verdict,
