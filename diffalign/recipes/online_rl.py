@@ -220,7 +220,9 @@ def check_rollout(state: State, micros: list[Micro], rewards: dict[str, Tensor],
     advantages see it."""
     bad = sum(int((~torch.isfinite(r)).sum()) for r in rewards.values())
     for m in micros:  # deterministic (ODE) steps store a NaN log-prob by design: only the SDE steps count
-        bad += int((~torch.isfinite(m.latents)).any()) + int((~torch.isfinite(m.log_probs[:, sde])).any())
+        bad += int((~torch.isfinite(m.latents)).any()) + int(
+            (~torch.isfinite(m.log_probs[:, sde.to(m.log_probs.device)])).any()
+        )
     if distributed.sum_across({"bad": float(bad)}, state.run.accelerator)["bad"]:
         what = f"non-finite rollout (samples, log-probs or rewards) before step {state.run.step + 1}"
         raise loop._non_finite(state.run, what, weights_bad=True)

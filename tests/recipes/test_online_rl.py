@@ -147,6 +147,14 @@ def test_nan_stop_saves_nothing_corrupt(recipe, tiny_dirs, tmp_path):
     assert not (out / "lora").exists()
 
 
+def test_window_rounds_are_not_a_nan_stop(recipe, tiny_dirs, tmp_path):
+    """MixGRPO's window: the ODE steps outside it store NaN log-probs by design; the rollout NaN stop ignores them."""
+    extra = {"run.max_steps": 1, "online.train_steps": "window", "online.window_size": 2, "optim.grad_accum": 4}
+    result = recipe.main(["--config", "toy/grpo", *overrides(tiny_dirs["sd3"], tmp_path / "run", **extra)])
+    h = result["history"][0]
+    assert math.isfinite(h["loss"]) and h["groups"] == 8 * 2 and h["loss/ratio_min"] == h["loss/ratio_max"] == 1.0
+
+
 def test_sigkill_then_resume_equals_uninterrupted(grpo_run, tiny_dirs, tmp_path):
     """kill -9 once checkpoint 1 of 2 is written (during round 2), resume with latest: the final LoRA equals the
     uninterrupted 2-round run's bit for bit (rollout seeds, round counter and optimizer come from the checkpoint)."""
