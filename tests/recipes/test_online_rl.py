@@ -155,12 +155,15 @@ def test_window_rounds_are_not_a_nan_stop(recipe, tiny_dirs, tmp_path):
     assert math.isfinite(h["loss"]) and h["groups"] == 8 * 2 and h["loss/ratio_min"] == h["loss/ratio_max"] == 1.0
 
 
-def test_sigkill_then_resume_equals_uninterrupted(grpo_run, tiny_dirs, tmp_path):
-    """kill -9 once checkpoint 1 of 2 is written (during round 2), resume with latest: the final LoRA equals the
-    uninterrupted 2-round run's bit for bit (rollout seeds, round counter and optimizer come from the checkpoint)."""
+def test_sigkill_then_resume_equals_uninterrupted(recipe, tiny_dirs, tmp_path):
+    """kill -9 once checkpoint 1 of 3 is written (during round 2, or 3 on a slow machine), resume with latest: the
+    final LoRA equals the uninterrupted 3-round run's bit for bit (rollout seeds, round counter and optimizer come
+    from the checkpoint)."""
+    common = {"run.max_steps": 3, "run.save_every": 1, "run.keep_last": 10}
+    recipe.main(["--config", "toy/grpo", *overrides(tiny_dirs["sd3"], tmp_path / "ref", **common)])
     out = tmp_path / "cut"
     cmd = [sys.executable, str(ROOT / "recipes" / "online_rl.py"), "--config", "toy/grpo"]
-    cmd += overrides(tiny_dirs["sd3"], out, **{"run.max_steps": 2, "run.save_every": 1, "run.keep_last": 10})
+    cmd += overrides(tiny_dirs["sd3"], out, **common)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "checkpoints" / "step-00000001" / "COMPLETE").exists():
@@ -168,12 +171,12 @@ def test_sigkill_then_resume_equals_uninterrupted(grpo_run, tiny_dirs, tmp_path)
         assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert checkpoint.latest(out / "checkpoints").name == "step-00000001"
+    assert checkpoint.latest(out / "checkpoints").name in {"step-00000001", "step-00000002"}
     assert not (out / "lora").exists()
 
     resumed = run_subprocess([*cmd, "run.resume_from=latest"], ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
-    want = load_file(str(grpo_run[0] / "lora" / "pytorch_lora_weights.safetensors"))
+    want = load_file(str(tmp_path / "ref" / "lora" / "pytorch_lora_weights.safetensors"))
     got = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
