@@ -13,7 +13,8 @@ the PPO-clipped loss; ``loop.optimizer_step`` accumulates ``optim.grad_accum`` o
 into one update (gradients averaged over the kept rows x trained steps of all processes; the NaN stop). The first
 update of a round sees ratios of exactly 1 (it is plain policy gradient); later ones see the moved policy, and
 the clip acts. Zero-std groups are kept in the forward (so the batch
-composition stays the rollout's) but masked out of the loss.
+composition stays the rollout's) but masked out of the loss. A non-finite rollout (sample, log-prob or reward, on
+any process) stops the run before the advantages, like a non-finite loss (``check_rollout``).
 
 Everything random is seeded: the prompts of round k from ``(run seed, epoch)``, each image's noises from ``(run
 seed, round, global sample index)``, the trained steps from ``(run seed, round)``; so N processes reproduce one
