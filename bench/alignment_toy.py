@@ -42,7 +42,7 @@ What runs (the quickstart's pieces, ``diffalign.quickstart``, with its defaults)
 Prints a markdown table and writes ``<out>/results.json``; every run folder (LoRA, scores.jsonl, report.html) stays
 under ``<out>``. Run::
 
-    HF_HUB_OFFLINE=1 python bench/alignment_toy.py                        # all objectives, ~15-25 min on 2 CPU cores
+    HF_HUB_OFFLINE=1 python bench/alignment_toy.py                        # all objectives, ~40 min on 2 CPU cores
     HF_HUB_OFFLINE=1 python bench/alignment_toy.py --objectives dpo npo   # a subset
 """
 
