@@ -106,7 +106,10 @@ def test_config_checks(override, match):
         dconfig.load("toy/grpo", ["run.output_dir=x", override])
 
 
-@pytest.mark.parametrize("name", ["sd3/grpo_pickscore", "sd15/ddpo_aesthetic", "flux/grpo_hps", "toy/ddpo"])
+@pytest.mark.parametrize(
+    "name",
+    ["sd3/grpo_pickscore", "sd15/ddpo_aesthetic", "flux/grpo_hps", "toy/ddpo", "toy/grpo_world", "toy/ddpo_world"],
+)
 def test_paper_configs_load(name):
     cfg = dconfig.load(name)
     assert cfg.loss.name == "grpo" and cfg.optim.grad_accum % cfg.online.trained_steps_per_round() == 0
