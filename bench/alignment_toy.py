@@ -26,6 +26,8 @@ What runs (the quickstart's pieces, ``diffalign.quickstart``, with its defaults)
    smpo      offline_pref      best-vs-worst scored pairs   base + LoRA
    refl      reward_grad       online, toy reward gradient  base + LoRA
    draft     reward_grad       online, toy reward gradient  base + LoRA
+   grpo      online_rl         online, toy reward           base + LoRA
+   ddpo      online_rl         online, toy reward           base + LoRA
    ========  ================  ===========================  ==========================================
 
    ``curriculum_dpo`` is DPO on smpo's scored pairs with the Curriculum-DPO sampler (``data.curriculum``).
@@ -40,7 +42,7 @@ What runs (the quickstart's pieces, ``diffalign.quickstart``, with its defaults)
 Prints a markdown table and writes ``<out>/results.json``; every run folder (LoRA, scores.jsonl, report.html) stays
 under ``<out>``. Run::
 
-    HF_HUB_OFFLINE=1 python bench/alignment_toy.py                        # all objectives, ~15-25 min on 2 CPU cores
+    HF_HUB_OFFLINE=1 python bench/alignment_toy.py                        # all objectives, ~40 min on 2 CPU cores
     HF_HUB_OFFLINE=1 python bench/alignment_toy.py --objectives dpo npo   # a subset
 """
 
@@ -82,6 +84,8 @@ OBJECTIVES = {
     "curriculum_dpo": Objective("offline_pref", "scored_pairs", "lora"),
     "refl": Objective("reward_grad", None, "lora"),
     "draft": Objective("reward_grad", None, "lora"),
+    "grpo": Objective("online_rl", None, "lora"),
+    "ddpo": Objective("online_rl", None, "lora"),
 }
 
 
@@ -208,6 +212,7 @@ def row(name: str, obj: Objective, comparison: dict[str, Any], train_s: float) -
         "difference": d,
         "win_rate": w,
         "faithfulness": c["toyfaithfulness"][name]["mean"],
+        "faithfulness_difference": c["toyfaithfulness"]["difference"],  # the reward-hacking check's CI
         "prominence": c["toyprominence"][name]["mean"],
         "train_s": train_s,
         "verdict": verdict,

@@ -13,7 +13,8 @@ the PPO-clipped loss; ``loop.optimizer_step`` accumulates ``optim.grad_accum`` o
 into one update (gradients averaged over the kept rows x trained steps of all processes; the NaN stop). The first
 update of a round sees ratios of exactly 1 (it is plain policy gradient); later ones see the moved policy, and
 the clip acts. Zero-std groups are kept in the forward (so the batch
-composition stays the rollout's) but masked out of the loss.
+composition stays the rollout's) but masked out of the loss. A non-finite rollout (sample, log-prob or reward, on
+any process) stops the run before the advantages, like a non-finite loss (``check_rollout``).
 
 Everything random is seeded: the prompts of round k from ``(run seed, epoch)``, each image's noises from ``(run
 seed, round, global sample index)``, the trained steps from ``(run seed, round)``; so N processes reproduce one
@@ -47,7 +48,7 @@ from diffalign.models.base import Cond
 from diffalign.recipes.stepwise_pref import mixed_seed, read_prompts
 from diffalign.terms import online, stepwise
 from diffalign.terms.advantages import AdvantageSpec, gathered_advantages
-from diffalign.training import loop
+from diffalign.training import distributed, loop
 from diffalign.types import PolicyTerms
 
 
@@ -214,6 +215,20 @@ def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[s
     return micros, positions, {name: torch.cat(v) for name, v in rewards.items()}, scoring
 
 
+def check_rollout(state: State, micros: list[Micro], rewards: dict[str, Tensor], sde: Tensor) -> None:
+    """The NaN stop for the rollout: a non-finite sample, log-probability or reward on any process stops the run
+    (``loop``'s ``FloatingPointError``; the checkpoint of the weights that sampled it is set aside) before the
+    advantages see it."""
+    bad = sum(int((~torch.isfinite(r)).sum()) for r in rewards.values())
+    for m in micros:  # deterministic (ODE) steps store a NaN log-prob by design: only the SDE steps count
+        bad += int((~torch.isfinite(m.latents)).any()) + int(
+            (~torch.isfinite(m.log_probs[:, sde.to(m.log_probs.device)])).any()
+        )
+    if distributed.sum_across({"bad": float(bad)}, state.run.accelerator)["bad"]:
+        what = f"non-finite rollout (samples, log-probs or rewards) before step {state.run.step + 1}"
+        raise loop._non_finite(state.run, what, weights_bad=True)
+
+
 def fill_round(state: State) -> dict[str, Tensor]:
     """Roll out, score and normalise one round; queue its (micro-batch, step) items; round statistics."""
     o, buf, acc = state.cfg.online, state.buffer, state.run.accelerator
@@ -221,6 +236,7 @@ def fill_round(state: State) -> dict[str, Tensor]:
     t0 = time.perf_counter()
     micros, positions, rewards, scoring = sample_round(state, sde)
     t1 = time.perf_counter()
+    check_rollout(state, micros, rewards, sde)
     weights = {name: r.weight for name, r in o.rewards.items()}
     adv = gathered_advantages(rewards, positions, state.adv_spec, acc, weights)
     offset = 0

@@ -34,7 +34,7 @@ SPO / LPO mining share). The last step goes to ``alphas_cumprod[0]`` (DDPO clamp
 "diffusers"``: shift(linspace(1, shift(1/T), N)) then a terminal 0, what Flow-GRPO's pipeline steps on) or
 DanceGRPO's shift(linspace(1, 0, N + 1)) (``spacing="linear"``, ``train_grpo_flux.py:311-313``). The model sees
 ``sigma * T`` (diffusers' timesteps; DanceGRPO truncates ``int(sigma * 1000)`` for the model input only, which is
-not reproduced). VP: DDIM "leading" spacing with the checkpoint's ``steps_offset``. A grid of N steps has N + 1
+not reproduced). VP: the checkpoint's DDIM spacing, "leading" (with ``steps_offset``) or "trailing". A grid of N steps has N + 1
 levels (flow sigmas, or ``alphas_cumprod`` at each step and at the last step's target).
 
 **Rollout / update parity.** Rollout latents stay fp32 between steps (Flow-GRPO's pipeline casts them back to
@@ -133,9 +133,17 @@ def make_grid(adapter: Adapter, num_steps: int, *, spacing: str = "diffusers") -
         sigmas = flow_sigmas(num_steps, process.shift, process.num_train_timesteps, spacing)
         return Grid(sigmas[:-1] * process.num_train_timesteps, sigmas, "flow")
     if isinstance(process, VPProcess):
-        from diffalign.terms.stepwise import scheduler_grid
+        from diffalign.terms.stepwise import ddim_timesteps
 
-        t, prev = scheduler_grid(adapter, num_steps)
+        config, big_t = adapter.scheduler.config, process.num_train_timesteps
+        spacing = config.get("timestep_spacing", "leading")
+        if spacing == "leading":
+            t, prev = ddim_timesteps(big_t, num_steps, int(config.get("steps_offset", 0) or 0))
+        elif spacing == "trailing":  # DDIMScheduler.set_timesteps: round(arange(T, 0, -T / N)) - 1
+            t = torch.round(torch.arange(big_t, 0, -big_t / num_steps, dtype=torch.float64)).long() - 1
+            prev = (t - big_t // num_steps).clamp_min(0)
+        else:
+            raise ValueError(f"scheduler timestep_spacing={spacing!r}: online rollouts step 'leading' or 'trailing'")
         levels = process.alphas_cumprod.float().cpu()[torch.cat([t, prev[-1:]])]
         return Grid(t, levels, process.prediction_type)
     raise TypeError(f"{adapter.family}: no rollout grid for a {type(process).__name__}")

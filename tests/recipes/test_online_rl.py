@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from diffalign import config as dconfig
-from tests.recipes.conftest import recipe_module
+from diffalign.training import checkpoint
+from tests.recipes.conftest import ROOT, child_env, recipe_module, run_subprocess
 
 
 def overrides(tiny_dir: Path, out_dir: Path, **extra: object) -> list[str]:
@@ -100,7 +106,10 @@ def test_config_checks(override, match):
         dconfig.load("toy/grpo", ["run.output_dir=x", override])
 
 
-@pytest.mark.parametrize("name", ["sd3/grpo_pickscore", "sd15/ddpo_aesthetic", "flux/grpo_hps", "toy/ddpo"])
+@pytest.mark.parametrize(
+    "name",
+    ["sd3/grpo_pickscore", "sd15/ddpo_aesthetic", "flux/grpo_hps", "toy/ddpo", "toy/grpo_world", "toy/ddpo_world"],
+)
 def test_paper_configs_load(name):
     cfg = dconfig.load(name)
     assert cfg.loss.name == "grpo" and cfg.optim.grad_accum % cfg.online.trained_steps_per_round() == 0
@@ -110,11 +119,6 @@ def test_paper_configs_load(name):
 def test_two_processes_train_like_one(grpo_run, tiny_dirs, tmp_path, free_port):
     """accelerate, 2 CPU processes with 4 samples each == one process with 8 (same rewards, advantages and update up to
     all-reduce rounding). Opt-in (-m slow): ~15 s on 2 cores."""
-    import subprocess
-    import sys
-
-    from tests.recipes.conftest import ROOT, child_env
-
     two = tmp_path / "two"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--main_process_port", str(free_port), str(ROOT / "recipes" / "online_rl.py")]
@@ -132,3 +136,50 @@ def test_two_processes_train_like_one(grpo_run, tiny_dirs, tmp_path, free_port):
     want = load_file(str(grpo_run[0] / "lora" / "pytorch_lora_weights.safetensors"))
     got = load_file(str(two / "lora" / "pytorch_lora_weights.safetensors"))
     assert all(float((want[k] - got[k]).abs().max()) < 1e-6 for k in want)
+
+
+def test_nan_stop_saves_nothing_corrupt(recipe, tiny_dirs, tmp_path):
+    """lr=1e10: round 1's loss is finite and its update leaves huge weights (saved as step 1); round 2's log-probs are
+    not finite: the run stops with FloatingPointError, step 1 is set aside, no LoRA is exported."""
+    out = tmp_path / "huge"
+    extra = {"run.max_steps": 4, "run.save_every": 1, "optim.lr": 1e10}
+    with pytest.raises(FloatingPointError, match="non-finite") as err:
+        recipe.main(["--config", "toy/grpo", *overrides(tiny_dirs["sd3"], out, **extra)])
+    assert "Last good checkpoint: none" in str(err.value)
+    assert checkpoint.latest(out / "checkpoints") is None
+    assert not (out / "lora").exists()
+
+
+def test_window_rounds_are_not_a_nan_stop(recipe, tiny_dirs, tmp_path):
+    """MixGRPO's window: the ODE steps outside it store NaN log-probs by design; the rollout NaN stop ignores them."""
+    extra = {"run.max_steps": 1, "online.train_steps": "window", "online.window_size": 2, "optim.grad_accum": 4}
+    result = recipe.main(["--config", "toy/grpo", *overrides(tiny_dirs["sd3"], tmp_path / "run", **extra)])
+    h = result["history"][0]
+    assert math.isfinite(h["loss"]) and h["groups"] == 8 * 2 and h["loss/ratio_min"] == h["loss/ratio_max"] == 1.0
+
+
+def test_sigkill_then_resume_equals_uninterrupted(recipe, tiny_dirs, tmp_path):
+    """kill -9 once checkpoint 1 of 3 is written (during round 2, or 3 on a slow machine), resume with latest: the
+    final LoRA equals the uninterrupted 3-round run's bit for bit (rollout seeds, round counter and optimizer come
+    from the checkpoint)."""
+    common = {"run.max_steps": 3, "run.save_every": 1, "run.keep_last": 10}
+    recipe.main(["--config", "toy/grpo", *overrides(tiny_dirs["sd3"], tmp_path / "ref", **common)])
+    out = tmp_path / "cut"
+    cmd = [sys.executable, str(ROOT / "recipes" / "online_rl.py"), "--config", "toy/grpo"]
+    cmd += overrides(tiny_dirs["sd3"], out, **common)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "checkpoints" / "step-00000001" / "COMPLETE").exists():
+        time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.latest(out / "checkpoints").name in {"step-00000001", "step-00000002"}
+    assert not (out / "lora").exists()
+
+    resumed = run_subprocess([*cmd, "run.resume_from=latest"], ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    want = load_file(str(tmp_path / "ref" / "lora" / "pytorch_lora_weights.safetensors"))
+    got = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

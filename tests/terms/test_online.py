@@ -130,6 +130,19 @@ def test_grids_follow_the_schedulers() -> None:
     assert torch.equal(grid.levels, adapter.process.alphas_cumprod[torch.cat([t, prev[-1:]])])
 
 
+def test_vp_grid_follows_trailing_spacing() -> None:
+    from diffusers import DDIMScheduler
+
+    adapter = models.from_components("sd15", tiny.sd15(seed=0))
+    config = dict(adapter.scheduler.config) | {"timestep_spacing": "trailing"}
+    adapter.scheduler = DDIMScheduler.from_config(config)
+    for n in (4, 20):
+        adapter.scheduler.set_timesteps(n)
+        grid = online.make_grid(adapter, n)
+        assert torch.equal(grid.timesteps, adapter.scheduler.timesteps)
+        assert grid.levels[-1] == adapter.process.alphas_cumprod[0]
+
+
 def test_train_steps_never_include_the_last_step() -> None:
     assert online.train_steps(10).tolist() == list(range(9))  # Flow-GRPO: int(10 * 0.99) = 9
     picked = online.train_steps(16, fraction=0.6, shuffle=True, generator=torch.Generator().manual_seed(0))
