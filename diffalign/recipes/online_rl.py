@@ -48,7 +48,7 @@ from diffalign.models.base import Cond
 from diffalign.recipes.stepwise_pref import mixed_seed, read_prompts
 from diffalign.terms import online, stepwise
 from diffalign.terms.advantages import AdvantageSpec, gathered_advantages
-from diffalign.training import distributed, loop
+from diffalign.training import loop
 from diffalign.types import PolicyTerms
 
 
@@ -224,9 +224,13 @@ def check_rollout(state: State, micros: list[Micro], rewards: dict[str, Tensor],
         bad += int((~torch.isfinite(m.latents)).any()) + int(
             (~torch.isfinite(m.log_probs[:, sde.to(m.log_probs.device)])).any()
         )
-    if distributed.sum_across({"bad": float(bad)}, state.run.accelerator)["bad"]:
+    acc = state.run.accelerator  # once per round, every process: the rollout already synchronises for the rewards
+    total = torch.tensor(float(bad), device=acc.device)
+    if acc.num_processes > 1:
+        total = acc.reduce(total, reduction="sum")
+    if total.item():
         what = f"non-finite rollout (samples, log-probs or rewards) before step {state.run.step + 1}"
-        raise loop._non_finite(state.run, what, weights_bad=True)
+        raise loop._non_finite(state.run, state.run.step + 1, what, weights_bad=True)
 
 
 def fill_round(state: State) -> dict[str, Tensor]:
