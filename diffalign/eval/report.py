@@ -198,7 +198,7 @@ class _Thumbs:
 
     def get(self, path: str) -> str | None:
         if path not in self.cache:
-            file = Path(path) if Path(path).is_absolute() else self.root / path
+            file = sidebyside.image_file(path, self.root)
             self.cache[path] = thumbnail_uri(file) if file.is_file() else None
         return self.cache[path]
 

@@ -118,7 +118,7 @@ def write_png(
             lines += [f"seed {cand.get('seed', '-')}", f"diff {difference((cand, ref), key):+.4f}"]
             draw.multiline_text((gap, y), "\n".join(lines), fill="black", spacing=2)
             for x, row, root in ((x_ref, ref, roots[1]), (x_cand, cand, roots[0])):
-                canvas.paste(_open_tile(_resolve(row, root)), (x, y))
+                canvas.paste(_open_tile(image_file(str(row["path"]), root)), (x, y))
                 draw.text((x, y + TILE_PX + 2), f"{float(row[key]):.4f}", fill="black")
             y += row_h
     path = Path(path)
@@ -126,6 +126,7 @@ def write_png(
     return path
 
 
-def _resolve(row: Row, root: Path) -> Path:
-    path = Path(str(row["path"]))
-    return path if path.is_absolute() else root / path
+def image_file(path: str, root: Path) -> Path:
+    """A row's image path: absolute as written, else under the run's image root (``summary["image_root"]``)."""
+    file = Path(path)
+    return file if file.is_absolute() else root / file
