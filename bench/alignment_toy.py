@@ -89,13 +89,13 @@ OBJECTIVES = {
 }
 
 
-def scored_pairs(ranked_file: str) -> Path:
-    """``pairs.jsonl`` beside the labelled ranked lists: each list's best vs worst image by raw toy reward (K=2)."""
+def scored_pairs(ranked_file: str, reward: str) -> Path:
+    """``pairs.jsonl`` beside the labelled ranked lists: each list's best vs worst image by raw ``reward`` (K=2)."""
     path = Path(ranked_file)
     lines = []
     for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        raw = row["raw_scores"]["toyreward"] if isinstance(row["raw_scores"], dict) else row["raw_scores"]
+        raw = row["raw_scores"][reward] if isinstance(row["raw_scores"], dict) else row["raw_scores"]
         best, worst = max(range(len(raw)), key=raw.__getitem__), min(range(len(raw)), key=raw.__getitem__)
         pair = {"prompt": row["prompt"], "images": [row["images"][best], row["images"][worst]]}
         lines.append(json.dumps(pair | {"scores": [raw[best], raw[worst]]}))
@@ -115,7 +115,7 @@ def leading_copy(base: str, out: Path) -> Path:
 
 
 def train(name: str, obj: Objective, labels: dict[str, Any], out: Path, s: Any, extra: list[str]) -> dict[str, Any]:
-    """Run the objective's recipe on its toy-world config; returns the recipe's result and its wall time."""
+    """Run the objective's recipe on its config in the world; returns the recipe's result and its wall time."""
     from diffalign import quickstart
 
     base = s.base_path()
@@ -127,10 +127,10 @@ def train(name: str, obj: Objective, labels: dict[str, Any], out: Path, s: Any, 
     elif obj.data == "ranked":
         overrides.append(f"data.path={Path(labels['ranked_file']).parent}")
     elif obj.data == "scored_pairs":
-        overrides.append(f"data.path={scored_pairs(labels['ranked_file']).parent}")
+        overrides.append(f"data.path={scored_pairs(labels['ranked_file'], s.toy_world().reward).parent}")
     shutil.rmtree(out, ignore_errors=True)
     start = time.time()
-    result = quickstart.load_recipe(obj.recipe).main(["--config", f"toy/{name}_world", *overrides, *extra])
+    result = quickstart.load_recipe(obj.recipe).main(["--config", s.toy_world().config(name), *overrides, *extra])
     return {**result, "train_s": time.time() - start}
 
 
@@ -170,7 +170,7 @@ def sample_npo(negative: str, out: Path, s: Any) -> Path:
                 name = f"{i:05d}_{k:02d}.png"
                 image.save(out / "images" / name)
                 items.append(runner.ImageItem(f"images/{name}", rec.prompt, rec.prompt_id, seed))
-    scorers = quickstart.scorers()
+    scorers = quickstart.scorers(s)
     rows = runner.score_items(items, scorers, out, progress=False)
     summary = {"kind": "generate", "protocol": dataclasses.asdict(protocol) | {"npo_negative": negative}}
     summary |= runner.summarize(rows, scorers)
@@ -188,15 +188,15 @@ def evaluate(name: str, obj: Objective, lora_dir: str, base_run: Path, out: Path
     else:
         protocol = quickstart.eval_protocol(s, lora_dir)
         generate_and_score(
-            protocol, quickstart.heldout_records(s), quickstart.scorers(), out, batch_size=64, overwrite=True,
+            protocol, quickstart.heldout_records(s), quickstart.scorers(s), out, batch_size=64, overwrite=True,
             progress=False,
         )  # fmt: skip
     return compare_runs(out, base_run, labels=(name, "base"))
 
 
-def row(name: str, obj: Objective, comparison: dict[str, Any], train_s: float) -> dict[str, Any]:
+def row(name: str, obj: Objective, comparison: dict[str, Any], train_s: float, world: Any) -> dict[str, Any]:
     c = comparison["scorers"]
-    r, w, d = c["toyreward"], c["toyreward"]["win_rate"], c["toyreward"]["difference"]
+    r, w, d = c[world.reward], c[world.reward]["win_rate"], c[world.reward]["difference"]
     if d["ci_low"] is not None and d["ci_low"] > 0:
         verdict = "beats base"
     elif d["ci_high"] is not None and d["ci_high"] < 0:
@@ -211,29 +211,30 @@ def row(name: str, obj: Objective, comparison: dict[str, Any], train_s: float) -
         "base_reward": r["base"]["mean"],
         "difference": d,
         "win_rate": w,
-        "faithfulness": c["toyfaithfulness"][name]["mean"],
-        "faithfulness_difference": c["toyfaithfulness"]["difference"],  # the reward-hacking check's CI
-        "prominence": c["toyprominence"][name]["mean"],
+        "columns": {k.removeprefix(world.name).removeprefix("toy"): c[k][name]["mean"] for k in world.scorers[1:]},
+        "differences": {k: c[k]["difference"] for k in world.scorers[1:]},  # per attribute / reward-hacking CIs
         "train_s": train_s,
         "verdict": verdict,
     }
 
 
-def markdown(rows: list[dict[str, Any]], base: dict[str, float]) -> str:
+def markdown(rows: list[dict[str, Any]], base: dict[str, float], world: Any) -> str:
+    names = [k.removeprefix(world.name).removeprefix("toy") for k in world.scorers]
+    extra = names[1:]
     lines = [
-        "| objective | recipe | sampled as | toy reward | vs base [95% CI] | win rate vs base [95% CI] | faithfulness "
-        "| prominence | train s | result |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-        f"| base | - | base | {base['reward']:.4f} | - | - | {base['faithfulness']:.4f} | {base['prominence']:.4f} "
-        "| - | - |",
+        f"| objective | recipe | sampled as | {world.reward} | vs base [95% CI] | win rate vs base [95% CI] | "
+        + " | ".join(extra) + " | train s | result |",
+        "| --- | --- | --- | ---: | ---: | ---: | " + "---: | " * len(extra) + "---: | --- |",
+        f"| base | - | base | {base[names[0]]:.4f} | - | - | " + " | ".join(f"{base[k]:.4f}" for k in extra) + " | - | - |",
     ]
     for r in rows:
         d, w = r["difference"], r["win_rate"]
         lines.append(
             f"| {r['objective']} | {r['recipe']} | {r['sampling']} | {r['reward']:.4f} "
             f"| {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] "
-            f"| {w['win_rate']:.0%} [{w['ci_low']:.0%}, {w['ci_high']:.0%}] | {r['faithfulness']:.4f} "
-            f"| {r['prominence']:.4f} | {r['train_s']:.0f} | {r['verdict']} |"
+            f"| {w['win_rate']:.0%} [{w['ci_low']:.0%}, {w['ci_high']:.0%}] | "
+            + " | ".join(f"{r['columns'][k]:.4f}" for k in extra)
+            + f" | {r['train_s']:.0f} | {r['verdict']} |"
         )
     return "\n".join(lines)
 
@@ -241,6 +242,7 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/alignment_toy")
+    parser.add_argument("--world", choices=("duo", "shapes"), default="duo", help="toy world (default: duo)")
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--override", action="append", default=[], metavar="NAME:KEY=VALUE",
@@ -255,28 +257,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    out, s = Path(args.out), quickstart.Settings()
+    out, s = Path(args.out), quickstart.Settings(world=args.world)
+    world = s.toy_world()
     start = time.time()
     labels = quickstart.label(out / "labels", s)
     print(f"labelled {labels['records']} prompts in {time.time() - start:.0f} s", flush=True)
     base_run = out / "eval" / "base"
     generate_and_score(
-        quickstart.eval_protocol(s), quickstart.heldout_records(s), quickstart.scorers(), base_run, batch_size=64,
+        quickstart.eval_protocol(s), quickstart.heldout_records(s), quickstart.scorers(s), base_run, batch_size=64,
         overwrite=True, progress=False,
     )  # fmt: skip
     base_summary = json.loads((base_run / "summary.json").read_text())["stats"]
-    base = {k.removeprefix("toy"): v["mean"] for k, v in base_summary.items()}
+    base = {k.removeprefix(world.name).removeprefix("toy"): v["mean"] for k, v in base_summary.items()}
+    print("base: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()), flush=True)
     rows = []
     for name in args.objectives:
         obj = OBJECTIVES[name]
         extra = [o.split(":", 1)[1] for o in args.override if o.startswith(f"{name}:")]
         trained = train(name, obj, labels, out / "train" / name, s, extra)
         comparison = evaluate(name, obj, str(trained["lora_dir"]), base_run, out / "eval" / name, s)
-        rows.append(row(name, obj, comparison, trained["train_s"]) | {"overrides": extra})
+        rows.append(row(name, obj, comparison, trained["train_s"], world) | {"overrides": extra})
         r = rows[-1]
         print(f"{name}: reward {r['reward']:.4f} (base {r['base_reward']:.4f}), win {r['win_rate']['win_rate']:.0%}, "
               f"train {r['train_s']:.0f} s -> {r['verdict']}", flush=True)  # fmt: skip
-    table = markdown(rows, base)
+    table = markdown(rows, base, world)
     (out / "results.json").write_text(json.dumps({"base": base, "rows": rows, "table": table}, indent=2) + "\n")
     print(f"\n{table}\n\ntotal {time.time() - start:.0f} s; runs in {out}")
     return 0

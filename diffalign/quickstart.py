@@ -1,15 +1,19 @@
 """The README's first command: preference alignment that visibly works, on a laptop CPU, in a few minutes.
 
-Everything runs on the toy world (``diffalign.toy``): 32x32 coloured shapes with captions such as
-``"a red circle on a blue background"``, a pretrained SD1.5-style base model shipped in ``assets/toy_base``, and
-the toy reward (``diffalign.scorers.toyreward``): prompt faithfulness times a preference for large objects.
+Everything runs on a toy world (``diffalign.toy.worlds``). The default, ``duo``: 32x32 images of two coloured shapes
+side by side with captions such as ``"a red circle to the left of a blue square"``, a pretrained SD1.5-style base
+model shipped in ``assets/toy_duo`` that often puts the objects on the wrong sides or draws the wrong shape, and
+GenEval-style detectors (``diffalign.toy.duo_reward``) that check colours, shapes and the left/right relation;
+``duofaithfulness`` (their mean) is the reward. ``world="shapes"`` is the first toy world (``assets/toy_base``, one
+shape on a coloured background, ``toyreward`` = faithfulness x a preference for large objects).
 
-1. **Label** (AI feedback, ``diffalign.label``): the base draws K images for each of the 126 labelling prompts,
-   the toy reward scores them, and the best and worst image of each prompt become a Pick-a-Pic-schema pair.
-2. **Train** Diffusion-DPO as a LoRA with ``recipes/offline_pref.py`` and ``recipes/configs/toy/dpo_world.yaml``.
-3. **Evaluate** (``diffalign.eval``): base and base + LoRA on the 42 held-out prompts (never labelled) with the
-   same protocol and the same 3 seeds per prompt; mean reward with 95% CIs, the per-prompt win rate of the LoRA
-   over the base, and ``eval/compare/report.html``.
+1. **Label** (AI feedback, ``diffalign.label``): the base draws K images for each labelling prompt, the world's
+   reward scores them, and the best and worst image of each prompt become a Pick-a-Pic-schema pair.
+2. **Train** Diffusion-DPO as a LoRA with ``recipes/offline_pref.py`` and the world's DPO config
+   (``recipes/configs/duo/dpo.yaml``).
+3. **Evaluate** (``diffalign.eval``): base and base + LoRA on the held-out prompts (never labelled) with the same
+   protocol and the same 3 seeds per prompt; mean scores with 95% CIs, the per-prompt win rate of the LoRA over the
+   base, side-by-side grids and ``eval/compare/report.html``.
 
 ``--out`` is the quickstart's own folder: a re-run replaces its ``labels``, ``dpo`` and ``eval`` subfolders.
 """
@@ -28,17 +32,17 @@ from typing import Any
 from diffalign.config import recipes_dir
 
 
-SCORERS = ("toyreward", "toyfaithfulness", "toyprominence")
 LABELS = ("dpo", "base")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """What the quickstart does; the defaults are the README's run. ``label_prompts`` / ``eval_prompts`` None:
-    every prompt of the split (126 / 42). ``overrides``: extra ``a.b=c`` overrides for the training config."""
+    every prompt of the split (duo: 192 / 48). ``overrides``: extra ``a.b=c`` overrides for the training config."""
 
-    base: str = ""  # empty: assets/toy_base
-    config: str = "toy/dpo_world"
+    world: str = "duo"
+    base: str = ""  # empty: the world's shipped base
+    config: str = ""  # empty: the world's DPO config
     label_prompts: int | None = None
     images_per_prompt: int = 4
     eval_prompts: int | None = None
@@ -49,10 +53,16 @@ class Settings:
     seed: int = 0
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
-    def base_path(self) -> str:
-        from diffalign.toy.model import TOY_BASE
+    def toy_world(self) -> Any:
+        from diffalign.toy import worlds
 
-        return self.base or str(TOY_BASE)
+        return worlds.get(self.world)
+
+    def base_path(self) -> str:
+        return self.base or str(self.toy_world().base)
+
+    def config_name(self) -> str:
+        return self.config or self.toy_world().config("dpo")
 
 
 def load_recipe(name: str = "offline_pref") -> Any:
@@ -65,23 +75,24 @@ def load_recipe(name: str = "offline_pref") -> Any:
     return module
 
 
-def scorers() -> dict[str, Any]:
-    """The three toy scorers by column name: ``toyreward`` (aligned to), ``toyfaithfulness``, ``toyprominence``."""
+def scorers(s: Settings | None = None) -> dict[str, Any]:
+    """The world's evaluation scorers by column name, the reward first (duo: ``duofaithfulness``, ``duocorrect``,
+    ``duocolor``, ``duoshape``, ``duoposition``)."""
     from diffalign import scorers as registry
 
-    return {name: registry.load(name) for name in SCORERS}
+    return {name: registry.load(name) for name in (s or Settings()).toy_world().scorers}
 
 
 def label(out: Path, s: Settings) -> dict[str, Any]:
-    """Step 1: K images per labelling prompt from the base, scored by the toy reward -> pairs + ranked lists."""
+    """Step 1: K images per labelling prompt from the base, scored by the world's reward -> pairs + ranked lists."""
+    from diffalign import scorers as registry
     from diffalign.label import Generator, LabelConfig, SamplingProtocol
     from diffalign.label import label as run_label
-    from diffalign.toy import world
 
-    prompts = world.prompts("label")[: s.label_prompts]
+    prompts = s.toy_world().prompts("label")[: s.label_prompts]
     cfg = LabelConfig(
         prompts=prompts,
-        generators=[Generator(name="toy_base", family="sd15", path=s.base_path())],
+        generators=[Generator(name=f"toy_{s.world}", family="sd15", path=s.base_path())],
         images_per_prompt=s.images_per_prompt,
         protocol=SamplingProtocol(steps=s.steps, guidance_scale=s.guidance_scale),
         seed=s.seed,
@@ -89,7 +100,8 @@ def label(out: Path, s: Settings) -> dict[str, Any]:
         prompt_batch=16,
         gen_batch_size=64,
     )
-    return run_label(cfg, {"toyreward": scorers()["toyreward"]}, out, progress=False)
+    reward = s.toy_world().reward
+    return run_label(cfg, {reward: registry.load(reward)}, out, progress=False)
 
 
 def train(out: Path, pairs_dir: str, s: Settings) -> dict[str, Any]:
@@ -98,15 +110,14 @@ def train(out: Path, pairs_dir: str, s: Settings) -> dict[str, Any]:
     overrides += [f"run.seed={s.seed}", "run.report_to=[]"]
     if s.train_steps is not None:
         overrides.append(f"run.max_steps={s.train_steps}")
-    return load_recipe("offline_pref").main(["--config", s.config, *overrides, *s.overrides])
+    return load_recipe("offline_pref").main(["--config", s.config_name(), *overrides, *s.overrides])
 
 
 def heldout_records(s: Settings) -> list[Any]:
     """The held-out prompts (never labelled) as ``diffalign.eval`` prompt records."""
     from diffalign.eval.prompts import records_from_rows
-    from diffalign.toy import world
 
-    return records_from_rows(world.prompts("heldout")[: s.eval_prompts], "toy held-out prompts")
+    return records_from_rows(s.toy_world().prompts("heldout")[: s.eval_prompts], f"{s.world} held-out prompts")
 
 
 def eval_protocol(s: Settings, lora: str | None = None) -> Any:
@@ -129,7 +140,7 @@ def evaluate(out: Path, lora_dir: str | None, s: Settings) -> dict[str, Any]:
     from diffalign.eval import compare_runs, generate_and_score
     from diffalign.eval.runner import write_comparison
 
-    records, toy_scorers = heldout_records(s), scorers()
+    records, toy_scorers = heldout_records(s), scorers(s)
     for name, lora in (("base", None), ("dpo", lora_dir)):
         protocol = eval_protocol(s, lora)
         generate_and_score(protocol, records, toy_scorers, out / name, batch_size=64, overwrite=True, progress=False)
@@ -146,12 +157,12 @@ def run(out_dir: str | Path = "runs/quickstart", settings: Settings | None = Non
         shutil.rmtree(out / sub, ignore_errors=True)
     times: dict[str, float] = {}
     t0 = time.time()
-    print(f"[1/3] labelling: {s.images_per_prompt} images per prompt from {s.base_path()}, scored by the toy reward")
+    print(f"[1/3] labelling: {s.images_per_prompt} images per prompt from {s.base_path()}, scored by {s.toy_world().reward}")
     labelled = label(out / "labels", s)
     times["label"] = time.time() - t0
     print(f"      {labelled['records']} prompts -> {labelled['pair_rows']} pairs in {times['label']:.0f} s")
     t1 = time.time()
-    print(f"[2/3] training a Diffusion-DPO LoRA (config {s.config})")
+    print(f"[2/3] training a Diffusion-DPO LoRA (config {s.config_name()})")
     trained = train(out / "dpo", labelled["pairs_dir"], s)
     times["train"] = time.time() - t1
     t2 = time.time()
@@ -170,10 +181,12 @@ def run(out_dir: str | Path = "runs/quickstart", settings: Settings | None = Non
 
 
 def headline(result: dict[str, Any]) -> dict[str, float]:
-    """The numbers the README quotes: toy reward means, their difference and the DPO-over-base win rate."""
-    c = result["comparison"]["scorers"]["toyreward"]
+    """The numbers the README quotes: the world's reward means, their difference and the DPO-over-base win rate."""
+    reward = worlds_get(result["settings"]["world"]).reward
+    c = result["comparison"]["scorers"][reward]
     w = c["win_rate"]
     return {
+        "reward": reward,
         "base_reward": c["base"]["mean"],
         "dpo_reward": c["dpo"]["mean"],
         "difference": c["difference"]["mean"],
@@ -186,6 +199,12 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def worlds_get(name: str) -> Any:
+    from diffalign.toy import worlds
+
+    return worlds.get(name)
+
+
 def report(result: dict[str, Any]) -> str:
     from diffalign.eval import report as eval_report
 
@@ -194,7 +213,7 @@ def report(result: dict[str, Any]) -> str:
         "",
         eval_report.compare_table(result["comparison"]),
         "",
-        f"toy reward on {h['prompts']} held-out prompts x {result['settings']['eval_seeds']} seeds: "
+        f"{h['reward']} on {h['prompts']} held-out prompts x {result['settings']['eval_seeds']} seeds: "
         f"base {h['base_reward']:.4f} -> DPO LoRA {h['dpo_reward']:.4f}; "
         f"DPO wins on {h['win_rate']:.0%} of prompts (95% CI {h['win_rate_ci_low']:.0%}-{h['win_rate_ci_high']:.0%})",
         f"time: label {t['label']:.0f} s, train {t['train']:.0f} s, eval {t['eval']:.0f} s, total {t['total']:.0f} s",
@@ -210,15 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/quickstart")
     parser.add_argument("--train-steps", type=int, default=None, help="DPO steps (default: the config's)")
-    parser.add_argument("--label-prompts", type=int, default=None, help="first N labelling prompts (default: 126)")
-    parser.add_argument("--eval-prompts", type=int, default=None, help="first N held-out prompts (default: 42)")
+    parser.add_argument("--world", choices=("duo", "shapes"), default="duo", help="toy world (default: duo)")
+    parser.add_argument("--label-prompts", type=int, default=None, help="first N labelling prompts (default: all)")
+    parser.add_argument("--eval-prompts", type=int, default=None, help="first N held-out prompts (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    settings = Settings(train_steps=args.train_steps, label_prompts=args.label_prompts, eval_prompts=args.eval_prompts)
+    settings = Settings(
+        world=args.world, train_steps=args.train_steps, label_prompts=args.label_prompts, eval_prompts=args.eval_prompts
+    )
     result = run(args.out, settings)
     print(report(result))
     summary = {k: v for k, v in result.items() if k != "comparison"} | {"headline": headline(result)}

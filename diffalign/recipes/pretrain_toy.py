@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from diffalign.toy import model, world
+from diffalign.toy import duo, model, world
 
 
 logger = logging.getLogger("diffalign.pretrain_toy")
@@ -48,6 +48,9 @@ logger = logging.getLogger("diffalign.pretrain_toy")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output diffusers folder (e.g. assets/toy_base)")
+    p.add_argument("--world", choices=sorted(WORLDS), default="shapes",
+                   help="shapes: one shape on a coloured background (assets/toy_base); duo: two shapes side by side "
+                   "(assets/toy_duo)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--vae-steps", type=int, default=1000)
@@ -59,22 +62,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--caption-noise", type=float, default=0.2)
+    p.add_argument("--caption-noise", type=float, default=None,
+                   help="fraction of wrong captions (default: the world's, shapes 0.2, duo 0.4)")  # fmt: skip
+    p.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 64], help="UNet block widths")
     p.add_argument("--cond-dropout", type=float, default=0.1)
     p.add_argument("--log-every", type=int, default=100)
     args = p.parse_args(argv)
     for name in ("vae_steps", "steps", "batch_size", "vae_batch_size", "threads", "log_every"):
         if getattr(args, name) < (0 if name.endswith("steps") else 1):
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.caption_noise is None:
+        args.caption_noise = WORLDS[args.world][1]
     if not 0 <= args.caption_noise <= 1 or not 0 <= args.cond_dropout < 1:
         raise SystemExit("--caption-noise must be in [0, 1] and --cond-dropout in [0, 1)")
     return args
 
 
-def render_batch(n: int, gen: torch.Generator) -> tuple[torch.Tensor, list[world.Scene]]:
-    """``n`` fresh scenes and their images in [-1, 1] (the VAE's input range)."""
-    scenes = world.sample_scenes(n, gen)
-    return world.render(scenes) * 2 - 1, scenes
+WORLDS: dict[str, tuple[Any, float]] = {"shapes": (world, 0.2), "duo": (duo, 0.4)}  # module, default caption noise
+
+
+def render_batch(n: int, gen: torch.Generator, scenes_from: Any = world) -> tuple[torch.Tensor, list[Any]]:
+    """``n`` fresh scenes of the world module ``scenes_from`` and their images in [-1, 1] (the VAE's input range)."""
+    scenes = scenes_from.sample_scenes(n, gen)
+    return scenes_from.render(scenes) * 2 - 1, scenes
 
 
 # ---- stage 1: the VAE ---------------------------------------------------------------------------------------
@@ -85,7 +95,7 @@ def train_vae(vae: Any, args: argparse.Namespace, gen: torch.Generator) -> dict[
     vae.train()
     recent: list[float] = []
     for step in range(1, args.vae_steps + 1):
-        x, _ = render_batch(args.vae_batch_size, gen)
+        x, _ = render_batch(args.vae_batch_size, gen, WORLDS[args.world][0])
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.mean).sample  # deterministic: adapters encode with the mean too
         loss_rec = F.l1_loss(rec, x) + F.mse_loss(rec, x)
@@ -100,7 +110,7 @@ def train_vae(vae: Any, args: argparse.Namespace, gen: torch.Generator) -> dict[
             logger.info("vae step %d/%d  recon %.4f", step, args.vae_steps, sum(recent) / len(recent))
     vae.eval()
     with torch.no_grad():
-        x, _ = render_batch(1024, gen)
+        x, _ = render_batch(1024, gen, WORLDS[args.world][0])
         z = torch.cat([vae.encode(c).latent_dist.mean for c in x.split(128)])
         rec = torch.cat([vae.decode(c).sample for c in z.split(128)]).clamp(-1, 1)
         std = float(z.std())
@@ -115,8 +125,9 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def captions_for(scenes: Sequence[world.Scene], args: argparse.Namespace, gen: torch.Generator) -> list[str]:
-    texts = [world.noisy_caption(s, args.caption_noise, gen) for s in scenes]
+def captions_for(scenes: Sequence[Any], args: argparse.Namespace, gen: torch.Generator) -> list[str]:
+    noisy = WORLDS[args.world][0].noisy_caption
+    texts = [noisy(s, args.caption_noise, gen) for s in scenes]
     drop = torch.rand(len(texts), generator=gen) < args.cond_dropout
     return ["" if d else t for t, d in zip(texts, drop.tolist(), strict=True)]
 
@@ -136,7 +147,7 @@ def train_denoiser(parts: dict[str, Any], args: argparse.Namespace, gen: torch.G
     scale = vae.config.scaling_factor
     recent: list[float] = []
     for step in range(1, args.steps + 1):
-        x, scenes = render_batch(args.batch_size, gen)
+        x, scenes = render_batch(args.batch_size, gen, WORLDS[args.world][0])
         with torch.no_grad():
             z0 = vae.encode(x).latent_dist.mean * scale
         ids = tok(captions_for(scenes, args, gen), padding="max_length", max_length=tok.model_max_length,
@@ -170,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     parts = {
-        "unet": model.unet(),
+        "unet": model.unet(channels=tuple(args.unet_channels)),
         "vae": model.vae(),
         "text_encoder": model.text_encoder(),
         "tokenizer": model.tokenizer(),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffalign import scorers
-from diffalign.toy import world
+from diffalign.toy import duo, world
 
 from .test_aesthetic import head_dir  # noqa: F401 (fixture)
 from .test_clipscore import negated_dir  # noqa: F401 (fixture)
@@ -18,6 +18,9 @@ from .test_pickscore import PROMPTS
 
 SCENES = world.sample_scenes(2, torch.Generator().manual_seed(3))
 TOY_CAPTIONS = [world.caption(sc.fg, sc.shape, sc.bg) for sc in SCENES]
+DUO_SCENES = duo.sample_scenes(2, torch.Generator().manual_seed(3))
+DUO_CAPTIONS = [duo.caption(*sc.objects) for sc in DUO_SCENES]
+NO_GRAD = {"duocorrect"}  # a 0/1 score: grad=True raises (tests/toy/test_duo.py)
 SPECS = {
     "pickscore": lambda d: {"path": d["clip"]},
     "clipscore-torchmetrics": lambda d: {"path": d["clip"]},
@@ -29,6 +32,10 @@ SPECS = {
     "toyreward": lambda d: {},
     "toyfaithfulness": lambda d: {},
     "toyprominence": lambda d: {},
+    "duofaithfulness": lambda d: {},
+    "duocolor": lambda d: {},
+    "duoshape": lambda d: {},
+    "duoposition": lambda d: {},
 }
 
 
@@ -49,17 +56,19 @@ def load(key: str, dirs, **kwargs):
 
 
 def test_every_scorer_is_covered():
-    assert {k.split("-")[0] for k in SPECS} == set(scorers.available())
+    assert {k.split("-")[0] for k in SPECS} | NO_GRAD == set(scorers.available())
 
 
 @pytest.mark.parametrize("key", list(SPECS))
 def test_scores_backpropagate_to_the_input(key, dirs):
-    """Non-square input (crop or pad path; toy rewards get rendered toy scenes plus noise); the scores equal the
+    """Non-square input (crop or pad path; toy rewards get rendered toy / duo scenes plus noise); the scores equal the
     no-grad ones; d score / d x is finite, non-zero, and each image's gradient comes from its own score only."""
     scorer = load(key, dirs)
     torch.manual_seed(0)
     if key.startswith("toy"):
         prompts, x = TOY_CAPTIONS, world.render(SCENES) + 0.05 * torch.randn(2, 3, world.SIZE, world.SIZE)
+    elif key.startswith("duo"):
+        prompts, x = DUO_CAPTIONS, duo.render(DUO_SCENES) + 0.05 * torch.randn(2, 3, duo.SIZE, duo.SIZE)
     else:
         prompts, x = PROMPTS, 0.5 + 0.3 * torch.randn(2, 3, 40, 52)
     x = x.clamp(0.02, 0.98).requires_grad_(True)

@@ -13,6 +13,7 @@ from diffalign import scorers
 def test_available_lists_the_scorers_only():
     published = ["aesthetic", "clipscore", "hpsv2", "imagereward", "pickscore"]
     toy = ["toyfaithfulness", "toyprominence", "toyreward"]  # diffalign.toy's analytic rewards
+    toy += ["duocolor", "duocorrect", "duofaithfulness", "duoposition", "duoshape"]  # and the duo world's detectors
     assert scorers.available() == sorted(published + toy)
 
 
