@@ -1,12 +1,16 @@
-"""Alignment table on the toy world: every objective against the toy base, on held-out prompts, on a CPU.
+"""Alignment table on a toy world: every objective against the world's base, on held-out prompts, on a CPU.
 
-What runs (the quickstart's pieces, ``diffalign.quickstart``, with its defaults):
+``--world duo`` (default): the quickstart's world, ``assets/toy_duo`` (two shapes side by side), reward
+``duofaithfulness`` (GenEval-style detectors), per-attribute columns correct / color / shape / position, configs
+``recipes/configs/duo/<name>.yaml``. ``--world shapes``: the first toy world, ``assets/toy_base``, reward
+``toyreward``, configs ``recipes/configs/toy/<name>_world.yaml``. What runs (the quickstart's pieces,
+``diffalign.quickstart``, with its defaults):
 
-1. **Label once** (``diffalign.label``): 4 images per labelling prompt (126) from ``assets/toy_base`` (DDIM 20 steps,
-   CFG 3), scored by the toy reward; best vs worst -> Pick-a-Pic-schema pairs, and the ranked lists (win-fraction
-   scores) for RankDPO.
-2. **Train** each objective with its recipe and ``recipes/configs/toy/<name>_world.yaml`` (timed: the ``train s``
-   column is the recipe's wall time, model loading included):
+1. **Label once** (``diffalign.label``): 4 images per labelling prompt (duo: 192) from the base (DDIM 20 steps,
+   CFG 3), scored by the world's reward; best vs worst -> Pick-a-Pic-schema pairs, and the ranked lists
+   (win-fraction scores) for RankDPO.
+2. **Train** each objective with its recipe and the world's config for it (timed: the ``train s`` column is the
+   recipe's wall time, model loading included):
 
    ========  ================  ===========================  ==========================================
    name      recipe            data                         sampled as
@@ -17,24 +21,24 @@ What runs (the quickstart's pieces, ``diffalign.quickstart``, with its defaults)
    rankdpo   offline_pref      ranked lists (K = 4)         base + LoRA
    npo       offline_pref      pairs (labels swapped)       base with NPO guidance (negative LoRA)
    selfnpo   selfnpo           winner images + captions     base with NPO guidance (negative LoRA)
-   spo       stepwise_pref     online, decoded toy reward   base + LoRA
-   lpo       stepwise_pref     online, decoded toy reward   base + LoRA
+   spo       stepwise_pref     online, decoded reward       base + LoRA
+   lpo       stepwise_pref     online, decoded reward       base + LoRA
    kto       offline_pref      pairs read as unpaired       base + LoRA
    dspo      offline_pref      pairs                        base + LoRA
    dmpo      offline_pref      pairs                        base + LoRA
    inpo      offline_pref      pairs, inversion noise       base + LoRA
    smpo      offline_pref      best-vs-worst scored pairs   base + LoRA
-   refl      reward_grad       online, toy reward gradient  base + LoRA
-   draft     reward_grad       online, toy reward gradient  base + LoRA
-   grpo      online_rl         online, toy reward           base + LoRA
-   ddpo      online_rl         online, toy reward           base + LoRA
+   refl      reward_grad       online, reward gradient      base + LoRA
+   draft     reward_grad       online, reward gradient      base + LoRA
+   grpo      online_rl         online, reward               base + LoRA
+   ddpo      online_rl         online, reward               base + LoRA
    ========  ================  ===========================  ==========================================
 
    ``curriculum_dpo`` is DPO on smpo's scored pairs with the Curriculum-DPO sampler (``data.curriculum``).
    NPO guidance (``diffalign.sampling.npo.npo_guidance``) puts the negative LoRA on the unconditional branch of CFG
-   and the base on the conditional one. SPO and LPO score children with the toy reward on the decoded
-   x0-prediction: the toy world has no trained step-aware preference model or latent reward model.
-3. **Evaluate** (``diffalign.eval``): the 42 held-out prompts x 3 seeds under the quickstart's protocol (same
+   and the base on the conditional one. SPO and LPO score children with the world's reward on the decoded
+   x0-prediction: the toy worlds have no trained step-aware preference model or latent reward model.
+3. **Evaluate** (``diffalign.eval``): the held-out prompts (duo: 48) x 3 seeds under the quickstart's protocol (same
    seeds for every row); ``compare_runs`` against the base gives the paired reward difference with a 95% bootstrap
    CI over prompts and the per-prompt win rate with a Wilson 95% CI. A row "beats the base" when the difference's
    CI lies above 0.
@@ -42,8 +46,9 @@ What runs (the quickstart's pieces, ``diffalign.quickstart``, with its defaults)
 Prints a markdown table and writes ``<out>/results.json``; every run folder (LoRA, scores.jsonl, report.html) stays
 under ``<out>``. Run::
 
-    HF_HUB_OFFLINE=1 python bench/alignment_toy.py                        # all objectives, ~40 min on 2 CPU cores
-    HF_HUB_OFFLINE=1 python bench/alignment_toy.py --objectives dpo npo   # a subset
+    HF_HUB_OFFLINE=1 python bench/alignment_toy.py --threads 2                      # every objective, duo world
+    HF_HUB_OFFLINE=1 python bench/alignment_toy.py --objectives dpo npo             # a subset
+    HF_HUB_OFFLINE=1 python bench/alignment_toy.py --world shapes --threads 1       # the first toy world
 """
 
 from __future__ import annotations

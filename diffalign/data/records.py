@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,12 +77,21 @@ class Group:
 
 
 EMPTY_CAPTION, DEGENERATE_IMAGE = "empty captions", "degenerate images"
+FLIPPED_SIDES = "captions naming left/right with hflip_prob > 0"
+_SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 MIN_IMAGE_SIDE, MAX_ASPECT = 32, 8.0  # a 1x1 or 4000x1 "image" is upscaled into a meaningless training target
 
 
-def quality_flags(record: PreferenceRecord) -> tuple[tuple[str, str], ...]:
-    """``(kind, detail)`` for an empty caption and for each image under ``MIN_IMAGE_SIDE`` or beyond ``MAX_ASPECT``."""
+def quality_flags(record: PreferenceRecord, hflip_prob: float = 0.0) -> tuple[tuple[str, str], ...]:
+    """``(kind, detail)`` for an empty caption, for each image under ``MIN_IMAGE_SIDE`` or beyond ``MAX_ASPECT``,
+    and (when ``hflip_prob > 0``) for a caption that says "left" or "right": a mirrored image contradicts it."""
     flags = [(EMPTY_CAPTION, "empty caption")] if not record.prompt.strip() else []
+    if hflip_prob > 0:
+        for text in (record.prompt, *(record.image_prompts or ())):
+            match = _SIDE_WORD.search(text)
+            if match:
+                flags.append((FLIPPED_SIDES, f"caption says {match.group(1).lower()!r}"))
+                break
     for k, image in enumerate(record.images):
         w, h = image.size
         if min(w, h) < MIN_IMAGE_SIDE or max(w, h) > MAX_ASPECT * min(w, h):
@@ -135,6 +145,12 @@ class LoadStats:
         for kind, note in ((EMPTY_CAPTION, ""), (DEGENERATE_IMAGE, degenerate)):
             rows = self.flagged.get(kind, {})  # used for training as they are; counted so they are not silent
             text += f"; {kind}{note} {len(rows)}{_examples(sorted(rows.items()))}"
+        rows = self.flagged.get(FLIPPED_SIDES, {})
+        if rows:  # only when flipping is on and some caption is spatial
+            text += (
+                f"; {FLIPPED_SIDES} {len(rows)}{_examples(sorted(rows.items()))} (a flipped image contradicts its "
+                "caption: set data.hflip_prob=0 for spatial prompts)"
+            )
         return text
 
 

@@ -143,7 +143,7 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 def to_group(record: PreferenceRecord, transform: JointTransform, generator: torch.Generator | None) -> Group:
     pixels, info = transform(record.images, generator)
-    flags = quality_flags(record)
+    flags = quality_flags(record, transform.hflip_prob)
     return Group(
         prompt=record.prompt,
         pixels=pixels,

@@ -1,16 +1,18 @@
-"""Pretrain the toy base model (``assets/toy_base``) from scratch on a CPU, on procedurally rendered scenes.
+"""Pretrain a toy base model (``assets/toy_duo``, ``assets/toy_base``) from scratch on a CPU, on rendered scenes.
 
 The model is an SD1.5-style pipeline (``diffalign.toy.model``: ``UNet2DConditionModel``, ``AutoencoderKL``,
-``CLIPTextModel`` + the real CLIP tokenizer, ``DDIMScheduler``); the data is the toy world
-(``diffalign.toy.world``), drawn fresh every step from a seeded generator, so there is no dataset to ship.
+``CLIPTextModel`` + the real CLIP tokenizer, ``DDIMScheduler``); the data is a toy world (``--world duo``: two
+shapes side by side, ``diffalign.toy.duo``; ``--world shapes``: one shape on a coloured background,
+``diffalign.toy.world``), drawn fresh every step from a seeded generator, so there is no dataset to ship.
 
 1. **VAE.** ``--vae-steps`` steps of L1 + L2 reconstruction + ``--kl-weight`` KL on 32x32 renders. Its
    ``scaling_factor`` is then set to ``1 / std`` of the latent means of 1024 fresh renders (SD's convention: unit
    variance latents for the diffusion model).
 2. **Text-to-image model.** ``--steps`` steps of the v-prediction loss ``|v - v_theta(x_t, t, c)|^2``,
    ``v = sqrt(a_t) eps - sqrt(1 - a_t) x0`` (the scheduler's prediction type and cosine schedule), uniform timesteps, latents = the VAE posterior mean (as ``diffalign`` adapters encode),
-   training the UNet and the CLIP text encoder together. Captions come from ``world.noisy_caption``: a
-   ``--caption-noise`` fraction is wrong about the object's colour (web alt-text is noisy), and a
+   training the UNet and the CLIP text encoder together. Captions come from the world's ``noisy_caption``: a
+   ``--caption-noise`` fraction is wrong (web alt-text is noisy; shapes: about the object's colour; duo: half
+   binding errors, the mirrored scene's caption, half a wrong shape word), and a
    ``--cond-dropout`` fraction is replaced by the empty prompt so classifier-free guidance works. AdamW with linear
    warm-up and cosine decay; the saved weights are an EMA (``--ema-decay``, with the usual ``(1 + n) / (10 + n)``
    ramp).
@@ -19,9 +21,10 @@ The result is written with ``save_pretrained`` (safetensors) as a diffusers fold
 ``StableDiffusionPipeline.from_pretrained`` and ``diffalign.models.load("sd15", ...)`` load, plus
 ``pretrain.json`` (arguments, losses, wall times, library versions).
 
-Reproduce the shipped model (2 CPU threads)::
+Reproduce the shipped models (the exact commands are in each folder's ``pretrain.json`` and README)::
 
-    python recipes/pretrain_toy.py --out assets/toy_base
+    python recipes/pretrain_toy.py --world duo --out assets/toy_duo --vae-steps 1000 --steps 6000 --threads 2
+    python recipes/pretrain_toy.py --out assets/toy_base --threads 1
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--caption-noise", type=float, default=None,
                    help="fraction of wrong captions (default: the world's, shapes 0.2, duo 0.4)")  # fmt: skip
+    p.add_argument("--right-share", type=float, default=0.5,
+                   help="duo: fraction of captions phrased 'B to the right of A' (the rest 'A to the left of B')")
     p.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 64], help="UNet block widths")
     p.add_argument("--cond-dropout", type=float, default=0.1)
     p.add_argument("--log-every", type=int, default=100)
@@ -126,8 +131,10 @@ def _cosine(step: int, total: int, warmup: int) -> float:
 
 
 def captions_for(scenes: Sequence[Any], args: argparse.Namespace, gen: torch.Generator) -> list[str]:
-    noisy = WORLDS[args.world][0].noisy_caption
-    texts = [noisy(s, args.caption_noise, gen) for s in scenes]
+    if args.world == "duo":
+        texts = [duo.noisy_caption(s, args.caption_noise, gen, args.right_share) for s in scenes]
+    else:
+        texts = [world.noisy_caption(s, args.caption_noise, gen) for s in scenes]
     drop = torch.rand(len(texts), generator=gen) < args.cond_dropout
     return ["" if d else t for t, d in zip(texts, drop.tolist(), strict=True)]
 

@@ -166,12 +166,13 @@ def sample_scenes(n: int, generator: torch.Generator) -> list[Scene]:
     return scenes
 
 
-def noisy_caption(scene: Scene, noise: float, generator: torch.Generator) -> str:
-    """The scene's caption (random phrasing), or with probability ``noise`` one with one error: half binding errors
-    (the mirrored scene's caption), half a wrong shape word for one of the two objects."""
+def noisy_caption(scene: Scene, noise: float, generator: torch.Generator, right_share: float = 0.5) -> str:
+    """The scene's caption (phrasing "right" with probability ``right_share``, else "left"), or with probability
+    ``noise`` one with one error: half binding errors (the mirrored scene's caption), half a wrong shape word for one
+    of the two objects."""
     u = torch.rand(4, generator=generator).tolist()
     left, right = scene.objects
-    phrasing = PHRASINGS[int(u[0] < 0.5)]
+    phrasing = PHRASINGS[int(u[0] < right_share)]
     if u[1] >= noise:
         return caption(left, right, phrasing)
     if u[2] < 0.5:

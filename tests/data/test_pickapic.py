@@ -342,3 +342,25 @@ def test_empty_captions_and_degenerate_images_are_counted_in_the_data_summary(hf
     assert "degenerate images" in summary and "row 1: image 1 is 4000x1 px; row 3: image 0 is 1x1 px]" in summary
     loader.next_batch()  # the next epoch sees the same rows again: each is counted once
     assert loader.stats_summary() == summary
+
+
+def test_spatial_captions_under_horizontal_flips_are_named_in_the_data_summary(hf_cache, tmp_path):
+    """A flipped "a cat left of a dog" image shows the dog on the left: with hflip_prob > 0 the summary counts the
+    captions that say left/right and says how to turn flipping off; with hflip_prob 0 it says nothing."""
+    from diffalign.config import DataConfig
+    from diffalign.data.loader import build_loader
+
+    table = raw_table().slice(0, 4)
+    captions = table.column("caption").to_pylist()
+    captions[1], captions[3] = "a red circle to the left of a blue square", "a cat, Right side up"
+    table = table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions, pa.string()))
+    path = tmp_path / "spatial.parquet"
+    pq.write_table(table, path)
+    for hflip, expected in ((0.5, True), (0.0, False)):
+        loader = build_loader(DataConfig(path=str(path), resolution=32, hflip_prob=hflip), batch_size=4, seed=0)
+        loader.next_batch()
+        summary = loader.stats_summary()
+        assert ("captions naming left/right with hflip_prob > 0 2" in summary) is expected, summary
+        if expected:
+            assert "row 1: caption says 'left'; row 3: caption says 'right'" in summary
+            assert "set data.hflip_prob=0" in summary

@@ -51,3 +51,25 @@ def test_stock_pipeline_and_adapter_load_it(pretrained):
     assert latents.shape == (2, model.LATENT_CHANNELS, 8, 8)
     cond = adapter.encode_prompts(["a red circle on a blue background", ""])
     assert cond["encoder_hidden_states"].shape == (2, model.MAX_TOKENS, model.TEXT_DIM)
+
+
+def test_duo_world_pretrains_with_its_own_scenes_and_captions(tmp_path, monkeypatch):
+    """``--world duo`` renders duo scenes for both stages and captions them with the duo world's noisy captions."""
+    path = recipes_dir() / "pretrain_toy.py"
+    spec = importlib.util.spec_from_file_location("diffalign_recipe_pretrain_toy_duo", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    from diffalign.toy import duo
+
+    seen: list[str] = []
+    real = module.captions_for
+    monkeypatch.setattr(module, "captions_for", lambda *a: seen.extend(real(*a)) or seen[-len(a[0]) :])
+    argv = ["--world", "duo", "--out", str(tmp_path / "duo"), "--vae-steps", "2", "--steps", "2", "--batch-size", "8"]
+    record = module.main([*argv, "--vae-batch-size", "4", "--threads", "1", "--unet-channels", "16", "32"])
+    assert record["args"]["world"] == "duo" and record["args"]["caption_noise"] == 0.4
+    assert record["args"]["unet_channels"] == [16, 32] and len(seen) == 16
+    for text in seen:
+        if text:  # cond dropout empties some
+            duo.parse_caption(text)
+    assert (tmp_path / "duo" / "unet" / "config.json").is_file()
