@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/alignment_toy")
     parser.add_argument("--world", choices=("duo", "shapes"), default="duo", help="toy world (default: duo)")
+    parser.add_argument("--base", default="", help="base model folder (default: the world's shipped base)")
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--override", action="append", default=[], metavar="NAME:KEY=VALUE",
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    out, s = Path(args.out), quickstart.Settings(world=args.world)
+    out, s = Path(args.out), quickstart.Settings(world=args.world, base=args.base)
     world = s.toy_world()
     start = time.time()
     labels = quickstart.label(out / "labels", s)

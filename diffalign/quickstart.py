@@ -7,15 +7,19 @@ GenEval-style detectors (``diffalign.toy.duo_reward``) that check colours, shape
 ``duofaithfulness`` (their mean) is the reward. ``world="shapes"`` is the first toy world (``assets/toy_base``, one
 shape on a coloured background, ``toyreward`` = faithfulness x a preference for large objects).
 
-1. **Label** (AI feedback, ``diffalign.label``): the base draws K images for each labelling prompt, the world's
-   reward scores them, and the best and worst image of each prompt become a Pick-a-Pic-schema pair.
-2. **Train** Diffusion-DPO as a LoRA with ``recipes/offline_pref.py`` and the world's DPO config
-   (``recipes/configs/duo/dpo.yaml``).
-3. **Evaluate** (``diffalign.eval``): base and base + LoRA on the held-out prompts (never labelled) with the same
+``objective="draft"`` (the default):
+
+1. **Train** a LoRA with DRaFT-1 (``recipes/reward_grad.py``, ``recipes/configs/duo/draft.yaml``): the policy samples
+   the labelling prompts and backpropagates the differentiable reward of its own samples (no labels needed).
+2. **Evaluate** (``diffalign.eval``): base and base + LoRA on the held-out prompts (never trained on) with the same
    protocol and the same 3 seeds per prompt; mean scores with 95% CIs, the per-prompt win rate of the LoRA over the
    base, side-by-side grids and ``eval/compare/report.html``.
 
-``--out`` is the quickstart's own folder: a re-run replaces its ``labels``, ``dpo`` and ``eval`` subfolders.
+``objective="dpo"``: first **label** AI-feedback pairs (``diffalign.label``: K images per labelling prompt from the
+base, scored by the world's reward, best vs worst as a Pick-a-Pic-schema pair), then train Diffusion-DPO
+(``recipes/offline_pref.py``, ``recipes/configs/duo/dpo.yaml``), then evaluate the same way.
+
+``--out`` is the quickstart's own folder: a re-run replaces its ``labels``, ``<objective>`` and ``eval`` subfolders.
 """
 
 from __future__ import annotations
@@ -32,17 +36,18 @@ from typing import Any
 from diffalign.config import recipes_dir
 
 
-LABELS = ("dpo", "base")
+OBJECTIVES = {"draft": "reward_grad", "dpo": "offline_pref"}  # objective -> recipe (dpo trains on labelled pairs)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """What the quickstart does; the defaults are the README's run. ``label_prompts`` / ``eval_prompts`` None:
-    every prompt of the split (duo: 192 / 48). ``overrides``: extra ``a.b=c`` overrides for the training config."""
+    """What the quickstart does; the defaults are the README's run. ``label_prompts`` (dpo only) / ``eval_prompts``
+    None: every prompt of the split (duo: 192 / 48). ``overrides``: extra ``a.b=c`` overrides for the training config."""
 
     world: str = "duo"
+    objective: str = "draft"  # "draft" (reward gradient, no labels) or "dpo" (label pairs, then Diffusion-DPO)
     base: str = ""  # empty: the world's shipped base
-    config: str = ""  # empty: the world's DPO config
+    config: str = ""  # empty: the world's config for the objective
     label_prompts: int | None = None
     images_per_prompt: int = 4
     eval_prompts: int | None = None
@@ -62,7 +67,11 @@ class Settings:
         return self.base or str(self.toy_world().base)
 
     def config_name(self) -> str:
-        return self.config or self.toy_world().config("dpo")
+        return self.config or self.toy_world().config(self.objective)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown quickstart objective {self.objective!r}; choices: {', '.join(OBJECTIVES)}")
 
 
 def load_recipe(name: str = "offline_pref") -> Any:
@@ -104,13 +113,15 @@ def label(out: Path, s: Settings) -> dict[str, Any]:
     return run_label(cfg, {reward: registry.load(reward)}, out, progress=False)
 
 
-def train(out: Path, pairs_dir: str, s: Settings) -> dict[str, Any]:
-    """Step 2: the Diffusion-DPO LoRA on the labelled pairs (``recipes/offline_pref.py``)."""
-    overrides = [f"model.path={s.base_path()}", f"data.path={pairs_dir}", f"run.output_dir={out}"]
+def train(out: Path, pairs_dir: str | None, s: Settings) -> dict[str, Any]:
+    """The LoRA: Diffusion-DPO on the labelled pairs (``pairs_dir``) or DRaFT on the config's prompts."""
+    overrides = [f"model.path={s.base_path()}", f"run.output_dir={out}"]
+    if pairs_dir is not None:
+        overrides.append(f"data.path={pairs_dir}")
     overrides += [f"run.seed={s.seed}", "run.report_to=[]"]
     if s.train_steps is not None:
         overrides.append(f"run.max_steps={s.train_steps}")
-    return load_recipe("offline_pref").main(["--config", s.config_name(), *overrides, *s.overrides])
+    return load_recipe(OBJECTIVES[s.objective]).main(["--config", s.config_name(), *overrides, *s.overrides])
 
 
 def heldout_records(s: Settings) -> list[Any]:
@@ -141,32 +152,36 @@ def evaluate(out: Path, lora_dir: str | None, s: Settings) -> dict[str, Any]:
     from diffalign.eval.runner import write_comparison
 
     records, toy_scorers = heldout_records(s), scorers(s)
-    for name, lora in (("base", None), ("dpo", lora_dir)):
+    for name, lora in (("base", None), (s.objective, lora_dir)):
         protocol = eval_protocol(s, lora)
         generate_and_score(protocol, records, toy_scorers, out / name, batch_size=64, overwrite=True, progress=False)
-    comparison = compare_runs(out / "dpo", out / "base", labels=LABELS)
+    comparison = compare_runs(out / s.objective, out / "base", labels=(s.objective, "base"))
     write_comparison(out / "compare", comparison)
     return comparison
 
 
 def run(out_dir: str | Path = "runs/quickstart", settings: Settings | None = None) -> dict[str, Any]:
-    """Label, train, evaluate into ``out_dir``; returns timings, the label summary and the comparison."""
+    """(Label,) train, evaluate into ``out_dir``; returns timings, the label summary (dpo) and the comparison."""
     s = settings or Settings()
     out = Path(out_dir)
-    for sub in ("labels", "dpo", "eval"):
+    for sub in ("labels", *OBJECTIVES, "eval"):
         shutil.rmtree(out / sub, ignore_errors=True)
     times: dict[str, float] = {}
     t0 = time.time()
-    print(f"[1/3] labelling: {s.images_per_prompt} images per prompt from {s.base_path()}, scored by {s.toy_world().reward}")
-    labelled = label(out / "labels", s)
-    times["label"] = time.time() - t0
-    print(f"      {labelled['records']} prompts -> {labelled['pair_rows']} pairs in {times['label']:.0f} s")
+    labelled, n = None, 3 if s.objective == "dpo" else 2
+    reward = s.toy_world().reward
+    if s.objective == "dpo":
+        print(f"[1/3] labelling: {s.images_per_prompt} images per prompt from {s.base_path()}, scored by {reward}")
+        labelled = label(out / "labels", s)
+        times["label"] = time.time() - t0
+        print(f"      {labelled['records']} prompts -> {labelled['pair_rows']} pairs in {times['label']:.0f} s")
     t1 = time.time()
-    print(f"[2/3] training a Diffusion-DPO LoRA (config {s.config_name()})")
-    trained = train(out / "dpo", labelled["pairs_dir"], s)
+    what = "Diffusion-DPO on the pairs" if s.objective == "dpo" else f"DRaFT-1 on the gradient of {reward}"
+    print(f"[{n - 1}/{n}] training a LoRA with {what} (config {s.config_name()})")
+    trained = train(out / s.objective, labelled["pairs_dir"] if labelled else None, s)
     times["train"] = time.time() - t1
     t2 = time.time()
-    print(f"[3/3] evaluating base and base + LoRA on held-out prompts, {s.eval_seeds} seeds each")
+    print(f"[{n}/{n}] evaluating base and base + LoRA on held-out prompts, {s.eval_seeds} seeds each")
     comparison = evaluate(out / "eval", str(trained["lora_dir"]), s)
     times["eval"] = time.time() - t2
     times["total"] = time.time() - t0
@@ -181,14 +196,16 @@ def run(out_dir: str | Path = "runs/quickstart", settings: Settings | None = Non
 
 
 def headline(result: dict[str, Any]) -> dict[str, float]:
-    """The numbers the README quotes: the world's reward means, their difference and the DPO-over-base win rate."""
+    """The numbers the README quotes: the world's reward means, their difference and the LoRA-over-base win rate."""
     reward = worlds_get(result["settings"]["world"]).reward
+    objective = result["settings"]["objective"]
     c = result["comparison"]["scorers"][reward]
     w = c["win_rate"]
     return {
         "reward": reward,
+        "objective": objective,
         "base_reward": c["base"]["mean"],
-        "dpo_reward": c["dpo"]["mean"],
+        "aligned_reward": c[objective]["mean"],
         "difference": c["difference"]["mean"],
         "difference_ci_low": c["difference"]["ci_low"],
         "difference_ci_high": c["difference"]["ci_high"],
@@ -214,9 +231,11 @@ def report(result: dict[str, Any]) -> str:
         eval_report.compare_table(result["comparison"]),
         "",
         f"{h['reward']} on {h['prompts']} held-out prompts x {result['settings']['eval_seeds']} seeds: "
-        f"base {h['base_reward']:.4f} -> DPO LoRA {h['dpo_reward']:.4f}; "
-        f"DPO wins on {h['win_rate']:.0%} of prompts (95% CI {h['win_rate_ci_low']:.0%}-{h['win_rate_ci_high']:.0%})",
-        f"time: label {t['label']:.0f} s, train {t['train']:.0f} s, eval {t['eval']:.0f} s, total {t['total']:.0f} s",
+        f"base {h['base_reward']:.4f} -> {h['objective']} LoRA {h['aligned_reward']:.4f} "
+        f"({h['difference']:+.4f}, 95% CI [{h['difference_ci_low']:+.4f}, {h['difference_ci_high']:+.4f}]); "
+        f"{h['objective']} wins on {h['win_rate']:.0%} of prompts "
+        f"(95% CI {h['win_rate_ci_low']:.0%}-{h['win_rate_ci_high']:.0%})",
+        "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()),
         f"LoRA (diffusers format, pipe.load_lora_weights): {result['train']['lora_dir']}",
         f"report: {result['report']}",
     ]
@@ -228,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/quickstart")
-    parser.add_argument("--train-steps", type=int, default=None, help="DPO steps (default: the config's)")
+    parser.add_argument("--objective", choices=tuple(OBJECTIVES), default="draft",
+                        help="draft (default: reward gradient, no labels) or dpo (label pairs, then Diffusion-DPO)")
+    parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default: the config's)")
     parser.add_argument("--world", choices=("duo", "shapes"), default="duo", help="toy world (default: duo)")
     parser.add_argument("--label-prompts", type=int, default=None, help="first N labelling prompts (default: all)")
     parser.add_argument("--eval-prompts", type=int, default=None, help="first N held-out prompts (default: all)")
@@ -239,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     settings = Settings(
-        world=args.world, train_steps=args.train_steps, label_prompts=args.label_prompts, eval_prompts=args.eval_prompts
+        world=args.world,
+        objective=args.objective,
+        train_steps=args.train_steps,
+        label_prompts=args.label_prompts,
+        eval_prompts=args.eval_prompts,
     )
     result = run(args.out, settings)
     print(report(result))
