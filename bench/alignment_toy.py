@@ -228,9 +228,12 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, float], world: Any) -> 
     extra = names[1:]
     lines = [
         f"| objective | recipe | sampled as | {world.reward} | vs base [95% CI] | win rate vs base [95% CI] | "
-        + " | ".join(extra) + " | train s | result |",
+        + " | ".join(extra)
+        + " | train s | result |",
         "| --- | --- | --- | ---: | ---: | ---: | " + "---: | " * len(extra) + "---: | --- |",
-        f"| base | - | base | {base[names[0]]:.4f} | - | - | " + " | ".join(f"{base[k]:.4f}" for k in extra) + " | - | - |",
+        f"| base | - | base | {base[names[0]]:.4f} | - | - | "
+        + " | ".join(f"{base[k]:.4f}" for k in extra)
+        + " | - | - |",
     ]
     for r in rows:
         d, w = r["difference"], r["win_rate"]

@@ -247,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/quickstart")
-    parser.add_argument("--objective", choices=tuple(OBJECTIVES), default="draft",
-                        help="draft (default: reward gradient, no labels) or dpo (label pairs, then Diffusion-DPO)")
+    parser.add_argument(
+        "--objective",
+        choices=tuple(OBJECTIVES),
+        default="draft",
+        help="draft (default: reward gradient, no labels) or dpo (label pairs, then Diffusion-DPO)",
+    )
     parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default: the config's)")
     parser.add_argument("--world", choices=("duo", "shapes"), default="duo", help="toy world (default: duo)")
     parser.add_argument("--label-prompts", type=int, default=None, help="first N labelling prompts (default: all)")

@@ -33,4 +33,6 @@ def test_quickstart_dpo_labels_pairs_and_trains_from_them(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["label"]["records"] == 16 and summary["train"]["steps"] == 4
     assert abs(summary["train"]["history"][0]["loss"] - math.log(2)) < 1e-6  # LoRA init: policy == reference
-    assert (out / "labels" / "pairs").is_dir() and (out / "dpo" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "labels" / "pairs").is_dir() and (
+        out / "dpo" / "lora" / "pytorch_lora_weights.safetensors"
+    ).is_file()

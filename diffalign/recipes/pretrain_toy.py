@@ -67,8 +67,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--caption-noise", type=float, default=None,
                    help="fraction of wrong captions (default: the world's, shapes 0.2, duo 0.4)")  # fmt: skip
-    p.add_argument("--right-share", type=float, default=0.5,
-                   help="duo: fraction of captions phrased 'B to the right of A' (the rest 'A to the left of B')")
+    p.add_argument(
+        "--right-share",
+        type=float,
+        default=0.5,
+        help="duo: fraction of captions phrased 'B to the right of A' (the rest 'A to the left of B')",
+    )
     p.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 64], help="UNet block widths")
     p.add_argument("--cond-dropout", type=float, default=0.1)
     p.add_argument("--log-every", type=int, default=100)

@@ -22,8 +22,9 @@ line, such as another palette colour). A clean object of colour ``c`` gives its 
   as their named shape (argmax) and ``x_L < x_R``; else 0.
 
 Chance levels for a model that draws the two named colours as clean shapes but ignores shape words and sides:
-shape 1/3, position 1/2, correct 1/6. Everything is a deterministic function of the pixels, differentiable almost
-everywhere (``scorer(x, captions, grad=True)``) except ``correct``; results are ``(B,)`` fp32 on the CPU.
+shape 1/3, position 1/2, correct 1/18 (both shapes and the side right). Everything is a deterministic function of
+the pixels, differentiable almost everywhere (``scorer(x, captions, grad=True)``) except ``correct``; results are
+``(B,)`` fp32 on the CPU.
 """
 
 from __future__ import annotations

@@ -48,7 +48,10 @@ def test_captions_round_trip_in_both_phrasings():
     for left, right in duo.combinations():
         for phrasing in duo.PHRASINGS:
             assert duo.parse_caption(duo.caption(left, right, phrasing)) == (left, right)
-    assert duo.caption(("orange", "circle"), ("red", "square"), "right") == "a red square to the right of an orange circle"
+    assert (
+        duo.caption(("orange", "circle"), ("red", "square"), "right")
+        == "a red square to the right of an orange circle"
+    )
     for bad in ("a cat", "a red circle to the left of a red square", "a pink circle to the left of a blue square",
                 "a red hexagon to the left of a blue square", "a red circle above a blue square"):  # fmt: skip
         with pytest.raises(ValueError, match="caption"):
@@ -119,7 +122,9 @@ def test_each_mistake_lowers_its_own_attribute(scenes, images):
         for s in scenes
     ]
     wrong_shape = r.components(images, other)
-    assert torch.allclose(wrong_shape["position"], right["position"]) and torch.equal(wrong_shape["color"], right["color"])
+    assert torch.allclose(wrong_shape["position"], right["position"]) and torch.equal(
+        wrong_shape["color"], right["color"]
+    )
     assert (wrong_shape["shape_left"] < 0.5).all() and (wrong_shape["correct"] == 0).all()
     assert torch.equal(wrong_shape["shape_right"], right["shape_right"])
 
@@ -158,7 +163,7 @@ def test_scorer_modules_and_interface(images, scenes):
         s = scorers.load(name, device="cpu", dtype=torch.float32, batch_size=5)
         assert s.name == name and s.variant and s.batch_size == 5
         out = s(images[:12], _captions(scenes[:12]))
-        assert out.shape == (12,) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+        assert out.shape == (12,) and out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
     with pytest.raises(ValueError, match="not a duo-world caption"):
         scorers.load("duofaithfulness")(images[:1], ["a red circle on a blue background"])
     with pytest.raises(ValueError, match="no weights"):
