@@ -216,7 +216,7 @@ def row(name: str, obj: Objective, comparison: dict[str, Any], train_s: float, w
         "base_reward": r["base"]["mean"],
         "difference": d,
         "win_rate": w,
-        "columns": {k.removeprefix(world.name).removeprefix("toy"): c[k][name]["mean"] for k in world.scorers[1:]},
+        "columns": {world.column(k): c[k][name]["mean"] for k in world.scorers[1:]},
         "differences": {k: c[k]["difference"] for k in world.scorers[1:]},  # per attribute / reward-hacking CIs
         "train_s": train_s,
         "verdict": verdict,
@@ -224,7 +224,7 @@ def row(name: str, obj: Objective, comparison: dict[str, Any], train_s: float, w
 
 
 def markdown(rows: list[dict[str, Any]], base: dict[str, float], world: Any) -> str:
-    names = [k.removeprefix(world.name).removeprefix("toy") for k in world.scorers]
+    names = [world.column(k) for k in world.scorers]
     extra = names[1:]
     lines = [
         f"| objective | recipe | sampled as | {world.reward} | vs base [95% CI] | win rate vs base [95% CI] | "
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=True, progress=False,
     )  # fmt: skip
     base_summary = json.loads((base_run / "summary.json").read_text())["stats"]
-    base = {k.removeprefix(world.name).removeprefix("toy"): v["mean"] for k, v in base_summary.items()}
+    base = {world.column(k): v["mean"] for k, v in base_summary.items()}
     print("base: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()), flush=True)
     rows = []
     for name in args.objectives:

@@ -197,7 +197,9 @@ def run(out_dir: str | Path = "runs/quickstart", settings: Settings | None = Non
 
 def headline(result: dict[str, Any]) -> dict[str, float]:
     """The numbers the README quotes: the world's reward means, their difference and the LoRA-over-base win rate."""
-    reward = worlds_get(result["settings"]["world"]).reward
+    from diffalign.toy import worlds
+
+    reward = worlds.get(result["settings"]["world"]).reward
     objective = result["settings"]["objective"]
     c = result["comparison"]["scorers"][reward]
     w = c["win_rate"]
@@ -214,12 +216,6 @@ def headline(result: dict[str, Any]) -> dict[str, float]:
         "win_rate_ci_high": w["ci_high"],
         "prompts": w["n"],
     }
-
-
-def worlds_get(name: str) -> Any:
-    from diffalign.toy import worlds
-
-    return worlds.get(name)
 
 
 def report(result: dict[str, Any]) -> str:

@@ -113,53 +113,29 @@ def components(x: torch.Tensor, captions: Sequence[str]) -> dict[str, torch.Tens
     }
 
 
-class DuoReward:
+class DuoReward(reward.AnalyticScorer):
     """A ``diffalign.scorers`` scorer over the duo world: ``scorer(images, captions) -> (B,)`` (see module doc).
 
     ``kind``: ``"faithfulness"`` (the reward), ``"correct"`` (GenEval's binary), ``"color"``, ``"shape"`` or
     ``"position"``.
     """
 
-    needs_prompts = True
+    kinds = KINDS
+    parts = PARTS
+    label = "duo reward"
+    variant = f"duo-world-v1,sigma={SIGMA},tau={TAU},kappa={KAPPA}"
+    terms = staticmethod(components)
 
     def __init__(self, kind: str = "faithfulness", *, batch_size: int = 256) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"unknown duo reward kind {kind!r}; choices: {', '.join(KINDS)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.kind = kind
-        self.name = f"duo{kind}"
-        self.variant = f"duo-world-v1,sigma={SIGMA},tau={TAU},kappa={KAPPA}"
-        self.batch_size = batch_size
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
+        super().__init__(kind, batch_size=batch_size)
+
+    def scorer_name(self, kind: str) -> str:
+        return f"duo{kind}"
 
     def __call__(self, images: Any, prompts: Sequence[str] | None, *, grad: bool = False) -> torch.Tensor:
         if grad and self.kind == "correct":
             raise ValueError("duocorrect is a 0/1 score with no gradient; use duofaithfulness for grad=True")
-        return self.components(images, prompts, grad=grad)[self.kind]
-
-    def components(self, images: Any, prompts: Sequence[str] | None, *, grad: bool = False) -> dict[str, torch.Tensor]:
-        """All terms, each ``(B,)`` fp32 on the CPU; ``grad=True`` (tensor images only) keeps the autograd graph and
-        returns them on ``images.device`` (computed on the CPU)."""
-        from diffalign.scorers.base import check_images, check_prompts
-
-        n = check_images(images)
-        if grad and not isinstance(images, torch.Tensor):
-            raise TypeError("grad=True needs images as one (B, 3, H, W) float tensor in [0, 1], not PIL images")
-        texts = check_prompts(prompts, n, required=True)
-        parts: list[dict[str, torch.Tensor]] = []
-        with torch.enable_grad() if grad else torch.no_grad():
-            for lo in range(0, n, self.batch_size):
-                hi = min(n, lo + self.batch_size)
-                parts.append(components(reward._pixels(images[lo:hi], grad=grad), texts[lo:hi]))
-            if not parts:
-                return {k: torch.empty(0) for k in PARTS}
-            device = images.device if grad else torch.device("cpu")
-            return {k: torch.cat([p[k] for p in parts]).to(device) for k in parts[0]}
-
-    def __repr__(self) -> str:
-        return f"DuoReward(kind={self.kind!r}, variant={self.variant!r})"
+        return super().__call__(images, prompts, grad=grad)
 
 
 def load(

@@ -110,25 +110,34 @@ def components(x: torch.Tensor, captions: Sequence[str]) -> dict[str, torch.Tens
     }
 
 
-class ToyReward:
-    """A ``diffalign.scorers`` scorer over the toy world: ``scorer(images, captions) -> (B,)`` (see module doc).
-
-    ``kind``: ``"reward"`` (the preference the quickstart aligns to), ``"faithfulness"`` or ``"prominence"``.
-    """
+class AnalyticScorer:
+    """The ``diffalign.scorers`` plumbing the toy worlds' analytic rewards share: input checks, batching, the
+    ``grad=True`` path and the result device. A subclass sets ``kinds`` (what ``kind`` may name), ``parts`` (every
+    key ``terms`` returns, for an empty batch), ``label`` (for messages), ``variant`` and ``terms(x, captions)``."""
 
     needs_prompts = True
+    kinds: tuple[str, ...] = ()
+    parts: tuple[str, ...] = ()
+    label = ""
+    variant = ""
 
-    def __init__(self, kind: str = "reward", *, batch_size: int = 256) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"unknown toy reward kind {kind!r}; choices: {', '.join(KINDS)}")
+    def __init__(self, kind: str, *, batch_size: int = 256) -> None:
+        if kind not in self.kinds:
+            raise ValueError(f"unknown {self.label} kind {kind!r}; choices: {', '.join(self.kinds)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.kind = kind
-        self.name = "toyreward" if kind == "reward" else f"toy{kind}"
-        self.variant = f"toy-world-v1,sigma={SIGMA},tau={TAU}"
+        self.name = self.scorer_name(kind)
         self.batch_size = batch_size
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+
+    @staticmethod
+    def terms(x: torch.Tensor, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def scorer_name(self, kind: str) -> str:
+        raise NotImplementedError
 
     def __call__(self, images: Any, prompts: Sequence[str] | None, *, grad: bool = False) -> torch.Tensor:
         return self.components(images, prompts, grad=grad)[self.kind]
@@ -146,14 +155,33 @@ class ToyReward:
         with torch.enable_grad() if grad else torch.no_grad():
             for lo in range(0, n, self.batch_size):
                 hi = min(n, lo + self.batch_size)
-                parts.append(components(_pixels(images[lo:hi], grad=grad), texts[lo:hi]))
+                parts.append(self.terms(_pixels(images[lo:hi], grad=grad), texts[lo:hi]))
             if not parts:
-                return {k: torch.empty(0) for k in (*KINDS, "background", "object", "shape")}
+                return {k: torch.empty(0) for k in self.parts}
             device = images.device if grad else torch.device("cpu")
             return {k: torch.cat([p[k] for p in parts]).to(device) for k in parts[0]}
 
     def __repr__(self) -> str:
-        return f"ToyReward(kind={self.kind!r}, variant={self.variant!r})"
+        return f"{type(self).__name__}(kind={self.kind!r}, variant={self.variant!r})"
+
+
+class ToyReward(AnalyticScorer):
+    """A ``diffalign.scorers`` scorer over the toy world: ``scorer(images, captions) -> (B,)`` (see module doc).
+
+    ``kind``: ``"reward"`` (the preference the quickstart aligns to), ``"faithfulness"`` or ``"prominence"``.
+    """
+
+    kinds = KINDS
+    parts = (*KINDS, "background", "object", "shape")
+    label = "toy reward"
+    variant = f"toy-world-v1,sigma={SIGMA},tau={TAU}"
+    terms = staticmethod(components)
+
+    def __init__(self, kind: str = "reward", *, batch_size: int = 256) -> None:
+        super().__init__(kind, batch_size=batch_size)
+
+    def scorer_name(self, kind: str) -> str:
+        return "toyreward" if kind == "reward" else f"toy{kind}"
 
 
 def load(

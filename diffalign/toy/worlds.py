@@ -34,6 +34,10 @@ class ToyWorld:
     def prompts(self, split: str) -> list[str]:
         return self.prompt_splits(split)
 
+    def column(self, scorer: str) -> str:
+        """A scorer's short column name: ``duoshape`` -> ``shape``, ``toyfaithfulness`` -> ``faithfulness``."""
+        return scorer.removeprefix(self.name).removeprefix("toy")
+
 
 def _shapes_prompts(split: str) -> list[str]:
     from diffalign.toy import world
