@@ -17,6 +17,8 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from diffalign.errors import UserError
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -79,7 +81,7 @@ def replace_dir(out: str | Path, write: Callable[[Path], object]) -> Path:
     return swap_dir(tmp, out)
 
 
-class FolderBusyError(RuntimeError):
+class FolderBusyError(UserError, RuntimeError):
     """Another process holds the folder's lock; ``holder`` is what it recorded (pid, host, purpose, time)."""
 
     def __init__(self, folder: Path, holder: str) -> None:

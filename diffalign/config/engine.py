@@ -33,9 +33,10 @@ from typing import Any, ClassVar, Literal, Union
 import yaml
 
 from diffalign import registry, resources
+from diffalign.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config could not be loaded: unknown or missing keys, wrong types, failed cross-field checks."""
 
 

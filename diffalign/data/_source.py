@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import datasets
 
 from diffalign import resources
+from diffalign.errors import UserError
 
 
 logger = logging.getLogger("diffalign.data")
@@ -25,7 +26,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SPLIT_NAMES = ("train", "validation", "valid", "val", "test", "dev")
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(UserError, RuntimeError):
     """A data source cannot be opened: names the source and what was tried."""
 
 

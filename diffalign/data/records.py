@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from diffalign.errors import UserError
 from diffalign.registry import suggest
 from diffalign.types import SampleInfo
 
@@ -32,7 +33,7 @@ logger = logging.getLogger("diffalign.data")
 BAD_ROW_POLICIES = ("skip", "raise")
 
 
-class BadRowError(ValueError):
+class BadRowError(UserError, ValueError):
     """A row of a data source cannot be used: names the source, the row index, the column and why."""
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from diffalign import resources
+from diffalign.errors import UserError
 
 
 ASSETS_PROMPTS = resources.ASSETS / "prompts"
@@ -42,7 +43,7 @@ SHIPPED_ALIASES = {"default": "eval_default"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """A user-facing evaluation problem (bad prompt file, missing image prompt, unknown scorer, ...)."""
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from diffalign import registry
+from diffalign.errors import UserError
 
 
 RANKINGS = ("win_fraction", "zscore", "raw")
@@ -32,7 +33,7 @@ PROTOCOL_KEYS = {  # generator-spec key -> SamplingProtocol field ("resolution" 
 }
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """A user-facing labelling problem (bad generator spec, a resumed run that does not match, a bad score)."""
 
 
