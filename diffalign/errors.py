@@ -11,8 +11,10 @@ command (``diffalign run | validate | eval | label | ...``) and every recipe scr
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
+from collections.abc import Callable
 
 
 DEBUG_ENV = "DIFFALIGN_DEBUG"
@@ -52,7 +54,6 @@ def report(exc: BaseException, stream=None) -> int:
     if debug_enabled():
         traceback.print_exception(exc, file=stream)
     line = f"error: {one_line(exc)}"
-    print(line, file=stream, flush=True)
     path = os.environ.get(ERROR_FILE_ENV)
     if path:
         try:
@@ -62,4 +63,27 @@ def report(exc: BaseException, stream=None) -> int:
         else:
             with os.fdopen(fd, "w") as f:
                 f.write(line + "\n")
+    print(line, file=stream, flush=True)  # after the file: a launcher reading both sees the file first
     return getattr(exc, "exit_status", 1)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def script_main(main: Callable[[], object]) -> None:
+    """Run a script's ``main()`` the way the ``diffalign`` command does: a ``UserError`` (and an interrupt) ends
+    with one ``error:`` line and its exit status instead of a traceback (kept with ``DIFFALIGN_DEBUG=1``).
+
+    SIGINT and SIGTERM both interrupt ``main`` (a process started in the background inherits an ignored SIGINT,
+    so the handler is installed explicitly): training loops turn the interrupt into an ``InterruptedRun`` saying
+    where the run stopped and how to resume it.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    try:
+        main()
+    except UserError as e:
+        sys.exit(report(e))
+    except KeyboardInterrupt:
+        sys.exit(report(InterruptedRun("interrupted before training started; nothing was saved")))

@@ -81,12 +81,52 @@ def replace_dir(out: str | Path, write: Callable[[Path], object]) -> Path:
     return swap_dir(tmp, out)
 
 
+def move_aside(folder: str | Path, keep: tuple[str, ...] = (".lock",)) -> Path:
+    """Move every entry of ``folder`` except ``keep`` into a new dated sibling ``<name>.old-YYYYmmdd-HHMMSS``.
+
+    Renames only (same file system, nothing copied or deleted); returns the sibling. ``.lock`` stays so that the
+    caller keeps holding the folder's lock while it starts afresh in it.
+    """
+    folder = Path(folder)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest = folder.with_name(f"{folder.name}.old-{stamp}")
+    n = 1
+    while dest.exists():
+        dest = folder.with_name(f"{folder.name}.old-{stamp}-{n}")
+        n += 1
+    dest.mkdir()
+    for entry in sorted(folder.iterdir()):
+        if entry.name not in keep:
+            entry.rename(dest / entry.name)
+    fsync_dir(dest)
+    fsync_dir(folder)
+    return dest
+
+
 class FolderBusyError(UserError, RuntimeError):
     """Another process holds the folder's lock; ``holder`` is what it recorded (pid, host, purpose, time)."""
 
     def __init__(self, folder: Path, holder: str) -> None:
         super().__init__(f"{folder} is in use by another process: {holder} (it holds {folder / '.lock'})")
         self.folder, self.holder = folder, holder
+
+
+def lock_holder(folder: str | Path) -> str | None:
+    """What the process holding ``<folder>/.lock`` recorded, or None when nobody holds it (nothing is written)."""
+    import fcntl
+
+    path = Path(folder) / ".lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "holder not recorded"
+    finally:
+        os.close(fd)
+    return None
 
 
 class FolderLock:

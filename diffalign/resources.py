@@ -9,6 +9,8 @@ resolves to the installed package's copy whatever the current folder is.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 
@@ -16,6 +18,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 ASSETS = PACKAGE_ROOT / "assets"
 RECIPES = PACKAGE_ROOT / "recipes"
 SCHEME = "diffalign://"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve(value: str) -> str:
@@ -34,3 +37,15 @@ def resolve(value: str) -> str:
         hint = f"; {parent.relative_to(PACKAGE_ROOT.parent)} holds: {', '.join(shipped)}" if shipped else ""
         raise FileNotFoundError(f"{value!r}: no such file ships with diffalign{hint}")
     return str(path)
+
+
+def is_hub_id(path: str) -> bool:
+    """True when ``path`` names a Hub repository (``owner/name``) rather than a local file or folder.
+
+    A string that exists locally, starts with ``/``, ``.`` or ``~``, uses the ``diffalign://`` scheme or has more
+    than one ``/`` (``runs/tiny/sd15``) is local: a missing one is then reported as a missing path, not as a failed
+    download.
+    """
+    if not isinstance(path, str) or path.startswith(("/", ".", "~", SCHEME)) or os.path.exists(path):
+        return False
+    return bool(_HUB_ID.match(path))

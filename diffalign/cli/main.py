@@ -1,6 +1,8 @@
 """Entry point of the ``diffalign`` command: parse, dispatch to a subcommand, turn errors into exit codes.
 
 Arguments after a bare ``--`` are passed through untouched (``run`` hands them to ``accelerate launch``).
+Every user-facing failure (``errors.UserError``: config, data, model path, lock, resume, scorer) ends as one line,
+``error: <what and the fix>``, with exit status 1; ``--debug`` (or ``DIFFALIGN_DEBUG=1``) adds the traceback.
 Free ``key=value`` arguments are config overrides for the commands that take them (``run``, ``validate``);
 they may appear anywhere after the subcommand, between options.
 """
@@ -8,13 +10,14 @@ they may appear anywhere after the subcommand, between options.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from diffalign.cli import CLIError, cp, ls, quickstart, run, validate
+from diffalign import errors
+from diffalign.cli import cp, ls, quickstart, run, validate
 from diffalign.cli import eval as eval_cmd
 from diffalign.cli import label as label_cmd
-from diffalign.config import ConfigError
 
 
 COMMANDS = (quickstart, run, cp, ls, validate, eval_cmd, label_cmd)
@@ -25,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign",
         description="Preference alignment of text-to-image diffusion models (LoRA recipes, losses, configs).",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show the traceback of an error (also {errors.DEBUG_ENV}=1)"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
@@ -42,6 +48,8 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``diffalign`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
     args_list, passthrough = _split_passthrough(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in args_list  # accepted anywhere before `--`, also after the subcommand
+    args_list = [a for a in args_list if a != "--debug"]
     parser = build_parser()
     try:
         args, rest = parser.parse_known_args(args_list)
@@ -59,8 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"diffalign {args.command}: error: takes no arguments after '--'", file=sys.stderr)
         return 2
     args.overrides, args.passthrough = overrides, passthrough
+    if debug:
+        os.environ[errors.DEBUG_ENV] = "1"  # the recipe processes `run` starts inherit it
     try:
         return args.func(args)
-    except (ConfigError, CLIError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except errors.UserError as e:
+        return errors.report(e)
+    except KeyboardInterrupt:
+        return errors.report(errors.InterruptedRun(f"diffalign {args.command} interrupted"))

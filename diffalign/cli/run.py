@@ -17,11 +17,13 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
-from diffalign import config, registry
+from diffalign import config, errors, registry
 from diffalign.cli import CLIError
 
 
@@ -89,10 +91,17 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "run",
         help="validate a config and launch a recipe",
-        description="Validate the config (with key=value overrides), then run the recipe script, "
-        "under `accelerate launch` when --num-processes > 1. Arguments after `--` go to accelerate launch.",
+        usage="diffalign run [RECIPE] --config NAME_OR_YAML [key=value ...] [--num-processes N] [-- accelerate args]",
+        description="Validate the config (with key=value overrides) and check its paths, data and output folder, "
+        "then run the recipe script (by default the one the config names with its `recipe:` key), under "
+        "`accelerate launch` when --num-processes > 1. Arguments after `--` go to accelerate launch.",
     )
-    p.add_argument("recipe", help="shipped recipe name (see `diffalign ls recipes`) or a path to a .py script")
+    p.add_argument(
+        "recipe",
+        nargs="?",
+        default=None,
+        help="shipped recipe name (see `diffalign ls recipes`) or a path to a .py script; default: the config's recipe",
+    )
     p.add_argument("--config", required=True, help="shipped config name (e.g. toy/dpo) or a YAML path")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and derived numbers, then exit")
     p.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (default 1)")
@@ -105,12 +114,27 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode  # killed by signal N -> 128 + N, like a shell
 
 
+def _recipe_and_config(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, object]:
+    """The recipe script and the loaded config; without a recipe argument, the config's ``recipe:`` names it."""
+    recipe = args.recipe
+    if recipe is not None and "=" in recipe and not recipe.endswith(".py"):  # an override taken as the recipe
+        overrides.insert(0, recipe)
+        recipe = None
+    if recipe is None:
+        cfg = config.load(args.config, overrides)
+        return resolve_recipe(config.recipe_name(type(cfg))), cfg
+    recipe_path = resolve_recipe(recipe)
+    return recipe_path, config.load(args.config, overrides, schema=config.schema_for_recipe(recipe_path))
+
+
 def run(args: argparse.Namespace) -> int:
-    """Validate, then either print (``--dry-run``) or launch and return the child's exit status."""
+    """Validate and check (``training.preflight``), then either print (``--dry-run``) or launch; returns the
+    child's exit status."""
     overrides = list(getattr(args, "overrides", []))
-    recipe_path = resolve_recipe(args.recipe)
-    cfg = config.load(args.config, overrides, schema=config.schema_for_recipe(recipe_path))
+    recipe_path, cfg = _recipe_and_config(args, overrides)
     config_path = config.resolve_config_path(args.config).resolve()
+    if args.num_processes < 1:
+        raise CLIError(f"--num-processes must be >= 1, got {args.num_processes}")
     cmd = build_command(
         recipe_path,
         config_path,
@@ -120,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         accelerate_args=getattr(args, "passthrough", []),
     )
     if args.dry_run:
+        for problem in config.launch_problems(cfg, args.num_processes):
+            raise config.ConfigError(problem)
         print(f"# recipe: {recipe_path}\n# config: {config_path}")
         print(config.dumps(cfg), end="")
         if isinstance(cfg, config.OfflinePrefConfig):
@@ -129,16 +155,57 @@ def run(args: argparse.Namespace) -> int:
             )
         print(f"\n# command: {shlex.join(cmd)}")
         return 0
+    if hasattr(cfg, "run"):
+        from diffalign.training import preflight
+
+        preflight.check(cfg, args.num_processes, probe_lock=True)
     print(f"launching: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    return _exit_status(launch(cmd, child_env(args.num_processes)))
+    multi = "accelerate.commands.launch" in cmd
+    return _exit_status(launch(cmd, child_env(args.num_processes), quiet_after_error=multi))
 
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def launch(cmd: Sequence[str], env: Mapping[str, str]) -> int:
-    """Run ``cmd`` to completion, forwarding ``FORWARDED`` signals to it; returns its ``returncode``."""
-    proc = subprocess.Popen(cmd, env=env, process_group=0)
+def launch(cmd: Sequence[str], env: Mapping[str, str], quiet_after_error: bool = False) -> int:
+    """Run ``cmd`` to completion, forwarding ``FORWARDED`` signals to it; returns its ``returncode``.
+
+    The children write their first error line to a file (``errors.ERROR_FILE_ENV``). ``quiet_after_error`` (the
+    multi-process launcher): the child's stderr passes through until that line exists, the launcher's own report
+    of the failure after it is dropped (kept with ``--debug``), and the line is printed again at the end, so the
+    user's last line is the cause.
+    """
+    with tempfile.TemporaryDirectory(prefix="diffalign-run-") as tmp:
+        error_file = Path(tmp) / "error"
+        env = {**env, errors.ERROR_FILE_ENV: str(error_file)}
+        filtered = quiet_after_error and not errors.debug_enabled()
+        proc = subprocess.Popen(cmd, env=env, process_group=0, stderr=subprocess.PIPE if filtered else None)
+        pump = None
+        if filtered:
+            pump = threading.Thread(target=_pass_stderr, args=(proc.stderr, error_file), daemon=True)
+            pump.start()
+        code = _wait(proc)
+        if pump is not None:
+            pump.join(timeout=5)
+        if filtered and code != 0 and error_file.is_file():
+            print(error_file.read_text().strip(), file=sys.stderr, flush=True)
+        return code
+
+
+def _pass_stderr(stream: IO[bytes], error_file: Path) -> None:
+    """Copy ``stream`` to our stderr as it comes (progress bars stay live) until a child reported its error."""
+    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+    while chunk := stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536):
+        if error_file.is_file():
+            continue  # the launcher's report of the failure (and the other processes' noise)
+        if out is not None:
+            out.write(chunk)
+            out.flush()
+        else:
+            sys.stderr.write(chunk.decode("utf-8", "replace"))
+
+
+def _wait(proc: subprocess.Popen) -> int:
     if threading.current_thread() is not threading.main_thread():  # signal handlers need the main thread
         return proc.wait()
     previous = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum)) for sig in FORWARDED}

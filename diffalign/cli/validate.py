@@ -1,34 +1,12 @@
-"""``diffalign validate <config> [k=v ...]``: strict load and cross-field checks, then print the resolved config."""
+"""``diffalign validate <config> [k=v ...]``: strict load, cross-field checks and the checks of everything the run
+would need on this machine (paths, data columns, batch arithmetic, trackers), then print the resolved config."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from diffalign import config
-
-
-_LOCAL_PREFIXES = ("/", "./", "../", "~")
-
-
-def local_path_warnings(cfg: object) -> list[str]:
-    """Warnings for string fields that name a local path (absolute or ``./``-relative) that does not exist.
-
-    Hub ids (``org/name``) cannot be told apart from relative folders, so only explicit local paths are
-    checked; these are warnings, since a config is often validated on a machine other than the one it runs on.
-    """
-    warnings = []
-
-    def visit(value: object, key: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                visit(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(value, str) and value.startswith(_LOCAL_PREFIXES) and not Path(value).expanduser().exists():
-            warnings.append(f"warning: {key}={value!r} does not exist on this machine")
-
-    visit(config.to_dict(cfg), "")
-    return [w for w in warnings if not w.startswith(("warning: run.output_dir=", "warning: data.latent_cache="))]
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,25 +14,37 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "validate",
         help="check a config (and overrides) strictly and print it resolved",
-        description="Load a config with overrides, check every key and type and the cross-field rules, "
-        "and print the fully resolved YAML. Exit status 1 with the problems on failure.",
+        description="Load a config with overrides, check every key and type and the cross-field rules, the "
+        "local paths it names (model, data and its columns, prompts, scorer weights), the batch arithmetic on "
+        "--num-processes and the trackers, and print the fully resolved YAML. Exit status 1 with the problems "
+        "on failure.",
     )
     p.add_argument("config", help="a YAML path or a shipped config name such as toy/dpo")
     p.add_argument(
         "--recipe", default=None, help="check against this recipe's schema (default: the config's own recipe: key)"
+    )
+    p.add_argument("--num-processes", type=int, default=1, help="check the batch arithmetic for N processes")
+    p.add_argument(
+        "--no-paths",
+        action="store_true",
+        help="skip the checks of local paths and the output folder (a config meant for another machine)",
     )
     p.set_defaults(func=run, takes_overrides=True)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate and print; ``ConfigError`` propagates to ``main``, which prints it and returns 1."""
+    """Validate, check, print; ``ConfigError`` propagates to ``main``, which prints it on one line and returns 1."""
+    from diffalign.training import preflight
+
     overrides = getattr(args, "overrides", [])
     schema = config.schema_for_recipe(args.recipe) if args.recipe else None
     cfg = config.load(args.config, overrides, schema=schema)
+    problems = list(config.launch_problems(cfg, args.num_processes))
+    if not args.no_paths:
+        problems = preflight.problems(cfg, args.num_processes, probe_lock=True, output=True)
+    preflight.raise_all(problems)
     print(config.dumps(cfg), end="")
-    for warning in local_path_warnings(cfg):
-        print(warning, file=sys.stderr)
     print(
         f"OK: {config.resolve_config_path(args.config)} is a valid {config.recipe_name(type(cfg))} config",
         file=sys.stderr,

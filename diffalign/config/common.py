@@ -127,6 +127,9 @@ class RunConfig:
     save_every: int = 500
     keep_last: int = 3
     resume_from: str | None = None  # "latest" or a checkpoint folder
+    # a fresh run (resume_from unset) into a folder holding another run's checkpoints, LoRA or metrics is refused;
+    # overwrite: true moves that run aside to a dated sibling folder first (nothing is deleted)
+    overwrite: bool = False
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     allow_tf32: bool = True
 
@@ -198,6 +201,11 @@ def _check_training(cfg: Any, problems: list[str]) -> None:
     """Checks every LoRA training recipe shares: run, optim, lora, model dtype, resolutions and validation."""
     m, lora, data, optim, run, val = cfg.model, cfg.lora, cfg.data, cfg.optim, cfg.run, cfg.validation
     problems.extend(_nonfinite(to_dict(cfg)))
+    if run.overwrite and run.resume_from is not None:
+        problems.append(
+            f"run.overwrite=true and run.resume_from={run.resume_from!r} contradict each other: resume the run, "
+            "or move it aside and start afresh"
+        )
     if not run.output_dir.strip():
         problems.append("run.output_dir is empty; name the folder the run writes to (e.g. run.output_dir=runs/dpo)")
     for key, seed in (("run.seed", run.seed), ("validation.seed", val.seed)):

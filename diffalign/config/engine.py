@@ -626,6 +626,28 @@ def register_validator(schema: type) -> Callable[[Callable[[Any], list[str]]], C
     return deco
 
 
+_LAUNCH_CHECKS: dict[type, Callable[[Any, int], list[str]]] = {}
+
+
+def register_launch_check(
+    schema: type,
+) -> Callable[[Callable[[Any, int], list[str]]], Callable[[Any, int], list[str]]]:
+    """Register ``fn(cfg, num_processes) -> problems``: the batch arithmetic that depends on the process count."""
+
+    def deco(fn: Callable[[Any, int], list[str]]) -> Callable[[Any, int], list[str]]:
+        _LAUNCH_CHECKS[schema] = fn
+        return fn
+
+    return deco
+
+
+def launch_problems(cfg: Any, num_processes: int) -> list[str]:
+    """The problems of running ``cfg`` on ``num_processes`` processes (checked by ``diffalign run`` before it
+    launches and by every recipe before it loads its model)."""
+    check = _LAUNCH_CHECKS.get(type(cfg))
+    return check(cfg, num_processes) if check else []
+
+
 def validate(cfg: Any) -> None:
     """Run the cross-field checks registered for ``type(cfg)``; raises ``ConfigError`` listing every problem."""
     check = _VALIDATORS.get(type(cfg))

@@ -17,7 +17,7 @@ from diffalign.config.common import (
     _positive,
     terms_kind,
 )
-from diffalign.config.engine import ConfigError, register_recipe, register_validator
+from diffalign.config.engine import ConfigError, register_launch_check, register_recipe, register_validator
 from diffalign.config.stepwise_pref import PromptDataConfig
 
 
@@ -104,6 +104,19 @@ def grad_accum_for(cfg: OnlineRLConfig, num_processes: int) -> int:
     if micro % o.updates_per_round:
         return 0
     return micro // o.updates_per_round * o.trained_steps_per_round()
+
+
+@register_launch_check(OnlineRLConfig)
+def check_launch(cfg: OnlineRLConfig, num_processes: int) -> list[str]:
+    """``optim.grad_accum`` must make one optimizer step of each process's share of a round."""
+    need = grad_accum_for(cfg, num_processes)
+    if need == cfg.optim.grad_accum:
+        return []
+    what = f"set optim.grad_accum={need}" if need else "change online.prompts_per_round or optim.batch_size"
+    return [
+        f"optim.grad_accum={cfg.optim.grad_accum} does not fit one round on {num_processes} "
+        f"process{'es' if num_processes > 1 else ''} (samples per process / optim.batch_size x trained steps): {what}"
+    ]
 
 
 @register_validator(OnlineRLConfig)

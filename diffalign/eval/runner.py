@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from diffalign import registry
+from diffalign import registry, resources
 from diffalign.eval import prompts as prompt_sets
 from diffalign.eval import stats
 from diffalign.eval.prompts import EvalError, PromptRecord
@@ -466,11 +466,15 @@ def generate(
     from tqdm.auto import tqdm
 
     from diffalign import models
+    from diffalign.models.loading import source_problem
 
     image_dir = Path(image_dir)
     lora = protocol.lora
-    if lora is not None and lora.startswith((".", "/", "~")) and not Path(lora).expanduser().exists():
-        raise EvalError(f"LoRA folder {lora} does not exist")
+    if lora is not None:
+        check_lora_path(lora)
+    problem = source_problem("--model", protocol.model, protocol.family)
+    if problem:
+        raise EvalError(problem)
     if protocol.scheduler is not None:
         scheduler_class(protocol.scheduler)  # fail before loading the model
     adapter = models.load(protocol.family, protocol.model, dtype=protocol.dtype, vae_path=protocol.vae).to(device)
@@ -512,6 +516,17 @@ def generate(
         "device": str(device),
     }
     return items, resolved
+
+
+def check_lora_path(lora: str) -> None:
+    """A local LoRA (folder or ``.safetensors`` file) must exist and hold weights; a Hub id is left to diffusers."""
+    if resources.is_hub_id(lora):
+        return
+    path = Path(lora).expanduser()
+    if not path.exists():
+        raise EvalError(f"LoRA folder {lora} does not exist (a training run writes it to <run.output_dir>/lora)")
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        raise EvalError(f"LoRA folder {lora} holds no .safetensors file (expected pytorch_lora_weights.safetensors)")
 
 
 def _load_lora(pipe: Any, lora: str, family: str) -> None:

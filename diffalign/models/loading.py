@@ -6,23 +6,61 @@ feature extractor and other inference-only parts out of training memory.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffalign import resources
+from diffalign.errors import UserError
 
 
-def _check_source(path: str) -> None:
+TINY_HINT = "write a tiny offline model there with `python -m diffalign.models.tiny {family} {path}`"
+
+
+class ModelSourceError(UserError, FileNotFoundError):
+    """A model path or Hub id that cannot be loaded on this machine (``source_problem``'s one line)."""
+
+
+def source_problem(key: str, value: str | None, family: str | None = None, *, pipeline: bool = True) -> str | None:
+    """Why the model folder (``pipeline``: with ``model_index.json``) or Hub id ``value`` of option ``key`` cannot be
+    loaded here, in one line with the fix, or None. A missing local folder is reported as missing (with the command
+    that writes a tiny offline model of ``family``), not as a failed download; a Hub id that is not in the local
+    cache while ``HF_HUB_OFFLINE=1`` is named too."""
+    if not value:
+        return None
+    try:
+        path = resources.resolve(value)
+    except FileNotFoundError as e:
+        return f"{key}: {e}"
+    if resources.is_hub_id(path):
+        return _hub_cache_problem(key, path)
     local = Path(path).expanduser()
-    looks_local = path.startswith((".", "/", "~")) or local.exists()
-    if looks_local and not (local / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"{path!r} is not a diffusers model folder (no model_index.json). Pass a hub id such as "
-            "'stabilityai/stable-diffusion-xl-base-1.0' or a folder written by save_pretrained "
-            "(tiny offline models: `python -m diffalign.models.tiny sd15 <dir>`)."
+    hint = TINY_HINT.format(family=family, path=value) if family and pipeline else ""
+    if not local.exists():
+        return (
+            f"{key}={value!r}: no such folder (a local path; Hub ids are owner/name): "
+            + (f"{hint}, or " if hint else "")
+            + f"set {key} to a Hub id or a diffusers folder"
         )
+    if pipeline and not (local / "model_index.json").is_file():
+        return f"{key}={value!r} is not a diffusers pipeline folder (no model_index.json): use a folder written by save_pretrained"
+    return None
+
+
+def _hub_cache_problem(key: str, repo: str) -> str | None:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("1", "true", "yes", "on"):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("model_index.json", "config.json"):
+        if isinstance(try_to_load_from_cache(repo, name), str):
+            return None
+    return (
+        f"{key}={repo!r} is a Hub id that is not in the local cache, and HF_HUB_OFFLINE=1: download it on a "
+        f"machine with access (`huggingface-cli download {repo}`) or point {key} at a local folder"
+    )
 
 
 def load_components(
@@ -44,8 +82,10 @@ def load_components(
     import diffusers
     import transformers
 
+    problem = source_problem("model path", path, getattr(adapter_cls, "family", None))
+    if problem:
+        raise ModelSourceError(problem)
     path = resources.resolve(path)
-    _check_source(path)
     common: dict[str, Any] = {"revision": revision}
     weights = {**common, "variant": variant, "torch_dtype": dtype}
     index = diffusers.DiffusionPipeline.load_config(path, revision=revision)

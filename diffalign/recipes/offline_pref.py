@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from diffalign import config as dconfig
+from diffalign import errors
 from diffalign.data.loader import build_loader
 from diffalign.terms import inversion, offline, unpaired
 from diffalign.training import loop
@@ -140,4 +141,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    errors.script_main(main)

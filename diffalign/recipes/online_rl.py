@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from diffalign import config as dconfig
-from diffalign.config.online_rl import grad_accum_for
+from diffalign import errors
 from diffalign.models.base import Cond
 from diffalign.recipes.stepwise_pref import mixed_seed, read_prompts
 from diffalign.terms import online, stepwise
@@ -137,13 +137,8 @@ def build_scorers(cfg: Any, device: torch.device) -> dict[str, Any]:
 
 
 def setup(cfg: Any, accelerator: Any) -> State:
-    need = grad_accum_for(cfg, accelerator.num_processes)
-    if need != cfg.optim.grad_accum:
-        what = f"set optim.grad_accum={need}" if need else "change online.prompts_per_round or optim.batch_size"
-        raise dconfig.ConfigError(
-            f"optim.grad_accum={cfg.optim.grad_accum} does not fit one round on {accelerator.num_processes} "
-            f"processes (samples per process / optim.batch_size x trained steps): {what}"
-        )
+    for problem in dconfig.launch_problems(cfg, accelerator.num_processes):
+        raise dconfig.ConfigError(problem)
     objective, loss_cfg = dconfig.loss_config(cfg.loss)
     adapter = loop.build_adapter(cfg, accelerator.device)
     adapter.denoiser.eval()  # rollout and update see the same policy (no LoRA dropout; checked by the config)
@@ -308,4 +303,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    errors.script_main(main)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from diffalign import config as dconfig
-from diffalign import scorers
+from diffalign import errors, scorers
 from diffalign.eval.prompts import load_prompts
 from diffalign.terms import reward_grad
 from diffalign.training import loop
@@ -183,4 +183,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    errors.script_main(main)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from diffalign import config as dconfig
+from diffalign import errors
 from diffalign.diffusion import VPProcess
 from diffalign.models import lora
 from diffalign.terms import selfnpo
@@ -157,4 +158,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    errors.script_main(main)

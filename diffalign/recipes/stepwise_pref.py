@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from diffalign import config as dconfig
+from diffalign import errors
 from diffalign.eval.prompts import load_prompts
 from diffalign.terms import stepwise
 from diffalign.terms.stepwise import MinedPairs
@@ -316,4 +317,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    errors.script_main(main)

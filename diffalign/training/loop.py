@@ -29,10 +29,11 @@ from diffalign import config as dconfig
 from diffalign import models
 from diffalign.data.latent_cache import LatentCache
 from diffalign.data.loader import build_loader
+from diffalign.errors import InterruptedRun, UserError
 from diffalign.fileio import FolderLock, append_jsonl, keep_jsonl, replace_dir
 from diffalign.models import lora
 from diffalign.models.base import compile_denoiser
-from diffalign.training import checkpoint, distributed, optim
+from diffalign.training import checkpoint, distributed, optim, preflight, rundir
 
 
 logger = logging.getLogger("diffalign.train")
@@ -110,22 +111,23 @@ def make_accelerator(cfg: Any) -> Accelerator:
 
 
 def start(cfg: Any, accelerator: Accelerator, description: str) -> None:
-    """Lock the output folder, check a resume, save the resolved config, log ``description``, start the trackers.
+    """Check the run (``preflight``), lock the output folder, save the resolved config, log, start the trackers.
 
-    The main process holds ``output_dir/.lock`` (``fileio.FolderLock``) until ``train`` returns: a second trainer
-    on the same folder is refused, naming the holder. A resume is checked against the checkpoint's config before
-    ``config.yaml`` is written, so a refused resume leaves the saved config as it was.
+    Every process runs the cheap checks of ``preflight`` first (paths, data columns, batch arithmetic, trackers,
+    another run in the output folder, a resume that changes the training config), so a mistake stops the run in
+    one line before any model loads, and before anything is written. The main process then holds
+    ``output_dir/.lock`` (``fileio.FolderLock``) until ``train`` returns: a second trainer on the same folder is
+    refused, naming the holder. ``run.overwrite=true`` moves an earlier run aside (``rundir``), then the resolved
+    config is written.
     """
     out = Path(cfg.run.output_dir)
+    preflight.check(cfg, accelerator.num_processes)
     if accelerator.is_main_process:
         _lock_output(out)
-    path = checkpoint.resolve(cfg.run.resume_from, out / "checkpoints")
-    if path is not None:
-        check_resume_config(cfg, path)
-    if accelerator.is_main_process:
+        rundir.clear_for_fresh_run(cfg)
         dconfig.dump(cfg, out / "config.yaml")
         logger.info("%s", description)
-    accelerator.init_trackers("diffalign", config=flat(dconfig.to_dict(cfg)))
+    accelerator.init_trackers("diffalign", config=rundir.flat(dconfig.to_dict(cfg)))
     set_seed(cfg.run.seed)  # same LoRA init on every process and in every (resumed) run
 
 
@@ -142,49 +144,6 @@ def _unlock_output(out: Path) -> None:
     lock = _LOCKS.pop(out.resolve(), None)
     if lock is not None:
         lock.release()
-
-
-# Keys a resumed run may change: where and how often it logs, saves, validates, and how long it runs (a longer
-# ``run.max_steps`` also stretches a decaying LR schedule from the resume step on). Anything else would make the
-# resumed run differ from the run that wrote the checkpoint, so it is refused.
-RESUME_MAY_CHANGE = (
-    "run.output_dir",
-    "run.resume_from",
-    "run.max_steps",
-    "run.log_every",
-    "run.save_every",
-    "run.keep_last",
-    "run.report_to",
-    "data.num_workers",
-    "validation.",
-)
-
-
-def check_resume_config(cfg: Any, path: Path) -> None:
-    """Resuming continues the run that wrote ``path``: refuse a config that changes its training.
-
-    Every key outside ``RESUME_MAY_CHANGE`` whose value differs from the checkpoint's saved config is named in one
-    ``ConfigError`` (saved -> new); the allowed changes are applied and logged. Start a new run (another
-    ``run.output_dir``, or ``run.resume_from=null``) to train with other optimizer, loss, data or model settings.
-    """
-    saved = checkpoint.saved_state(path).get("config")
-    if saved is None:
-        logger.warning("%s stores no config (written by an older diffalign): resuming without checking it", path)
-        return
-    before, now = flat(saved), flat(dconfig.to_dict(cfg))
-    missing = object()
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k, missing) != now.get(k, missing))
-    diffs = {k: f"{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in changed}
-    refused = [diffs[k] for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
-    if refused:
-        raise dconfig.ConfigError(
-            f"cannot resume from {path}: the config differs from the one it was trained with in "
-            f"{'; '.join(refused)}. A resume continues that run exactly; change only "
-            f"{', '.join(RESUME_MAY_CHANGE)}, or start a new run (another run.output_dir or run.resume_from=null)"
-        )
-    for k in changed:
-        if k != "run.resume_from":
-            logger.info("resuming with a changed setting, applied from now on: %s", diffs[k])
 
 
 def build_adapter(cfg: Any, device: torch.device) -> Any:
@@ -468,7 +427,20 @@ def _stack(rows: list[dict[str, Any]], keys: list[str], device: torch.device) ->
     )
 
 
-def _non_finite(run: Run, step: int, what: str, weights_bad: bool = False) -> FloatingPointError:
+class NonFiniteError(UserError, FloatingPointError):
+    """The NaN stop: a non-finite loss, gradient norm or update; the message names the step and the last good
+    checkpoint."""
+
+
+def interrupted(run: Run) -> InterruptedRun:
+    """The error of a run stopped by Ctrl-C / SIGTERM at ``run.step`` (the lock is released: the run is over)."""
+    last = checkpoint.latest(run.output_dir / "checkpoints")
+    _unlock_output(run.output_dir)
+    where = f"last checkpoint {last.name}; resume with run.resume_from=latest" if last else "no checkpoint was saved"
+    return InterruptedRun(f"interrupted at step {run.step}; {where}")
+
+
+def _non_finite(run: Run, step: int, what: str, weights_bad: bool = False) -> NonFiniteError:
     """The NaN stop's error for a problem found at optimizer step ``step``. ``weights_bad``: the weights before
     that step gave it, so a checkpoint of them (step ``step - 1``, if saved) is set aside as ``step-N.nonfinite``,
     and ``latest`` no longer resumes into it."""
@@ -481,7 +453,7 @@ def _non_finite(run: Run, step: int, what: str, weights_bad: bool = False) -> Fl
             f" {current.name} holds the weights that gave it: moved to {checkpoint.set_aside(current, 'nonfinite')}."
         )
     good = checkpoint.latest(root)
-    return FloatingPointError(
+    return NonFiniteError(
         f"{what}; nothing was saved for this step.{note} Last good checkpoint: {good or 'none'}. "
         "Lower optim.lr or loss.beta, or use mixed_precision=no."
     )
@@ -564,18 +536,22 @@ def train(
     if acc.is_main_process:  # rows past the resume point were logged by the interrupted run: logged again below
         keep_jsonl(run.output_dir / "metrics.jsonl", lambda row: row.get("step", 0) <= run.step)
     bar = tqdm(total=cfg.run.max_steps, initial=run.step, disable=not acc.is_main_process, desc=desc)
-    while run.step < cfg.run.max_steps:
-        metrics = train_step()
-        run.history.append(metrics)
-        bar.update(1)
-        if "loss" in metrics:  # resolved (a sync step): steady-state steps never wait for the device
-            bar.set_postfix(**(postfix(metrics) if postfix else {"loss": f"{metrics['loss']:.4f}"}))
-        if run.step % cfg.run.log_every == 0 or run.step == 1:
-            log(run, metrics)
-        if cfg.validation.every and run.step % cfg.validation.every == 0:
-            validate(run)
-        if run.step % cfg.run.save_every == 0 or run.step == cfg.run.max_steps:
-            save(run, save_extra() if save_extra else None)
+    try:
+        while run.step < cfg.run.max_steps:
+            metrics = train_step()
+            run.history.append(metrics)
+            bar.update(1)
+            if "loss" in metrics:  # resolved (a sync step): steady-state steps never wait for the device
+                bar.set_postfix(**(postfix(metrics) if postfix else {"loss": f"{metrics['loss']:.4f}"}))
+            if run.step % cfg.run.log_every == 0 or run.step == 1:
+                log(run, metrics)
+            if cfg.validation.every and run.step % cfg.validation.every == 0:
+                validate(run)
+            if run.step % cfg.run.save_every == 0 or run.step == cfg.run.max_steps:
+                save(run, save_extra() if save_extra else None)
+    except KeyboardInterrupt:
+        bar.close()
+        raise interrupted(run) from None
     bar.close()
     lora_dir = export_lora(run)
     if acc.is_main_process:
@@ -584,15 +560,3 @@ def train(
     acc.end_training()
     _unlock_output(run.output_dir)
     return {"step": run.step, "history": run.history, "lora_dir": lora_dir}
-
-
-def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested config dicts for tracker hyper-parameter logging (scalars only)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, int | float | str | bool) else str(v)
-    return out

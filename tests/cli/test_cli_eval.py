@@ -187,7 +187,10 @@ def test_eval_errors_are_one_line(folder, plugin, tmp_path, capsys):
     assert "1 images have no sidecar .txt prompt" in capsys.readouterr().err
     argv = ["eval", "generate", "--family", "sd15", "--model", str(tmp_path / "no_model"), "--scorer", plugin]
     assert main([*argv, "--out", str(tmp_path / "g")]) == 1
-    assert "is not a diffusers model folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: --model=") and "no such folder" in err and "python -m diffalign.models.tiny sd15" in err
+    )
     assert main(["eval", "compare", str(tmp_path / "nope"), str(tmp_path / "nope2")]) == 1
     assert "no scores.jsonl" in capsys.readouterr().err
     assert main(["eval"]) == 2

@@ -1,0 +1,139 @@
+"""A training run's output folder: what an earlier run left there, and the rules that keep it safe.
+
+* A fresh run (``run.resume_from`` unset) into a folder that holds another run's checkpoints, LoRA or metrics is
+  refused (``previous_run_problem``): it would overwrite ``step-N`` folders and ``lora/``, cut ``metrics.jsonl``,
+  and leave ``latest`` pointing at the old run. The two ways on are named in the message: continue that run
+  (``run.resume_from=latest``) or ``run.overwrite=true``, which moves it to a dated sibling folder
+  (``fileio.move_aside``; nothing is deleted) before the new run starts.
+* A resume continues the run that wrote the checkpoint: a config that changes its training is refused
+  (``resume_problem``), naming each changed key.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from diffalign import config as dconfig
+from diffalign.fileio import move_aside
+from diffalign.training import checkpoint
+
+
+logger = logging.getLogger("diffalign.train")
+
+
+def _when(path: Path) -> str:
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+
+
+def _last_metrics_step(path: Path) -> int | None:
+    last = None
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            last = row["step"]
+    return last
+
+
+def previous_run(out: Path) -> str | None:
+    """What an earlier run left in ``out`` (checkpoints, LoRA, metrics) as a short phrase, or None."""
+    found = []
+    root = out / "checkpoints"
+    steps = sorted(p for p in root.iterdir() if checkpoint.STEP_DIR.match(p.name)) if root.is_dir() else []
+    if steps:
+        done = checkpoint.list_complete(root)
+        last = done[-1] if done else steps[-1]
+        found.append(f"checkpoints to {last.name}, written {_when(last)}")
+    lora = out / "lora"
+    if lora.is_dir() and any(lora.iterdir()):
+        found.append(f"lora/ written {_when(lora)}")
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        step = _last_metrics_step(metrics)
+        found.append(f"metrics.jsonl to step {step}" if step is not None else "metrics.jsonl")
+    return "; ".join(found) or None
+
+
+def previous_run_problem(cfg: Any) -> str | None:
+    """The refusal of a fresh run into a folder with another run's work; None when the run may start."""
+    run = cfg.run
+    if run.resume_from is not None or run.overwrite:
+        return None
+    out = Path(run.output_dir)
+    what = previous_run(out) if out.is_dir() else None
+    if what is None:
+        return None
+    return (
+        f"run.output_dir={run.output_dir} already holds a run ({what}): continue it with run.resume_from=latest, "
+        f"or start afresh with run.overwrite=true (moves it to {out.name}.old-<date> beside it; nothing is "
+        "deleted), or choose another run.output_dir"
+    )
+
+
+def clear_for_fresh_run(cfg: Any) -> Path | None:
+    """``run.overwrite=true``: move whatever is in the output folder aside (main process, lock held)."""
+    out = Path(cfg.run.output_dir)
+    if not cfg.run.overwrite or not out.is_dir() or not any(p.name != ".lock" for p in out.iterdir()):
+        return None
+    dest = move_aside(out)
+    logger.warning("run.overwrite=true: moved the previous contents of %s to %s", out, dest)
+    return dest
+
+
+# Keys a resumed run may change: where and how often it logs, saves, validates, and how long it runs (a longer
+# ``run.max_steps`` also stretches a decaying LR schedule from the resume step on). Anything else would make the
+# resumed run differ from the run that wrote the checkpoint, so it is refused.
+RESUME_MAY_CHANGE = (
+    "run.output_dir",
+    "run.resume_from",
+    "run.overwrite",
+    "run.max_steps",
+    "run.log_every",
+    "run.save_every",
+    "run.keep_last",
+    "run.report_to",
+    "data.num_workers",
+    "validation.",
+)
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested config dicts to dotted keys (scalars only; other values as strings)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
+
+
+def resume_problem(cfg: Any, path: Path) -> str | None:
+    """Why ``cfg`` may not resume from checkpoint ``path`` (every changed key outside ``RESUME_MAY_CHANGE``,
+    saved -> new), or None. The allowed changes are logged."""
+    saved = checkpoint.saved_state(path).get("config")
+    if saved is None:
+        logger.warning("%s stores no config (written by an older diffalign): resuming without checking it", path)
+        return None
+    before, now = flat(saved), flat(dconfig.to_dict(cfg))
+    missing = object()
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k, missing) != now.get(k, missing))
+    diffs = {k: f"{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in changed}
+    refused = [diffs[k] for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
+    if refused:
+        return (
+            f"cannot resume from {path}: the config differs from the one it was trained with in "
+            f"{'; '.join(refused)}. A resume continues that run exactly; change only "
+            f"{', '.join(RESUME_MAY_CHANGE)}, or start a new run (another run.output_dir, or run.overwrite=true)"
+        )
+    for k in changed:
+        if k not in ("run.resume_from", "run.overwrite"):
+            logger.info("resuming with a changed setting, applied from now on: %s", diffs[k])
+    return None
