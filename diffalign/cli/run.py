@@ -180,24 +180,27 @@ def launch(cmd: Sequence[str], env: Mapping[str, str], quiet_after_error: bool =
         env = {**env, errors.ERROR_FILE_ENV: str(error_file)}
         filtered = quiet_after_error and not errors.debug_enabled()
         proc = subprocess.Popen(cmd, env=env, process_group=0, stderr=subprocess.PIPE if filtered else None)
-        pump = None
+        pump, tail = None, bytearray(b"\n")
         if filtered:
-            pump = threading.Thread(target=_pass_stderr, args=(proc.stderr, error_file), daemon=True)
+            pump = threading.Thread(target=_pass_stderr, args=(proc.stderr, error_file, tail), daemon=True)
             pump.start()
         code = _wait(proc)
         if pump is not None:
             pump.join(timeout=5)
         if filtered and code != 0 and error_file.is_file():
-            print(error_file.read_text().strip(), file=sys.stderr, flush=True)
+            start = "" if tail.endswith(b"\n") else "\n"  # after a progress bar's last redraw
+            print(start + error_file.read_text().strip(), file=sys.stderr, flush=True)
         return code
 
 
-def _pass_stderr(stream: IO[bytes], error_file: Path) -> None:
-    """Copy ``stream`` to our stderr as it comes (progress bars stay live) until a child reported its error."""
+def _pass_stderr(stream: IO[bytes], error_file: Path, tail: bytearray) -> None:
+    """Copy ``stream`` to our stderr as it comes (progress bars stay live) until a child reported its error;
+    ``tail`` keeps the last byte passed on."""
     out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
     while chunk := stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536):
         if error_file.is_file():
             continue  # the launcher's report of the failure (and the other processes' noise)
+        tail[:] = chunk[-1:]
         if out is not None:
             out.write(chunk)
             out.flush()

@@ -466,15 +466,10 @@ def generate(
     from tqdm.auto import tqdm
 
     from diffalign import models
-    from diffalign.models.loading import source_problem
 
     image_dir = Path(image_dir)
     lora = protocol.lora
-    if lora is not None:
-        check_lora_path(lora)
-    problem = source_problem("--model", protocol.model, protocol.family)
-    if problem:
-        raise EvalError(problem)
+    check_sources(protocol)
     if protocol.scheduler is not None:
         scheduler_class(protocol.scheduler)  # fail before loading the model
     adapter = models.load(protocol.family, protocol.model, dtype=protocol.dtype, vae_path=protocol.vae).to(device)
@@ -516,6 +511,17 @@ def generate(
         "device": str(device),
     }
     return items, resolved
+
+
+def check_sources(protocol: GenerationProtocol) -> None:
+    """The base model and the LoRA of ``protocol`` exist here (one-line ``EvalError`` otherwise); nothing loads."""
+    from diffalign.models.loading import source_problem
+
+    problem = source_problem("--model", protocol.model, protocol.family)
+    if problem:
+        raise EvalError(problem)
+    if protocol.lora is not None:
+        check_lora_path(protocol.lora)
 
 
 def check_lora_path(lora: str) -> None:
@@ -567,10 +573,11 @@ def generate_and_score(
 ) -> dict[str, Any]:
     """Generate ``out_dir/images/*.png`` under ``protocol`` and score them.
 
-    Prompts, the output folder (writable?), then scorers (spec strings are loaded on ``device`` in ``protocol.dtype``)
+    The model and LoRA paths, prompts, the output folder (writable?), then scorers (spec strings are loaded on ``device`` in ``protocol.dtype``)
     are checked before the model is loaded, so a bad prompt file, output folder or scorer fails before any generation.
     """
     out_dir = Path(out_dir)
+    check_sources(protocol)
     if isinstance(prompt_source, (str, Path)):
         records = prompt_sets.load_prompts(prompt_source, key=prompt_key, split=split, limit=limit)
         source = str(prompt_source)

@@ -550,9 +550,9 @@ def train(
             if run.step % cfg.run.save_every == 0 or run.step == cfg.run.max_steps:
                 save(run, save_extra() if save_extra else None)
     except KeyboardInterrupt:
-        bar.close()
         raise interrupted(run) from None
-    bar.close()
+    finally:
+        bar.close()  # before any error line: a bar redrawn at exit would follow it
     lora_dir = export_lora(run)
     if acc.is_main_process:
         logger.info("data: %s", run.loader.stats_summary())

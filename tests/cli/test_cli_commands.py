@@ -120,10 +120,16 @@ def test_python_dash_m_diffalign():
     assert proc.returncode == 0 and "usage: diffalign" in proc.stdout
 
 
-def test_validate_warns_about_missing_local_paths(shipped, tmp_path, capsys):
+def test_validate_checks_local_paths_in_one_line(shipped, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
-    assert main(["validate", "toy/dpo", f"validation.prompts_file={prompts}", "run.output_dir=/nonexistent/out"]) == 0
+    out = f"run.output_dir={tmp_path / 'new' / 'out'}"
+    assert main(["validate", "toy/dpo", f"validation.prompts_file={prompts}", out]) == 0
+    assert not (tmp_path / "new").exists()  # checked, not created
+    capsys.readouterr()
+    argv = ["validate", "toy/dpo", "data.path=/data/toy_pairs", "validation.prompts_file=/no/prompts.txt", out]
+    assert main(argv) == 1
     err = capsys.readouterr().err
-    assert "warning: data.path='/data/toy_pairs' does not exist" in err
-    assert "prompts_file" not in err and "output_dir" not in err  # exists / created by the run
+    assert err.count("\n") == 1 and err.startswith("error: 2 problems: data.path: data path '/data/toy_pairs'")
+    assert "validation.prompts_file='/no/prompts.txt': no such file or folder" in err and "Traceback" not in err
+    assert main([*argv, "--no-paths"]) == 0  # a config written for another machine
