@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from diffalign import errors
 from diffalign.toy import duo, model, world
 
 
@@ -235,4 +236,4 @@ def _versions() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    errors.script_main(main)

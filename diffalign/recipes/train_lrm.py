@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffalign import models, scorers
+from diffalign import errors, models, scorers
 from diffalign.config import DataConfig, OptimConfig
 from diffalign.data.loader import PlannedLoader, build_loader
 from diffalign.fileio import append_jsonl, replace_dir
@@ -396,4 +396,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    errors.script_main(main)

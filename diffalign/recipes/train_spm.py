@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from diffalign import models
+from diffalign import errors, models
 from diffalign.config import DataConfig, OptimConfig
 from diffalign.data.loader import PlannedLoader, build_loader
 from diffalign.fileio import append_jsonl, replace_dir
@@ -278,4 +278,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    errors.script_main(main)
