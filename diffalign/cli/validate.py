@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--recipe", default=None, help="check against this recipe's schema (default: the config's own recipe: key)"
     )
     p.set_defaults(func=run, takes_overrides=True)
+    from diffalign.cli import document_overrides
+
+    document_overrides(p)
     return p
 
 
