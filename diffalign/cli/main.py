@@ -11,13 +11,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from diffalign.cli import CLIError, cp, ls, quickstart, run, validate
+from diffalign.cli import CLIError, cp, ls, plot, quickstart, run, validate
 from diffalign.cli import eval as eval_cmd
 from diffalign.cli import label as label_cmd
 from diffalign.config import ConfigError
 
 
-COMMANDS = (quickstart, run, cp, ls, validate, eval_cmd, label_cmd)
+COMMANDS = (quickstart, run, cp, ls, validate, eval_cmd, label_cmd, plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
