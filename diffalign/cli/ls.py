@@ -30,7 +30,7 @@ def first_line(doc: str | None) -> str:
 
 
 # words whose trailing period does not end a sentence ("Wallace et al. 2023", "Sec. 4.1", "e.g. sd15")
-_ABBREVIATIONS = frozenset({"al", "e.g", "i.e", "etc", "vs", "cf", "sec", "eq", "fig", "no", "approx"})
+_ABBREVIATIONS = frozenset({"al", "e.g", "i.e", "etc", "vs", "cf", "sec", "eq", "fig", "approx"})
 _CLOSE = {"(": ")", "[": "]", "{": "}"}
 
 
@@ -179,7 +179,7 @@ def format_rows(rows: list[Row], indent: str = "", columns: int | None = None) -
     text_width = max(columns - len(hanging), 30)  # a very narrow terminal still gets readable lines
     lines = []
     for name, desc in rows:
-        wrapped = textwrap.wrap(desc, text_width, break_on_hyphens=False) or [""]
+        wrapped = textwrap.wrap(desc, text_width, break_long_words=False, break_on_hyphens=False) or [""]
         lines.append(f"{indent}{name.ljust(width)}  {wrapped[0]}".rstrip())
         lines += [hanging + part for part in wrapped[1:]]
     return "\n".join(lines)

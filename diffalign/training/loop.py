@@ -602,8 +602,9 @@ def finish(run: Run, lora_dir: Path, first_step: int, seconds: float) -> str:
     """Draw ``curves.png`` from ``metrics.jsonl`` and log the end-of-run summary block (main process); returns it.
 
     The block gives the wall time of the training loop, the steps this invocation ran, the last value of the
-    loss, rewards and guard / validation scores (``SUMMARY_KEYS``, ``SUMMARY_FAMILIES``), and where the LoRA, the metrics, the
-    tensorboard logs and the curves are. A failure to draw the curves is a warning: the trained LoRA is saved.
+    loss, rewards and guard / validation scores (``SUMMARY_KEYS``, ``SUMMARY_FAMILIES``), and where the LoRA, the
+    metrics, the tensorboard logs and the curves are. A failure to draw the curves is a warning: the trained LoRA
+    is saved either way.
     """
     out = run.output_dir
     metrics_file = out / curves.METRICS_FILE
@@ -619,7 +620,7 @@ def finish(run: Run, lora_dir: Path, first_step: int, seconds: float) -> str:
         f"  wall time    {_duration(seconds)} for {ran} step{'s' * (ran != 1)} ({first_step} -> {run.step}"
         f"{f', {seconds / ran:.3g} s/step' if ran else ''})",
     ]
-    final = _final_values(rows)
+    final = final_values(rows)
     if final:
         lines.append(f"  final        {final}")
     lines.append(f"  LoRA         {lora_dir} (pipe.load_lora_weights)")
@@ -635,7 +636,7 @@ def finish(run: Run, lora_dir: Path, first_step: int, seconds: float) -> str:
     return text
 
 
-def _final_values(rows: list[dict]) -> str:
+def final_values(rows: list[dict]) -> str:
     """``loss 0.6931, reward/x/mean 0.52 (step 18)``: each summary key's last logged value (its step if earlier)."""
     last: dict[str, tuple[int, float]] = {}
     for row in rows:
@@ -645,8 +646,17 @@ def _final_values(rows: list[dict]) -> str:
                 last[k] = (row.get("step", 0), v)
     if not last:
         return ""
+
+    def order(key: str) -> tuple[int, int, str]:
+        if key in SUMMARY_KEYS:
+            return 0, SUMMARY_KEYS.index(key), key
+        return 1, SUMMARY_FAMILIES.index(key.split("/", 1)[0]), key
+
     end = rows[-1].get("step", 0)
-    parts = [f"{k} {v:.4g}" + (f" (step {s})" if s != end else "") for k, (s, v) in last.items()]
+    parts = [
+        f"{k} {v:.4g}" + (f" (step {s})" if s != end else "")
+        for k, (s, v) in sorted(last.items(), key=lambda kv: order(kv[0]))
+    ]
     return f"at step {end}: " + ", ".join(parts)
 
 

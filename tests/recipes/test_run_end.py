@@ -62,3 +62,18 @@ def test_a_curves_failure_warns_and_the_run_still_succeeds(recipe, tiny_dirs, tm
     warning = next(r for r in caplog.records if r.levelname == "WARNING" and "could not draw" in r.getMessage())
     assert str(out / "curves.png") in warning.getMessage()
     assert f"curves       not drawn (IsADirectoryError; `diffalign plot {out}` retries)" in caplog.text
+
+
+def test_final_values_last_of_each_shown_key_in_order():
+    from diffalign.training.loop import final_values
+
+    rows = [
+        {"step": 1, "guard/pick": 0.2, "reward/toy/mean": 0.1, "loss": 0.7, "lr": 1e-4, "kl": 0.0},
+        {"step": 2, "loss": 0.6, "lr": 1e-4, "loss/ratio": 1.0, "flag": True},  # no round sampled: no reward keys
+        {"step": 3, "loss": float("nan"), "lr": 1e-4},
+    ]
+    assert (
+        final_values(rows)
+        == "at step 3: loss nan, kl 0 (step 1), reward/toy/mean 0.1 (step 1), guard/pick 0.2 (step 1)"
+    )
+    assert final_values([{"step": 1, "lr": 1e-4}]) == ""
