@@ -35,11 +35,13 @@ def load_runs(run_dirs: list[Path]) -> dict[str, curves.Rows]:
     return runs
 
 
-def choose_keys(runs: dict[str, curves.Rows], metrics: str | None) -> list[str] | None:
-    """The keys ``--metrics`` names (``None``: all), or a ``CLIError`` naming what matched nothing."""
-    if not metrics:
-        return None
+def choose_keys(runs: dict[str, curves.Rows], metrics: str | None) -> list[str]:
+    """The keys ``--metrics`` names (default: every metric), or a ``CLIError`` naming what matched nothing."""
     available = curves.metric_keys([row for rows in runs.values() for row in rows])
+    if not available:
+        raise CLIError(f"no numeric metrics in the {curves.METRICS_FILE} of {', '.join(runs)}")
+    if not metrics:
+        return available
     wanted = [m.strip() for m in metrics.split(",") if m.strip()]
     keys, missing = curves.select(available, wanted)
     if missing or not keys:

@@ -106,3 +106,13 @@ def test_plot_unknown_metric_names_what_the_runs_log(two_runs, capsys):
     assert main(["plot", str(two_runs[0]), "--metrics", "loss,rewrd"]) == 1
     err = capsys.readouterr().err
     assert err == "error: --metrics: no metric named 'rewrd' in these runs; they log: loss, lr, grad_norm\n"
+
+
+def test_plot_rows_without_numbers_and_an_unwritable_out_are_one_line_errors(two_runs, tmp_path, capsys):
+    bare = write_run(tmp_path / "bare", [{"step": 1, "note": "x"}])
+    assert main(["plot", str(bare)]) == 1
+    assert capsys.readouterr().err == "error: no numeric metrics in the metrics.jsonl of bare\n"
+    (tmp_path / "file").write_text("")
+    assert main(["plot", str(two_runs[0]), "--out", str(tmp_path / "file" / "x.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {tmp_path / 'file' / 'x.png'}: cannot write it") and err.count("\n") == 1
