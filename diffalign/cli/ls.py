@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from diffalign import config, losses, registry, scorers
+from diffalign import config, losses, scorers
 
 
 Row = tuple[str, str]
@@ -139,14 +139,12 @@ def loss_rows() -> list[Row]:
 
 def scorer_rows() -> list[Row]:
     """Every scorer of ``diffalign.scorers`` (the names configs and ``eval``/``label`` take), with its docstring's
-    first line; the step-aware ones, which score noisy latents rather than images, are marked."""
+    first line, read without importing it (no torch); the step-aware ones, which score noisy latents rather than
+    images, are marked."""
     rows = []
     marks = [(n, "") for n in scorers.available()] + [(n, "[step-aware] ") for n in scorers.available_step_aware()]
     for name, mark in marks:
-        try:
-            doc = first_line(registry.get(scorers.__name__, name).__doc__)
-        except Exception as e:  # one broken module must not hide the others
-            doc = f"(import error: {type(e).__name__}: {e})"
+        doc = _script_doc(Path(scorers.__file__).with_name(f"{name}.py"))
         doc = doc.removeprefix(f"``{name}``: ")  # the toy and duo scorers' docstrings open with their own name
         rows.append((name, mark + doc))
     return rows
