@@ -4,7 +4,7 @@
   leaves either the previous file/folder or the new one, never a half-written one (at worst a hidden
   ``.<name>.tmp`` / ``.<name>.old`` sibling, which the next write clears).
 * ``FolderLock``: one process at a time per output folder (``<folder>/.lock``, ``flock``), naming the holder.
-* ``append_jsonl`` / ``keep_jsonl``: the ``metrics.jsonl`` format every training script writes.
+* ``append_jsonl`` / ``keep_jsonl`` / ``read_jsonl``: the ``metrics.jsonl`` format every training script writes.
 """
 
 from __future__ import annotations
@@ -189,3 +189,16 @@ def keep_jsonl(path: str | Path, keep: Callable[[dict], bool]) -> int:
     if len(kept) != len(lines):
         write_atomic(path, "".join(kept).encode())
     return len(lines) - len(kept)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON-object rows of ``path``, skipping torn lines (a writer killed mid-line) as ``keep_jsonl`` does."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

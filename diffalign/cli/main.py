@@ -15,12 +15,12 @@ import sys
 from collections.abc import Sequence
 
 from diffalign import errors
-from diffalign.cli import cp, ls, quickstart, run, validate
+from diffalign.cli import cp, ls, plot, quickstart, run, validate
 from diffalign.cli import eval as eval_cmd
 from diffalign.cli import label as label_cmd
 
 
-COMMANDS = (quickstart, run, cp, ls, validate, eval_cmd, label_cmd)
+COMMANDS = (quickstart, run, cp, ls, validate, eval_cmd, label_cmd, plot)
 
 
 def build_parser() -> argparse.ArgumentParser:

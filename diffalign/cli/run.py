@@ -107,6 +107,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (default 1)")
     p.add_argument("--main-process-port", type=int, default=None, help="rendezvous port for accelerate")
     p.set_defaults(func=run, takes_overrides=True, takes_passthrough=True)
+    from diffalign.cli import document_overrides
+
+    document_overrides(p)
     return p
 
 

@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="skip the checks of local paths and the output folder (a config meant for another machine)",
     )
     p.set_defaults(func=run, takes_overrides=True)
+    from diffalign.cli import document_overrides
+
+    document_overrides(p)
     return p
 
 

@@ -11,8 +11,8 @@ Launch:
 
 Outputs in ``run.output_dir``: ``config.yaml`` (resolved), ``checkpoints/step-*`` (atomic; resume with
 ``run.resume_from=latest``), ``lora/pytorch_lora_weights.safetensors`` (diffusers format:
-``pipe.load_lora_weights(dir)``), ``metrics.jsonl`` (every ``run.log_every`` steps), ``validation/step-*/*.png``,
-and tensorboard logs.
+``pipe.load_lora_weights(dir)``), ``metrics.jsonl`` (step 1, every ``run.log_every`` steps and the last),
+``curves.png`` (drawn from it at the end), ``validation/step-*/*.png``, and tensorboard logs.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ HPSv2), then per-channel normalisation. Two resize conventions exist, set by ``I
 - ``"tensor"``: the published pipeline resizes the float tensor after ``ToTensor`` (HPSv2's ``ResizeMaxSize``,
   tgxs002/HPSv2 ``hpsv2/src/open_clip/transform.py`` L26-49 and L141-157): one antialiased bicubic
   ``F.interpolate`` pass with no clamp, i.e. torchvision's ``F.resize`` on a float tensor. PIL images are turned
-  into tensors first (``ToTensor``), so PIL and tensor inputs take the same arithmetic. It differs from the PIL
-  resize by up to ~15/255 at sharp edges (mean ~0.3/255).
+  into tensors first (``ToTensor``), so PIL and tensor inputs take the same arithmetic. It is not the PIL resize:
+  the two differ most at sharp edges (``hpsv2.py`` gives the difference measured against the hpsv2 package).
 """
 
 from __future__ import annotations

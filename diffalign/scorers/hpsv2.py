@@ -14,10 +14,11 @@ Preprocessing, ``preprocess="hpsv2"`` (default): HPSv2's own eval transform (``l
 L26-49): RGB, ``ToTensor``, then on the float tensor a bicubic resize of the longest side to 224 (torchvision
 ``F.resize``: one antialiased pass, no clamp), zero-pad to 224 x 224 (left/top ``margin // 2``), OpenAI mean/std.
 ``preprocess="open_clip"``: upstream open_clip's ``image_transform(resize_mode="longest")``, which resizes the PIL
-image before ``ToTensor`` (what re-implementations on open_clip 3.x give); it differs from HPSv2's by up to ~15/255
-per pixel at sharp edges (mean ~0.3/255), square images included (no padding then, but the resize arithmetic
-still differs). Two corner cases of HPSv2's code are not copied: it skips resize *and* pad when the longest side is already 224
-(a non-square such image then cannot enter the ViT), and it keeps RGBA images as 4 channels.
+image before ``ToTensor`` (what re-implementations on open_clip 3.x give); measured against the hpsv2 package's
+transform it differs by up to 22.9/255 per pixel at sharp edges (mean 0.07-1.09/255 per image), square images
+included (no padding then, but the resize arithmetic still differs). Two corner cases of HPSv2's code are not
+copied: it skips resize *and* pad when the longest side is already 224 (a non-square such image then cannot enter
+the ViT), and it keeps RGBA images as 4 channels.
 
 Version: ``version=None`` reads it from the checkpoint's file name when ``path`` is a file (``HPS_v2_compressed.*``
 is v2.0, ``HPS_v2.1_compressed.*`` v2.1; another name needs ``version``) and means v2.1 for a folder or hub id; a

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from diffalign.errors import InterruptedRun, UserError
 from diffalign.fileio import FolderLock, append_jsonl, keep_jsonl, replace_dir
 from diffalign.models import lora
 from diffalign.models.base import compile_denoiser
-from diffalign.training import checkpoint, distributed, optim, preflight, rundir
+from diffalign.training import checkpoint, curves, distributed, optim, preflight, rundir
 
 
 logger = logging.getLogger("diffalign.train")
@@ -531,8 +532,13 @@ def train(
     desc: str = "train",
     postfix: Callable[[dict[str, float]], dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """Steps until ``run.max_steps`` with logging, validation and checkpoints; then the LoRA export."""
+    """Steps until ``run.max_steps`` with logging, validation and checkpoints; then the LoRA export, ``curves.png``
+    and the end-of-run summary (``finish``).
+
+    ``metrics.jsonl`` gets a row for step 1, every ``run.log_every`` steps and the last step (once).
+    """
     cfg, acc = run.cfg, run.accelerator
+    started, first_step = time.monotonic(), run.step
     if acc.is_main_process:  # rows past the resume point were logged by the interrupted run: logged again below
         keep_jsonl(run.output_dir / "metrics.jsonl", lambda row: row.get("step", 0) <= run.step)
     bar = tqdm(total=cfg.run.max_steps, initial=run.step, disable=not acc.is_main_process, desc=desc)
@@ -543,7 +549,7 @@ def train(
             bar.update(1)
             if "loss" in metrics:  # resolved (a sync step): steady-state steps never wait for the device
                 bar.set_postfix(**(postfix(metrics) if postfix else {"loss": f"{metrics['loss']:.4f}"}))
-            if run.step % cfg.run.log_every == 0 or run.step == 1:
+            if run.step % cfg.run.log_every == 0 or run.step in (1, cfg.run.max_steps):
                 log(run, metrics)
             if cfg.validation.every and run.step % cfg.validation.every == 0:
                 validate(run)
@@ -556,7 +562,84 @@ def train(
     lora_dir = export_lora(run)
     if acc.is_main_process:
         logger.info("data: %s", run.loader.stats_summary())
-        logger.info("LoRA written to %s (load with pipe.load_lora_weights)", lora_dir)
+        finish(run, lora_dir, first_step, time.monotonic() - started)
     acc.end_training()
     _unlock_output(run.output_dir)
     return {"step": run.step, "history": run.history, "lora_dir": lora_dir}
+
+
+# what the end-of-run summary shows of the metrics rows: these keys, and every key of these ``/`` families (the
+# rewards, reward_grad's held-out guard scores, validation scores)
+SUMMARY_KEYS = ("loss", "loss/implicit_acc", "kl")
+SUMMARY_FAMILIES = ("reward", "guard", "val", "validation")
+
+
+def finish(run: Run, lora_dir: Path, first_step: int, seconds: float) -> str:
+    """Draw ``curves.png`` from ``metrics.jsonl`` and log the end-of-run summary block (main process); returns it.
+
+    The block gives the wall time of the training loop, the steps this invocation ran, the last value of the
+    loss, rewards and guard / validation scores (``SUMMARY_KEYS``, ``SUMMARY_FAMILIES``), and where the LoRA, the
+    metrics, the tensorboard logs and the curves are. A failure to draw the curves is a warning: the trained LoRA
+    is saved either way.
+    """
+    out = run.output_dir
+    metrics_file = out / curves.METRICS_FILE
+    rows = curves.read_metrics(out) if metrics_file.is_file() else []
+    try:
+        curves_line = str(curves.write_run_curves(out))
+    except Exception as e:  # a plotting problem must not fail a finished run
+        logger.warning("could not draw %s: %s: %s", out / curves.CURVES_FILE, type(e).__name__, e)
+        curves_line = f"not drawn ({type(e).__name__}; `diffalign plot {out}` retries)"
+    ran = run.step - first_step
+    lines = [
+        f"run summary: {out}",
+        f"  wall time    {_duration(seconds)} for {ran} step{'s' * (ran != 1)} ({first_step} -> {run.step}"
+        f"{f', {seconds / ran:.3g} s/step' if ran else ''})",
+    ]
+    final = final_values(rows)
+    if final:
+        lines.append(f"  final        {final}")
+    lines.append(f"  LoRA         {lora_dir} (pipe.load_lora_weights)")
+    lines.append(f"  metrics      {metrics_file}")
+    for tracker in run.accelerator.trackers:
+        if tracker.name == "tensorboard":
+            lines.append(f"  tensorboard  tensorboard --logdir {out / 'logs'}")
+        else:
+            lines.append(f"  tracker      {tracker.name}")
+    lines.append(f"  curves       {curves_line}")
+    text = "\n".join(lines)
+    logger.info("%s", text)
+    return text
+
+
+def final_values(rows: list[dict]) -> str:
+    """``loss 0.6931, reward/x/mean 0.52 (step 18)``: each summary key's last logged value (its step if earlier)."""
+    last: dict[str, tuple[int, float]] = {}
+    for row in rows:
+        for k, v in row.items():
+            shown = k in SUMMARY_KEYS or k.split("/", 1)[0] in SUMMARY_FAMILIES
+            if shown and isinstance(v, int | float) and not isinstance(v, bool):
+                last[k] = (row.get("step", 0), v)
+    if not last:
+        return ""
+
+    def order(key: str) -> tuple[int, int, str]:
+        if key in SUMMARY_KEYS:
+            return 0, SUMMARY_KEYS.index(key), key
+        return 1, SUMMARY_FAMILIES.index(key.split("/", 1)[0]), key
+
+    end = rows[-1].get("step", 0)
+    parts = [
+        f"{k} {v:.4g}" + (f" (step {s})" if s != end else "")
+        for k, (s, v) in sorted(last.items(), key=lambda kv: order(kv[0]))
+    ]
+    return f"at step {end}: " + ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{seconds:.1f} s"
+

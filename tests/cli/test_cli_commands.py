@@ -28,8 +28,11 @@ def test_ls_configs_lists_names_with_first_comment(shipped, capsys):
 
 def test_ls_losses_shows_docstring_and_defaults(capsys):
     assert main(["ls", "losses"]) == 0
-    dpo_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("dpo "))
-    assert "Diffusion-DPO" in dpo_line and "beta=5000.0" in dpo_line
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("dpo "))
+    end = next(i for i in range(start + 1, len(lines) + 1) if i == len(lines) or not lines[i].startswith(" "))
+    dpo_row = " ".join(line.strip() for line in lines[start:end])  # a long row wraps under its description
+    assert "Diffusion-DPO" in dpo_row and "beta=5000.0" in dpo_row
 
 
 def test_ls_everything_has_headings(shipped, capsys):
@@ -41,8 +44,8 @@ def test_ls_everything_has_headings(shipped, capsys):
 
 
 def test_ls_new_kind_is_one_entry(shipped, capsys, monkeypatch):
-    monkeypatch.setitem(ls.KINDS, "scorers", lambda: [("toy_brightness", "mean brightness")])
-    assert main(["ls", "scorers"]) == 0
+    monkeypatch.setitem(ls.KINDS, "widgets", lambda: [("toy_brightness", "mean brightness")])
+    assert main(["ls", "widgets"]) == 0
     assert capsys.readouterr().out == "toy_brightness  mean brightness\n"
 
 
