@@ -642,4 +642,3 @@ def _duration(seconds: float) -> str:
     if hours:
         return f"{hours}h {minutes:02d}m {secs:02d}s"
     return f"{minutes}m {secs:02d}s" if minutes else f"{seconds:.1f} s"
-
