@@ -91,7 +91,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "run",
         help="validate a config and launch a recipe",
-        usage="diffalign run [RECIPE] --config NAME_OR_YAML [key=value ...] [--num-processes N] [-- accelerate args]",
         description="Validate the config (with key=value overrides) and check its paths, data and output folder, "
         "then run the recipe script (by default the one the config names with its `recipe:` key), under "
         "`accelerate launch` when --num-processes > 1. Arguments after `--` go to accelerate launch.",

@@ -73,7 +73,7 @@ def test_ls_everything_includes_scorers(shipped, capsys):
 
 
 @pytest.mark.parametrize(
-    ("command", "usage_tail"), [("validate", "config [key=value ...]"), ("run", "recipe [key=value ...]")]
+    ("command", "usage_tail"), [("validate", "config [key=value ...]"), ("run", "[recipe] [key=value ...]")]
 )
 def test_usage_shows_key_value_overrides(command, usage_tail, capsys):
     assert main([command, "--help"]) == 0
