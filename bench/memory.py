@@ -369,7 +369,8 @@ def gpu_table(
 ) -> list[dict[str, Any]]:
     """One fresh subprocess per (model, option); prints a markdown row as each finishes and, with ``json_path``,
     rewrites the rows so far (failures too) after each one."""
-    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke: tiny configs, no memory figure)"
+    # the GPU's name is printed after the rows: asking for it first would hold a CUDA context in this process
+    where = "GPU" if args.device == "cuda" else "CPU (smoke: tiny configs, no memory figure)"
     print(f"{where}, rank {args.rank}, {args.resolution} px, batch 1 pair, median of {args.repeats}\n")
     print("| model | option | static GB | peak GB, DPO | peak GB, plain | dpo s | plain s | fwd s | dpo/plain "
           "| (dpo-plain)/fwd |")  # fmt: skip
@@ -403,6 +404,8 @@ def gpu_table(
             )
         if json_path:
             Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+    if args.device == "cuda":
+        print(f"\nGPU: {torch.cuda.get_device_name()}")
     return results
 
 

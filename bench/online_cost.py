@@ -81,7 +81,7 @@ def sd35m_pipeline(out: Path, shape: str = "real") -> Path:
             f"sd35m_grpo: building the transformer on the GPU failed ({err}); building it on the CPU", file=sys.stderr
         )
         transformer = SD3Transformer2DModel(**config)
-    comps["transformer"] = transformer.to(torch.bfloat16)
+    comps["transformer"] = transformer.to("cpu", torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(tiny.T5_TOKENIZER)
     t5 = T5Config(vocab_size=tok.vocab_size, d_model=t5_width, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
                   relative_attention_num_buckets=8, decoder_start_token_id=0)  # fmt: skip
@@ -99,7 +99,14 @@ def sd35m_pipeline(out: Path, shape: str = "real") -> Path:
 
 
 def run_setting(
-    name: str, out: Path, rounds: int, *, dtype: str = "bf16", shape: str = "real", resolution: int = 512
+    name: str,
+    out: Path,
+    rounds: int,
+    *,
+    dtype: str = "bf16",
+    shape: str = "real",
+    resolution: int = 512,
+    steps: int = 10,
 ) -> dict[str, Any]:
     from diffalign import config as dconfig
     from diffalign import quickstart
@@ -111,7 +118,8 @@ def run_setting(
         config = "toy/grpo"
         overrides += [f"model.path={sd35m_pipeline(out / 'sd35m_model', shape)}", f"model.dtype={dtype}"]
         overrides += [f"run.mixed_precision={'no' if dtype == 'fp32' else dtype}", f"data.resolution={resolution}"]
-        overrides += ["online.num_steps=10", "lora.rank=32", "lora.alpha=64", "optim.grad_accum=18"]
+        trained = max(1, min(int(steps * 0.99), steps - 1))  # toy/grpo's timestep_fraction 0.99; 2 micro-batches
+        overrides += [f"online.num_steps={steps}", "lora.rank=32", "lora.alpha=64", f"optim.grad_accum={2 * trained}"]
     elif name == "tiny_sd3_grpo":
         config = "toy/grpo"
         overrides.append(f"model.path={tiny.save('sd3', out / 'tiny_sd3')}")
@@ -156,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="sd35m_grpo's base dtype")
     parser.add_argument("--shape", choices=("real", "smoke"), default="real", help="sd35m_grpo: smoke = tiny widths")
     parser.add_argument("--resolution", type=int, default=512, help="sd35m_grpo's image side in pixels")
+    parser.add_argument("--steps", type=int, default=10, help="sd35m_grpo's sampling steps (all but the last trained)")
     parser.add_argument("--json", help="also write the rows to this file, rewritten after each setting")
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -169,7 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.settings:
         rows.append(
-            run_setting(name, out, args.rounds, dtype=args.dtype, shape=args.shape, resolution=args.resolution)
+            run_setting(
+                name,
+                out,
+                args.rounds,
+                dtype=args.dtype,
+                shape=args.shape,
+                resolution=args.resolution,
+                steps=args.steps,
+            )
         )
         print(f"{name}: {rows[-1]['total']:.2f} s / iteration", flush=True)
         if args.json:
