@@ -118,6 +118,7 @@ class Part:
     json: Path | None = None
     expect: list[str] = field(default_factory=list)  # row names the command should produce, in order
     skipped_rows: list[dict[str, Any]] = field(default_factory=list)  # rows left out up front, with the reason
+    row_commands: dict[str, str] = field(default_factory=dict)  # a row's own command, where rows run independently
 
     def command(self) -> str:
         """The command as a person would type it from the repository root, without the suite's output flags."""
@@ -214,14 +215,23 @@ def memory_part(smoke: bool, dev: str, env: dict[str, Any], work: Path) -> Part:
                             "reason": reason})  # fmt: skip
         else:
             rows.append(f"{model}:{option}")
-    args = ["bench/memory.py", "--device", dev, "--rows", *rows, "--json", str(work / "memory.json")]
-    args += ["--tiny", "--resolution", "64", "--repeats", "1", "--timeout", "60"] if smoke else []
-    args += [] if smoke else ["--repeats", "2", "--timeout", "150"]
-    return Part(
-        "memory", "Peak memory of a DPO pair step and a plain step, 1024 px (bench/memory.py)", args,
+    flags = ["--tiny", "--resolution", "64", "--repeats", "1", "--timeout", "60"] if smoke else []
+    flags += [] if smoke else ["--repeats", "2", "--timeout", "150"]
+    title = "1024 px" if not smoke else "smoke: tiny configs, 64 px, no memory figure on a CPU"
+    part = Part(
+        "memory", f"Peak memory of a DPO pair step and a plain step ({title}; bench/memory.py)",
+        ["bench/memory.py", "--device", dev, "--rows", *rows, *flags, "--json", str(work / "memory.json")],
         60 if smoke else 240, 20 if smoke else 60, "bf16", rows_memory, work / "memory.json",
         [r.replace(":", " ") for r in rows], skipped,
     )  # fmt: skip
+    for model, option in wanted or MEMORY_ROWS:  # each row is its own subprocess of memory.py: its own command
+        one = Part(
+            "", "", ["bench/memory.py", "--device", dev, "--rows", f"{model}:{option}", *flags], 0, 0, "", rows_memory
+        )
+        part.row_commands[f"{model} {option}"] = one.command()
+    for row in skipped:
+        row["command"] = part.row_commands[row["name"]]
+    return part
 
 
 # ---- rows ----------------------------------------------------------------------------------------------------
@@ -305,7 +315,10 @@ def rows_memory(part: Part, run: dict[str, Any]) -> list[dict[str, Any]]:
                 "extra_fwd": (r["dpo"] - r["plain"]) / r["fwd"],
             }
         rows.append(row)
-    return part.skipped_rows + rows + _missing(part, rows, run)
+    missing = _missing(part, rows, run)
+    for row in rows + missing:
+        row["command"] = part.row_commands.get(row["name"], part.command())
+    return part.skipped_rows + rows + missing
 
 
 def rows_scorer(part: Part, run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -513,7 +526,8 @@ def markdown(state: dict[str, Any]) -> str:
         lines.append("|" + " --- |" * (len(head) + 4))
         for r in p["rows"]:
             status = r["status"] if r["status"] in ("ok", "passed") else f"{r['status']}: {r.get('reason', '')}"
-            row = [*cells(r), status if p["part"] != "pytest" else r["status"], label, p["dtype"], f"`{p['command']}`"]
+            command = r.get("command") or p["command"]
+            row = [*cells(r), status if p["part"] != "pytest" else r["status"], label, p["dtype"], f"`{command}`"]
             lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     failed = [p for p in state["parts"] if p["status"] in ("failed", "timeout", "interrupted")]
     if failed:
@@ -549,6 +563,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="every part on the CPU with tiny sizes")
     p.add_argument("--parts", type=_parts_arg, default=list(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cpu with --smoke")
+    p.add_argument("--dry-run", action="store_true", help="print each part's command and budget, run nothing")
     p.add_argument("--timeout", type=_timeout_arg, action="append", default=[], metavar="PART=SECONDS",
                    help="a part's own budget instead of the default (repeatable)")  # fmt: skip
     return p.parse_args(argv)
@@ -564,6 +579,12 @@ def main(argv: list[str] | None = None) -> int:
     env = probe()
     cuda = bool(env.get("cuda_available"))
     args.device = ("cpu" if args.smoke or not cuda else "cuda") if args.device == "auto" else args.device
+    if args.dry_run:
+        for part in plan(args, env, Path("$WORK")):
+            skipped = "; ".join(f"{r['name']}: {r['reason']}" for r in part.skipped_rows)
+            print(f"{part.name} (budget {part.budget:.0f} s, min {part.min_s:.0f} s): {part.command()}"
+                  + (f"\n    skipped up front: {skipped}" if skipped else ""))  # fmt: skip
+        return 0
     if args.device == "cuda" and not cuda:
         print(
             f"--device cuda: no CUDA device ({env.get('error', 'torch.cuda.is_available() is False')})",

@@ -72,5 +72,7 @@ def test_memory_rows_that_cannot_run_here_are_skipped_up_front(suite, tmp_path):
     skipped = {r["name"]: r["reason"] for r in part.skipped_rows}
     assert set(skipped) == {"flux1-dev float8+ckpt", "flux1-dev float8"}
     assert all("torchao is not installed" in reason for reason in skipped.values())
+    command = next(r["command"] for r in part.skipped_rows if r["name"] == "flux1-dev float8")
+    assert command == "python bench/memory.py --device cuda --rows flux1-dev:float8 --repeats 2 --timeout 150"
     assert part.expect[0] == "flux1-dev nf4+ckpt"  # the 24 GB target row first
     assert "--json" in part.args and "--json" not in part.command()
