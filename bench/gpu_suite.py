@@ -304,9 +304,10 @@ def rows_memory(part: Part, run: dict[str, Any]) -> list[dict[str, Any]]:
     for r in _load(part.json) or []:
         row = {"name": f"{r['model']} {r['option']}", "model": r["model"], "option": r["option"]}
         if "error" in r:
-            oom = r["error"] == "out of memory"
-            row |= {"status": "OOM" if oom else "failed", "reason": r.get("detail", r["error"]),
-                    "peak_gb": r.get("peak_gb")}  # fmt: skip
+            peak = r.get("peak_gb")
+            reached = f"{peak:.1f} GB allocated when it failed; " if isinstance(peak, float) and peak == peak else ""
+            status = "OOM" if r["error"] == "out of memory" else "failed"
+            row |= {"status": status, "reason": reached + r.get("detail", r["error"])}
         else:
             row |= {k: r[k] for k in ("static_gb", "peak_gb", "peak_plain_gb", "dpo", "plain", "fwd")}
             row |= {
@@ -384,7 +385,7 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_part(part: Part, timeout: float, work: Path, state: dict[str, Any]) -> dict[str, Any]:
+def run_part(part: Part, timeout: float, work: Path) -> dict[str, Any]:
     """Run ``part`` in a new process group; kill the group at ``timeout``. Returns status, rc, wall s, output tails."""
     out, err = work / f"{part.name}.stdout", work / f"{part.name}.stderr"
     start = time.monotonic()
@@ -392,8 +393,6 @@ def run_part(part: Part, timeout: float, work: Path, state: dict[str, Any]) -> d
         proc = subprocess.Popen(
             [sys.executable, *part.args], cwd=ROOT, env=child_env(), stdout=fo, stderr=fe, start_new_session=True
         )
-        state["running_pid"] = proc.pid
-        status = "ok"
         try:
             rc = proc.wait(timeout=timeout)
             status = "ok" if rc == 0 else "failed"
@@ -403,8 +402,6 @@ def run_part(part: Part, timeout: float, work: Path, state: dict[str, Any]) -> d
         except Interrupted:
             status = "interrupted"
             kill_group(proc)
-        finally:
-            state.pop("running_pid", None)
     return {
         "status": status, "rc": proc.returncode, "pid": proc.pid, "wall_s": time.monotonic() - start,
         "stderr_tail": _tail(err, 3000), "stdout_tail": _tail(out, 2000), "stdout_all": _tail(out, 200_000),
@@ -448,9 +445,12 @@ def _write(path: Path, text: str) -> None:
 
 
 def write_results(out: Path, state: dict[str, Any]) -> None:
-    public = {k: v for k, v in state.items() if k != "running_pid"}
-    _write(out / "results.json", json.dumps(_clean(public), indent=2) + "\n")
+    _write(out / "results.json", json.dumps(_clean(state), indent=2) + "\n")
     _write(out / "results.md", markdown(state))
+
+
+def _millions(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f} M"
 
 
 def _f(x: Any, fmt: str) -> str:
@@ -466,7 +466,7 @@ TABLES: dict[str, tuple[list[str], Callable[[dict[str, Any]], list[str]]]] = {
     "pytest": (["test", "s", "detail"], lambda r: [r["name"], _f(r.get("seconds"), ".1f"), r.get("reason", "")]),
     "step": (["model", "params", "mode", "plain step ms", "DPO step ms", "no-grad fwd ms", "DPO / plain",
               "(DPO - plain) / fwd", "outside denoiser", "first steps - median, s"],
-             lambda r: [r["name"], f"{_f(r.get('params_m'), '.1f')} M", r.get("mode", "-"), _f(r.get("plain_ms"), ".1f"),
+             lambda r: [r["name"], _millions(r.get("params_m")), r.get("mode", "-"), _f(r.get("plain_ms"), ".1f"),
                         _f(r.get("dpo_ms"), ".1f"), _f(r.get("fwd_ms"), ".1f"), _f(r.get("dpo_over_plain"), ".2f"),
                         f"**{_f(r.get('extra_fwd'), '.2f')}**", f"{_f(100 * r['outside'], '.1f')}%" if "outside" in r
                         else "-", _f(r.get("first_excess_s"), ".1f")]),
@@ -479,7 +479,7 @@ TABLES: dict[str, tuple[list[str], Callable[[dict[str, Any]], list[str]]]] = {
                           _f(r.get("dpo"), ".3f"), _f(r.get("plain"), ".3f"), _f(r.get("fwd"), ".3f"),
                           _f(r.get("dpo_over_plain"), ".2f"), _f(r.get("extra_fwd"), ".2f")]),
     "scorer": (["scorer", "params", "images / call", "s / call", "images / s"],
-               lambda r: [r["name"], f"{_f(r.get('params_m'), '.1f')} M", str(r.get("images", "-")),
+               lambda r: [r["name"], _millions(r.get("params_m")), str(r.get("images", "-")),
                           _f(r.get("s_per_call"), ".3f"), _f(r.get("images_per_s"), ".1f")]),
     "online": (["setting", "samples / round", "grid steps", "trained steps", "rollout s", "scoring s", "update s",
                 "s / round"],
@@ -531,10 +531,12 @@ def markdown(state: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     failed = [p for p in state["parts"] if p["status"] in ("failed", "timeout", "interrupted")]
     if failed:
-        lines += ["", "## Parts that failed or timed out (stderr tail)"]
+        lines += ["", "## Parts that failed or timed out"]
         for p in failed:
-            tail = "\n".join(p.get("stderr_tail", "").strip().splitlines()[-15:])
-            lines += ["", f"{p['part']} ({p['status']}, rc {p.get('rc')}): `{p['command']}`", "", "```", tail, "```"]
+            which = "stderr_tail" if p.get("stderr_tail", "").strip() and p["part"] != "pytest" else "stdout_tail"
+            tail = "\n".join(p.get(which, "").strip().splitlines()[-15:])
+            lines += ["", f"{p['part']} ({p['status']}, rc {p.get('rc')}; {which.replace('_', ' ')}): "
+                      f"`{p['command']}`", "", "```", tail, "```"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -653,12 +655,13 @@ def run_one_part(
     print(
         f"[gpu_suite] {part.name}: {entry['command']} (budget {entry['budget_s']:.0f} s)", file=sys.stderr, flush=True
     )
-    run = run_part(part, entry["budget_s"], work, state)
+    run = run_part(part, entry["budget_s"], work)
     entry |= {k: v for k, v in run.items() if k != "stdout_all"}
     if run["status"] == "timeout":
         entry["reason"] = f"killed at its budget of {entry['budget_s']:.0f} s"
-    elif run["status"] == "failed":
-        entry["reason"] = (run["stderr_tail"].strip().splitlines() or [f"exit status {run['rc']}"])[-1][:200]
+    elif run["status"] == "failed":  # pytest's verdict is its last stdout line; a script's, its traceback's last
+        lines = run["stdout_tail" if part.name == "pytest" else "stderr_tail"].strip().splitlines()
+        entry["reason"] = (lines or [f"exit status {run['rc']}"])[-1].strip("= ")[:200]
     try:
         entry["rows"] = part.rows(part, run)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:  # a malformed row must not lose the others
