@@ -54,7 +54,8 @@ SD3_VAE = {  # stabilityai/stable-diffusion-3.5-medium vae/config.json (83.7M pa
 }  # fmt: skip
 SMOKE_VAE = {"block_out_channels": (8, 16), "layers_per_block": 1, "latent_channels": 16, "norm_num_groups": 4,
              "scaling_factor": 1.5305, "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False}  # fmt: skip
-SMOKE_TRANSFORMER = {"num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32,
+# T5 width 64 > the two CLIPs' 16 + 16, so the CLIP states are zero-padded to it as at real size (2048 -> 4096)
+SMOKE_TRANSFORMER = {"num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 64,
                      "caption_projection_dim": 16, "pooled_projection_dim": 32, "pos_embed_max_size": 32,
                      "dual_attention_layers": [0], "sample_size": 16}  # fmt: skip
 
