@@ -13,7 +13,9 @@ On CPU the models are built on the meta device and the script prints what it can
 of the frozen base per option, LoRA parameter, gradient and optimizer-state bytes. The peak memory and the step
 times need a CUDA GPU; on one (``--device cuda``) each (model, option) runs in a fresh subprocess and reports:
 
-* **peak GB**: ``torch.cuda.max_memory_allocated`` over a DPO pair step (batch 1 pair = 2 images).
+* **peak GB**: ``torch.cuda.max_memory_allocated`` over a DPO pair step (batch 1 pair = 2 images); the same over a
+  plain step beside it, and **static GB** (what is allocated before the first step: base, LoRA, inputs). A CUDA
+  out-of-memory error is a row of its own, with the peak reached until then.
 * **dpo s / plain s / fwd s**: median time of one DPO pair step (policy forward + backward on the 2 images + one
   no-grad reference forward with the LoRA switched off + optimizer step), of one plain LoRA fine-tuning step on the
   same 2 images (forward + backward + optimizer step), and of one no-grad forward of the same 2 images.
@@ -23,6 +25,10 @@ Run::
 
     python bench/memory.py                              # CPU: byte counts only (~1 min)
     python bench/memory.py --device cuda --repeats 5    # GPU: the full table
+    python bench/memory.py --device cuda --rows flux1-dev:nf4+ckpt sd35-large:bf16 --json rows.json   # some rows
+    python bench/memory.py --device cpu --tiny --resolution 64 --rows flux1-dev:bf16+ckpt   # CPU smoke of the step
+
+``--rows MODEL:OPTION`` / ``--options`` take any ``bf16|nf4|float8`` base with ``+ckpt`` and/or ``+8bit``.
 """
 
 from __future__ import annotations
