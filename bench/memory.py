@@ -13,7 +13,9 @@ On CPU the models are built on the meta device and the script prints what it can
 of the frozen base per option, LoRA parameter, gradient and optimizer-state bytes. The peak memory and the step
 times need a CUDA GPU; on one (``--device cuda``) each (model, option) runs in a fresh subprocess and reports:
 
-* **peak GB**: ``torch.cuda.max_memory_allocated`` over a DPO pair step (batch 1 pair = 2 images).
+* **peak GB**: ``torch.cuda.max_memory_allocated`` over a DPO pair step (batch 1 pair = 2 images); the same over a
+  plain step beside it, and **static GB** (what is allocated before the first step: base, LoRA, inputs). A CUDA
+  out-of-memory error is a row of its own, with the peak reached until then.
 * **dpo s / plain s / fwd s**: median time of one DPO pair step (policy forward + backward on the 2 images + one
   no-grad reference forward with the LoRA switched off + optimizer step), of one plain LoRA fine-tuning step on the
   same 2 images (forward + backward + optimizer step), and of one no-grad forward of the same 2 images.
@@ -23,6 +25,10 @@ Run::
 
     python bench/memory.py                              # CPU: byte counts only (~1 min)
     python bench/memory.py --device cuda --repeats 5    # GPU: the full table
+    python bench/memory.py --device cuda --rows flux1-dev:nf4+ckpt sd35-large:bf16 --json rows.json   # some rows
+    python bench/memory.py --device cpu --tiny --resolution 64 --rows flux1-dev:bf16+ckpt   # CPU smoke of the step
+
+``--rows MODEL:OPTION`` / ``--options`` take any ``bf16|nf4|float8`` base with ``+ckpt`` and/or ``+8bit``.
 """
 
 from __future__ import annotations
@@ -69,6 +75,22 @@ OPTIONS = {
     "nf4+ckpt+8bit": ("nf4", True, "adamw8bit"),
     "float8+ckpt+8bit": ("float8", True, "adamw8bit"),
 }
+
+
+def parse_option(name: str) -> tuple[str, bool, str]:
+    """``base[+ckpt][+8bit]`` (e.g. ``nf4+ckpt``) -> (base, gradient checkpointing, optimizer); ``OPTIONS`` are
+    the table's defaults, any such combination runs with ``--options``."""
+    base, *flags = name.split("+")
+    if base not in ("bf16", "nf4", "float8") or not set(flags) <= {"ckpt", "8bit"} or len(set(flags)) < len(flags):
+        raise argparse.ArgumentTypeError(f"option {name!r}: expected bf16|nf4|float8 then +ckpt and/or +8bit")
+    return base, "ckpt" in flags, "adamw8bit" if "8bit" in flags else "adamw"
+
+
+def option_name(name: str) -> str:
+    parse_option(name)
+    return name
+
+
 # frozen text encoders a run without the latent cache keeps resident (bf16 bytes; param counts of the releases)
 TEXT_ENCODERS = {"CLIP-L": 123e6, "OpenCLIP-G": 695e6, "T5-XXL encoder": 4.76e9}
 FAMILY_ENCODERS = {"sdxl": ["CLIP-L", "OpenCLIP-G"], "sd3": ["CLIP-L", "OpenCLIP-G", "T5-XXL encoder"]}
@@ -128,7 +150,7 @@ def count(model: torch.nn.Module) -> dict[str, int]:
 
 def static_bytes(counts: dict[str, int], option: str) -> dict[str, float]:
     """Exact-as-counted bytes: base weights per option, LoRA fp32 params + grads, optimizer states."""
-    base, _, optim = OPTIONS[option]
+    base, _, optim = parse_option(option)
     per_linear = {"bf16": 2.0, "nf4": 0.5 + 4 / 64, "float8": 1.0}[base]  # nf4: 4 bits + fp32 absmax per 64
     lora = counts["lora"]
     return {
@@ -139,7 +161,7 @@ def static_bytes(counts: dict[str, int], option: str) -> dict[str, float]:
 
 
 # ---- CPU: byte table --------------------------------------------------------------------------------------------
-def cpu_table(models: list[str], rank: int) -> None:
+def cpu_table(models: list[str], rank: int, options: list[str] | None = None) -> None:
     print(f"CPU: byte counts at rank {rank}; peak memory and step times need a CUDA GPU (--device cuda).\n")
     print("| model | base params | LoRA params | option | base GB | LoRA+grad GB | optimizer GB | static GB |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
@@ -148,7 +170,7 @@ def cpu_table(models: list[str], rank: int) -> None:
         model = build(spec, "meta", torch.float32)
         add_lora(spec, model, rank)
         counts = count(model)
-        for option in OPTIONS:
+        for option in options or OPTIONS:
             b = static_bytes(counts, option)
             print(
                 f"| {name} | {(counts['linear'] + counts['other']) / 1e9:.2f} B | {counts['lora'] / 1e6:.1f} M | "
@@ -234,7 +256,7 @@ def run_one(
     from diffalign.types import PairTerms
 
     spec = MODELS[name]
-    base, checkpointing, optim_name = OPTIONS[option]
+    base, checkpointing, optim_name = parse_option(option)
     cuda = device == "cuda"
     if base != "bf16" and not cuda:
         raise RuntimeError(f"option {option!r}: the {base} base needs a CUDA GPU")
@@ -287,66 +309,149 @@ def run_one(
         sync()
         return time.perf_counter() - start
 
+    static = float("nan")
+    if cuda:  # what stays allocated (base, LoRA, inputs); an OOM below then reports the peak from here on
+        sync()
+        static = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     for fn in (plain, dpo_step, forward):  # warm-up (allocator, kernels, optimizer states)
         fn()
-    peak = float("nan")
+    peak = peak_plain = float("nan")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         dpo_step()
         sync()
         peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        plain()
+        sync()
+        peak_plain = torch.cuda.max_memory_allocated()
     times: dict[str, list[float]] = {"plain": [], "dpo": [], "fwd": []}
     for _ in range(repeats):  # interleaved so drift hits every variant alike
         times["plain"].append(timed(plain))
         times["dpo"].append(timed(dpo_step))
         times["fwd"].append(timed(forward))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": name, "option": option, "peak_gb": peak / GB, **med}
+    return {"model": name, "option": option, "peak_gb": peak / GB, "peak_plain_gb": peak_plain / GB,
+            "static_gb": static / GB, **med}  # fmt: skip
 
 
-def gpu_table(models: list[str], rank: int, repeats: int, timeout: int) -> None:
-    print(f"GPU: {torch.cuda.get_device_name()}, rank {rank}, {RESOLUTION} px, batch 1 pair, median of {repeats}\n")
-    print("| model | option | peak GB | dpo s | plain s | fwd s | dpo/plain | (dpo-plain)/fwd |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name in models:
-        for option in OPTIONS:
-            cmd = [sys.executable, __file__, "--one", name, option, "--rank", str(rank), "--repeats", str(repeats)]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                print(f"| {name} | {option} | timed out after {timeout} s | | | | | |", flush=True)
-                continue
+def tiny_specs(names: list[str], workdir: Path) -> dict[str, Spec]:
+    """Tiny configs of the same architectures (``diffalign.models.tiny``) under the real models' names, for a CPU
+    smoke run of the step table (``--tiny``): same code path, seconds per row, no memory figure."""
+    from diffalign.models import tiny
+
+    shapes = {  # tiny builder, denoiser key, Spec fields after the config path
+        "sdxl": ("sdxl", "unet", ("sdxl", 4, 8, 32, 16)),
+        "sd35-medium": ("sd35", "transformer", ("sd3", 4, 8, 32, 32)),
+        "sd35-large": ("sd35", "transformer", ("sd3", 4, 8, 32, 32)),
+        "flux1-dev": ("flux", "transformer", ("flux", 4, 8, 32, 16)),
+    }
+    specs = {}
+    for name in names:
+        builder, key, fields = shapes[name]
+        model = getattr(tiny, builder)(0)[key]
+        path = workdir / f"{name}.json"
+        path.write_text(json.dumps({"_class_name": type(model).__name__, **dict(model.config)}, default=list))
+        specs[name] = Spec(str(path), *fields)
+    return specs
+
+
+def one_row(args: argparse.Namespace) -> dict[str, Any]:
+    """``run_one`` for ``--one``; a CUDA out-of-memory error is a row (``error``), with the peak reached until then."""
+    name, option = args.one
+    try:
+        return run_one(name, option, args.rank, args.repeats, device=args.device, resolution=args.resolution)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        if "out of memory" not in str(err).lower():
+            raise
+        peak = torch.cuda.max_memory_allocated() / GB if torch.cuda.is_available() else float("nan")
+        detail = str(err).strip().splitlines()[0][:200]
+        return {"model": name, "option": option, "error": "out of memory", "detail": detail, "peak_gb": peak}
+
+
+def gpu_table(
+    rows: list[tuple[str, str]], args: argparse.Namespace, json_path: str | None = None
+) -> list[dict[str, Any]]:
+    """One fresh subprocess per (model, option); prints a markdown row as each finishes and, with ``json_path``,
+    rewrites the rows so far (failures too) after each one."""
+    # the GPU's name is printed after the rows: asking for it first would hold a CUDA context in this process
+    where = "GPU" if args.device == "cuda" else "CPU (smoke: tiny configs, no memory figure)"
+    print(f"{where}, rank {args.rank}, {args.resolution} px, batch 1 pair, median of {args.repeats}\n")
+    print("| model | option | static GB | peak GB, DPO | peak GB, plain | dpo s | plain s | fwd s | dpo/plain "
+          "| (dpo-plain)/fwd |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    results: list[dict[str, Any]] = []
+    for name, option in rows:
+        cmd = [sys.executable, __file__, "--one", name, option, "--rank", str(args.rank), "--repeats",
+               str(args.repeats), "--device", args.device, "--resolution", str(args.resolution)]  # fmt: skip
+        cmd += ["--tiny"] if args.tiny else []
+        r: dict[str, Any] = {"model": name, "option": option}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode or not lines:
-                reason = (proc.stderr.strip().splitlines() or ["failed"])[-1][:90]
-                print(f"| {name} | {option} | n/a: {reason} | | | | | |", flush=True)
-                continue
-            r = json.loads(lines[-1])
+                r["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]
+            else:
+                r = json.loads(lines[-1])
+        except subprocess.TimeoutExpired:
+            r["error"] = f"timed out after {args.timeout} s"
+        results.append(r)
+        if "error" in r:
+            failed_at = r.get("peak_gb", float("nan"))
+            peak = f" (peak {failed_at:.1f} GB when it failed)" if failed_at == failed_at else ""
+            print(f"| {name} | {option} | n/a: {r['error'][:90]}{peak} | | | | | | | |", flush=True)
+        else:
             print(
-                f"| {name} | {option} | {r['peak_gb']:.1f} | {r['dpo']:.3f} | {r['plain']:.3f} | {r['fwd']:.3f} | "
-                f"{r['dpo'] / r['plain']:.2f} | {(r['dpo'] - r['plain']) / r['fwd']:.2f} |",
+                f"| {name} | {option} | {r['static_gb']:.1f} | {r['peak_gb']:.1f} | {r['peak_plain_gb']:.1f} "
+                f"| {r['dpo']:.3f} | {r['plain']:.3f} | {r['fwd']:.3f} | {r['dpo'] / r['plain']:.2f} "
+                f"| {(r['dpo'] - r['plain']) / r['fwd']:.2f} |",
                 flush=True,
             )
+        if json_path:
+            Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+    if args.device == "cuda":
+        print(f"\nGPU: {torch.cuda.get_device_name()}")
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
+    import tempfile
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--options", nargs="+", type=option_name, help="base[+ckpt][+8bit]; default: the five of OPTIONS")
+    p.add_argument("--rows", nargs="+", metavar="MODEL:OPTION", help="explicit (model, option) rows, in this order")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--resolution", type=int, default=RESOLUTION, help="image side in pixels (latents: side / 8)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per (model, option) subprocess")
+    p.add_argument("--tiny", action="store_true", help="tiny configs of the same architectures (CPU smoke run)")
+    p.add_argument("--json", help="write the step table's rows to this file, rewritten after each row")
     p.add_argument("--one", nargs=2, metavar=("MODEL", "OPTION"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args.rank, args.repeats)))
-        return
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA GPU here; run without --device for the CPU byte table")
-        gpu_table(args.models, args.rank, args.repeats, args.timeout)
+    if args.rows:
+        rows = [tuple(r.split(":", 1)) for r in args.rows]
+        bad = [r for r in rows if len(r) != 2 or r[0] not in MODELS]
+        if bad:
+            p.error(f"--rows: expected MODEL:OPTION with MODEL in {', '.join(MODELS)}; got {bad}")
+        for _, option in rows:
+            option_name(option)
     else:
-        cpu_table(args.models, args.rank)
+        rows = [(m, o) for m in args.models for o in args.options or OPTIONS]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            MODELS.update(tiny_specs(sorted({m for m, _ in rows} | ({args.one[0]} if args.one else set())), Path(tmp)))
+        if args.one:
+            print(json.dumps(one_row(args)))
+            return
+        if args.device == "cuda" or args.tiny:
+            if args.device == "cuda" and not torch.cuda.is_available():
+                raise SystemExit("--device cuda: no CUDA GPU here; run without --device for the CPU byte table")
+            gpu_table(rows, args, args.json)
+        else:
+            cpu_table(args.models, args.rank, args.options)
 
 
 if __name__ == "__main__":

@@ -221,8 +221,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+            if args.json:  # after each scorer, so a kill keeps what finished
+                Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
 

@@ -58,6 +58,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -163,7 +164,9 @@ REAL = {
 }
 
 
-def build(size: str, *, batch: int, device: str, dtype: str, compile: bool = False) -> Setup:
+def build(
+    size: str, *, batch: int, device: str, dtype: str, compile: bool = False, compile_backend: str = "inductor"
+) -> Setup:
     """The adapter of ``size`` with a rank-8 LoRA on ``device``; ``strategy="copy"`` also keeps a reference copy.
 
     Real sizes (``REAL``): the tiny pipeline of the family with its denoiser replaced by the published-size one,
@@ -202,6 +205,8 @@ def build(size: str, *, batch: int, device: str, dtype: str, compile: bool = Fal
         from diffalign.models.base import compile_denoiser
 
         compile_denoiser(adapter.denoiser)
+        if compile_backend != "inductor":  # a quick trace-only check (smoke runs): same graphs, no code generation
+            adapter.denoiser.compile(dynamic=False, backend=compile_backend)
     params = [p for p in adapter.denoiser.parameters() if p.requires_grad]
     from diffalign.training.optim import fusable
 
@@ -334,7 +339,8 @@ def timed(fn: Callable[[Setup], None], s: Setup, device: str) -> tuple[float, fl
 
 def time_steps(size: str, args: argparse.Namespace) -> dict[str, float]:
     """Median wall and CPU seconds per step of each variant, interleaved after ``args.warmup`` warm-up rounds."""
-    s = build(size, batch=args.batch, device=args.device, dtype=args.dtype, compile=args.compile)
+    s = build(size, batch=args.batch, device=args.device, dtype=args.dtype, compile=args.compile,
+              compile_backend=args.compile_backend)  # fmt: skip
     variants = {"plain": plain_step, "dpo": dpo_step, "dpo-ref-last": dpo_ref_last_step, "fwd": ref_forward}
     variants["fwdbwd"] = denoiser_fwd_bwd
     if size not in REAL:
@@ -344,10 +350,12 @@ def time_steps(size: str, args: argparse.Namespace) -> dict[str, float]:
     wall: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     faults: dict[str, list[int]] = {name: [] for name in variants}  # minor page faults: pages the step first touches
+    first: dict[str, float] = {}  # wall seconds of each variant's first step (with --compile: compilation included)
     for i in range(args.warmup + args.repeats):
         for name, fn in variants.items():
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             w, c = timed(fn, s, args.device)
+            first.setdefault(name, w)
             if i >= args.warmup:
                 wall[name].append(w)
                 cpu[name].append(c)
@@ -360,6 +368,7 @@ def time_steps(size: str, args: argparse.Namespace) -> dict[str, float]:
     out |= {name: statistics.median(values) for name, values in wall.items()}
     out |= {f"{name}_cpu": statistics.median(values) for name, values in cpu.items()}
     out |= {f"{name}_faults": statistics.median(values) for name, values in faults.items()}
+    out |= {f"first/{name}": seconds for name, seconds in first.items()}
     # (DPO - plain) / fwd per round, then the median: each round's three steps ran under the same background load
     for clock, times in (("", wall), ("_cpu", cpu)):
         for dpo in ("dpo", "dpo-ref-last"):
@@ -480,6 +489,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES + REAL_SIZES, help="real sizes are opt-in")
     p.add_argument("--batch", type=int, help="pairs per step (2B images go through the UNet); default 2, real 1")
     p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (model.compile)")
+    p.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend with --compile (eager: trace-only check)"
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10, help="timed steps per variant (median reported)")
     p.add_argument("--mem-steps", type=int, default=3, help="DPO steps run while sampling memory")
@@ -487,6 +499,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, help="torch intra-op threads (default 1 on CPU: see the docstring; torch's on CUDA)"
     )
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--json", help="also write the rows to this file, rewritten after each size (a kill keeps them)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -518,6 +531,9 @@ def main(argv: list[str] | None = None) -> None:
                 copied = run_memory_worker(size, "copy", args)
                 row.update(mem_copy=copied["peak_mb"], ref_weights_mb=copied["ref_weights_mb"])
         rows.append(row)
+        if args.json:
+            meta = {"device": device_label(args), "batch": args.batch, "repeats": args.repeats}
+            Path(args.json).write_text(json.dumps([{**meta, **r} for r in rows], indent=2) + "\n")
     print(table(rows, device_label(args), torch.device(args.device).type == "cuda"))
     print(f"\nbatch {args.batch} pairs ({2 * args.batch} images), LoRA rank 8, median of {args.repeats} steps")
 
