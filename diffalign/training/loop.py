@@ -29,6 +29,7 @@ from diffalign import config as dconfig
 from diffalign import models
 from diffalign.data.latent_cache import LatentCache
 from diffalign.data.loader import build_loader
+from diffalign.data.records import too_many_bad
 from diffalign.fileio import FolderLock, append_jsonl, keep_jsonl, replace_dir
 from diffalign.models import lora
 from diffalign.models.base import compile_denoiser
@@ -156,6 +157,7 @@ RESUME_MAY_CHANGE = (
     "run.keep_last",
     "run.report_to",
     "data.num_workers",
+    "data.max_bad_fraction",
     "validation.",
 )
 
@@ -383,6 +385,9 @@ def optimizer_step(
         for k, v in out.items():
             local[f"sum/{k}"] = local.get(f"sum/{k}", 0.0) + v.detach().float() * n
     local["groups"] = float(groups)
+    row_counts = getattr(run.loader, "row_counts", None)  # PlannedLoader: rows drawn and unusable, see _check_rows
+    if row_counts is not None:
+        local.update({f"rows/{k}": float(v) for k, v in row_counts().items()})
     params = run.params
     count, bad_loss = distributed.reduce_gradients(params, acc, groups, nonfinite)
     shown: dict[str, Any] = {}
@@ -441,6 +446,7 @@ def _resolve(run: Run) -> None:
     same = _stack([p.same for p in pending], same_keys, acc.device)
     totals, flags = table.tolist(), same.tolist()
     nproc = acc.num_processes
+    _check_rows(run, dict(zip(keys, totals[-1], strict=True)))
     for p, row, srow in zip(pending, totals, flags, strict=True):
         total = dict(zip(keys, row, strict=True))
         extra = dict(zip(same_keys, srow, strict=True))
@@ -458,6 +464,24 @@ def _resolve(run: Run) -> None:
                 raise _non_finite(
                     run, p.step, f"{what.format(step=p.step)} (metrics {shown})", weights_bad=key == "bad/loss"
                 )
+
+
+def _check_rows(run: Run, total: dict[str, float]) -> None:
+    """Stop on a source whose unusable rows exceed ``data.max_bad_fraction`` (``PlannedLoader.check_bad_rows``),
+    from the counts summed over processes in ``_resolve``'s all-reduce: every process decides alike, and only
+    then gathers the reasons (a collective all of them make)."""
+    if "rows/seen" not in total:
+        return
+    seen, bad = int(total["rows/seen"]), int(total["rows/bad"])
+    if not too_many_bad(bad, seen, run.cfg.data.max_bad_fraction):
+        return
+    tallies = [run.loader.bad_row_tally()]
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        tallies = gather_object(tallies)
+    run.pending.clear()
+    run.loader.check_bad_rows(seen, bad, tallies)
 
 
 def _stack(rows: list[dict[str, Any]], keys: list[str], device: torch.device) -> torch.Tensor:

@@ -171,6 +171,7 @@ def _data_cfg(**kw):
         "hflip_prob": 0.0,
         "ties": "drop",
         "on_bad_row": "skip",
+        "max_bad_fraction": 0.1,
         "max_rows": None,
         "proportion_empty_prompts": 0.0,
         "num_workers": 0,
