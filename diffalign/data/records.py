@@ -165,15 +165,16 @@ def too_many_bad(bad: int, seen: int, max_fraction: float) -> bool:
 
     A one-sided binomial test at two standard deviations: ``bad > f * seen + 2 * sqrt(seen * f * (1 - f))``. A
     source with exactly ``f`` bad rows passes it ~98% of the time, so a short run on a good source is not stopped
-    by one unlucky batch (1 of 8 at f = 0.1), while a broken one stops within a few batches (4 of 12, 9 of 50,
+    by one unlucky batch (1 of 8 at f = 0.1), while a broken one stops within a few batches (4 of 12, 10 of 50,
     29 of 200 at f = 0.1). ``f = 0`` stops at the first bad row; ``f = 1`` never stops.
     """
     return bad > max_fraction * seen + 2 * math.sqrt(seen * max_fraction * (1 - max_fraction))
 
 
 def reason_kind(reason: str) -> str:
-    """A bad-row reason without its row-specific parts (a path, a byte count): what ``BadRowTally`` groups by."""
-    return re.sub(r"\d+", "N", ": ".join(reason.split(": ")[:2]))
+    """A bad-row reason without its row-specific parts (a path after the second ": ", numbers such as a byte count
+    or a label value): what ``BadRowTally`` groups by."""
+    return re.sub(r"\b\d+(?:\.\d+)?\b", "N", ": ".join(reason.split(": ")[:2]))
 
 
 @dataclass
@@ -217,10 +218,11 @@ def check_bad_fraction(bad: int, seen: int, max_fraction: float, tally: BadRowTa
     if not too_many_bad(bad, seen, max_fraction):
         return
     top = tally.most_common()
-    why = f"; most often {top[0]} ({top[1]} rows, e.g. row {top[2]}: {top[3]})" if top else ""
+    why = f"; most common reason ({top[1]} rows), e.g. row {top[2]}: {top[3]}" if top else ""
     raise TooManyBadRowsError(
         f"data.path={path}: {bad} of {seen} {what} are unusable ({bad / max(seen, 1):.0%}, above "
         f"data.max_bad_fraction={max_fraction:g}){why}; fix the data, or raise data.max_bad_fraction (1 never stops)"
+        .replace("\n", " ")
     )
 
 
