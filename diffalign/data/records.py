@@ -218,11 +218,10 @@ def check_bad_fraction(bad: int, seen: int, max_fraction: float, tally: BadRowTa
     if not too_many_bad(bad, seen, max_fraction):
         return
     top = tally.most_common()
-    why = f"; most common reason ({top[1]} rows), e.g. row {top[2]}: {top[3]}" if top else ""
+    why = f"; most common reason ({top[1]} rows), e.g. row {top[2]}: {' '.join(top[3].split())}" if top else ""
     raise TooManyBadRowsError(
         f"data.path={path}: {bad} of {seen} {what} are unusable ({bad / max(seen, 1):.0%}, above "
         f"data.max_bad_fraction={max_fraction:g}){why}; fix the data, or raise data.max_bad_fraction (1 never stops)"
-        .replace("\n", " ")
     )
 
 

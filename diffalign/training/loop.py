@@ -111,7 +111,8 @@ def make_accelerator(cfg: Any) -> Accelerator:
 
 
 def start(cfg: Any, accelerator: Accelerator, description: str) -> None:
-    """Lock the output folder, check a resume, save the resolved config, log ``description``, start the trackers.
+    """Lock the output folder, remove what killed runs left in ``checkpoints/`` (``checkpoint.clean_incomplete``),
+    check a resume, save the resolved config, log ``description``, start the trackers.
 
     The main process holds ``output_dir/.lock`` (``fileio.FolderLock``) until ``train`` returns: a second trainer
     on the same folder is refused, naming the holder. A resume is checked against the checkpoint's config before
@@ -120,6 +121,8 @@ def start(cfg: Any, accelerator: Accelerator, description: str) -> None:
     out = Path(cfg.run.output_dir)
     if accelerator.is_main_process:
         _lock_output(out)
+        for leftover in checkpoint.clean_incomplete(out / "checkpoints"):
+            logger.info("removed %s: an unfinished checkpoint deletion or write of a killed run", leftover)
     path = checkpoint.resolve(cfg.run.resume_from, out / "checkpoints")
     if path is not None:
         check_resume_config(cfg, path)

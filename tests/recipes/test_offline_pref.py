@@ -293,3 +293,19 @@ def test_two_processes_equal_one_process_with_a_corrupt_row(recipe, tiny_dirs, t
         tol = GRAD_RTOL if r1["step"] == 1 else GRAD_RTOL + beta / 2 * 4e-6
         assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=tol), r1["step"]
         assert float((g2 - g1).norm()) <= tol * float(g1.norm()), (r1["step"], float((g2 - g1).norm() / g1.norm()))
+
+
+def test_run_start_removes_what_a_killed_rotation_left(tiny_dirs, tmp_path, caplog):
+    """``loop.start`` (every recipe's first step, under the folder lock) finishes a deletion a kill cut short and
+    removes an incomplete step older than latest; the complete checkpoints stay."""
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    for step in (2, 4):
+        checkpoint.save(root, step, trainable={"w": torch.zeros(2)}, optimizer={}, state={"step": step})
+    (root / "step-00000002" / "trainable.safetensors").unlink()  # killed inside an older diffalign's rmtree
+    (root / ".step-00000001.deleting").mkdir()
+    cfg = dconfig.load("toy/dpo", toy_overrides(tiny_dirs["sd15"], out), schema=dconfig.OfflinePrefConfig)
+    caplog.set_level("INFO", logger="diffalign.train")
+    loop.start(cfg, loop.make_accelerator(cfg), "test run")
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]
+    assert "removed" in caplog.text and ".step-00000001.deleting" in caplog.text
