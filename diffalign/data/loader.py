@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from diffalign.data import provenance
 from diffalign.data.collate import GroupBatch, collate_groups
 from diffalign.data.pickapic import PickapicIterable, PickapicSource, load_pickapic
 from diffalign.data.ranked import RankedDataset, RankedSource
@@ -112,6 +113,7 @@ class PlannedLoader:
         self.epoch, self.position = 0, 0
         self._iter: Iterator[Any] | None = None
         self._cache = None
+        provenance.check_labelled_by(cfg.path, cfg.labelled_by)
         if cfg.latent_cache:
             from diffalign.data.latent_cache import LatentCache
 

@@ -172,6 +172,7 @@ def _data_cfg(**kw):
         "ties": "drop",
         "on_bad_row": "skip",
         "max_bad_fraction": 0.1,
+        "labelled_by": None,
         "max_rows": None,
         "proportion_empty_prompts": 0.0,
         "num_workers": 0,
