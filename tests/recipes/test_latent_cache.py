@@ -33,10 +33,13 @@ def test_cache_equals_pixels(recipe, tiny_dirs, tmp_path, family):
         for d in ("pixels", "cached")
     ]
     assert len(rows[0]) == len(rows[1]) == 3
-    for a, b in zip(*rows, strict=True):
-        # per-sample errors agree to float rounding (the VAE/text encoders ran on different batch sizes);
-        # the loss multiplies error differences by beta/2 = 2500, so it gets a looser bound
-        for key in ("loss/policy_err_w", "loss/policy_err_l", "loss/ref_err_w", "loss/ref_err_l"):
+    for step, (a, b) in enumerate(zip(*rows, strict=True), start=1):
+        # per-sample errors agree to float rounding (the VAE/text encoders ran on different batch sizes); the
+        # policy errors only before any update (an AdamW element with a near-zero gradient may move by lr on either
+        # side of 0, moving one error by up to lr times its gradient); the loss multiplies error differences by
+        # beta/2 = 2500, so it gets a looser bound (the flipped elements move it only to second order)
+        policy = ("loss/policy_err_w", "loss/policy_err_l") if step == 1 else ()
+        for key in (*policy, "loss/ref_err_w", "loss/ref_err_l"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
     # the averaged gradients, not the weights after AdamW steps (ill-conditioned: see test_offline_pref's
