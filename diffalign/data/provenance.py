@@ -34,6 +34,8 @@ def find(path: str) -> Path | None:
     local = Path(resources.resolve(path)).expanduser()
     while any(c in local.name for c in "*?["):
         local = local.parent
+    if not local.exists():  # a Hub id, or a missing path (its own error comes when the data is opened)
+        return None
     start = local if local.is_dir() else local.parent
     for folder in (start, start.parent):
         if (folder / FILE).is_file():
