@@ -90,6 +90,8 @@ class DataConfig:
     hflip_prob: float = 0.5
     ties: Literal["drop", "keep"] = "drop"
     on_bad_row: Literal["skip", "raise"] = "skip"
+    max_bad_fraction: float = 0.1  # stop when more rows than this are unusable (data.records.too_many_bad)
+    labelled_by: str | None = None  # the scorer that ranked the labels (data.provenance); None: not checked
     max_rows: int | None = None
     proportion_empty_prompts: float = 0.0
     num_workers: int = 0

@@ -60,7 +60,10 @@ def _check_offline(cfg: OfflinePrefConfig) -> list[str]:
     _check_loss_matches_data(cfg, problems)
     _positive(problems, data__max_rows=data.max_rows, model__logit_std=m.logit_std)
     _unit_interval(
-        problems, data__hflip_prob=data.hflip_prob, data__proportion_empty_prompts=data.proportion_empty_prompts
+        problems,
+        data__hflip_prob=data.hflip_prob,
+        data__proportion_empty_prompts=data.proportion_empty_prompts,
+        data__max_bad_fraction=data.max_bad_fraction,
     )
     if lora.text_encoder and data.latent_cache:
         problems.append("lora.text_encoder=true needs prompt embeddings recomputed each step; unset data.latent_cache")

@@ -68,6 +68,7 @@ def _check_selfnpo(cfg: SelfNPOConfig) -> list[str]:
         problems,
         data__hflip_prob=data.hflip_prob,
         data__proportion_empty_prompts=data.proportion_empty_prompts,
+        data__max_bad_fraction=data.max_bad_fraction,
         selfnpo__ema_decay=s.ema_decay,
     )
     if m.family in FLOW_FAMILIES:

@@ -26,6 +26,7 @@ from diffalign.data.records import (
     LoadStats,
     PreferenceRecord,
     SkippedRow,
+    TooManyBadRowsError,
     decode_image,
 )
 from diffalign.data.sampler import GroupSampler
@@ -58,6 +59,7 @@ __all__ = [
     "RankedDataset",
     "RankedSource",
     "SkippedRow",
+    "TooManyBadRowsError",
     "TransformedDataset",
     "TransformedIterable",
     "collate_groups",

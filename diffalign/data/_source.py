@@ -105,7 +105,7 @@ def open_tabular(
         ds = _load_hub(path, split, streaming=streaming, cache_dir=cache_dir)
         name = f"{path} (split {split!r})"
     else:
-        files = _with_rows(resolve_parquet_files(path, split), split)
+        files = [f for f, _ in local_files(path, split)]
         logger.info("reading %d parquet file(s) for split %r: %s", len(files), split, describe_files(files))
         ds = datasets.load_dataset(
             "parquet", data_files={split: files}, split=split, streaming=streaming, cache_dir=cache_dir
@@ -114,8 +114,15 @@ def open_tabular(
     return _without_image_decoding(ds), name
 
 
-def _with_rows(files: Sequence[str], split: str) -> list[str]:
-    """The files that hold rows (``datasets`` fails on a 0-row parquet file); none at all is a clear error."""
+def local_files(path: str, split: str) -> list[tuple[str, int]]:
+    """``(file, row count)`` of the local parquet files ``open_tabular`` reads for ``split``, in the order their rows
+    come (0-row files left out: ``datasets`` fails on them). Row ``i`` of the split is in the first file whose
+    cumulative count exceeds ``i``: what a path relative to "the parquet's folder" is resolved against."""
+    return _with_rows(resolve_parquet_files(resources.resolve(path), split), split)
+
+
+def _with_rows(files: Sequence[str], split: str) -> list[tuple[str, int]]:
+    """The files that hold rows, with their counts; none at all is a clear error."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -130,7 +137,7 @@ def _with_rows(files: Sequence[str], split: str) -> list[str]:
         raise DataSourceError(f"{describe_files(files)}: 0 rows for split {split!r}; there is nothing to train on")
     if empty:
         logger.warning("ignoring %d parquet file(s) with 0 rows: %s", len(empty), describe_files(empty))
-    return [f for f in files if counts[f] > 0]
+    return [(f, counts[f]) for f in files if counts[f] > 0]
 
 
 def _load_hub(

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from diffalign.data import provenance
 from diffalign.data.collate import GroupBatch, collate_groups
 from diffalign.data.pickapic import PickapicIterable, PickapicSource, load_pickapic
 from diffalign.data.ranked import RankedDataset, RankedSource
-from diffalign.data.records import Group, LoadStats, SkippedRow
+from diffalign.data.records import BadRowTally, Group, LoadStats, SkippedRow, check_bad_fraction
 from diffalign.data.sampler import GroupSampler
 from diffalign.data.transforms import JointTransform, TransformedDataset, TransformedIterable
 
@@ -112,6 +113,7 @@ class PlannedLoader:
         self.epoch, self.position = 0, 0
         self._iter: Iterator[Any] | None = None
         self._cache = None
+        provenance.check_labelled_by(cfg.path, cfg.labelled_by)
         if cfg.latent_cache:
             from diffalign.data.latent_cache import LatentCache
 
@@ -133,6 +135,13 @@ class PlannedLoader:
         self.transform = JointTransform(resolution=cfg.resolution, crop=cfg.crop, hflip_prob=cfg.hflip_prob)
         self.collate = _Collate(seed, cfg.proportion_empty_prompts)
         self.streaming = num_items is None
+        self._seen, self._bad, self._tally = 0, 0, BadRowTally()  # rows drawn (streaming: of finished passes)
+        if self.stats is not None and not self.streaming:  # the label columns: every process reads all of them
+            tally = BadRowTally()
+            for index, reason in self.stats.bad_rows:
+                tally.add(index, reason)
+            bad, seen = self.stats.bad_rows_skipped, self.stats.rows_read
+            check_bad_fraction(bad, seen, cfg.max_bad_fraction, tally, "rows whose labels were read", cfg.path)
         if not self.streaming and num_items < batch_size * world_size:
             raise ValueError(
                 f"data at {cfg.path!r} has {num_items} usable groups, fewer than one global batch "
@@ -146,6 +155,33 @@ class PlannedLoader:
 
     def stats_summary(self) -> str:
         return self.stats.summary() if self.stats is not None else f"latent cache {self.cfg.latent_cache}"
+
+    def row_counts(self) -> dict[str, int]:
+        """``{"seen", "bad"}``: rows this process drew (streaming: read) since the run (re)started, and how many
+        of them were unusable. The training loop sums them over processes and, when ``records.too_many_bad``
+        says so, calls ``check_bad_rows`` with the sums: the same decision with 1 or N processes."""
+        if self.streaming:
+            stats = self.records.stats  # this pass's; finished passes are folded into _seen / _bad
+            return {"seen": self._seen + stats.rows_read, "bad": self._bad + stats.bad_rows_skipped}
+        return {"seen": self._seen, "bad": self._bad}
+
+    def bad_row_tally(self) -> BadRowTally:
+        """This process's unusable drawn rows by kind (``records.BadRowTally``), to merge across processes."""
+        tally = BadRowTally()
+        tally.merge(self._tally)
+        if self.streaming:
+            for index, reason in self.records.stats.bad_rows:
+                tally.add(index, reason)
+        return tally
+
+    def check_bad_rows(self, seen: int, bad: int, tallies: Sequence[BadRowTally]) -> None:
+        """Stop (``TooManyBadRowsError``) when ``bad`` of ``seen`` rows (summed over processes) exceed
+        ``data.max_bad_fraction`` beyond chance (``records.too_many_bad``); ``tallies``: every process's."""
+        tally = BadRowTally()
+        for t in tallies:
+            tally.merge(t)
+        what = "rows read so far" if self.streaming else "rows drawn so far"
+        check_bad_fraction(bad, seen, self.cfg.max_bad_fraction, tally, what, self.cfg.path)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -214,8 +250,16 @@ class PlannedLoader:
                 if self.stats is not None:
                     self.stats.add_skipped(batch.skipped)
                     self.stats.add_flagged(batch.flagged)
+                if not self.streaming:
+                    self._seen += len(batch) + len(batch.skipped)
+                    self._bad += len(batch.skipped)
+                    for index, reason in batch.skipped:
+                        self._tally.add(index, reason)
                 seeds = [derived_seed(self.seed, epoch, i, NOISE_SALT) for i in indices]
                 return batch, seeds
+            if self.streaming:  # the next pass starts new stats
+                counts, tally = self.row_counts(), self.bad_row_tally()
+                self._seen, self._bad, self._tally = counts["seen"], counts["bad"], tally
             self.epoch, self.position, self._iter = self.epoch + 1, 0, None
         raise RuntimeError(f"data at {self.cfg.path!r} yielded no batch for a whole epoch")
 

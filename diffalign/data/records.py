@@ -155,6 +155,76 @@ class LoadStats:
         return text
 
 
+class TooManyBadRowsError(BadRowError):
+    """A source whose unusable rows exceed ``data.max_bad_fraction``: names the counts, the most common reason
+    with an example row, and the two fixes."""
+
+
+def too_many_bad(bad: int, seen: int, max_fraction: float) -> bool:
+    """Whether ``bad`` unusable rows out of ``seen`` show a bad fraction above ``max_fraction`` beyond chance.
+
+    A one-sided binomial test at two standard deviations: ``bad > f * seen + 2 * sqrt(seen * f * (1 - f))``. A
+    source with exactly ``f`` bad rows passes it ~98% of the time, so a short run on a good source is not stopped
+    by one unlucky batch (1 of 8 at f = 0.1), while a broken one stops within a few batches (4 of 12, 10 of 50,
+    29 of 200 at f = 0.1). ``f = 0`` stops at the first bad row; ``f = 1`` never stops.
+    """
+    return bad > max_fraction * seen + 2 * math.sqrt(seen * max_fraction * (1 - max_fraction))
+
+
+def reason_kind(reason: str) -> str:
+    """A bad-row reason without its row-specific parts (a path after the second ": ", numbers such as a byte count
+    or a label value): what ``BadRowTally`` groups by."""
+    return re.sub(r"\b\d+(?:\.\d+)?\b", "N", ": ".join(reason.split(": ")[:2]))
+
+
+@dataclass
+class BadRowTally:
+    """Unusable rows by ``reason_kind``: ``{kind: [count, lowest row index, that row's reason]}``.
+
+    Mergeable across processes (``merge``), so the most common kind and its example are the same whatever the
+    number of processes that drew the rows.
+    """
+
+    kinds: dict[str, list[Any]] = field(default_factory=dict)
+
+    def add(self, index: int, reason: str) -> None:
+        entry = self.kinds.setdefault(reason_kind(reason), [0, index, reason])
+        entry[0] += 1
+        if index < entry[1]:
+            entry[1:] = [index, reason]
+
+    def merge(self, other: BadRowTally) -> None:
+        for kind, (count, index, reason) in other.kinds.items():
+            entry = self.kinds.setdefault(kind, [0, index, reason])
+            entry[0] += count
+            if index < entry[1]:
+                entry[1:] = [index, reason]
+
+    def most_common(self) -> tuple[str, int, int, str] | None:
+        """``(kind, count, example row index, its reason)`` of the most frequent kind (ties: the alphabetical)."""
+        if not self.kinds:
+            return None
+        kind = min(self.kinds, key=lambda k: (-self.kinds[k][0], k))
+        count, index, reason = self.kinds[kind]
+        return kind, count, index, reason
+
+
+def check_bad_fraction(bad: int, seen: int, max_fraction: float, tally: BadRowTally, what: str, path: str) -> None:
+    """Raise ``TooManyBadRowsError`` (one line) when ``too_many_bad(bad, seen, max_fraction)``.
+
+    ``what`` names the rows counted (e.g. "rows drawn so far", "rows whose labels were read"); ``path`` is
+    ``data.path``.
+    """
+    if not too_many_bad(bad, seen, max_fraction):
+        return
+    top = tally.most_common()
+    why = f"; most common reason ({top[1]} rows), e.g. row {top[2]}: {' '.join(top[3].split())}" if top else ""
+    raise TooManyBadRowsError(
+        f"data.path={path}: {bad} of {seen} {what} are unusable ({bad / max(seen, 1):.0%}, above "
+        f"data.max_bad_fraction={max_fraction:g}){why}; fix the data, or raise data.max_bad_fraction (1 never stops)"
+    )
+
+
 def _examples(rows: Sequence[tuple[int, str]], shown: int = 5) -> str:
     if not rows:
         return ""

@@ -9,8 +9,8 @@ or ``[0.0]`` (undesirable), so the usual transforms and collation apply (a group
   as a win, as the authors' ``gt_label_wi_l`` policy counts images that both won and lost as wins,
   diffusion-kto ``train_kto_sd_v1.5.py`` L1048-1051). Only the needed image of a row is decoded.
 * ``UnpairedTable``: a plain table of (image, caption, label) rows: a local parquet file / directory / glob
-  or a Hub id. ``image`` is image bytes, a ``datasets.Image`` cell or a file path (relative to the parquet's
-  folder); ``label`` is a bool or 0/1. Labels are checked at construction (label column only); images when
+  or a Hub id. ``image`` is image bytes, a ``datasets.Image`` cell or a file path (relative to the folder of
+  the parquet file that holds the row, e.g. ``<dir>/data`` for ``<dir>/data/train-*.parquet``); ``label`` is a bool or 0/1. Labels are checked at construction (label column only); images when
   the item is read.
 
 Bad rows follow ``on_bad_row`` exactly as in ``pickapic``: ``"raise"`` stops with ``BadRowError`` naming the
@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from diffalign.data._source import column_names, is_hub_id, open_tabular, require_columns
+from diffalign import resources
+from diffalign.data._source import column_names, is_hub_id, local_files, open_tabular, require_columns
 from diffalign.data.pickapic import PickapicDataset
 from diffalign.data.records import (
     BAD_ROW_POLICIES,
@@ -97,9 +98,16 @@ class UnpairedTable(Dataset):
         self._index = np.asarray(keep, np.int64)
         self.labels = np.asarray(labels, bool)
         self._rows = ds.select_columns([source.image_column, source.caption_column])
-        local = not is_hub_id(source.path)
-        expanded = os.path.expanduser(source.path)
-        self._base_dir = (expanded if os.path.isdir(expanded) else os.path.dirname(expanded)) if local else None
+        files = [] if is_hub_id(resources.resolve(source.path)) else local_files(source.path, source.split)
+        self._folders = [os.path.dirname(os.path.abspath(f)) for f, _ in files]
+        self._ends = np.cumsum([n for _, n in files])
+
+    def _folder(self, row: int) -> str | None:
+        """The folder of the parquet file that holds source row ``row``: relative image paths start there (the
+        standard layout keeps ``<dir>/data/train-*.parquet`` and its images side by side). None for a Hub id."""
+        if not self._folders:
+            return None
+        return self._folders[int(np.searchsorted(self._ends, row, side="right"))]
 
     def __len__(self) -> int:
         return len(self._index)
@@ -113,7 +121,7 @@ class UnpairedTable(Dataset):
             reason = f"column {src.caption_column!r} is not a string: {caption!r}"
             return handle_bad_row(src.on_bad_row, self.stats, self.name, row, reason)
         try:
-            image = decode_image(cells[src.image_column], base_dir=self._base_dir)
+            image = decode_image(cells[src.image_column], base_dir=self._folder(row))
         except ValueError as e:
             reason = f"column {src.image_column!r}: {e}"
             return handle_bad_row(src.on_bad_row, self.stats, self.name, row, reason, cause=e)

@@ -224,6 +224,7 @@ def _run(
         settings["generation_resolved"] = old["generation_resolved"]
     _check_log(records, prompts, cfg.k, log.path)
     store.write_json_atomic(out / store.SETTINGS_FILE, settings | {"prompts": prompt_info})
+    store.write_provenance(out, settings | {"prompts": prompt_info})
     if old is not None and old.get("derived") != settings["derived"]:
         logger.info("ranking/pair settings changed: rewriting the datasets from the %d logged prompts", len(records))
     _publish(out, cfg, records, final=False)  # a shard whose prompts were logged just before a kill

@@ -3,6 +3,7 @@
 Layout of ``<out>``::
 
     label.json                    the run's settings (generation fingerprint + derived settings), written atomically
+    {ranked,pairs}/provenance.json  scorers, ranking, prompts, generators (``diffalign.data.provenance``)
     records.jsonl                 the log: one JSON line per finished prompt, appended and fsync'd (source of truth)
     ranked/images/IIIIII_KK.png   the K images of prompt IIIIII (written before the prompt's log line)
     ranked/train.jsonl            ranked lists, one line per prompt (``RankedDataset``), rewritten atomically
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from diffalign.data import provenance
 from diffalign.data.pickapic import pickapic_schema
 from diffalign.fileio import fsync_dir, temp_path, write_atomic
 from diffalign.label.config import LabelError
@@ -57,6 +59,24 @@ ROWS_PER_WRITE = 64
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def write_provenance(out: Path, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``provenance.json`` (``diffalign.data.provenance``) into ``pairs/`` and ``ranked/``: what ranked the
+    labels, from which prompts and generators, so a training config can check it trains on the labels it expects
+    (``data.labelled_by``), also on a copy of either folder. ``settings``: what ``label.json`` holds."""
+    generation, derived = settings["generation"], settings["derived"]
+    record = {
+        "scorers": sorted({s["name"] for s in generation["scorers"].values()}),
+        "ranking": derived["ranking"],
+        "prompts": {k: settings["prompts"].get(k) for k in ("source", "count", "sha256")},
+        "generators": [{k: g.get(k) for k in ("name", "family", "path")} for g in generation["generators"]],
+        "label_run": str(out.resolve()),
+    }
+    for folder in (out / RANKED_DIR, out / PAIRS_DATA.parent):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / provenance.FILE, record)
+    return record
 
 
 def remove_stale_temps(folder: Path) -> None:

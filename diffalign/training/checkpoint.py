@@ -10,7 +10,9 @@ Layout of ``<output_dir>/checkpoints/step-00000500/``::
 
 A checkpoint is assembled in a hidden temporary folder and swapped into place with renames
 (``fileio.swap_dir``), also when a resumed run saves a step that already exists: a crash (even SIGKILL) at any
-point leaves the old ``step-N`` or the new one, never a half-written or half-deleted one. ``latest`` (and
+point leaves the old ``step-N`` or the new one, never a half-written or half-deleted one. Rotation (``keep_last``)
+renames a step to the hidden ``.step-N.deleting`` before deleting it, and ``clean_incomplete`` (at the start of
+every run) removes what a kill left of such deletions. ``latest`` (and
 ``resolve``) only return a checkpoint whose ``COMPLETE`` lists every file it needs and whose listed files are all
 there with their recorded sizes; among those, the highest step number wins (not the newest file).
 """
@@ -35,6 +37,7 @@ from diffalign.training import state_io
 
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+DELETING = re.compile(r"^\.step-\d{8}\.deleting$")
 MARKER = "COMPLETE"
 REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "state.json")
 
@@ -88,6 +91,45 @@ def set_aside(path: Path, reason: str) -> Path:
     shutil.rmtree(aside, ignore_errors=True)
     path.rename(aside)
     return aside
+
+
+def _discard(path: Path) -> None:
+    """Delete checkpoint ``path``: first renamed to ``.<name>.deleting`` (one atomic step, so a kill never leaves a
+    ``step-N`` without its weights), then removed; ``clean_incomplete`` finishes a deletion a kill cut short."""
+    gone = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(gone, ignore_errors=True)
+    path.rename(gone)
+    shutil.rmtree(gone)
+
+
+def clean_incomplete(root: Path) -> list[Path]:
+    """Remove what killed runs left under ``root`` that can never be resumed from; returns the removed folders.
+
+    Call it at the start of a run, on the main process, holding the output folder's lock (``loop.start``): then no
+    other process of this run writes here. Removed: ``.step-N.deleting`` (a rotation cut short) and an incomplete
+    ``step-N`` OLDER than the latest complete one (e.g. half-deleted by a diffalign before the rename in
+    ``_discard``): nothing resumes from it, and rotation, which only lists complete folders, would never remove it.
+    Kept: every complete checkpoint, and an incomplete ``step-N`` newer than the latest complete one: it may be a
+    step still being written (another writer on a shared file system, which a pid lock does not see) and it is
+    the user's evidence of what happened; ``latest`` ignores it, and a run that reaches step N replaces it.
+    """
+    if not root.is_dir():
+        return []
+    newest = latest(root)
+    newest_step = int(STEP_DIR.match(newest.name).group(1)) if newest is not None else None
+    removed = []
+    for path in sorted(root.iterdir()):
+        match = STEP_DIR.match(path.name)
+        stale_step = (
+            match is not None
+            and newest_step is not None
+            and int(match.group(1)) < newest_step
+            and not is_complete(path)
+        )
+        if (DELETING.match(path.name) and path.is_dir()) or stale_step:
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
 
 
 def rng_state() -> dict[str, Any]:
@@ -147,7 +189,7 @@ def save(
                 os.fsync(fh.fileno())
         swap_dir(tmp, final)
         for old in list_complete(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old)
+            _discard(old)
     barrier()
     return final
 

@@ -31,6 +31,7 @@ from diffalign import models
 from diffalign.data.latent_cache import LatentCache
 from diffalign.data.loader import build_loader
 from diffalign.errors import InterruptedRun, UserError
+from diffalign.data.records import too_many_bad
 from diffalign.fileio import FolderLock, append_jsonl, keep_jsonl, replace_dir
 from diffalign.models import lora
 from diffalign.models.base import compile_denoiser
@@ -118,14 +119,16 @@ def start(cfg: Any, accelerator: Accelerator, description: str) -> None:
     another run in the output folder, a resume that changes the training config), so a mistake stops the run in
     one line before any model loads, and before anything is written. The main process then holds
     ``output_dir/.lock`` (``fileio.FolderLock``) until ``train`` returns: a second trainer on the same folder is
-    refused, naming the holder. ``run.overwrite=true`` moves an earlier run aside (``rundir``), then the resolved
-    config is written.
+    refused, naming the holder. ``run.overwrite=true`` moves an earlier run aside (``rundir``), what killed runs left
+    in ``checkpoints/`` is removed (``checkpoint.clean_incomplete``), then the resolved config is written.
     """
     out = Path(cfg.run.output_dir)
     preflight.check(cfg, accelerator.num_processes)
     if accelerator.is_main_process:
         _lock_output(out)
         rundir.clear_for_fresh_run(cfg)
+        for leftover in checkpoint.clean_incomplete(out / "checkpoints"):
+            logger.info("removed %s: an unfinished checkpoint deletion or write of a killed run", leftover)
         dconfig.dump(cfg, out / "config.yaml")
         logger.info("%s", description)
     accelerator.init_trackers("diffalign", config=rundir.flat(dconfig.to_dict(cfg)))
@@ -343,6 +346,9 @@ def optimizer_step(
         for k, v in out.items():
             local[f"sum/{k}"] = local.get(f"sum/{k}", 0.0) + v.detach().float() * n
     local["groups"] = float(groups)
+    row_counts = getattr(run.loader, "row_counts", None)  # PlannedLoader: rows drawn and unusable, see _check_rows
+    if row_counts is not None:
+        local.update({f"rows/{k}": float(v) for k, v in row_counts().items()})
     params = run.params
     count, bad_loss = distributed.reduce_gradients(params, acc, groups, nonfinite)
     shown: dict[str, Any] = {}
@@ -401,6 +407,7 @@ def _resolve(run: Run) -> None:
     same = _stack([p.same for p in pending], same_keys, acc.device)
     totals, flags = table.tolist(), same.tolist()
     nproc = acc.num_processes
+    _check_rows(run, dict(zip(keys, totals[-1], strict=True)))
     for p, row, srow in zip(pending, totals, flags, strict=True):
         total = dict(zip(keys, row, strict=True))
         extra = dict(zip(same_keys, srow, strict=True))
@@ -418,6 +425,24 @@ def _resolve(run: Run) -> None:
                 raise _non_finite(
                     run, p.step, f"{what.format(step=p.step)} (metrics {shown})", weights_bad=key == "bad/loss"
                 )
+
+
+def _check_rows(run: Run, total: dict[str, float]) -> None:
+    """Stop on a source whose unusable rows exceed ``data.max_bad_fraction`` (``PlannedLoader.check_bad_rows``),
+    from the counts summed over processes in ``_resolve``'s all-reduce: every process decides alike, and only
+    then gathers the reasons (a collective all of them make)."""
+    if "rows/seen" not in total:
+        return
+    seen, bad = int(total["rows/seen"]), int(total["rows/bad"])
+    if not too_many_bad(bad, seen, run.cfg.data.max_bad_fraction):
+        return
+    tallies = [run.loader.bad_row_tally()]
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        tallies = gather_object(tallies)
+    run.pending.clear()
+    run.loader.check_bad_rows(seen, bad, tallies)
 
 
 def _stack(rows: list[dict[str, Any]], keys: list[str], device: torch.device) -> torch.Tensor:

@@ -99,6 +99,7 @@ RESUME_MAY_CHANGE = (
     "run.keep_last",
     "run.report_to",
     "data.num_workers",
+    "data.max_bad_fraction",
     "validation.",
 )
 

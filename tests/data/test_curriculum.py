@@ -50,7 +50,7 @@ def test_resume_and_rank_split_match_one_uninterrupted_process():
 def _cfg(**curriculum):
     base = {
         "format": "scored_pairs", "path": str(RANKED), "split": "pairs", "streaming": False, "resolution": 32,
-        "crop": "center", "hflip_prob": 0.0, "on_bad_row": "skip", "max_rows": None,
+        "crop": "center", "hflip_prob": 0.0, "on_bad_row": "skip", "max_bad_fraction": 0.1, "labelled_by": None, "max_rows": None,
         "proportion_empty_prompts": 0.0, "num_workers": 0, "latent_cache": None,
         "curriculum": SimpleNamespace(**curriculum),
     }  # fmt: skip

@@ -114,10 +114,26 @@ def test_plain_table_image_paths_resolve_next_to_the_parquet(tmp_path, hf_cache)
         {"image": ["imgs/blue.png", "imgs/missing.png"], "caption": ["blue", "x"], "label": [True, False]}
     )
     pq.write_table(table, tmp_path / "table.parquet")
-    ds = UnpairedTable(UnpairedSource(path=str(tmp_path), cache_dir=hf_cache))  # a folder: paths relative to it
+    ds = UnpairedTable(UnpairedSource(path=str(tmp_path), cache_dir=hf_cache))  # the parquet's folder is tmp_path
     assert ds.labels.tolist() == [True, False]
     assert _pixels(ds[0].images[0])[0, 0].tolist() == [0, 0, 255]
     assert isinstance(ds[1], SkippedRow) and "not found" in ds[1].reason
+
+
+def test_plain_table_image_paths_resolve_next_to_each_parquet_file_in_the_standard_layout(tmp_path, hf_cache):
+    """``<dir>/data/train-*.parquet`` with images beside each file: ``data.path=<dir>`` (a folder) or a glob over
+    files in two folders resolve every row's path against the folder of the file that holds the row."""
+    colors = {"data": (0, 0, 255), "more/data": (255, 0, 0)}
+    for folder, color in colors.items():
+        (tmp_path / folder / "imgs").mkdir(parents=True)
+        Image.new("RGB", (8, 8), color).save(tmp_path / folder / "imgs" / "a.png")
+        table = pa.table({"image": ["imgs/a.png"] * 2, "caption": ["c", "d"], "label": [True, False]})
+        pq.write_table(table, tmp_path / folder / "train-00000-of-00001.parquet")
+    blue, red = [0, 0, 255], [255, 0, 0]
+    for path, want in ((tmp_path, [blue] * 2), (tmp_path / "**" / "train-*.parquet", [blue] * 2 + [red] * 2)):
+        ds = UnpairedTable(UnpairedSource(path=str(path), cache_dir=hf_cache))
+        assert [_pixels(ds[i].images[0])[0, 0].tolist() for i in range(len(ds))] == want, path
+        assert ds.stats.bad_rows_skipped == 0
 
 
 def test_balanced_sampler_draws_the_positive_ratio_whatever_the_class_sizes():
@@ -155,6 +171,8 @@ def _data_cfg(**kw):
         "hflip_prob": 0.0,
         "ties": "drop",
         "on_bad_row": "skip",
+        "max_bad_fraction": 0.1,
+        "labelled_by": None,
         "max_rows": None,
         "proportion_empty_prompts": 0.0,
         "num_workers": 0,

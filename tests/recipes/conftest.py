@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from diffalign.training import checkpoint, state_io
 from tests.conftest import unused_port
 
 
@@ -62,3 +64,17 @@ def run_subprocess(
 ) -> subprocess.CompletedProcess:
     env = child_env() | (env or {})
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def averaged_gradients(out: Path, steps: int) -> list[torch.Tensor]:
+    """The (clipped) gradient each optimizer step applied, read back from the AdamW first moments of the
+    checkpoints ``step-1 .. step-<steps>``: ``m_t = b1 m_{t-1} + (1 - b1) g_t``, so ``g_t = (m_t - b1 m_{t-1}) /
+    (1 - b1)``, one flat float64 vector per step. Linear in the gradients, unlike the weights Adam moves."""
+    grads, before = [], None
+    for step in range(1, steps + 1):
+        saved = state_io.load(checkpoint.step_dir(out / "checkpoints", step) / "optimizer")
+        b1 = saved["param_groups"][0]["betas"][0]
+        m = torch.cat([saved["state"][k]["exp_avg"].double().flatten() for k in sorted(saved["state"])])
+        grads.append((m - (b1 * before if before is not None else 0)) / (1 - b1))
+        before = m
+    return grads

@@ -133,7 +133,13 @@ def test_compiled_denoiser_matches_eager_with_checkpointing_and_no_recompiles(re
 
     loss.beta=50: DPO multiplies the per-sample errors' fp32 rounding (inductor fuses and reduces in another order
     than eager: errors equal to ~2e-7 relative) by beta/2, so at the shipped beta=5000 the losses differ by up to
-    ~2e-4 (measured: 0, 7e-5, 2e-4, 1e-6 over 4 steps)."""
+    ~2e-4 (measured: 0, 7e-5, 2e-4, 1e-6 over 4 steps).
+
+    Compared where well-conditioned on any CPU: every step's loss (a flipped AdamW element, see
+    test_offline_pref's test_two_processes_match_one_process_first_step, has a near-zero gradient, so it moves the
+    loss only to second order) and reference errors (LoRA off: they do not depend on the updates); the policy
+    errors only at step 1, before any update: after one, such an element moves a single error by up to lr times
+    its own gradient."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -153,7 +159,7 @@ def test_compiled_denoiser_matches_eager_with_checkpointing_and_no_recompiles(re
     assert counters["stats"]["unique_graphs"] == 0
     compiled = losses(True)
     assert counters["stats"]["unique_graphs"] == 2 and sum(counters["graph_break"].values()) == 0
-    for e, c in zip(eager, compiled, strict=True):
+    for step, (e, c) in enumerate(zip(eager, compiled, strict=True), start=1):
         assert c["loss"] == pytest.approx(e["loss"], abs=1e-5)
-        for key in ("loss/policy_err_w", "loss/ref_err_l"):
+        for key in ("loss/policy_err_w", "loss/ref_err_l") if step == 1 else ("loss/ref_err_l",):
             assert c[key] == pytest.approx(e[key], rel=1e-6)

@@ -153,3 +153,52 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(FloatingPointError, match="non-finite"):
         checkpoint.save(tmp_path, 1, trainable={"w": torch.tensor([1.0, float("inf")])}, optimizer={}, state={})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_kill_anywhere_in_rotation_leaves_no_step_folder_without_weights(tmp_path, monkeypatch):
+    """keep_last=1 deletes step-2 when step-4 is saved: kill it at each file-system change in turn. Every ``step-*``
+    folder left is complete (the deletion renames it to ``.step-2.deleting`` first), and ``clean_incomplete``
+    removes the leftover."""
+    root = tmp_path / "ckpt"
+    for kill_at in itertools.count():
+        shutil.rmtree(root, ignore_errors=True)
+        _save(root, 2, keep_last=1)
+        killing = _killer(kill_at)
+        with monkeypatch.context() as m:
+            for name in ("unlink", "rmdir", "rename", "replace"):
+                m.setattr(os, name, killing(getattr(os, name)))
+            try:
+                _save(root, 4, keep_last=1)
+                finished = True
+            except _Killed:
+                finished = False
+        assert all(checkpoint.is_complete(folder) for folder in root.glob("step-*")), kill_at
+        removed = checkpoint.clean_incomplete(root)
+        assert all(p.name == ".step-00000002.deleting" for p in removed), (kill_at, removed)
+        assert not list(root.glob(".*.deleting"))
+        assert checkpoint.latest(root).name in ("step-00000002", "step-00000004")
+        if finished:
+            assert [p.name for p in root.iterdir()] == ["step-00000004"] and not removed
+            break
+
+
+def test_clean_incomplete_removes_only_leftovers_older_than_latest(tmp_path):
+    """A step folder half-deleted by an older diffalign (its weights gone) and older than latest is removed; complete
+    ones stay, and so does an incomplete folder newer than latest (it may be a step being written)."""
+    root = tmp_path / "ckpt"
+    for step in (2, 4, 6):
+        _save(root, step, keep_last=3)
+    (root / "step-00000002" / "trainable.safetensors").unlink()  # killed inside the old shutil.rmtree
+    (root / "step-00000008").mkdir()
+    (root / "step-00000008" / "state.json").write_text("{}")
+    (root / ".step-00000001.deleting").mkdir()
+    (root / ".step-00000001.deleting" / "optimizer.json").write_text("{}")
+    removed = checkpoint.clean_incomplete(root)
+    assert sorted(p.name for p in removed) == [".step-00000001.deleting", "step-00000002"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000006", "step-00000008"]
+    assert checkpoint.latest(root).name == "step-00000006"
+    assert checkpoint.clean_incomplete(root) == [] and checkpoint.clean_incomplete(tmp_path / "none") == []
+    shutil.rmtree(root / "step-00000004")
+    shutil.rmtree(root / "step-00000006")
+    assert checkpoint.clean_incomplete(root) == []  # no complete checkpoint: nothing is "older than latest"
+    assert (root / "step-00000008").is_dir()
