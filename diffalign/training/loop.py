@@ -30,8 +30,8 @@ from diffalign import config as dconfig
 from diffalign import models
 from diffalign.data.latent_cache import LatentCache
 from diffalign.data.loader import build_loader
-from diffalign.errors import InterruptedRun, UserError
 from diffalign.data.records import too_many_bad
+from diffalign.errors import InterruptedRun, UserError
 from diffalign.fileio import FolderLock, append_jsonl, keep_jsonl, replace_dir
 from diffalign.models import lora
 from diffalign.models.base import compile_denoiser
