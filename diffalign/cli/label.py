@@ -45,6 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--generator", action="append", required=True, metavar="SPEC", help="generator spec (repeatable)")
     p.add_argument("--scorer", action="append", required=True, metavar="SPEC", help="scorer spec (repeatable)")
     p.add_argument("--out", required=True, help="output folder (re-run with the same folder to resume)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="move an earlier labelling run in --out to a dated folder beside it (nothing is deleted) and start afresh",
+    )
     p.add_argument("--images-per-prompt", "-k", type=int, help="K (default 4, or the sum of the generators' images)")
     p.add_argument("--steps", type=int, default=proto.steps)
     p.add_argument("--cfg", type=float, default=proto.guidance_scale, help="classifier-free guidance scale")
@@ -118,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg, scorers = build_config(args)
-        summary = label(cfg, scorers, args.out, scorer_dtype=args.dtype, progress=not args.no_progress)
+        summary = label(
+            cfg, scorers, args.out, scorer_dtype=args.dtype, progress=not args.no_progress, overwrite=args.overwrite
+        )
     except (LabelError, EvalError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
     print(json.dumps(summary, indent=2))

@@ -1,5 +1,6 @@
-"""Cheap checks of a ``data`` config section before anything heavy loads: the source exists, and a local parquet
-source has the columns its format reads (from the parquet schema only: no rows are read, no image decoded).
+"""Cheap checks of a ``data`` config section before anything heavy loads: the source exists, its labels are the ones
+the config was written for (``data.labelled_by``, ``data.provenance``), and a local parquet source has the columns
+its format reads (from the parquet schema only: no rows are read, no image decoded).
 
 ``problems(cfg.data)`` returns one-line messages naming ``data.path``, the file and the fix; ``[]`` when the
 source looks usable. Hub ids are not checked here (``open_tabular`` reports them in one line when they fail).
@@ -11,6 +12,7 @@ import os
 from typing import Any
 
 from diffalign import resources
+from diffalign.data import provenance
 from diffalign.data._source import is_hub_id, resolve_parquet_files
 
 
@@ -48,6 +50,10 @@ def problems(cfg: Any) -> list[str]:
         files = resolve_parquet_files(path, cfg.split)
     except (FileNotFoundError, ValueError) as e:
         return [f"data.path: {e}"]
+    try:
+        provenance.check_labelled_by(cfg.path, getattr(cfg, "labelled_by", None))
+    except provenance.ProvenanceError as e:
+        return [str(e)]
     return _column_problems(files, required_columns(cfg), cfg)
 
 

@@ -244,7 +244,9 @@ def handle_bad_row(
     """Apply the bad-row policy: raise ``BadRowError``, or log a warning, count the row and return a marker."""
     message = f"{source}: row {index}: {reason}"
     if policy == "raise":
-        raise BadRowError(message) from cause
+        raise BadRowError(
+            f"{message} (data.on_bad_row=raise; fix the row, or data.on_bad_row=skip skips such rows)"
+        ) from cause
     if stats.add_bad_row(index, reason):
         logger.warning("skipping bad row %d of %s: %s", index, source, reason)
     return SkippedRow(index=index, reason=reason)

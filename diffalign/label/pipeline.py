@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from diffalign.fileio import FolderBusyError, FolderLock
+from diffalign.fileio import FolderBusyError, FolderLock, move_aside
 from diffalign.label import store
 from diffalign.label.config import LabelConfig, LabelError
 from diffalign.label.ranking import pairs_per_prompt
@@ -70,7 +70,8 @@ def _check_settings(out: Path, settings: dict[str, Any], *, logged: int) -> dict
         keys = sorted(k for k in set(old_gen) | set(new_gen) if old_gen.get(k) != new_gen.get(k))
         raise LabelError(
             f"{out} holds a labelling run with other generation settings (differing: {', '.join(keys)}); "
-            "resume with the same generators, protocol, K, seed, scorers and shard size, or use another --out"
+            "resume with the same generators, protocol, K, seed, scorers and shard size, or pass --overwrite to move "
+            "it to a dated folder beside it (nothing is deleted), or use another --out"
         )
     if old.get("device") != settings["device"]:
         logger.warning("resuming on device %s; earlier images came from %s", settings["device"], old.get("device"))
@@ -100,7 +101,8 @@ def _check_log(records: Sequence[store.Record], prompts: Sequence[tuple[str, str
         if rec.prompt_index < len(prompts) and prompts[rec.prompt_index][1] != rec.prompt:
             raise LabelError(
                 f"{where}: prompt {rec.prompt_index} was {rec.prompt!r}, the prompt set now has "
-                f"{prompts[rec.prompt_index][1]!r}; resume with the same prompts or use another --out"
+                f"{prompts[rec.prompt_index][1]!r}; resume with the same prompts, or pass --overwrite "
+                "(moves it aside), or use another --out"
             )
 
 
@@ -179,12 +181,15 @@ def label(
     scorer_device: str | None = None,
     scorer_dtype: str = "fp32",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Label ``cfg.prompts`` into ``out_dir`` (resumable); returns a summary of the run.
 
     ``scorers``: spec strings (``"pickscore,path=/m/ps"``, see ``diffalign.eval.runner.parse_scorer_spec``) and/or
     scorer objects (``scorer(images, prompts) -> (B,)`` with ``name`` and ``variant``), or a ready mapping
     key -> scorer. Spec strings load on ``scorer_device`` (default ``cfg.device``) in ``scorer_dtype``.
+    ``overwrite``: move an earlier labelling run in ``out_dir`` to a dated sibling folder first (nothing is deleted)
+    instead of resuming it.
     """
     from diffalign.eval.runner import resolve_scorers
 
@@ -201,6 +206,9 @@ def label(
     }
     (out / store.RANKED_DIR / store.IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
+        if overwrite and any(p.name != ".lock" for p in out.iterdir()):
+            logger.warning("--overwrite: moved the previous labelling run in %s to %s", out, move_aside(out))
+            (out / store.RANKED_DIR / store.IMAGES_DIR).mkdir(parents=True, exist_ok=True)
         return _run(cfg, scorers, out, settings, prompts, prompt_info, progress)
 
 

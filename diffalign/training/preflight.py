@@ -89,7 +89,7 @@ def path_problems(cfg: Any) -> list[str]:
     if data is not None and hasattr(data, "format"):
         from diffalign.data import check as data_check
 
-        found += data_check.problems(data)
+        found += [labels_problem(data)] if labels_problem(data) else data_check.problems(data)
     cache = getattr(data, "latent_cache", None)
     if cache and not Path(cache).expanduser().is_dir():
         found.append(
@@ -103,6 +103,28 @@ def path_problems(cfg: Any) -> list[str]:
             continue
         found.append(_missing(key, value))
     return [f for f in found if f]
+
+
+def labels_problem(data: Any) -> str | None:
+    """A missing label folder of a toy-world config (``data.labelled_by`` names the world's reward): the command
+    that writes it."""
+    by = getattr(data, "labelled_by", None)
+    try:
+        path = Path(resources.resolve(data.path)).expanduser()
+    except FileNotFoundError:
+        return None
+    if by is None or path.exists() or resources.is_hub_id(data.path):
+        return None
+    from diffalign.toy import worlds
+
+    world = next((w for w in worlds.WORLDS.values() if w.reward == by), None)
+    if world is None:
+        return f"data.path={data.path!r}: no such folder; label data with {by} first (`diffalign label ... --scorer {by}`)"
+    flag = "" if world.name == "duo" else f" --world {world.name}"
+    return (
+        f"data.path={data.path!r}: no such folder; this {world.name}-world config trains on labels ranked by {by}: "
+        f"`diffalign quickstart{flag} --objective dpo` writes them to runs/quickstart/labels (run it in this folder)"
+    )
 
 
 def _strings(value: Any, key: str = "") -> list[tuple[str, str]]:

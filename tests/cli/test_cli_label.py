@@ -51,7 +51,13 @@ def test_label_command_writes_both_datasets_and_resumes(tiny_dirs, lora, tmp_pat
     assert main([*args, "--no-progress"]) == 0  # resume: nothing left to do
     assert json.loads(capsys.readouterr().out.split("\ntrain on")[0])["labelled_now"] == 0
     assert main([*args[:-2], "--seed", "6"]) == 1
-    assert "other generation settings (differing: seed)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "other generation settings (differing: seed)" in err and "--overwrite" in err
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert main([*args[:-2], "--seed", "6", "--overwrite", "--no-progress"]) == 0  # the old run moved aside, whole
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert json.loads((out / "label.json").read_text())["generation"]["seed"] == 6
 
 
 @pytest.mark.parametrize(

@@ -130,6 +130,19 @@ def test_online_rl_batch_arithmetic_is_checked_for_the_process_count(capsys):
     assert main(["run", "--config", "duo/grpo", "--num-processes", "2", "optim.grad_accum=20", "--dry-run"]) == 0
 
 
+def test_shipped_configs_name_the_command_that_prepares_them(tmp_path, monkeypatch, capsys):
+    """From an empty folder: the toy configs' tiny model and the world configs' labels are named with the command
+    that writes them."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "offline_pref", "--config", "toy/dpo", "run.max_steps=2", "run.output_dir=X"]) == 1
+    assert "`python -m diffalign.models.tiny sd15 runs/tiny/sd15`" in one_error_line(capsys.readouterr().err)
+    assert main(["run", "--config", "duo/dpo", "run.output_dir=X"]) == 1
+    assert "`diffalign quickstart --objective dpo` writes them" in one_error_line(capsys.readouterr().err)
+    assert main(["run", "--config", "toy/dpo_world", "run.output_dir=X"]) == 1
+    assert "`diffalign quickstart --world shapes --objective dpo`" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "X").exists()
+
+
 def test_run_takes_the_recipe_from_the_config(capsys):
     assert main(["run", "--config", "duo/grpo", "run.max_steps=3", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -161,6 +174,7 @@ def test_a_bad_row_under_raise_ends_in_one_error_line(tiny_dirs, tmp_path, proce
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "row 13: column 'jpg_1'" in last, proc.stderr[-3000:]
+    assert "data.on_bad_row=skip skips such rows" in last
 
 
 def test_debug_shows_the_traceback(tmp_path):
