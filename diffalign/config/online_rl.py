@@ -11,6 +11,7 @@ from diffalign.config.common import (
     LossSection,
     ModelConfig,
     OptimConfig,
+    PromptDataConfig,
     RunConfig,
     ValidationConfig,
     _check_training,
@@ -18,7 +19,6 @@ from diffalign.config.common import (
     terms_kind,
 )
 from diffalign.config.engine import ConfigError, register_recipe, register_validator
-from diffalign.config.stepwise_pref import PromptDataConfig
 
 
 TOY_REWARDS = ("toy_pixel",)

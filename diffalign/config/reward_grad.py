@@ -11,13 +11,13 @@ from diffalign.config.common import (
     LoraConfig,
     ModelConfig,
     OptimConfig,
+    PromptDataConfig,
     RunConfig,
     ValidationConfig,
     _check_training,
     _positive,
 )
 from diffalign.config.engine import register_recipe, register_validator
-from diffalign.config.stepwise_pref import PromptDataConfig
 
 
 @dataclass(frozen=True, kw_only=True)

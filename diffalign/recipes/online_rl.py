@@ -2,7 +2,7 @@
 
 A round is ``online.updates_per_round`` optimizer steps (default 1; Flow-GRPO makes 2). Every process samples its block of the round's ``online.prompts_per_round x
 online.group_size`` images with the current policy (LoRA on) using the stochastic sampler of
-``diffalign.terms.online`` (flow models: Flow-GRPO's or DanceGRPO's SDE; epsilon / v models: DDIM with eta, DDPO),
+``diffalign.sampling.sde`` (flow models: Flow-GRPO's or DanceGRPO's SDE; epsilon / v models: DDIM with eta, DDPO),
 in micro-batches of ``optim.batch_size``, keeping every transition and its log-probability. The final latents are
 decoded and scored by the ``online.rewards`` scorers; the rewards of all processes are gathered, normalised per
 prompt (``diffalign.terms.advantages``) and each process keeps its rows. Then, for every micro-batch (the same rows
@@ -45,15 +45,17 @@ from torch import Tensor
 from diffalign import config as dconfig
 from diffalign.config.online_rl import grad_accum_for
 from diffalign.models.base import Cond
-from diffalign.recipes.stepwise_pref import mixed_seed, read_prompts
+from diffalign.sampling import seeds
+from diffalign.sampling.guidance import default_info, encode_condition
+from diffalign.sampling.sde import Grid, SDESpec, make_grid, rollout
 from diffalign.terms import online, stepwise
 from diffalign.terms.advantages import AdvantageSpec, gathered_advantages
 from diffalign.training import loop
+from diffalign.training.prompts import PromptOrder, read_prompts
 from diffalign.types import PolicyTerms
 
 
 logger = logging.getLogger("diffalign.online_rl")
-ORDER_SALT, NOISE_SALT, STEP_SALT = 21, 22, 23
 
 
 @dataclass
@@ -85,10 +87,11 @@ class RoundBuffer:
     round: int = 0
     items: list[tuple[Micro, int]] | None = None
 
+    def __post_init__(self) -> None:
+        self.order = PromptOrder(self.prompts, self.seed, seeds.PROMPT_ORDER)
+
     def prompt_at(self, position: int) -> str:
-        n = len(self.prompts)
-        gen = torch.Generator().manual_seed(mixed_seed(self.seed, position // n, ORDER_SALT))
-        return self.prompts[int(torch.randperm(n, generator=gen)[position % n])]
+        return self.order[position]
 
     def next_batch(self) -> tuple[Micro, int]:
         if not self.items:
@@ -113,8 +116,8 @@ class State:
     buffer: RoundBuffer
     objective: Any
     loss_cfg: Any
-    grid: online.Grid
-    spec: online.SDESpec
+    grid: Grid
+    spec: SDESpec
     adv_spec: AdvantageSpec
     scorers: dict[str, Any]
 
@@ -148,14 +151,14 @@ def setup(cfg: Any, accelerator: Any) -> State:
     adapter = loop.build_adapter(cfg, accelerator.device)
     adapter.denoiser.eval()  # rollout and update see the same policy (no LoRA dropout; checked by the config)
     o = cfg.online
-    buffer = RoundBuffer(read_prompts(cfg), cfg.run.seed, accelerator.process_index, accelerator.num_processes)
+    buffer = RoundBuffer(read_prompts(cfg.data), cfg.run.seed, accelerator.process_index, accelerator.num_processes)
     state = State(
         loop.build_run(cfg, accelerator, adapter, loader=buffer),
         buffer,
         objective,
         loss_cfg,
-        online.make_grid(adapter, o.num_steps, spacing=o.spacing),
-        online.SDESpec(form=o.sde_form, noise_level=o.noise_level),
+        make_grid(adapter, o.num_steps, spacing=o.spacing),
+        SDESpec(form=o.sde_form, noise_level=o.noise_level),
         AdvantageSpec(std=o.adv_std, eps=o.adv_eps, unbiased=o.adv_unbiased, clip=o.adv_clip, per_reward=o.per_reward),
         build_scorers(cfg, accelerator.device),
     )
@@ -177,7 +180,7 @@ def round_steps(state: State) -> tuple[Tensor, Tensor]:
         sde = torch.zeros(n, dtype=torch.bool)
         sde[steps] = True  # MixGRPO: SDE inside the window, ODE elsewhere
         return steps, sde
-    gen = torch.Generator().manual_seed(mixed_seed(state.buffer.seed, k, STEP_SALT))
+    gen = seeds.generator(state.buffer.seed, k, seeds.ROUND_DRAW)
     steps = online.train_steps(n, fraction=o.timestep_fraction, shuffle=o.shuffle_steps, generator=gen)
     return steps, torch.ones(n, dtype=torch.bool)
 
@@ -191,18 +194,18 @@ def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[s
     first = buf.rank * per_process
     index = torch.arange(first, first + per_process)
     positions = buf.round * o.prompts_per_round + index // o.group_size
-    shape = stepwise.latent_shape(adapter, cfg.data.resolution)
+    shape = adapter.latent_shape(cfg.data.resolution)
     micros, rewards = [], {name: [] for name in state.scorers}
     scoring = 0.0
     for start in range(0, per_process, b):
         rows = index[start : start + b]
         prompts = [buf.prompt_at(int(p)) for p in positions[start : start + b]]
-        info = [stepwise.default_info(adapter, shape[1:])] * len(prompts)
-        gens = [torch.Generator().manual_seed(mixed_seed(buf.seed, buf.round, int(g), NOISE_SALT)) for g in rows]
+        info = [default_info(adapter, shape[1:])] * len(prompts)
+        gens = [seeds.generator(buf.seed, buf.round, int(g), seeds.SAMPLE_NOISE) for g in rows]
         with torch.no_grad(), state.run.accelerator.autocast():
-            cond, uncond = stepwise.encode_condition(adapter, prompts, info, o.uncond)
+            cond, uncond = encode_condition(adapter, prompts, info, o.uncond)
             uncond = uncond if o.guidance_scale != 1.0 else None
-            traj = online.rollout(
+            traj = rollout(
                 adapter, state.grid, state.spec, cond, uncond, generators=gens, latent_shape=shape,
                 guidance_scale=o.guidance_scale, sde_steps=sde,
             )  # fmt: skip
@@ -230,7 +233,7 @@ def check_rollout(state: State, micros: list[Micro], rewards: dict[str, Tensor],
         total = acc.reduce(total, reduction="sum")
     if total.item():
         what = f"non-finite rollout (samples, log-probs or rewards) before step {state.run.step + 1}"
-        raise loop._non_finite(state.run, state.run.step + 1, what, weights_bad=True)
+        raise loop.non_finite(state.run, state.run.step + 1, what, weights_bad=True)
 
 
 def fill_round(state: State) -> dict[str, Tensor]:

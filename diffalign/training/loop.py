@@ -407,7 +407,7 @@ def optimizer_step(
         if sync:
             shown["grad_norm"] = float(norm)
             if "bad/norm" in pending.same and bool(pending.same["bad/norm"]):
-                raise _non_finite(run, step, f"{_BAD['bad/norm'].format(step=step)} (metrics {shown})")
+                raise non_finite(run, step, f"{_BAD['bad/norm'].format(step=step)} (metrics {shown})")
         else:
             pending.same["grad_norm"] = norm.detach()
         run.optimizer.step()
@@ -415,7 +415,7 @@ def optimizer_step(
         # the weights are replicated and updated identically on every process: the same answer everywhere
         weights_bad = ~torch.stack([p.detach().isfinite().all() for p in params]).all()
         if sync and bool(weights_bad):
-            raise _non_finite(run, step, f"{_BAD['bad/weights'].format(step=step)} (metrics {shown})")
+            raise non_finite(run, step, f"{_BAD['bad/weights'].format(step=step)} (metrics {shown})")
         pending.same["bad/weights"] = weights_bad
     if sync:
         run.pending.clear()
@@ -455,7 +455,7 @@ def _resolve(run: Run) -> None:
         for key, what in _BAD.items():
             if extra.get(key):
                 shown = {k: v for k, v in p.shown.items() if k != "lr"}
-                raise _non_finite(
+                raise non_finite(
                     run, p.step, f"{what.format(step=p.step)} (metrics {shown})", weights_bad=key == "bad/loss"
                 )
 
@@ -468,7 +468,7 @@ def _stack(rows: list[dict[str, Any]], keys: list[str], device: torch.device) ->
     )
 
 
-def _non_finite(run: Run, step: int, what: str, weights_bad: bool = False) -> FloatingPointError:
+def non_finite(run: Run, step: int, what: str, weights_bad: bool = False) -> FloatingPointError:
     """The NaN stop's error for a problem found at optimizer step ``step``. ``weights_bad``: the weights before
     that step gave it, so a checkpoint of them (step ``step - 1``, if saved) is set aside as ``step-N.nonfinite``,
     and ``latest`` no longer resumes into it."""
