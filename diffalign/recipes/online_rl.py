@@ -27,7 +27,9 @@ Launch:
     diffalign run online_rl --config sd3/grpo_pickscore run.output_dir=runs/grpo
 
 Outputs in ``run.output_dir``: ``config.yaml``, ``checkpoints/step-*``, ``lora/pytorch_lora_weights.safetensors``,
-``metrics.jsonl`` (reward mean / std per scorer, zero-std fraction, clip fraction, approx KL, grad norm),
+``metrics.jsonl`` (reward mean / std per scorer, zero-std fraction, clip fraction, approx KL, grad norm; every
+``validation.every`` steps the held-out ``heldout/<reward>`` and ``heldout/guard/<online.guard_scorers>`` of the
+validation prompts), ``curves.png`` (those against rounds, redrawn at every held-out evaluation and at the end),
 ``validation/step-*/*.png``.
 """
 
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -50,7 +52,7 @@ from diffalign.sampling.guidance import default_info, encode_condition
 from diffalign.sampling.sde import Grid, SDESpec, make_grid, rollout
 from diffalign.terms import online, stepwise
 from diffalign.terms.advantages import AdvantageSpec, gathered_advantages
-from diffalign.training import loop
+from diffalign.training import curves, loop
 from diffalign.training.prompts import PromptOrder, read_prompts
 from diffalign.types import PolicyTerms
 
@@ -120,6 +122,7 @@ class State:
     spec: SDESpec
     adv_spec: AdvantageSpec
     scorers: dict[str, Any]
+    guards: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cfg(self) -> Any:
@@ -137,6 +140,12 @@ def build_scorers(cfg: Any, device: torch.device) -> dict[str, Any]:
         else:
             out[name] = scorers.load(name, device=device, **({"path": r.path} if r.path else {}), **r.options)
     return out
+
+
+def build_guards(cfg: Any, device: torch.device) -> dict[str, Any]:
+    from diffalign import scorers
+
+    return {name: scorers.load(name, device=device) for name in cfg.online.guard_scorers}
 
 
 def setup(cfg: Any, accelerator: Any) -> State:
@@ -161,6 +170,7 @@ def setup(cfg: Any, accelerator: Any) -> State:
         SDESpec(form=o.sde_form, noise_level=o.noise_level),
         AdvantageSpec(std=o.adv_std, eps=o.adv_eps, unbiased=o.adv_unbiased, clip=o.adv_clip, per_reward=o.per_reward),
         build_scorers(cfg, accelerator.device),
+        build_guards(cfg, accelerator.device),
     )
     path = loop.resume_path(cfg)
     if path is not None:
@@ -291,7 +301,64 @@ def train_step(state: State) -> dict[str, float]:
     t0 = time.perf_counter()
     shown = loop.optimizer_step(state.run, partial(micro_step, state), metrics=stats)
     shown["time/update"] = time.perf_counter() - t0
+    see_it_learn(state, shown)
     return shown
+
+
+# ---- held-out scores and curves -----------------------------------------------------------------------
+@torch.no_grad()
+def heldout_scores(state: State) -> dict[str, float]:
+    """Mean reward (``heldout/<reward>``) and guard score (``heldout/guard/<name>``) of the policy's samples of the
+    validation prompts: the rollout grid and CFG, sampled as an ODE (no SDE noise), image i from seed
+    ``validation.seed + i``. Every process scores the whole set (no collective; the same numbers everywhere)."""
+    cfg, adapter = state.cfg, state.run.adapter
+    o, prompts = cfg.online, loop.validation_prompts(cfg)
+    shape = adapter.latent_shape(cfg.data.resolution)
+    named = {f"heldout/{k}": v for k, v in state.scorers.items()} | {
+        f"heldout/guard/{k}": v for k, v in state.guards.items()
+    }
+    scores: dict[str, list[Tensor]] = {k: [] for k in named}
+    for start in range(0, len(prompts), cfg.optim.batch_size):
+        batch = prompts[start : start + cfg.optim.batch_size]
+        gens = [torch.Generator().manual_seed(cfg.validation.seed + start + i) for i in range(len(batch))]
+        with state.run.accelerator.autocast():
+            cond, uncond = encode_condition(adapter, batch, [default_info(adapter, shape[1:])] * len(batch), o.uncond)
+            traj = rollout(
+                adapter, state.grid, state.spec, cond, uncond if o.guidance_scale != 1.0 else None, generators=gens,
+                latent_shape=shape, guidance_scale=o.guidance_scale, sde_steps=torch.zeros(state.grid.num_steps),
+            )  # fmt: skip
+            images = (adapter.decode_latents(traj.final) + 1.0) / 2.0
+        for key, scorer in named.items():
+            scores[key].append(scorer(images, batch).float().cpu())
+    return {k: float(torch.cat(v).mean()) for k, v in scores.items()}
+
+
+def curve_keys(state: State) -> list[str]:
+    """What ``curves.png`` draws: training reward per scorer, held-out rewards and guards, KL, clip fraction."""
+    o = state.cfg.online
+    keys = [f"reward/{name}/mean" for name in o.rewards]
+    if state.cfg.validation.every:
+        keys += [f"heldout/{name}" for name in o.rewards] + [f"heldout/guard/{g}" for g in o.guard_scorers]
+    return [*keys, "loss/kl", "loss/approx_kl", "loss/clip_frac"]
+
+
+def see_it_learn(state: State, shown: dict[str, float]) -> None:
+    """Every ``validation.every`` steps: held-out scores into this step's metrics (logged now if this is not a
+    logging step); then, and at the last step, ``curves.png`` next to ``metrics.jsonl`` (main process)."""
+    cfg, run = state.cfg, state.run
+    every, step = cfg.validation.every, run.step
+    due = bool(every) and step % every == 0
+    if due:
+        held = heldout_scores(state)
+        shown.update(held)
+        if step % cfg.run.log_every and step != 1:  # loop.train logs only every run.log_every steps
+            loop.log(run, held)
+    if (due or step == cfg.run.max_steps) and run.accelerator.is_main_process:
+        jsonl = run.output_dir / "metrics.jsonl"
+        rows = [*(curves.read_rows(jsonl) if jsonl.is_file() else []), {"step": step, **shown}]
+        per_round = cfg.online.updates_per_round
+        rows = [{**row, "round": row["step"] / per_round} for row in rows if "step" in row]
+        curves.write(rows, curve_keys(state), run.output_dir / "curves.png")
 
 
 def progress(metrics: dict[str, float]) -> dict[str, str]:
