@@ -1,8 +1,7 @@
 """Reward-gradient fine-tuning: sample with the policy, decode, score with a differentiable reward, backpropagate.
 
 Four methods share one sampler (``diffalign.sampling.sampler.Sampler``: the family's DDIM grid on VP models, an Euler
-ODE grid on flow models)
-and differ in which denoiser calls keep a graph (``rollout``):
+ODE grid on flow models) and differ in which denoiser calls keep a graph (``rollout``):
 
 * **ReFL** (Xu et al. 2023, ImageReward, arXiv 2304.05977, Sec. 4; code: THUDM/ImageReward @ c1392c6,
   ``ImageReward/ReFL.py`` lines 714-756): no-grad sampling with ``set_timesteps(40)`` (DDPMScheduler, no CFG) to a step index
