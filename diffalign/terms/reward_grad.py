@@ -37,12 +37,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from diffalign.config.reward_grad import spec_problems
 from diffalign.models.base import Adapter, has_adapters
 from diffalign.sampling.guidance import UNCOND_MODES, default_info, encode_condition, guided_output
 from diffalign.sampling.sampler import Sampler
@@ -86,34 +86,6 @@ class GradSpec:
                 raise ValueError(f"GradSpec.{key}={value!r}; choices: {', '.join(choices)}")
         for problem in spec_problems(self):
             raise ValueError(problem)
-
-
-def spec_problems(spec: Any) -> list[str]:
-    """Range problems of a spec (a ``GradSpec`` or the recipe's config section), one message each; the settings
-    of the other methods are not checked."""
-    n, m, out = spec.num_steps, spec.method, []
-    if n < 1 or spec.k < 1 or spec.lv_samples < 1:
-        out.append(f"num_steps={n}, k={spec.k}, lv_samples={spec.lv_samples} must all be >= 1")
-    lo, hi = spec.refl_steps
-    if m == "refl" and not 0 <= lo <= hi < n:
-        out.append(f"refl_steps={list(spec.refl_steps)} must satisfy 0 <= low <= high < num_steps={n}")
-    if m == "draft" and spec.k > n:
-        out.append(f"k={spec.k} exceeds num_steps={n}")
-    a = list(spec.truncation_args)
-    want = {"gaussian": 2, "uniform": 2, "fixed": 1}.get(spec.truncation, 0)
-    if m != "alignprop":
-        pass
-    elif len(a) != want:
-        out.append(f"truncation={spec.truncation!r} takes {want} truncation_args, got {a}")
-    elif spec.truncation == "fixed" and not 1 <= a[0] < n:
-        out.append(f"truncation 'fixed' at {a[0]} must lie in [1, num_steps={n})")
-    elif spec.truncation == "uniform" and not 1 <= a[0] < a[1] <= n:
-        out.append(f"truncation 'uniform' range {a} must satisfy 1 <= min < max <= num_steps={n}")
-    elif spec.truncation == "gaussian" and a[1] < 0:
-        out.append(f"truncation 'gaussian' std {a[1]} must be >= 0")
-    if spec.eta < 0:
-        out.append(f"eta={spec.eta} must be >= 0")
-    return out
 
 
 # ---- decode and rollouts ------------------------------------------------------------------------------
