@@ -114,7 +114,7 @@ def bench_family(family: str, clip_dir: Path, args: argparse.Namespace) -> dict[
         num_steps=args.steps, num_children=args.children, branch_start=0, threshold=0.0, resolution=32, uncond=uncond
     )
     n = args.prompts * args.children
-    latents = torch.randn(n, *stepwise.latent_shape(adapter, 32), generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(n, *adapter.latent_shape(32), generator=torch.Generator().manual_seed(0))
     t = torch.full((n,), 501, dtype=torch.long)
     flat = [p for p in prompts for _ in range(args.children)]
     seeds = list(range(args.prompts))

@@ -141,7 +141,7 @@ class PolicyTerms:
     it is now; ``old`` (B,): the same under the rollout policy (stored at sampling time, no grad); both averaged
     over C,h,w. ``advantages`` (B,). ``mask`` (B,) bool: rows that count (None: all). For the optional KL to the
     reference: ``policy_mean`` / ``ref_mean`` (B, C, h, w), the transition means with the LoRA on / off, and
-    ``kl_scale`` (B,) or (B, 1, 1, 1), the std the KL divides by (``diffalign.terms.online.StepOut.kl_scale``).
+    ``kl_scale`` (B,) or (B, 1, 1, 1), the std the KL divides by (``diffalign.sampling.sde.StepOut.kl_scale``).
     """
 
     policy: Tensor

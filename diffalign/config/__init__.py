@@ -16,6 +16,7 @@ from diffalign.config.common import (
     LossSection,
     ModelConfig,
     OptimConfig,
+    PromptDataConfig,
     RunConfig,
     ValidationConfig,
     terms_kind,
@@ -51,4 +52,4 @@ from diffalign.config.offline_pref import NoiseConfig, OfflinePrefConfig, summar
 from diffalign.config.online_rl import OnlineRLConfig, OnlineSection, RewardConfig
 from diffalign.config.reward_grad import RewardGradConfig, RewardGradSection
 from diffalign.config.selfnpo import SelfNPOConfig, SelfNPOSection
-from diffalign.config.stepwise_pref import PromptDataConfig, StepScorerConfig, StepwisePrefConfig, StepwiseSection
+from diffalign.config.stepwise_pref import StepScorerConfig, StepwisePrefConfig, StepwiseSection

@@ -286,3 +286,18 @@ def _check_model(cfg: Any, problems: list[str]) -> None:
             problems.append("model.load_text_encoders=false cannot train a text-encoder LoRA (lora.text_encoder=true)")
         if val.every:
             problems.append("model.load_text_encoders=false: validation sampling needs the text encoders; set every=0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptDataConfig:
+    """Prompts the policy samples from (stepwise_pref, online_rl, reward_grad: no images): any ``diffalign.eval.prompts``
+    source.
+
+    ``prompts``: a ``.txt`` / ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file or a shipped list name;
+    ``key`` names the prompt column if it is not ``prompt``/``caption``/``text``. ``resolution`` is the sampling size.
+    """
+
+    prompts: str
+    key: str | None = None
+    max_prompts: int | None = None
+    resolution: int = 512

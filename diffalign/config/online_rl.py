@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from diffalign import registry
 from diffalign.config.common import (
     LoraConfig,
     LossSection,
     ModelConfig,
     OptimConfig,
+    PromptDataConfig,
     RunConfig,
     ValidationConfig,
     _check_training,
@@ -18,7 +20,6 @@ from diffalign.config.common import (
     terms_kind,
 )
 from diffalign.config.engine import ConfigError, register_launch_check, register_recipe, register_validator
-from diffalign.config.stepwise_pref import PromptDataConfig
 
 
 TOY_REWARDS = ("toy_pixel",)
@@ -69,6 +70,9 @@ class OnlineSection:
     adv_clip: float = 5.0
     per_reward: bool = False
     rewards: dict[str, RewardConfig] = field(default_factory=lambda: {"toy_pixel": RewardConfig()})
+    # held-out scorers (diffalign.scorers names): scored with the rewards on the validation prompts every
+    # validation.every steps (heldout/guard/<name>), never trained on: a reward rising while a guard falls is hacking
+    guard_scorers: list[str] = field(default_factory=list)
 
     def trained_steps_per_round(self) -> int:
         if self.train_steps == "window":
@@ -159,6 +163,16 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
             f"online.updates_per_round={u} must be >= 1 and divide run.max_steps={cfg.run.max_steps} and "
             f"run.save_every={cfg.run.save_every} (checkpoints fall between rounds)"
         )
+    if o.guard_scorers:
+        from diffalign import scorers
+
+        for name in o.guard_scorers:
+            if name not in scorers.available():
+                problems.append(f"online.guard_scorers: {name!r}: {registry.suggest(name, scorers.available())}")
+        if not cfg.validation.every:
+            problems.append("online.guard_scorers are scored on the validation prompts: set validation.every > 0")
+    if cfg.validation.every and not (cfg.validation.prompts or cfg.validation.prompts_file):
+        problems.append("validation.every > 0 needs held-out prompts: validation.prompts or validation.prompts_file")
     if not o.rewards:
         problems.append("online.rewards is empty; name at least one reward scorer (e.g. {pickscore: {weight: 1}})")
     if cfg.lora.dropout > 0:

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from diffalign import registry
 from diffalign.config.common import (
     LoraConfig,
     ModelConfig,
     OptimConfig,
+    PromptDataConfig,
     RunConfig,
     ValidationConfig,
     _check_training,
     _positive,
 )
 from diffalign.config.engine import register_recipe, register_validator
-from diffalign.config.stepwise_pref import PromptDataConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +70,6 @@ register_recipe("reward_grad", RewardGradConfig)
 @register_validator(RewardGradConfig)
 def _check_reward_grad(cfg: RewardGradConfig) -> list[str]:
     from diffalign import scorers
-    from diffalign.terms import reward_grad
 
     problems: list[str] = []
     r = cfg.reward_grad
@@ -83,7 +82,35 @@ def _check_reward_grad(cfg: RewardGradConfig) -> list[str]:
             problems.append(f"reward_grad.{key}: {name!r}: {registry.suggest(name, scorers.available())}")
     keys = ("method", "num_steps", "refl_steps", "k", "lv_samples", "truncation", "truncation_args", "eta")
     spec = types.SimpleNamespace(**{k: getattr(r, k) for k in keys})
-    problems.extend(f"reward_grad: {p}" for p in reward_grad.spec_problems(spec))
+    problems.extend(f"reward_grad: {p}" for p in spec_problems(spec))
     if cfg.model.timestep_sampling != "uniform":
         problems.append("model.timestep_sampling applies to timestep-sampled training, not reward_grad")
     return problems
+
+
+def spec_problems(spec: Any) -> list[str]:
+    """Range problems of a spec (``diffalign.terms.reward_grad.GradSpec`` or the config section), one message each; the settings
+    of the other methods are not checked."""
+    n, m, out = spec.num_steps, spec.method, []
+    if n < 1 or spec.k < 1 or spec.lv_samples < 1:
+        out.append(f"num_steps={n}, k={spec.k}, lv_samples={spec.lv_samples} must all be >= 1")
+    lo, hi = spec.refl_steps
+    if m == "refl" and not 0 <= lo <= hi < n:
+        out.append(f"refl_steps={list(spec.refl_steps)} must satisfy 0 <= low <= high < num_steps={n}")
+    if m == "draft" and spec.k > n:
+        out.append(f"k={spec.k} exceeds num_steps={n}")
+    a = list(spec.truncation_args)
+    want = {"gaussian": 2, "uniform": 2, "fixed": 1}.get(spec.truncation, 0)
+    if m != "alignprop":
+        pass
+    elif len(a) != want:
+        out.append(f"truncation={spec.truncation!r} takes {want} truncation_args, got {a}")
+    elif spec.truncation == "fixed" and not 1 <= a[0] < n:
+        out.append(f"truncation 'fixed' at {a[0]} must lie in [1, num_steps={n})")
+    elif spec.truncation == "uniform" and not 1 <= a[0] < a[1] <= n:
+        out.append(f"truncation 'uniform' range {a} must satisfy 1 <= min < max <= num_steps={n}")
+    elif spec.truncation == "gaussian" and a[1] < 0:
+        out.append(f"truncation 'gaussian' std {a[1]} must be >= 0")
+    if spec.eta < 0:
+        out.append(f"eta={spec.eta} must be >= 0")
+    return out

@@ -12,6 +12,7 @@ from diffalign.config.common import (
     LossSection,
     ModelConfig,
     OptimConfig,
+    PromptDataConfig,
     RunConfig,
     ValidationConfig,
     _check_training,
@@ -20,20 +21,6 @@ from diffalign.config.common import (
     terms_kind,
 )
 from diffalign.config.engine import ConfigError, register_recipe, register_validator
-
-
-@dataclass(frozen=True, kw_only=True)
-class PromptDataConfig:
-    """Prompts the policy samples from (step-level methods need no images): any ``diffalign.eval.prompts`` source.
-
-    ``prompts``: a ``.txt`` / ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file or a shipped list name;
-    ``key`` names the prompt column if it is not ``prompt``/``caption``/``text``. ``resolution`` is the sampling size.
-    """
-
-    prompts: str
-    key: str | None = None
-    max_prompts: int | None = None
-    resolution: int = 512
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,4 +1,5 @@
-"""Forward-process math only: how to noise latents, what the model regresses, how to invert it.
+"""Pure process math: how to noise latents, what the model regresses, how to invert it; the reverse transition
+kernels the samplers step with (DDIM, flow SDEs: mean, std, log-density) are ``diffalign.diffusion.transition``.
 
 Two processes share one duck-typed interface (``ForwardProcess``): ``VPProcess`` (DDPM family, SD1.5/SDXL,
 epsilon or v-prediction) and ``FlowProcess`` (SD3 rectified flow). ``from_scheduler`` picks one from a

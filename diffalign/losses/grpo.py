@@ -2,7 +2,7 @@
 https://arxiv.org/abs/2505.07818) and DDPO's PPO update (Black et al. 2023, https://arxiv.org/abs/2305.13301).
 
 Per stored transition at one trained step, with ``r = exp(logp_policy - logp_old)`` (both mean-over-C,H,W
-log-densities from ``diffalign.terms.online.sde_step``) and the group-relative advantage ``A``
+log-densities from ``diffalign.sampling.sde.sde_step``) and the group-relative advantage ``A``
 (``diffalign.terms.advantages``)::
 
     policy_loss = mean_b max(-A r, -A clip(r, 1 - clip_range, 1 + clip_range))

@@ -224,11 +224,28 @@ class Adapter:
             self.process = self.process.to(device)
         return self
 
+    # ---- latent geometry ----------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell, ``2 ** (len(block_out_channels) - 1)`` as the diffusers pipelines (8 for SD/FLUX)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of a ``height`` x ``width`` px image (square when ``width`` is None).
+
+        ``C`` is the VAE's ``latent_channels``: the one truth for every family. What the denoiser's input layer
+        takes (FLUX: 2x2-packed tokens of 4 C channels) is ``predict``'s business, never the sampler's.
+        """
+        f, width = self.vae_scale_factor, height if width is None else width
+        if height % f or width % f:
+            raise ValueError(f"{self.family}: image size {height}x{width} is not a multiple of the VAE factor {f}")
+        return (int(self.vae.config.latent_channels), height // f, width // f)
+
     def resolution_shift(self, resolution: int) -> float:
         """The shift a flow pipeline samples with at ``resolution`` px (``flow.resolution_shift``)."""
         if not isinstance(self.process, diffusion.FlowProcess):
             raise ValueError(f"{self.family} is not a flow model; a timestep shift does not apply")
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = self.vae_scale_factor
         patch = int(getattr(self.denoiser.config, "patch_size", 1) or 1)
         patch = 2 if patch == 1 else patch  # FLUX: patch_size 1 on 2x2-packed latents
         tokens = (resolution // (factor * patch)) ** 2

@@ -134,6 +134,15 @@ class Adapter(_Base):
         )[0]
         return unpack(out, h, w)
 
+    def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
+        """The VAE's unpacked latents (``models.base.Adapter.latent_shape``); their sides must be even, as
+        ``predict`` packs 2x2 patches into tokens (FluxPipeline: a multiple of ``vae_scale_factor * 2`` px)."""
+        shape = super().latent_shape(height, width)
+        if shape[1] % 2 or shape[2] % 2:
+            f = self.vae_scale_factor
+            raise ValueError(f"flux: image size must be a multiple of {2 * f} px (2x2-packed latents); got {shape}")
+        return shape
+
     def extra_pipeline_components(self) -> dict[str, object]:
         return {"image_encoder": None, "feature_extractor": None}
 
@@ -141,8 +150,7 @@ class Adapter(_Base):
         """``FluxPipeline(output_type="latent")`` returns packed tokens; unpack them for the pixel size."""
         if latents.ndim == 4:
             return latents
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return unpack(latents, height // factor, width // factor)
+        return unpack(latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
 
 def load(path: str, **kwargs: object) -> Adapter:

@@ -2,7 +2,7 @@
 
 A round is ``online.updates_per_round`` optimizer steps (default 1; Flow-GRPO makes 2). Every process samples its block of the round's ``online.prompts_per_round x
 online.group_size`` images with the current policy (LoRA on) using the stochastic sampler of
-``diffalign.terms.online`` (flow models: Flow-GRPO's or DanceGRPO's SDE; epsilon / v models: DDIM with eta, DDPO),
+``diffalign.sampling.sde`` (flow models: Flow-GRPO's or DanceGRPO's SDE; epsilon / v models: DDIM with eta, DDPO),
 in micro-batches of ``optim.batch_size``, keeping every transition and its log-probability. The final latents are
 decoded and scored by the ``online.rewards`` scorers; the rewards of all processes are gathered, normalised per
 prompt (``diffalign.terms.advantages``) and each process keeps its rows. Then, for every micro-batch (the same rows
@@ -27,7 +27,9 @@ Launch:
     diffalign run online_rl --config sd3/grpo_pickscore run.output_dir=runs/grpo
 
 Outputs in ``run.output_dir``: ``config.yaml``, ``checkpoints/step-*``, ``lora/pytorch_lora_weights.safetensors``,
-``metrics.jsonl`` (reward mean / std per scorer, zero-std fraction, clip fraction, approx KL, grad norm),
+``metrics.jsonl`` (reward mean / std per scorer, zero-std fraction, clip fraction, approx KL, grad norm; every
+``validation.every`` steps the held-out ``heldout/<reward>`` and ``heldout/guard/<online.guard_scorers>`` of the
+validation prompts), ``curves.png`` (those against rounds, redrawn at every held-out evaluation and at the end),
 ``validation/step-*/*.png``.
 """
 
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -45,15 +47,17 @@ from torch import Tensor
 from diffalign import config as dconfig
 from diffalign import errors
 from diffalign.models.base import Cond
-from diffalign.recipes.stepwise_pref import mixed_seed, read_prompts
+from diffalign.sampling import seeds
+from diffalign.sampling.guidance import default_info, encode_condition
+from diffalign.sampling.sde import Grid, SDESpec, make_grid, rollout
 from diffalign.terms import online, stepwise
 from diffalign.terms.advantages import AdvantageSpec, gathered_advantages
-from diffalign.training import loop
+from diffalign.training import curves, loop
+from diffalign.training.prompts import PromptOrder, read_prompts
 from diffalign.types import PolicyTerms
 
 
 logger = logging.getLogger("diffalign.online_rl")
-ORDER_SALT, NOISE_SALT, STEP_SALT = 21, 22, 23
 
 
 @dataclass
@@ -85,10 +89,11 @@ class RoundBuffer:
     round: int = 0
     items: list[tuple[Micro, int]] | None = None
 
+    def __post_init__(self) -> None:
+        self.order = PromptOrder(self.prompts, self.seed, seeds.PROMPT_ORDER)
+
     def prompt_at(self, position: int) -> str:
-        n = len(self.prompts)
-        gen = torch.Generator().manual_seed(mixed_seed(self.seed, position // n, ORDER_SALT))
-        return self.prompts[int(torch.randperm(n, generator=gen)[position % n])]
+        return self.order[position]
 
     def next_batch(self) -> tuple[Micro, int]:
         if not self.items:
@@ -113,10 +118,11 @@ class State:
     buffer: RoundBuffer
     objective: Any
     loss_cfg: Any
-    grid: online.Grid
-    spec: online.SDESpec
+    grid: Grid
+    spec: SDESpec
     adv_spec: AdvantageSpec
     scorers: dict[str, Any]
+    guards: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cfg(self) -> Any:
@@ -136,6 +142,12 @@ def build_scorers(cfg: Any, device: torch.device) -> dict[str, Any]:
     return out
 
 
+def build_guards(cfg: Any, device: torch.device) -> dict[str, Any]:
+    from diffalign import scorers
+
+    return {name: scorers.load(name, device=device) for name in cfg.online.guard_scorers}
+
+
 def setup(cfg: Any, accelerator: Any) -> State:
     for problem in dconfig.launch_problems(cfg, accelerator.num_processes):
         raise dconfig.ConfigError(problem)
@@ -143,16 +155,17 @@ def setup(cfg: Any, accelerator: Any) -> State:
     adapter = loop.build_adapter(cfg, accelerator.device)
     adapter.denoiser.eval()  # rollout and update see the same policy (no LoRA dropout; checked by the config)
     o = cfg.online
-    buffer = RoundBuffer(read_prompts(cfg), cfg.run.seed, accelerator.process_index, accelerator.num_processes)
+    buffer = RoundBuffer(read_prompts(cfg.data), cfg.run.seed, accelerator.process_index, accelerator.num_processes)
     state = State(
         loop.build_run(cfg, accelerator, adapter, loader=buffer),
         buffer,
         objective,
         loss_cfg,
-        online.make_grid(adapter, o.num_steps, spacing=o.spacing),
-        online.SDESpec(form=o.sde_form, noise_level=o.noise_level),
+        make_grid(adapter, o.num_steps, spacing=o.spacing),
+        SDESpec(form=o.sde_form, noise_level=o.noise_level),
         AdvantageSpec(std=o.adv_std, eps=o.adv_eps, unbiased=o.adv_unbiased, clip=o.adv_clip, per_reward=o.per_reward),
         build_scorers(cfg, accelerator.device),
+        build_guards(cfg, accelerator.device),
     )
     path = loop.resume_path(cfg)
     if path is not None:
@@ -172,7 +185,7 @@ def round_steps(state: State) -> tuple[Tensor, Tensor]:
         sde = torch.zeros(n, dtype=torch.bool)
         sde[steps] = True  # MixGRPO: SDE inside the window, ODE elsewhere
         return steps, sde
-    gen = torch.Generator().manual_seed(mixed_seed(state.buffer.seed, k, STEP_SALT))
+    gen = seeds.generator(state.buffer.seed, k, seeds.ROUND_DRAW)
     steps = online.train_steps(n, fraction=o.timestep_fraction, shuffle=o.shuffle_steps, generator=gen)
     return steps, torch.ones(n, dtype=torch.bool)
 
@@ -186,18 +199,18 @@ def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[s
     first = buf.rank * per_process
     index = torch.arange(first, first + per_process)
     positions = buf.round * o.prompts_per_round + index // o.group_size
-    shape = stepwise.latent_shape(adapter, cfg.data.resolution)
+    shape = adapter.latent_shape(cfg.data.resolution)
     micros, rewards = [], {name: [] for name in state.scorers}
     scoring = 0.0
     for start in range(0, per_process, b):
         rows = index[start : start + b]
         prompts = [buf.prompt_at(int(p)) for p in positions[start : start + b]]
-        info = [stepwise.default_info(adapter, shape[1:])] * len(prompts)
-        gens = [torch.Generator().manual_seed(mixed_seed(buf.seed, buf.round, int(g), NOISE_SALT)) for g in rows]
+        info = [default_info(adapter, shape[1:])] * len(prompts)
+        gens = [seeds.generator(buf.seed, buf.round, int(g), seeds.SAMPLE_NOISE) for g in rows]
         with torch.no_grad(), state.run.accelerator.autocast():
-            cond, uncond = stepwise.encode_condition(adapter, prompts, info, o.uncond)
+            cond, uncond = encode_condition(adapter, prompts, info, o.uncond)
             uncond = uncond if o.guidance_scale != 1.0 else None
-            traj = online.rollout(
+            traj = rollout(
                 adapter, state.grid, state.spec, cond, uncond, generators=gens, latent_shape=shape,
                 guidance_scale=o.guidance_scale, sde_steps=sde,
             )  # fmt: skip
@@ -225,7 +238,7 @@ def check_rollout(state: State, micros: list[Micro], rewards: dict[str, Tensor],
         total = acc.reduce(total, reduction="sum")
     if total.item():
         what = f"non-finite rollout (samples, log-probs or rewards) before step {state.run.step + 1}"
-        raise loop._non_finite(state.run, state.run.step + 1, what, weights_bad=True)
+        raise loop.non_finite(state.run, state.run.step + 1, what, weights_bad=True)
 
 
 def fill_round(state: State) -> dict[str, Tensor]:
@@ -283,7 +296,63 @@ def train_step(state: State) -> dict[str, float]:
     t0 = time.perf_counter()
     shown = loop.optimizer_step(state.run, partial(micro_step, state), metrics=stats)
     shown["time/update"] = time.perf_counter() - t0
+    see_it_learn(state, shown)
     return shown
+
+
+# ---- held-out scores and curves -----------------------------------------------------------------------
+@torch.no_grad()
+def heldout_scores(state: State) -> dict[str, float]:
+    """Mean reward (``heldout/<reward>``) and guard score (``heldout/guard/<name>``) of the policy's samples of the
+    validation prompts: the rollout grid and CFG, sampled as an ODE (no SDE noise), image i from seed
+    ``validation.seed + i``. Every process scores the whole set (no collective; the same numbers everywhere)."""
+    cfg, adapter = state.cfg, state.run.adapter
+    o, prompts = cfg.online, loop.validation_prompts(cfg)
+    shape = adapter.latent_shape(cfg.data.resolution)
+    named = {f"heldout/{k}": v for k, v in state.scorers.items()} | {
+        f"heldout/guard/{k}": v for k, v in state.guards.items()
+    }
+    scores: dict[str, list[Tensor]] = {k: [] for k in named}
+    for start in range(0, len(prompts), cfg.optim.batch_size):
+        batch = prompts[start : start + cfg.optim.batch_size]
+        gens = [torch.Generator().manual_seed(cfg.validation.seed + start + i) for i in range(len(batch))]
+        with state.run.accelerator.autocast():
+            cond, uncond = encode_condition(adapter, batch, [default_info(adapter, shape[1:])] * len(batch), o.uncond)
+            traj = rollout(
+                adapter, state.grid, state.spec, cond, uncond if o.guidance_scale != 1.0 else None, generators=gens,
+                latent_shape=shape, guidance_scale=o.guidance_scale, sde_steps=torch.zeros(state.grid.num_steps),
+            )  # fmt: skip
+            images = (adapter.decode_latents(traj.final) + 1.0) / 2.0
+        for key, scorer in named.items():
+            scores[key].append(scorer(images, batch).float().cpu())
+    return {k: float(torch.cat(v).mean()) for k, v in scores.items()}
+
+
+def curve_keys(state: State) -> list[str]:
+    """What ``curves.png`` draws: training reward per scorer, held-out rewards and guards, KL, clip fraction."""
+    o = state.cfg.online
+    keys = [f"reward/{name}/mean" for name in o.rewards]
+    if state.cfg.validation.every:
+        keys += [f"heldout/{name}" for name in o.rewards] + [f"heldout/guard/{g}" for g in o.guard_scorers]
+    return [*keys, "loss/kl", "loss/approx_kl", "loss/clip_frac"]
+
+
+def see_it_learn(state: State, shown: dict[str, float]) -> None:
+    """Every ``validation.every`` steps: held-out scores into this step's metrics (logged now if this is not a
+    logging step); then ``curves.png`` of the reward, held-out and guard scores, KL and clip fraction next to
+    ``metrics.jsonl`` (main process; at the end of the run ``loop.train`` draws every metric there)."""
+    cfg, run = state.cfg, state.run
+    every, step = cfg.validation.every, run.step
+    due = bool(every) and step % every == 0
+    if due:
+        held = heldout_scores(state)
+        shown.update(held)
+        if not loop.log_step(cfg, step):  # else loop.train logs them with the step's row
+            loop.log(run, held)
+    if due and step < cfg.run.max_steps and run.accelerator.is_main_process:  # the last: loop.train's curves.png
+        logged = curves.read_metrics(run.output_dir) if (run.output_dir / curves.METRICS_FILE).is_file() else []
+        rows = [*logged, {"step": step, **shown}]
+        curves.draw({run.output_dir.name: rows}, run.output_dir / curves.CURVES_FILE, keys=curve_keys(state))
 
 
 def progress(metrics: dict[str, float]) -> dict[str, str]:

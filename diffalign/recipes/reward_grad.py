@@ -24,7 +24,7 @@ Outputs in ``run.output_dir``: ``config.yaml``, ``checkpoints/step-*``, ``lora/p
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -32,13 +32,13 @@ import torch
 
 from diffalign import config as dconfig
 from diffalign import errors, scorers
-from diffalign.eval.prompts import load_prompts
+from diffalign.sampling import seeds
 from diffalign.terms import reward_grad
 from diffalign.training import loop
+from diffalign.training.prompts import PromptOrder, read_prompts
 
 
 logger = logging.getLogger("diffalign.reward_grad")
-ORDER_SALT, NOISE_SALT, BATCH_SALT = 21, 22, 23
 
 
 @dataclass
@@ -52,24 +52,21 @@ class PromptSource:
     rank: int = 0
     world_size: int = 1
     batch: int = 0
-    _orders: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.order = PromptOrder(self.prompts, self.seed, seeds.PROMPT_ORDER)
 
     def prompt_at(self, position: int) -> str:
-        n = len(self.prompts)
-        epoch = position // n
-        if epoch not in self._orders:
-            gen = torch.Generator().manual_seed(reward_grad.mixed_seed(self.seed, epoch, ORDER_SALT))
-            self._orders[epoch] = torch.randperm(n, generator=gen)
-        return self.prompts[int(self._orders[epoch][position % n])]
+        return self.order[position]
 
     def next_batch(self) -> tuple[list[str], list[int], int]:
         """(prompts, one sampling seed per prompt, the micro-batch's seed): the arguments of ``micro_step``."""
         first = (self.batch * self.world_size + self.rank) * self.batch_size
         positions = range(first, first + self.batch_size)
-        seeds = [reward_grad.mixed_seed(self.seed, p, NOISE_SALT) for p in positions]
-        batch_seed = reward_grad.mixed_seed(self.seed, self.batch, BATCH_SALT)
+        noise_seeds = [seeds.mixed_seed(self.seed, p, seeds.SAMPLE_NOISE) for p in positions]
+        batch_seed = seeds.mixed_seed(self.seed, self.batch, seeds.ROUND_DRAW)
         self.batch += 1
-        return [self.prompt_at(p) for p in positions], seeds, batch_seed
+        return [self.prompt_at(p) for p in positions], noise_seeds, batch_seed
 
     def state_dict(self) -> dict[str, int]:
         return {"batch": self.batch}
@@ -129,11 +126,8 @@ def setup(cfg: Any, accelerator: Any) -> State:
     if r.scorer_checkpointing:
         scorer.gradient_checkpointing(True)
     guards = {name: load_scorer(name, accelerator.device) for name in r.guard_scorers}
-    records = load_prompts(cfg.data.prompts, key=cfg.data.key, limit=cfg.data.max_prompts)
-    if not records:
-        raise dconfig.ConfigError(f"data.prompts={cfg.data.prompts!r} holds no prompts")
     source = PromptSource(
-        [rec.prompt for rec in records],
+        read_prompts(cfg.data),
         cfg.run.seed,
         cfg.optim.batch_size,
         rank=accelerator.process_index,

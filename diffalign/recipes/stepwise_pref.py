@@ -27,31 +27,24 @@ Outputs in ``run.output_dir``: ``config.yaml``, ``checkpoints/step-*`` (atomic; 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from diffalign import config as dconfig
 from diffalign import errors
-from diffalign.eval.prompts import load_prompts
+from diffalign.sampling import seeds
 from diffalign.terms import stepwise
 from diffalign.terms.stepwise import MinedPairs
 from diffalign.training import loop
+from diffalign.training.prompts import PromptOrder, read_prompts
 
 
 logger = logging.getLogger("diffalign.stepwise_pref")
 QUEUE_PREFIX = "queue."
-ORDER_SALT, NOISE_SALT, SHUFFLE_SALT = 11, 12, 13
-
-
-def mixed_seed(*values: int) -> int:
-    """A 63-bit seed mixed from integers with numpy's SeedSequence."""
-    state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
 
 
 @dataclass
@@ -71,19 +64,16 @@ class PairQueue:
     rank: int = 0
     world_size: int = 1
     round: int = 0
-    _orders: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.order = PromptOrder(self.prompts, self.seed, seeds.PAIR_PROMPT_ORDER)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def prompt_index(self, position: int) -> int:
         """The dataset index of global prompt ``position``: a fresh permutation of the prompts per epoch."""
-        n = len(self.prompts)
-        epoch = position // n
-        if epoch not in self._orders:
-            gen = torch.Generator().manual_seed(mixed_seed(self.seed, epoch, ORDER_SALT))
-            self._orders[epoch] = torch.randperm(n, generator=gen)
-        return int(self._orders[epoch][position % n])
+        return self.order.index(position)
 
     def prompts_at(self, positions: torch.Tensor) -> list[str]:
         return [self.prompts[self.prompt_index(int(p))] for p in positions]
@@ -169,13 +159,6 @@ def build_scorer(cfg: Any, adapter: Any, spec: stepwise.MiningSpec) -> Any:
     )
 
 
-def read_prompts(cfg: Any) -> list[str]:
-    records = load_prompts(cfg.data.prompts, key=cfg.data.key, limit=cfg.data.max_prompts)
-    if not records:
-        raise dconfig.ConfigError(f"data.prompts={cfg.data.prompts!r} holds no prompts")
-    return [r.prompt for r in records]
-
-
 def setup(cfg: Any, accelerator: Any) -> State:
     objective, loss_cfg = dconfig.loss_config(cfg.loss)
     adapter = loop.build_adapter(cfg, accelerator.device)
@@ -184,9 +167,9 @@ def setup(cfg: Any, accelerator: Any) -> State:
     spec = mining_spec(cfg)
     scorer = build_scorer(cfg, adapter, spec)
     queue = PairQueue(
-        read_prompts(cfg),
+        read_prompts(cfg.data),
         cfg.run.seed,
-        MinedPairs.empty(stepwise.latent_shape(adapter, cfg.data.resolution)),
+        MinedPairs.empty(adapter.latent_shape(cfg.data.resolution)),
         cfg.optim.batch_size,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
@@ -209,7 +192,7 @@ def round_positions(state: State) -> tuple[list[int], list[int]]:
     q, s = state.queue, state.cfg.stepwise.sample_batch_size
     first = (q.round * q.world_size + q.rank) * s
     positions = list(range(first, first + s))
-    return positions, [mixed_seed(q.seed, pos, NOISE_SALT) for pos in positions]
+    return positions, [seeds.mixed_seed(q.seed, pos, seeds.PAIR_NOISE) for pos in positions]
 
 
 def gather_pairs(state: State, local: MinedPairs) -> MinedPairs:
@@ -235,14 +218,14 @@ def mine_round(state: State) -> tuple[MinedPairs, dict[str, torch.Tensor]]:
     (position, step) order, which does not depend on the number of processes.
     """
     run, q = state.run, state.queue
-    positions, seeds = round_positions(state)
+    positions, noise_seeds = round_positions(state)
     prompts = q.prompts_at(torch.tensor(positions))
     with run.accelerator.autocast():
-        result = stepwise.mine(run.adapter, prompts, seeds, state.spec, state.scorer, prompt_ids=positions)
+        result = stepwise.mine(run.adapter, prompts, noise_seeds, state.spec, state.scorer, prompt_ids=positions)
     pairs = gather_pairs(state, result.pairs.to("cpu"))
     key = pairs.prompt_ids * state.spec.num_steps + pairs.step_index
     pairs = pairs.select(torch.argsort(key, stable=True))
-    gen = torch.Generator().manual_seed(mixed_seed(q.seed, q.round, SHUFFLE_SALT))
+    gen = seeds.generator(q.seed, q.round, seeds.PAIR_SHUFFLE)
     pairs = pairs.select(torch.randperm(len(pairs), generator=gen))
     if state.cfg.stepwise.save_pairs and run.accelerator.is_main_process:
         pairs.save(run.output_dir / "pairs" / f"round-{q.round:08d}.safetensors")

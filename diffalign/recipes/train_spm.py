@@ -179,8 +179,7 @@ def batch_labels(state: State, batch: Any) -> torch.Tensor:
 def batch_loss(state: State, batch: Any, seeds: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
     """SPM pairwise loss of one batch (differentiable) and its metrics."""
     pixels = batch.pixels.to(state.device)
-    factor = _stepaware.vae_scale_factor(state.adapter)
-    shape = (state.adapter.vae.config.latent_channels, pixels.shape[-2] // factor, pixels.shape[-1] // factor)
+    shape = state.adapter.latent_shape(pixels.shape[-2], pixels.shape[-1])
     t, eps = pair_noise(state.adapter, shape, seeds)
     images = x0_images(state, pixels, batch.prompts, t, eps)
     labels = batch_labels(state, batch)
@@ -224,8 +223,7 @@ def evaluate(state: State) -> dict[str, float]:
             continue
         pixels, labels = batch.pixels.to(state.device), batch_labels(state, batch)
         prompts2 = [p for p in batch.prompts for _ in range(2)]
-        factor = _stepaware.vae_scale_factor(state.adapter)
-        shape = (state.adapter.vae.config.latent_channels, pixels.shape[-2] // factor, pixels.shape[-1] // factor)
+        shape = state.adapter.latent_shape(pixels.shape[-2], pixels.shape[-1])
         _, eps = pair_noise(state.adapter, shape, seeds)
         for t in timesteps:
             t_b = torch.full((len(batch),), t)

@@ -72,11 +72,6 @@ def default_info(latents: Tensor, vae_scale_factor: int) -> list[SampleInfo]:
     return [SampleInfo(original_size=size, crop_top_left=(0, 0), target_size=size) for _ in range(latents.shape[0])]
 
 
-def vae_scale_factor(adapter: Any) -> int:
-    """Pixel size / latent size of the adapter's VAE (8 for the SD VAEs)."""
-    return 2 ** (len(adapter.vae.config.block_out_channels) - 1)
-
-
 def cat_cond(*conds: dict[str, Tensor]) -> dict[str, Tensor]:
     """Concatenate conditioning dicts along the batch dimension, key by key."""
     return {key: torch.cat([c[key] for c in conds], dim=0) for key in conds[0]}
@@ -201,7 +196,7 @@ def predict_x0(
     process's ``pred_x0`` (epsilon, v or flow velocity, whatever the checkpoint predicts). fp32 result.
     """
     n = latents.shape[0]
-    info = list(info) if info is not None else default_info(latents, vae_scale_factor(adapter))
+    info = list(info) if info is not None else default_info(latents, adapter.vae_scale_factor)
     cond = adapter.encode_prompts(list(prompts), info)
     if guidance_scale == 1.0:
         out = adapter.predict(latents, timesteps, cond).float()

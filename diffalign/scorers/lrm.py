@@ -404,7 +404,7 @@ def from_adapter(
         multi_scale=multi_scale,
         multi_scale_cfg=multi_scale_cfg,
         logit_scale_init=logit_scale_init,
-        vae_scale_factor=_stepaware.vae_scale_factor(adapter),
+        vae_scale_factor=adapter.vae_scale_factor,
         sd3_num_blocks=num_blocks,
     )
     model = LatentRewardModel(config, trunk, encoders, tokenizers)

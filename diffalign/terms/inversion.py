@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffalign.sampling.grids import ddim_timesteps
+
 
 @dataclass(frozen=True, kw_only=True)
 class InversionSpec:
@@ -54,10 +56,10 @@ class InversionSpec:
 
 
 def inversion_grid(spec: InversionSpec, num_train_timesteps: int) -> Tensor:
-    """Diffusers' "leading" grid (ascending): ``arange(S) * (T // S) + steps_offset``."""
+    """Diffusers' "leading" grid (``diffalign.sampling.grids``), ascending: ``arange(S) * (T // S) + steps_offset``."""
     if spec.num_steps > num_train_timesteps:
         raise ValueError(f"inversion: num_steps={spec.num_steps} > num_train_timesteps={num_train_timesteps}")
-    return torch.arange(spec.num_steps) * (num_train_timesteps // spec.num_steps) + spec.steps_offset
+    return ddim_timesteps(num_train_timesteps, spec.num_steps, spec.steps_offset, "leading")[0].flip(0)
 
 
 def _alpha(alphas: Tensor, index: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """Reward-gradient fine-tuning: sample with the policy, decode, score with a differentiable reward, backpropagate.
 
-Four methods share one sampler (``Sampler``: the family's DDIM grid on VP models, an Euler ODE grid on flow models)
-and differ in which denoiser calls keep a graph (``rollout``):
+Four methods share one sampler (``diffalign.sampling.sampler.Sampler``: the family's DDIM grid on VP models, an Euler
+ODE grid on flow models) and differ in which denoiser calls keep a graph (``rollout``):
 
 * **ReFL** (Xu et al. 2023, ImageReward, arXiv 2304.05977, Sec. 4; code: THUDM/ImageReward @ c1392c6,
   ``ImageReward/ReFL.py`` lines 714-756): no-grad sampling with ``set_timesteps(40)`` (DDPMScheduler, no CFG) to a step index
@@ -37,29 +37,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from diffalign.diffusion import FlowProcess, VPProcess
-from diffalign.losses._transition import ddim_mean_std
+from diffalign.config.reward_grad import spec_problems
 from diffalign.models.base import Adapter, has_adapters
-from diffalign.terms.stepwise import UNCOND_MODES, default_info, encode_condition, guided_output, vae_scale_factor
+from diffalign.sampling.guidance import UNCOND_MODES, default_info, encode_condition, guided_output
+from diffalign.sampling.sampler import Sampler
+from diffalign.sampling.seeds import draw_noise
 
 
 METHODS = ("refl", "draft", "draft_lv", "alignprop")
 TRUNCATIONS = ("gaussian", "uniform", "fixed")
 LOSS_FORMS = ("relu", "linear")
-SPACINGS = ("leading", "trailing", "linspace")
-
-
-def mixed_seed(*values: int) -> int:
-    """A 63-bit seed mixed from integers with numpy's SeedSequence."""
-    state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,98 +86,6 @@ class GradSpec:
                 raise ValueError(f"GradSpec.{key}={value!r}; choices: {', '.join(choices)}")
         for problem in spec_problems(self):
             raise ValueError(problem)
-
-
-def spec_problems(spec: Any) -> list[str]:
-    """Range problems of a spec (a ``GradSpec`` or the recipe's config section), one message each; the settings
-    of the other methods are not checked."""
-    n, m, out = spec.num_steps, spec.method, []
-    if n < 1 or spec.k < 1 or spec.lv_samples < 1:
-        out.append(f"num_steps={n}, k={spec.k}, lv_samples={spec.lv_samples} must all be >= 1")
-    lo, hi = spec.refl_steps
-    if m == "refl" and not 0 <= lo <= hi < n:
-        out.append(f"refl_steps={list(spec.refl_steps)} must satisfy 0 <= low <= high < num_steps={n}")
-    if m == "draft" and spec.k > n:
-        out.append(f"k={spec.k} exceeds num_steps={n}")
-    a = list(spec.truncation_args)
-    want = {"gaussian": 2, "uniform": 2, "fixed": 1}.get(spec.truncation, 0)
-    if m != "alignprop":
-        pass
-    elif len(a) != want:
-        out.append(f"truncation={spec.truncation!r} takes {want} truncation_args, got {a}")
-    elif spec.truncation == "fixed" and not 1 <= a[0] < n:
-        out.append(f"truncation 'fixed' at {a[0]} must lie in [1, num_steps={n})")
-    elif spec.truncation == "uniform" and not 1 <= a[0] < a[1] <= n:
-        out.append(f"truncation 'uniform' range {a} must satisfy 1 <= min < max <= num_steps={n}")
-    elif spec.truncation == "gaussian" and a[1] < 0:
-        out.append(f"truncation 'gaussian' std {a[1]} must be >= 0")
-    if spec.eta < 0:
-        out.append(f"eta={spec.eta} must be >= 0")
-    return out
-
-
-# ---- the sampler --------------------------------------------------------------------------------------
-class Sampler:
-    """The sampling grid of ``adapter`` with ``num_steps`` steps and its update rule.
-
-    VP (sd15, sdxl): ``DDIMScheduler``'s grid for the checkpoint's ``timestep_spacing`` ("leading" + ``steps_offset``,
-    "trailing", "linspace"), ``prev = t - T // N`` and the final alpha (``set_alpha_to_one``), and the DDIM step with
-    ``eta`` (``losses._transition.ddim_mean_std``; eta = 1 is DDPM's ancestral step). Flow (sd3, flux): N sigmas
-    linear in [1, 1/T] before the process's shift (``FlowMatchEulerDiscreteScheduler``'s grid up to its double
-    shift of the last sigma), then 0, and Euler steps ``x += (s_next - s) v`` (no noise; ``eta`` unused).
-    """
-
-    def __init__(self, adapter: Adapter, num_steps: int, eta: float = 1.0) -> None:
-        self.process, self.num_steps, self.eta = adapter.process, num_steps, eta
-        device, n = adapter.device, num_steps
-        if isinstance(self.process, VPProcess):
-            cfg, big_t = adapter.scheduler.config, self.process.num_train_timesteps
-            spacing = cfg.get("timestep_spacing", "leading")
-            if spacing == "leading":
-                t = np.arange(n)[::-1] * (big_t // n) + int(cfg.get("steps_offset", 0) or 0)
-            elif spacing == "trailing":
-                t = np.round(np.arange(big_t, 0, -big_t / n)).astype(np.int64) - 1
-            elif spacing == "linspace":
-                t = np.linspace(0, big_t - 1, n).round()[::-1]
-            else:
-                raise ValueError(f"timestep_spacing={spacing!r} is not one of {SPACINGS}")
-            self.timesteps = torch.as_tensor(t.copy(), dtype=torch.long, device=device)
-            alphas = self.process.alphas_cumprod.to(device)
-            final = torch.ones(()) if cfg.get("set_alpha_to_one", True) else alphas[0].cpu()
-            prev = self.timesteps - big_t // n
-            self.a_t = alphas[self.timesteps]
-            self.a_prev = torch.where(prev >= 0, alphas[prev.clamp_min(0)], final.to(device))
-        elif isinstance(self.process, FlowProcess):
-            big_t, shift = self.process.num_train_timesteps, self.process.shift
-            s = torch.linspace(1.0, 1.0 / big_t, n, dtype=torch.float32)
-            s = shift * s / (1 + (shift - 1) * s)
-            self.sigmas = torch.cat([s, torch.zeros(1)]).to(device)
-            self.timesteps = self.sigmas[:-1] * big_t
-        else:
-            raise TypeError(f"no sampler for {type(self.process).__name__}")
-
-    @property
-    def is_flow(self) -> bool:
-        return isinstance(self.process, FlowProcess)
-
-    def t(self, i: int, batch: int) -> Tensor:
-        """(batch,) model-unit timesteps of grid step ``i``."""
-        return self.timesteps[i].expand(batch).clone()
-
-    def pred_x0(self, x: Tensor, out: Tensor, i: int) -> Tensor:
-        """fp32 clean-sample estimate at step ``i`` (DDPM/DDIM ``pred_original_sample``; flow ``x - sigma v``)."""
-        return self.process.pred_x0(x.float(), out.float(), self.t(i, x.shape[0])).float()
-
-    def step(self, x: Tensor, out: Tensor, i: int, noise: Tensor | None) -> Tensor:
-        """``x`` at step ``i`` -> step ``i + 1`` (fp32); ``noise`` (like ``x``) is used by stochastic VP steps."""
-        x, out = x.float(), out.float()
-        if self.is_flow:
-            return x + (self.sigmas[i + 1] - self.sigmas[i]) * out
-        t = self.t(i, x.shape[0])
-        x0, eps = self.process.pred_x0(x, out, t).float(), self.process.pred_eps(x, out, t).float()
-        b = x.shape[0]
-        mean, std = ddim_mean_std(x0, eps, self.a_t[i].expand(b), self.a_prev[i].expand(b), self.eta)
-        return mean if noise is None or self.eta == 0 else mean + std * noise.float()
 
 
 # ---- decode and rollouts ------------------------------------------------------------------------------
@@ -274,18 +174,6 @@ class _Model:
         return out
 
 
-def _noise(gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.device) -> Tensor:
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device)
-
-
-def latent_shape(adapter: Adapter, resolution: int) -> tuple[int, int, int]:
-    """(C, h, w) of the unpacked latents at ``resolution`` px (the VAE's latent channels: FLUX packs them later)."""
-    f = vae_scale_factor(adapter)
-    if resolution % f:
-        raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {f}")
-    return (int(adapter.vae.config.latent_channels), resolution // f, resolution // f)
-
-
 def rollout(
     adapter: Adapter,
     prompts: Sequence[str],
@@ -305,17 +193,17 @@ def rollout(
     b = len(prompts)
     if len(seeds) != b:
         raise ValueError(f"need one seed per prompt: got {len(seeds)} seeds for {b} prompts")
-    device, shape = adapter.device, latent_shape(adapter, spec.resolution)
+    device, shape = adapter.device, adapter.latent_shape(spec.resolution)
     sampler = Sampler(adapter, spec.num_steps, spec.eta)
     model = _Model(adapter, prompts, spec, shape[1:])
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     batch_gen = torch.Generator().manual_seed(int(batch_seed))
     start = grad_start(spec, batch_gen)
-    x = _noise(gens, shape, device)
+    x = draw_noise(gens, shape, device)
     stop = start if spec.method == "refl" else spec.num_steps - (spec.method == "draft_lv")
     for i in range(stop):
         grad = spec.method in ("draft", "alignprop") and i >= start
-        noise = _noise(gens, shape, device)  # drawn at every step, so the chain does not depend on the method
+        noise = draw_noise(gens, shape, device)  # drawn at every step, so the chain does not depend on the method
         out = model(x, sampler.t(i, x.shape[0]), grad, kl)
         x = sampler.step(x if grad else x.detach(), out, i, noise)
     n = 1
@@ -324,7 +212,7 @@ def rollout(
         latents = sampler.pred_x0(x, out, start)
     elif spec.method == "draft_lv":
         out = model(x, sampler.t(stop, b), False, False)
-        x0 = sampler.step(x, out, stop, _noise(gens, shape, device)).detach()
+        x0 = sampler.step(x, out, stop, draw_noise(gens, shape, device)).detach()
         n, last = spec.lv_samples, spec.num_steps - 1
         x0 = x0.repeat_interleave(n, 0)
         eps = torch.randn(x0.shape, generator=batch_gen).to(device)

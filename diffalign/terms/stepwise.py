@@ -25,7 +25,8 @@ deterministic ones for tests and benches: ``LinearLatentScorer`` and ``DecodedSc
 
 **Terms** (``step_terms``): one guided policy forward on the parent (LoRA on, with grad) and one no-grad reference
 forward (LoRA off) give the DDIM means; both children of a pair are scored under the same mean, so one forward per
-pair serves both. The log-density arithmetic is ``diffalign.losses._transition``.
+pair serves both. The log-density arithmetic is ``diffalign.diffusion.transition``; the conditioning, CFG, grid and
+noise helpers are ``diffalign.sampling``'s.
 
 Shapes: latents (B, C, h, w); timesteps (B,) long in model units.
 """
@@ -47,16 +48,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from diffalign.diffusion.transition import ddim_log_prob, ddim_mean_std, ddim_std
 from diffalign.diffusion.vp import VPProcess
-from diffalign.losses._transition import ddim_mean_std, ddim_std, transition_log_prob
-from diffalign.models.base import Adapter, Cond, has_adapters
+from diffalign.models.base import Adapter, has_adapters
+from diffalign.sampling.grids import scheduler_timesteps
+from diffalign.sampling.guidance import UNCOND_MODES, default_info, encode_condition, guided_output
+from diffalign.sampling.seeds import draw_noise
 from diffalign.types import SampleInfo, StepTerms
 
 
 THRESHOLD_SCHEDULES = ("constant", "sigma")
-UNCOND_MODES = ("empty_prompt", "zeros")
 SCORE_TIMESTEPS = ("child", "parent")
-MICRO_COND_KEYS = ("time_ids",)  # SDXL size/crop conditioning: kept in the unconditional branch
 PAIRS_FORMAT = "diffalign.stepwise.pairs.v1"
 
 
@@ -187,54 +189,6 @@ def build_scorer(
     return module.load(path, **kwargs) if path is not None else module.load(**kwargs)
 
 
-# ---- conditioning and the guided model --------------------------------------------------------------
-def default_info(adapter: Adapter, latent_hw: Sequence[int]) -> SampleInfo:
-    """The geometry of an unconditioned sample of this latent size (original = target size, no crop)."""
-    f = vae_scale_factor(adapter)
-    size = (int(latent_hw[0]) * f, int(latent_hw[1]) * f)
-    return SampleInfo(original_size=size, crop_top_left=(0, 0), target_size=size)
-
-
-def vae_scale_factor(adapter: Adapter) -> int:
-    return 2 ** (len(adapter.vae.config.block_out_channels) - 1)
-
-
-def encode_condition(
-    adapter: Adapter,
-    prompts: Sequence[str],
-    info: Sequence[SampleInfo],
-    uncond: str,
-    *,
-    grad: bool = False,
-) -> tuple[Cond, Cond]:
-    """(cond, uncond) for classifier-free guidance; ``uncond`` is the encoded empty prompt or zeros.
-
-    ``zeros`` is what the SDXL pipeline does (``force_zeros_for_empty_prompt``): every embedding is zero and the
-    size/crop ``time_ids`` are kept.
-    """
-    if uncond not in UNCOND_MODES:
-        raise ValueError(f"unknown uncond {uncond!r}; choices: {', '.join(UNCOND_MODES)}")
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        cond = adapter.encode_prompts(list(prompts), list(info))
-        if uncond == "zeros":
-            empty = {k: (v if k in MICRO_COND_KEYS else torch.zeros_like(v)) for k, v in cond.items()}
-        else:
-            empty = adapter.encode_prompts([""] * len(prompts), list(info))
-    return cond, empty
-
-
-def guided_output(
-    adapter: Adapter, x: Tensor, timesteps: Tensor, cond: Cond, uncond: Cond | None, guidance_scale: float
-) -> Tensor:
-    """fp32 ``u + w (c - u)`` of the raw model output (one concatenated forward); ``w == 1``: conditional only."""
-    if uncond is None or guidance_scale == 1.0:
-        return adapter.predict(x, timesteps, cond).float()
-    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-    out = adapter.predict(torch.cat([x, x]), torch.cat([timesteps, timesteps]), both).float()
-    u, c = out.chunk(2)
-    return u + guidance_scale * (c - u)
-
-
 # ---- grid and thresholds ------------------------------------------------------------------------------
 def vp_process(adapter: Adapter) -> VPProcess:
     process = adapter.process
@@ -246,24 +200,10 @@ def vp_process(adapter: Adapter) -> VPProcess:
     return process
 
 
-def ddim_timesteps(num_train_timesteps: int, num_steps: int, steps_offset: int = 0) -> tuple[Tensor, Tensor]:
-    """(timesteps, prev_timesteps), both (N,) long: DDIM "leading" spacing, ``prev = max(t - T // N, 0)``."""
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps={num_steps} must be in [1, num_train_timesteps={num_train_timesteps}]")
-    ratio = num_train_timesteps // num_steps
-    t = (torch.arange(num_steps, dtype=torch.long) * ratio).flip(0) + steps_offset
-    if int(t.max()) >= num_train_timesteps:
-        raise ValueError(f"steps_offset={steps_offset} puts timestep {int(t.max())} past {num_train_timesteps - 1}")
-    return t, (t - ratio).clamp_min(0)
-
-
 def scheduler_grid(adapter: Adapter, num_steps: int) -> tuple[Tensor, Tensor]:
-    """The DDIM grid of the checkpoint's scheduler config (``steps_offset``; only "leading" spacing)."""
-    config = adapter.scheduler.config
-    spacing = config.get("timestep_spacing", "leading")
-    if spacing != "leading":
-        raise ValueError(f"scheduler timestep_spacing={spacing!r}: step-level mining implements DDIM 'leading' only")
-    return ddim_timesteps(adapter.process.num_train_timesteps, num_steps, int(config.get("steps_offset", 0) or 0))
+    """(timesteps, prev) (N,) long: the checkpoint's DDIM "leading" grid, the last step clamped to timestep 0."""
+    t, prev = scheduler_timesteps(adapter, num_steps, ("leading",), who="step-level mining")
+    return t, prev.clamp_min(0)
 
 
 def step_thresholds(spec: MiningSpec, sigmas: Tensor) -> Tensor:
@@ -431,18 +371,6 @@ class MiningResult:
     stats: dict[str, float]
 
 
-def latent_shape(adapter: Adapter, resolution: int) -> tuple[int, int, int]:
-    f = vae_scale_factor(adapter)
-    if resolution % f:
-        raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {f}")
-    return (int(adapter.denoiser.config.in_channels), resolution // f, resolution // f)
-
-
-def _noise(gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.device) -> Tensor:
-    """One (k, C, h, w) draw per prompt from that prompt's generator -> (B, k, C, h, w)."""
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in gens]).to(device)
-
-
 @torch.no_grad()
 def mine(
     adapter: Adapter,
@@ -464,14 +392,14 @@ def mine(
         raise ValueError(f"need one seed per prompt: got {len(seeds)} seeds for {b} prompts")
     ids = list(range(b)) if prompt_ids is None else [int(i) for i in prompt_ids]
     device, process = adapter.device, vp_process(adapter)
-    shape = latent_shape(adapter, spec.resolution)
+    shape = adapter.latent_shape(spec.resolution)
     alphas = process.alphas_cumprod.to(device)
     grid, prev_grid = scheduler_grid(adapter, spec.num_steps)
     thresholds = step_thresholds(spec, ddim_std(alphas[grid.to(device)], alphas[prev_grid.to(device)], spec.eta))
     info = [default_info(adapter, shape[1:])] * b
     cond, uncond = encode_condition(adapter, prompts, info, spec.uncond)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x = _noise(gens, shape, device)
+    x = draw_noise(gens, shape, device)
     kept: list[MinedPairs] = []
     totals = {"candidates": 0.0, "score_sum": 0.0, "gap_sum": 0.0}
     rows = torch.arange(b, device=device)
@@ -481,7 +409,7 @@ def mine(
         x0, eps = process.pred_x0(x, out, t_b).float(), process.pred_eps(x, out, t_b).float()
         mean, std = ddim_mean_std(x0, eps, alphas[t_b], alphas[torch.full_like(t_b, prev)], spec.eta)
         k = spec.num_children if i >= spec.branch_start else 1
-        children = mean[:, None] + std[:, None] * _noise(gens, (k, *shape), device)  # (B, k, C, h, w)
+        children = mean[:, None] + std[:, None] * draw_noise(gens, (k, *shape), device)  # (B, k, C, h, w)
         if k > 1:
             score_t = prev if spec.score_timestep == "child" else t
             flat_prompts = [p for p in prompts for _ in range(k)]
@@ -562,8 +490,8 @@ def _log_probs(
     t, prev = pairs.timesteps.to(x_t.device), pairs.prev_timesteps.to(x_t.device)
     x0, eps = process.pred_x0(x_t, out, t), process.pred_eps(x_t, out, t)
     a_t, a_prev = alphas[t], alphas[prev]
-    w = transition_log_prob(pairs.child_w.to(x_t.device), x0, eps, a_t, a_prev, eta)
-    lose = transition_log_prob(pairs.child_l.to(x_t.device), x0, eps, a_t, a_prev, eta)
+    w = ddim_log_prob(pairs.child_w.to(x_t.device), x0, eps, a_t, a_prev, eta)
+    lose = ddim_log_prob(pairs.child_l.to(x_t.device), x0, eps, a_t, a_prev, eta)
     return w, lose
 
 

@@ -373,7 +373,7 @@ def optimizer_step(
         if sync:
             shown["grad_norm"] = float(norm)
             if "bad/norm" in pending.same and bool(pending.same["bad/norm"]):
-                raise _non_finite(run, step, f"{_BAD['bad/norm'].format(step=step)} (metrics {shown})")
+                raise non_finite(run, step, f"{_BAD['bad/norm'].format(step=step)} (metrics {shown})")
         else:
             pending.same["grad_norm"] = norm.detach()
         run.optimizer.step()
@@ -381,7 +381,7 @@ def optimizer_step(
         # the weights are replicated and updated identically on every process: the same answer everywhere
         weights_bad = ~torch.stack([p.detach().isfinite().all() for p in params]).all()
         if sync and bool(weights_bad):
-            raise _non_finite(run, step, f"{_BAD['bad/weights'].format(step=step)} (metrics {shown})")
+            raise non_finite(run, step, f"{_BAD['bad/weights'].format(step=step)} (metrics {shown})")
         pending.same["bad/weights"] = weights_bad
     if sync:
         run.pending.clear()
@@ -422,7 +422,7 @@ def _resolve(run: Run) -> None:
         for key, what in _BAD.items():
             if extra.get(key):
                 shown = {k: v for k, v in p.shown.items() if k != "lr"}
-                raise _non_finite(
+                raise non_finite(
                     run, p.step, f"{what.format(step=p.step)} (metrics {shown})", weights_bad=key == "bad/loss"
                 )
 
@@ -466,7 +466,7 @@ def interrupted(run: Run) -> InterruptedRun:
     return InterruptedRun(f"interrupted at step {run.step}; {where}")
 
 
-def _non_finite(run: Run, step: int, what: str, weights_bad: bool = False) -> NonFiniteError:
+def non_finite(run: Run, step: int, what: str, weights_bad: bool = False) -> NonFiniteError:
     """The NaN stop's error for a problem found at optimizer step ``step``. ``weights_bad``: the weights before
     that step gave it, so a checkpoint of them (step ``step - 1``, if saved) is set aside as ``step-N.nonfinite``,
     and ``latest`` no longer resumes into it."""
@@ -549,6 +549,12 @@ def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
+def log_step(cfg: Any, step: int) -> bool:
+    """Whether ``train`` writes the ``metrics.jsonl`` row of optimizer step ``step``: step 1, every
+    ``run.log_every`` steps and the last."""
+    return step % cfg.run.log_every == 0 or step in (1, cfg.run.max_steps)
+
+
 def train(
     run: Run,
     train_step: Callable[[], dict[str, float]],
@@ -574,7 +580,7 @@ def train(
             bar.update(1)
             if "loss" in metrics:  # resolved (a sync step): steady-state steps never wait for the device
                 bar.set_postfix(**(postfix(metrics) if postfix else {"loss": f"{metrics['loss']:.4f}"}))
-            if run.step % cfg.run.log_every == 0 or run.step in (1, cfg.run.max_steps):
+            if log_step(cfg, run.step):
                 log(run, metrics)
             if cfg.validation.every and run.step % cfg.validation.every == 0:
                 validate(run)

@@ -56,7 +56,9 @@ def test_label_command_writes_both_datasets_and_resumes(tiny_dirs, lora, tmp_pat
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert main([*args[:-2], "--seed", "6", "--overwrite", "--no-progress"]) == 0  # the old run moved aside, whole
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]
-    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert {
+        p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file() and p.name != ".lock"
+    } == before
     assert json.loads((out / "label.json").read_text())["generation"]["seed"] == 6
 
 

@@ -44,7 +44,7 @@ def test_labels_carry_their_provenance_and_a_config_for_other_labels_is_refused(
     import json
     import shutil
 
-    from diffalign.data.provenance import ProvenanceError
+    from diffalign.errors import UserError  # ProvenanceError in the loader; a ConfigError from the checks before
 
     out, summary = labelled
     for folder in (out / "pairs", out / "ranked"):
@@ -57,7 +57,7 @@ def test_labels_carry_their_provenance_and_a_config_for_other_labels_is_refused(
     copy = tmp_path / "copied_pairs"  # the record travels with a copied pairs/ folder
     shutil.copytree(out / "pairs", copy)
     for path in (summary["pairs_dir"], str(copy), str(copy / "data" / "*.parquet")):
-        with pytest.raises(ProvenanceError) as err:
+        with pytest.raises(UserError) as err:
             train(recipe, tiny_dirs["sd15"], tmp_path / "refused", path, **{"data.labelled_by": "duofaithfulness"})
         text = str(err.value)
         assert (
@@ -71,9 +71,9 @@ def test_labels_carry_their_provenance_and_a_config_for_other_labels_is_refused(
 
 
 def test_a_config_expecting_labels_refuses_data_without_provenance(recipe, tiny_dirs, tmp_path):
-    from diffalign.data.provenance import ProvenanceError
+    from diffalign.errors import UserError  # ProvenanceError in the loader; a ConfigError from the checks before
 
-    with pytest.raises(ProvenanceError, match=r"carries no label provenance \(provenance.json beside the data"):
+    with pytest.raises(UserError, match=r"carries no label provenance \(provenance.json beside the data"):
         train(
             recipe,
             tiny_dirs["sd15"],

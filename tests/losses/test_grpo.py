@@ -11,7 +11,8 @@ import torch
 from diffalign import models
 from diffalign.losses import grpo
 from diffalign.models import lora, tiny
-from diffalign.terms import online, stepwise
+from diffalign.sampling import guidance, sde
+from diffalign.terms import online
 from diffalign.terms.advantages import AdvantageSpec, group_advantages
 from diffalign.types import PolicyTerms
 
@@ -70,15 +71,15 @@ def test_ratio_is_exactly_one_before_the_first_update(family: str) -> None:
     with torch.no_grad():
         for i, p in enumerate(lora.trainable_parameters(adapter).values()):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
-    spec = online.SDESpec(noise_level=0.7 if family == "sd3" else 1.0)
-    grid = online.make_grid(adapter, 4)
+    spec = sde.SDESpec(noise_level=0.7 if family == "sd3" else 1.0)
+    grid = sde.make_grid(adapter, 4)
     shape = (adapter.vae.config.latent_channels, 8, 8)
     prompts = ["a red circle", "a red circle", "a cat", "a cat"]
-    info = [stepwise.default_info(adapter, shape[1:])] * 4
+    info = [guidance.default_info(adapter, shape[1:])] * 4
     with torch.no_grad():
-        cond, uncond = stepwise.encode_condition(adapter, prompts, info, "empty_prompt")
+        cond, uncond = guidance.encode_condition(adapter, prompts, info, "empty_prompt")
     gens = [torch.Generator().manual_seed(s) for s in range(4)]
-    traj = online.rollout(adapter, grid, spec, cond, uncond, generators=gens, latent_shape=shape, guidance_scale=4.5)
+    traj = sde.rollout(adapter, grid, spec, cond, uncond, generators=gens, latent_shape=shape, guidance_scale=4.5)
     rewards = traj.final.float().mean(dim=(1, 2, 3))  # any per-sample reward
     adv = group_advantages(rewards, torch.tensor([0, 0, 1, 1]), AdvantageSpec(std="group"))
     adapter.denoiser.train()

@@ -242,3 +242,25 @@ def test_flux_loads_a_bf16_variant_and_the_reference_is_the_bf16_base(tiny_dirs,
         with adapter.reference():
             ref_out = adapter.predict(x, t, cond)
     assert base_out.dtype == torch.bfloat16 and torch.equal(ref_out, base_out)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_latent_shape_is_the_vaes_and_matches_the_stock_pipeline(family):
+    """One truth for every family: the VAE's latent channels and scale factor, which is what the stock pipeline
+    samples (FLUX's transformer sees 4x as many channels, packed: not the latent shape)."""
+    import diffusers
+
+    components = getattr(tiny, family)(seed=0)
+    adapter = models.from_components(tiny.adapter_family(family), components)
+    pipe = getattr(diffusers, tiny.PIPELINES[family])(**components)
+    assert adapter.vae_scale_factor == pipe.vae_scale_factor
+    channels = components["vae"].config.latent_channels
+    f = adapter.vae_scale_factor
+    assert adapter.latent_shape(32) == (channels, 32 // f, 32 // f)
+    assert adapter.latent_shape(32, 64) == (channels, 32 // f, 64 // f)
+    if family == "flux":
+        assert adapter.denoiser.config.in_channels == 4 * channels  # the packed input is not the latent shape
+        with pytest.raises(ValueError, match="multiple of"):
+            adapter.latent_shape(3 * f)  # an odd latent side cannot be packed 2x2
+    with pytest.raises(ValueError, match="VAE factor"):
+        adapter.latent_shape(f + 1)

@@ -192,3 +192,37 @@ def test_sigkill_then_resume_equals_uninterrupted(recipe, tiny_dirs, tmp_path):
     want = load_file(str(tmp_path / "ref" / "lora" / "pytorch_lora_weights.safetensors"))
     got = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_heldout_scores_guards_and_curves(recipe, tiny_dirs, tmp_path):
+    """validation.every=2 with log_every=5: the held-out rewards and guards of step 2 are logged on their own row
+    (step 2 is no logging step) and in the step's history, and curves.png is drawn."""
+    from PIL import Image
+
+    out = tmp_path / "run"
+    extra = {
+        "run.max_steps": 2,
+        "run.log_every": 5,
+        "validation.every": 2,
+        "online.guard_scorers": "[toyprominence]",
+        "validation.prompts_file": "null",  # toy-world captions: what the toy guard reads
+        "validation.prompts": "['a red circle on a blue background', 'a red circle on a yellow background']",
+    }
+    result = recipe.main(["--config", "toy/grpo", *overrides(tiny_dirs["sd3"], out, **extra)])
+    first, second = result["history"]
+    assert "heldout/toy_pixel" not in first
+    held = {k: v for k, v in second.items() if k.startswith("heldout/")}
+    assert set(held) == {"heldout/toy_pixel", "heldout/guard/toyprominence"}
+    assert all(math.isfinite(v) for v in held.values()) and 0.0 <= held["heldout/guard/toyprominence"] <= 1.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and {k: rows[1][k] for k in held} == held
+    with Image.open(out / "curves.png") as image:  # drawn at the end of the run from every logged metric
+        assert image.format == "PNG" and image.size[0] > 0
+
+
+def test_guard_scorers_need_heldout_prompts_and_a_cadence():
+    base = ["model.path=x", "run.output_dir=y"]
+    with pytest.raises(dconfig.ConfigError, match=r"set validation\.every > 0"):
+        dconfig.load("toy/grpo", overrides=[*base, "online.guard_scorers=[toyprominence]"])
+    with pytest.raises(dconfig.ConfigError, match="did you mean 'toyprominence'"):
+        dconfig.load("toy/grpo", overrides=[*base, "validation.every=1", "online.guard_scorers=[toyprominance]"])

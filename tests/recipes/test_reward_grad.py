@@ -121,6 +121,9 @@ def test_shipped_configs_load():
         "sd15/draft_lora",
         "sd15/alignprop_lora",
         "sdxl/refl_lora",
+        "sd3/draft_hps",
+        "sd35/refl_hps",
+        "flux/draft_hps",
     ):
         cfg = dconfig.load(name)
         assert isinstance(cfg, dconfig.RewardGradConfig)

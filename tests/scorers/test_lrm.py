@@ -38,7 +38,7 @@ def reference_features(adapter, latents, t, prompts, num_blocks):
                 block.register_forward_hook(lambda m, i, o: caps.append(o[1][len(m.resnets) - 1].mean((2, 3))))
             )
         hooks.append(den.mid_block.register_forward_hook(lambda m, i, o: caps.append(o.mean((2, 3)))))
-    info = _stepaware.default_info(latents, _stepaware.vae_scale_factor(adapter))
+    info = _stepaware.default_info(latents, adapter.vae_scale_factor)
     with torch.no_grad():
         adapter.predict(latents, t, adapter.encode_prompts(prompts, info))
     for hook in hooks:
@@ -61,7 +61,7 @@ def test_trunk_and_text_reproduce_the_diffusion_model(adapters, family):
     assert len(feats) == len(want) == (1 if family == "sd3" else 3)
     for got, ref in zip(feats, want, strict=True):
         assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
-    info = _stepaware.default_info(latents, _stepaware.vae_scale_factor(adapter))
+    info = _stepaware.default_info(latents, adapter.vae_scale_factor)
     for key, value in adapter.encode_prompts(PROMPTS, info).items():
         assert torch.allclose(cond[key].float(), value.float(), atol=1e-6), key
     assert not hasattr(model.trunk, "unet") or len(model.trunk.unet.up_blocks) == 0  # no up blocks, no decoder

@@ -15,8 +15,9 @@ import torch
 
 from diffalign import models
 from diffalign.models import lora, tiny
+from diffalign.sampling import grids, guidance, sde
+from diffalign.sampling.sde import Grid, SDESpec
 from diffalign.terms import online, stepwise
-from diffalign.terms.online import Grid, SDESpec
 
 
 LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
@@ -47,7 +48,7 @@ def test_flow_grpo_step_matches_the_published_formula() -> None:
     s = math.sqrt(sigma / (1 - sigma)) * a
     mean = x * (1 + s**2 / (2 * sigma) * dt) + v * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
     std = torch.tensor(s * math.sqrt(-dt))
-    out = online.sde_step(grid, SDESpec(noise_level=a), v, x, step, noise=z)
+    out = sde.sde_step(grid, SDESpec(noise_level=a), v, x, step, noise=z)
     torch.testing.assert_close(out.mean, mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.std.flatten(), std.expand(2))
     torch.testing.assert_close(out.kl_scale.flatten(), torch.tensor([s, s]))
@@ -59,7 +60,7 @@ def test_flow_grpo_sigma_one_edge_uses_the_second_sigma() -> None:
     """At sigma = 1 the denominator 1 - sigma is 0; Flow-GRPO uses 1 - sigmas[1] there (finite std)."""
     grid = _flow_grid([1.0, 0.75, 0.0])
     x, v = _rand(1, 2, 2, 2, seed=3), _rand(1, 2, 2, 2, seed=4)
-    out = online.sde_step(grid, SDESpec(noise_level=0.7), v, x, 0, noise=torch.zeros_like(x))
+    out = sde.sde_step(grid, SDESpec(noise_level=0.7), v, x, 0, noise=torch.zeros_like(x))
     s = 0.7 * math.sqrt(1.0 / (1 - 0.75))
     assert out.kl_scale.item() == pytest.approx(s, rel=1e-6)
     assert out.std.item() == pytest.approx(s * math.sqrt(0.25), rel=1e-6)
@@ -77,7 +78,7 @@ def test_dance_grpo_step_matches_the_published_formula() -> None:
     score = -(x - x0 * (1 - sigma)) / sigma**2
     mean = x + dsigma * v + (-0.5 * eta**2 * score) * dsigma
     std = torch.tensor(eta * math.sqrt(sigma - sigma_next))
-    out = online.sde_step(grid, SDESpec(form="dance_grpo", noise_level=eta), v, x, step, prev_sample=x_next)
+    out = sde.sde_step(grid, SDESpec(form="dance_grpo", noise_level=eta), v, x, step, prev_sample=x_next)
     torch.testing.assert_close(out.mean, mean, rtol=1e-5, atol=1e-6)
     assert torch.equal(out.prev_sample, x_next)
     torch.testing.assert_close(out.log_prob, _reference_log_prob(x_next, mean, std), rtol=1e-5, atol=1e-5)
@@ -98,7 +99,7 @@ def test_ddim_step_matches_ddpo(prediction_type: str) -> None:
         x0, eps = a_t**0.5 * x - b_t**0.5 * out, a_t**0.5 * out + b_t**0.5 * x
     std = ((1 - a_p) / b_t * (1 - a_t / a_p)) ** 0.5
     mean = a_p**0.5 * x0 + (1 - a_p - std**2) ** 0.5 * eps
-    got = online.sde_step(grid, SDESpec(noise_level=1.0), out, x, step, prev_sample=x_next)
+    got = sde.sde_step(grid, SDESpec(noise_level=1.0), out, x, step, prev_sample=x_next)
     torch.testing.assert_close(got.mean, mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.std, std)
     torch.testing.assert_close(got.log_prob, _reference_log_prob(x_next, mean, std), rtol=1e-5, atol=1e-5)
@@ -107,11 +108,11 @@ def test_ddim_step_matches_ddpo(prediction_type: str) -> None:
 def test_deterministic_step_is_euler_without_log_prob() -> None:
     grid = _flow_grid([1.0, 0.5, 0.0])
     x, v = _rand(1, 2, 2, 2, seed=11), _rand(1, 2, 2, 2, seed=12)
-    out = online.sde_step(grid, SDESpec(), v, x, 1, deterministic=True)
+    out = sde.sde_step(grid, SDESpec(), v, x, 1, deterministic=True)
     assert out.log_prob is None
     torch.testing.assert_close(out.prev_sample, x - 0.5 * v)
     with pytest.raises(ValueError, match="noise"):
-        online.sde_step(grid, SDESpec(), v, x, 1)
+        sde.sde_step(grid, SDESpec(), v, x, 1)
 
 
 def test_grids_follow_the_schedulers() -> None:
@@ -120,11 +121,11 @@ def test_grids_follow_the_schedulers() -> None:
     for shift, n in ((3.0, 10), (1.0, 4)):
         scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
         scheduler.set_timesteps(n)
-        assert torch.equal(online.flow_sigmas(n, shift), scheduler.sigmas)
-    linear = online.flow_sigmas(4, 1.0, spacing="linear")
+        assert torch.equal(grids.flow_sigmas(n, shift), scheduler.sigmas)
+    linear = grids.flow_sigmas(4, 1.0, spacing="linear")
     torch.testing.assert_close(linear, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
     adapter = models.from_components("sd15", tiny.sd15(seed=0))
-    grid = online.make_grid(adapter, 4)
+    grid = sde.make_grid(adapter, 4)
     t, prev = stepwise.scheduler_grid(adapter, 4)
     assert torch.equal(grid.timesteps, t) and prev[-1] == 0
     assert torch.equal(grid.levels, adapter.process.alphas_cumprod[torch.cat([t, prev[-1:]])])
@@ -138,7 +139,7 @@ def test_vp_grid_follows_trailing_spacing() -> None:
     adapter.scheduler = DDIMScheduler.from_config(config)
     for n in (4, 20):
         adapter.scheduler.set_timesteps(n)
-        grid = online.make_grid(adapter, n)
+        grid = sde.make_grid(adapter, n)
         assert torch.equal(grid.timesteps, adapter.scheduler.timesteps)
         assert grid.levels[-1] == adapter.process.alphas_cumprod[0]
 
@@ -173,14 +174,14 @@ def test_update_log_prob_equals_rollout_log_prob(family: str) -> None:
     adapter = _policy(family)
     is_flow = family in ("sd3", "flux")
     spec = SDESpec(noise_level=0.7 if is_flow else 1.0)
-    grid = online.make_grid(adapter, 3)
+    grid = sde.make_grid(adapter, 3)
     shape = (adapter.vae.config.latent_channels, 8, 8)
-    info = [stepwise.default_info(adapter, shape[1:])] * len(PROMPTS)
+    info = [guidance.default_info(adapter, shape[1:])] * len(PROMPTS)
     with torch.no_grad():
-        cond, uncond = stepwise.encode_condition(adapter, PROMPTS, info, "empty_prompt")
+        cond, uncond = guidance.encode_condition(adapter, PROMPTS, info, "empty_prompt")
     scale = 1.0 if family == "flux" else 4.5  # FLUX.1-dev: guidance embedding instead of CFG
     gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
-    traj = online.rollout(adapter, grid, spec, cond, uncond, generators=gens, latent_shape=shape, guidance_scale=scale)
+    traj = sde.rollout(adapter, grid, spec, cond, uncond, generators=gens, latent_shape=shape, guidance_scale=scale)
     assert traj.latents.shape == (3, 4, *shape) and traj.log_probs.shape == (3, 3)
     assert torch.isfinite(traj.log_probs).all()
     adapter.denoiser.train()
@@ -195,7 +196,7 @@ def test_update_log_prob_equals_rollout_log_prob(family: str) -> None:
         ratio = torch.exp(out.log_prob.detach() - traj.log_probs[:, j])
         assert torch.equal(ratio, torch.ones(3))
     # the same seeds give the same trajectory alone and in a batch (no dependence on batch composition)
-    alone = online.rollout(
+    alone = sde.rollout(
         adapter, grid, spec, {k: v[1:2] for k, v in cond.items()}, {k: v[1:2] for k, v in uncond.items()},
         generators=[torch.Generator().manual_seed(2)], latent_shape=shape, guidance_scale=scale,
     )  # fmt: skip

@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from diffalign import models
+from diffalign.diffusion import transition
 from diffalign.diffusion.vp import VPProcess
-from diffalign.losses import _transition, lpo, spo
+from diffalign.losses import lpo, spo
 from diffalign.models import lora, tiny
+from diffalign.sampling import grids, guidance
 from diffalign.terms import stepwise
 from diffalign.terms.stepwise import MinedPairs, MiningSpec
 
@@ -72,21 +74,13 @@ class ByIndex:
 
 
 # ---- grid and thresholds ------------------------------------------------------------------------------
-def test_ddim_grid_is_leading_spacing_with_offset():
-    t, prev = stepwise.ddim_timesteps(1000, 20, steps_offset=1)
-    assert t.tolist() == list(range(951, 0, -50)) and prev.tolist() == [*range(901, 0, -50), 0]
-    t4, prev4 = stepwise.ddim_timesteps(1000, 4, steps_offset=1)
-    assert t4.tolist() == [751, 501, 251, 1] and prev4.tolist() == [501, 251, 1, 0]
-    with pytest.raises(ValueError, match="num_steps"):
-        stepwise.ddim_timesteps(1000, 0)
-
-
 def test_sigma_threshold_reproduces_lpo_table():
     process = VPProcess.from_scheduler_config(
         {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
     )
-    t, prev = stepwise.ddim_timesteps(1000, 20, steps_offset=1)
-    sigmas = _transition.ddim_std(process.alphas_cumprod[t], process.alphas_cumprod[prev])
+    t, prev = grids.ddim_timesteps(1000, 20, steps_offset=1)
+    prev = prev.clamp_min(0)  # the last step goes to timestep 0, as SPO / LPO
+    sigmas = transition.ddim_std(process.alphas_cumprod[t], process.alphas_cumprod[prev])
     torch.testing.assert_close(sigmas.flip(0), torch.tensor(LPO_SIGMA_TABLE), rtol=0, atol=6e-5)
     th = stepwise.step_thresholds(spec(threshold_schedule="sigma", threshold_min=0.35, threshold_max=0.5), sigmas)
     assert th[0].item() == pytest.approx(0.5) and th[-1].item() == pytest.approx(0.35)  # t=951 -> max, t=1 -> min
@@ -111,11 +105,11 @@ def test_children_share_one_mean_with_independent_noise(sd15):
         t = pairs.timesteps[pairs.step_index == i]
         prev = pairs.prev_timesteps[pairs.step_index == i]
         assert t_score.tolist() == prev.tolist() * 4  # scored at the child's timestep
-        cond, empty = stepwise.encode_condition(sd15, PROMPTS[:1], pairs.info()[:1], "empty_prompt")
+        cond, empty = guidance.encode_condition(sd15, PROMPTS[:1], pairs.info()[:1], "empty_prompt")
         with torch.no_grad():
-            out = stepwise.guided_output(sd15, parent, t, cond, empty, s.guidance_scale)
+            out = guidance.guided_output(sd15, parent, t, cond, empty, s.guidance_scale)
         a = process.alphas_cumprod
-        mean, std = _transition.ddim_mean_std(
+        mean, std = transition.ddim_mean_std(
             process.pred_x0(parent, out, t), process.pred_eps(parent, out, t), a[t], a[prev]
         )
         z = (children - mean) / std
@@ -240,18 +234,18 @@ def test_decoded_scorer_decodes_x0_prediction_and_raw_latents_at_t0(sd15):
 def test_guidance_scale_one_is_the_conditional_prediction(sd15):
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([500, 100])
-    info = [stepwise.default_info(sd15, (16, 16))] * 2
-    cond, empty = stepwise.encode_condition(sd15, PROMPTS[:2], info, "empty_prompt")
+    info = [guidance.default_info(sd15, (16, 16))] * 2
+    cond, empty = guidance.encode_condition(sd15, PROMPTS[:2], info, "empty_prompt")
     with torch.no_grad():
-        torch.testing.assert_close(stepwise.guided_output(sd15, x, t, cond, empty, 1.0), sd15.predict(x, t, cond))
-        guided = stepwise.guided_output(sd15, x, t, cond, empty, 5.0)
+        torch.testing.assert_close(guidance.guided_output(sd15, x, t, cond, empty, 1.0), sd15.predict(x, t, cond))
+        guided = guidance.guided_output(sd15, x, t, cond, empty, 5.0)
         u, c = sd15.predict(x, t, empty), sd15.predict(x, t, cond)
     torch.testing.assert_close(guided, u + 5.0 * (c - u), rtol=1e-5, atol=1e-5)
 
 
 def test_zeros_uncond_keeps_sdxl_time_ids(sdxl):
-    info = [stepwise.default_info(sdxl, (16, 16))]
-    cond, empty = stepwise.encode_condition(sdxl, PROMPTS[:1], info, "zeros")
+    info = [guidance.default_info(sdxl, (16, 16))]
+    cond, empty = guidance.encode_condition(sdxl, PROMPTS[:1], info, "zeros")
     assert torch.equal(empty["time_ids"], cond["time_ids"]) and cond["time_ids"][0].tolist() == [32, 32, 0, 0, 32, 32]
     assert not empty["encoder_hidden_states"].any() and not empty["text_embeds"].any()
 
