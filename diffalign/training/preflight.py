@@ -113,7 +113,7 @@ def labels_problem(data: Any) -> str | None:
         path = Path(resources.resolve(data.path)).expanduser()
     except FileNotFoundError:
         return None
-    if by is None or path.exists() or resources.is_hub_id(data.path):
+    if by is None or path.exists() or resources.is_hub_id(data.path) or any(c in str(path) for c in "*?["):
         return None
     from diffalign.toy import worlds
 

@@ -304,7 +304,8 @@ def test_run_start_removes_what_a_killed_rotation_left(tiny_dirs, tmp_path, capl
         checkpoint.save(root, step, trainable={"w": torch.zeros(2)}, optimizer={}, state={"step": step})
     (root / "step-00000002" / "trainable.safetensors").unlink()  # killed inside an older diffalign's rmtree
     (root / ".step-00000001.deleting").mkdir()
-    cfg = dconfig.load("toy/dpo", toy_overrides(tiny_dirs["sd15"], out), schema=dconfig.OfflinePrefConfig)
+    overrides = toy_overrides(tiny_dirs["sd15"], out, **{"run.resume_from": "latest"})  # a fresh run is refused
+    cfg = dconfig.load("toy/dpo", overrides, schema=dconfig.OfflinePrefConfig)
     caplog.set_level("INFO", logger="diffalign.train")
     loop.start(cfg, loop.make_accelerator(cfg), "test run")
     assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]
