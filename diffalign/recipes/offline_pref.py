@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from diffalign import config as dconfig
-from diffalign import errors
+from diffalign import errors, losses
 from diffalign.data.loader import build_loader
 from diffalign.terms import inversion, offline, unpaired
 from diffalign.training import loop
@@ -84,6 +84,7 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
         latents = latents.view(b, k, *latents.shape[1:])
     if objective.TERMS == "unpaired":
         return _unpaired_step(state, batch, latents, seeds)
+    needs = losses.required(objective, state.loss_cfg)
     with state.run.accelerator.autocast():
         errors = offline.group_errors(
             adapter,
@@ -92,9 +93,9 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
             prompts=batch.prompts,
             info=batch.info,
             cond=batch.prompt_embeds,
-            need_ref="ref" in objective.REQUIRES,
-            need_pred="pred" in objective.REQUIRES,
-            need_gap="gap" in objective.REQUIRES,
+            need_ref="ref" in needs,
+            need_pred="pred" in needs,
+            need_gap="gap" in needs,
             noise_fn=state.noise_fn,
             image_prompts=batch.image_prompts,
         )
