@@ -22,7 +22,9 @@ class PairTerms:
     raw (B, C, H, W) policy predictions and targets; they are filled only when an objective asks for
     them (``REQUIRES`` contains ``"pred"``), e.g. SDPO's output-space safeguard. ``gap_w`` (B,) is the mean over
     C,H,W of (policy prediction - reference prediction)^2 on the preferred image, WITH gradient through the
-    policy; filled only for ``REQUIRES`` containing ``"gap"`` (DSPO).
+    policy; filled only for ``REQUIRES`` containing ``"gap"`` (DSPO). ``ref_pred_w`` (B, C, H, W): the reference's raw
+    prediction on the preferred image (no grad); filled only for ``"ref_pred"`` (DSPO's SD1.5 form in the authors'
+    arithmetic order).
     """
 
     policy_w: Tensor
@@ -36,6 +38,7 @@ class PairTerms:
     target_w: Tensor | None = None
     target_l: Tensor | None = None
     gap_w: Tensor | None = None
+    ref_pred_w: Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
             need_ref="ref" in needs,
             need_pred="pred" in needs,
             need_gap="gap" in needs,
+            need_ref_pred="ref_pred" in needs,
             noise_fn=state.noise_fn,
             image_prompts=batch.image_prompts,
         )
