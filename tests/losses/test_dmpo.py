@@ -60,7 +60,7 @@ def test_winner_preserving_keeps_the_value_and_scales_only_the_loser_gradient():
     du/dpolicy_l = +0.5 beta, so dL/dpolicy_l = 0.25 * log(0.01/0.99)/4 * 1000 (plain DMPO: the same without 0.25).
     """
     target = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
-    base = dict(
+    terms = PairTerms(
         policy_w=torch.tensor([0.3], dtype=torch.float64, requires_grad=True),
         policy_l=torch.tensor([0.4], dtype=torch.float64, requires_grad=True),
         ref_w=torch.tensor([0.3], dtype=torch.float64),
@@ -70,7 +70,6 @@ def test_winner_preserving_keeps_the_value_and_scales_only_the_loser_gradient():
         target_w=target,
         target_l=target,
     )
-    terms = PairTerms(**base)
     plain = dmpo.loss(terms, dmpo.Config(beta=2000.0, alpha=0.01))
     guarded = dmpo.loss(terms, dmpo.Config(beta=2000.0, alpha=0.01, winner_preserving=True, winner_preserving_mu=0.5))
     assert guarded.loss.item() == plain.loss.item()  # same forward value, bit for bit
