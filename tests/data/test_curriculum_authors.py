@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from diffalign.data.curriculum import CurriculumSampler, RankedPairs, threshold_sizes
 from diffalign.data.loader import NOISE_SALT, build_loader, derived_seed
