@@ -48,7 +48,9 @@ class UnpairedTerms:
     Shapes: ``policy``, ``ref``, ``labels``, ``timesteps`` are (B,); errors fp32 (mean over C,H,W of the
     squared error), ``labels`` bool (True = desirable). Every image has its OWN noise draw and timestep.
     ``reduce_sum`` sums a tensor over all data-parallel processes (None: a single process); objectives use it
-    for batch statistics that must cover the global batch (KTO's reference point).
+    for batch statistics that must cover the global batch (KTO's reference point). ``policy_mismatched`` /
+    ``ref_mismatched`` (B,), no grad: the same images, noise and timesteps conditioned on the previous row's prompt
+    (prompts rolled by one); filled only for ``REQUIRES`` containing ``"mismatched"`` (KTO's mismatched KL estimate).
     """
 
     policy: Tensor
@@ -57,6 +59,8 @@ class UnpairedTerms:
     timesteps: Tensor | None = None
     num_train_timesteps: int = 1000
     reduce_sum: Callable[[Tensor], Tensor] | None = None
+    policy_mismatched: Tensor | None = None
+    ref_mismatched: Tensor | None = None
 
 
 @dataclass(frozen=True)

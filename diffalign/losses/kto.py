@@ -15,7 +15,12 @@ Followed: jacklishufan/diffusion-kto@226bbd0 ``train_kto_sd_v1.5.py``:
 * L1459 + L1470-1471 (``bce_offset=none``, the default): ``kl = accelerator.reduce(g.mean().detach(), "mean")``
   then ``clamp(min=0).detach()`` -> ``reference_point="mean"``. L1460-1465 (``bce_offset=sigmoid``): the average of
   the desirable-class and undesirable-class means of g, not clamped -> ``reference_point="class_mean"``.
-  The rolled-prompt estimate (``bce_offset=original``, L1376-1402) needs two extra forwards and is not offered.
+  L1466-1468 (``bce_offset=original``, commit 3c803ce "add back unpaired kto ver of kl estimate"): the KTO paper's
+  mismatched-pair estimate, ``kl = accelerator.reduce(mean(ref_loss_roll - model_losses_roll).detach(), "mean")``,
+  NOT clamped, where ``*_roll`` are the errors of the same noisy latents and timesteps under the prompts rolled by
+  one (L1376-1382 policy under no_grad, L1434-1441 reference) -> ``reference_point="mismatched"``
+  (``terms.policy_mismatched`` / ``ref_mismatched``: two extra no-grad forwards, ``requires(cfg)``). It is not the
+  authors' default: ``--bce_offset`` defaults to ``none`` (L610-616) and ``exps/example.sh`` does not set it.
 * L1472-1475 ``h = sigmoid((2y-1) * beta * (g - kl))`` (``halo=sigmoid``); L1488-1492 ``w_y``; L1509 ``loss = mean(w_y(1-h))``;
   L1493 ``acc``. Data: L1048-1051 policy ``gt_label_wi_l`` (an image that both won and lost counts as desirable);
   L726-741 + L1186-1189 ``WeightedRandomSampler`` with class weights ``N/count * ratio`` (``--positive_ratio``,
@@ -44,13 +49,14 @@ from diffalign.types import LossOutput, UnpairedTerms
 
 TERMS = "unpaired"
 REQUIRES: frozenset[str] = frozenset({"ref"})
-REFERENCE_POINTS = ("mean", "class_mean")
+REFERENCE_POINTS = ("mean", "class_mean", "mismatched")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """``beta``: KTO strength (authors' units, no 0.5). ``lambda_d`` / ``lambda_u``: desirable / undesirable weights.
-    ``reference_point``: "mean" (global batch mean of g, clamped >= 0; the default) or "class_mean"."""
+    ``reference_point``: "mean" (global batch mean of g, clamped >= 0; the authors' default), "class_mean" or
+    "mismatched" (global mean of g under prompts rolled by one, not clamped; the authors' ``bce_offset=original``)."""
 
     beta: float = 1000.0
     lambda_d: float = 1.0
@@ -66,6 +72,11 @@ class Config:
             raise ValueError(
                 f"kto: unknown reference_point {self.reference_point!r}; choose one of {REFERENCE_POINTS}"
             )
+
+
+def requires(cfg: Config) -> frozenset[str]:
+    """``REQUIRES`` plus the mismatched-prompt errors for ``reference_point="mismatched"``."""
+    return REQUIRES | {"mismatched"} if cfg.reference_point == "mismatched" else REQUIRES
 
 
 def check_unpaired_terms(terms: UnpairedTerms, objective: str) -> None:
@@ -87,6 +98,12 @@ def _global_sum(terms: UnpairedTerms, values: Tensor) -> Tensor:
 
 def reference_point(g: Tensor, labels: Tensor, terms: UnpairedTerms, kind: str) -> Tensor:
     """The detached scalar KL estimate from the implicit rewards ``g`` (B,) of the GLOBAL batch."""
+    if kind == "mismatched":
+        if terms.policy_mismatched is None or terms.ref_mismatched is None:
+            raise ValueError("kto: reference_point='mismatched' needs terms.policy_mismatched / ref_mismatched")
+        g_mm = (terms.ref_mismatched.float() - terms.policy_mismatched.float()).detach()
+        total, count = _global_sum(terms, torch.stack([g_mm.sum(), g_mm.new_tensor(float(g_mm.numel()))])).unbind()
+        return total / count
     g = g.detach()
     pos = labels.to(g.dtype)
     stats = torch.stack([g.sum(), g.new_tensor(float(g.numel())), (g * pos).sum(), pos.sum()])

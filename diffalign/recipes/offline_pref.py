@@ -113,6 +113,7 @@ def _unpaired_step(state: State, batch: Batch, latents: torch.Tensor, seeds: lis
     """Unpaired objectives: one image per row with its own noise and timestep; batch statistics are global."""
     acc, objective = state.run.accelerator, state.objective
     reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
+    needs = losses.required(objective, state.loss_cfg)
     with acc.autocast():
         terms = unpaired.unpaired_terms(
             state.run.adapter,
@@ -122,8 +123,9 @@ def _unpaired_step(state: State, batch: Batch, latents: torch.Tensor, seeds: lis
             prompts=batch.prompts,
             info=batch.info,
             cond=batch.prompt_embeds,
-            need_ref="ref" in objective.REQUIRES,
+            need_ref="ref" in needs,
             reduce_sum=reduce_sum,
+            need_mismatched="mismatched" in needs,
         )
     out = objective.loss(terms, state.loss_cfg)
     return {"loss": out.loss, **{f"loss/{k}": v for k, v in out.metrics.items()}}
