@@ -24,7 +24,8 @@ gradient), the polarisation identity ``2 a.d = |a|^2 + |d|^2 - |ref_pred - targe
     mean_CHW (a - beta c d)^2 = e - beta * c * (e + D - r) + beta^2 * c^2 * D
 
 beta keeps the authors' units and the same ``-0.5 * beta`` inside as ``dpo.py``. ``implicit_acc`` counts
-``inside > 0`` (authors' L1161).
+``inside > 0`` (authors' L1161). Diagnostics (batch means): ``weight_c`` = ``c``, ``reward_margin`` = ``inside``,
+``pred_gap_w`` = ``D``.
 
 Arithmetic order (fp32). The scalar identity is exact in real numbers but not in fp32: ``e + D - r`` (= ``2 a.d / N``,
 the only path of the loser's gradient, through ``c``) is the difference of two errors near 0.09 that agree to ~1e-4,

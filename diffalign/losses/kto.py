@@ -34,6 +34,9 @@ average per-process means, which is the same number when every process has the s
 global batches guarantee it unless bad rows are skipped). For ``class_mean`` the global per-class means are used
 (the authors average per-process class means, with a 0 for a class absent on a process).
 ``implicit_acc`` is the fraction of images with ``(2y-1) * beta * (g - KL) > 0`` (the authors' ``acc``).
+Per-image diagnostics (batch means): ``z`` = ``beta * (g - KL)``, each image's implicit reward against the reference
+point; ``reward_margin`` = ``(2y-1) * z``, the sigmoid's argument (positive: on the labelled side); ``h`` the
+sigmoid itself; ``reward_desirable`` / ``reward_undesirable`` the per-class means of ``g - KL``.
 """
 
 from __future__ import annotations
@@ -130,6 +133,9 @@ def loss(terms: UnpairedTerms, cfg: Config) -> LossOutput:
     metrics = {
         "reference_point": kl.detach(),
         "implicit_acc": (scaled.detach() > 0).float().mean(),
+        "z": (cfg.beta * (g - kl)).detach().mean(),
+        "reward_margin": scaled.detach().mean(),
+        "h": torch.sigmoid(scaled.detach()).mean(),
         "reward_desirable": ((g.detach() - kl) * pos).sum() / (n_pos + 1e-6),
         "reward_undesirable": ((g.detach() - kl) * (1.0 - pos)).sum() / (n_neg + 1e-6),
         "frac_desirable": pos.mean(),

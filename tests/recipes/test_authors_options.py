@@ -3,6 +3,7 @@ DMPO's winner-preserving safeguard, the Pick-a-Pic curriculum (human winner, rew
 
 from __future__ import annotations
 
+import json
 import math
 
 import pyarrow as pa
@@ -23,6 +24,9 @@ def test_kto_mismatched_reference_point(recipe, tiny_dirs, tmp_path):
     result = _run(recipe, tiny_dirs, tmp_path, "toy/kto", "loss.reference_point=mismatched")
     first = result["history"][0]
     assert first["loss"] == pytest.approx(0.5, rel=1e-6) and first["loss/reference_point"] == pytest.approx(0.0)
+    assert first["loss/z"] == pytest.approx(0.0, abs=1e-6) and "loss/reward_margin" in first  # item 6 diagnostics
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/z", "loss/h", "loss/reward_margin"} <= set(rows[0])  # the means reach metrics.jsonl
     assert all(math.isfinite(h["loss"]) for h in result["history"])
 
 
