@@ -14,14 +14,17 @@ import torch
 from tests.recipes.conftest import toy_overrides
 
 
-def _run(recipe, tiny_dirs, tmp_path, config, *overrides):
-    extra = {"run.max_steps": 2, "run.log_every": 1}
-    return recipe.main(["--config", config, *toy_overrides(tiny_dirs["sd15"], tmp_path / "run", **extra), *overrides])
+def _run(recipe, tiny_dirs, tmp_path, config, *overrides, family="sd15"):
+    from diffalign.models import tiny
+
+    extra = {"run.max_steps": 2, "run.log_every": 1, "model.family": tiny.adapter_family(family)}
+    return recipe.main(["--config", config, *toy_overrides(tiny_dirs[family], tmp_path / "run", **extra), *overrides])
 
 
-def test_kto_mismatched_reference_point(recipe, tiny_dirs, tmp_path):
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_kto_mismatched_reference_point(recipe, tiny_dirs, tmp_path, family):
     """At init policy == reference under any prompt: g = 0 and the mismatched KL = 0, so h = 1/2 and loss = 1/2."""
-    result = _run(recipe, tiny_dirs, tmp_path, "toy/kto", "loss.reference_point=mismatched")
+    result = _run(recipe, tiny_dirs, tmp_path, "toy/kto", "loss.reference_point=mismatched", family=family)
     first = result["history"][0]
     assert first["loss"] == pytest.approx(0.5, rel=1e-6) and first["loss/reference_point"] == pytest.approx(0.0)
     assert first["loss/z"] == pytest.approx(0.0, abs=1e-6) and "loss/reward_margin" in first  # item 6 diagnostics
