@@ -80,10 +80,15 @@ class ListTerms:
 
 @dataclass(frozen=True)
 class LossOutput:
-    """A scalar loss (the only thing back-propagated) and detached scalar metrics for logging."""
+    """A scalar loss (the only thing back-propagated) and detached scalar metrics for logging.
+
+    ``samples``: detached per-sample values (one per pair, image or ranked pair) behind some metrics, e.g. the
+    implicit reward margin, KTO's z, DSPO's c, SmPO's scale; the offline recipe draws them as histograms.
+    """
 
     loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    samples: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -94,4 +94,4 @@ def loss(terms: PairTerms, cfg: Config) -> LossOutput:
     metrics["implicit_acc"] = implicit_accuracy(u, tie=0.0)
     if lam is not None:
         metrics["lambda"] = lam.detach()
-    return LossOutput(loss=per_pair.mean(), metrics=metrics)
+    return LossOutput(loss=per_pair.mean(), metrics=metrics, samples={"reward_margin": u.detach()})

@@ -111,4 +111,5 @@ def loss(terms: PairTerms, cfg: Config) -> LossOutput:
     )
     metrics["implicit_acc"] = implicit_accuracy(inside, tie=0.0)
     metrics["gap_branch"] = switched.detach()
-    return LossOutput(loss=per_pair.mean(), metrics=metrics)
+    samples = {"reward_margin": inside.detach(), "weight_c": c.detach()}
+    return LossOutput(loss=per_pair.mean(), metrics=metrics, samples=samples)

@@ -142,4 +142,5 @@ def loss(terms: UnpairedTerms, cfg: Config) -> LossOutput:
         "policy_err": policy.detach().mean(),
         "ref_err": ref.detach().mean(),
     }
-    return LossOutput(loss=per_image.mean(), metrics=metrics)
+    samples = {"z": (cfg.beta * (g - kl)).detach(), "reward_margin": scaled.detach()}
+    return LossOutput(loss=per_image.mean(), metrics=metrics, samples=samples)

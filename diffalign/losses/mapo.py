@@ -84,4 +84,5 @@ def loss(terms: PairTerms, cfg: Config) -> LossOutput:
         policy_err_l=policy_l,
     )
     metrics["implicit_acc"] = implicit_accuracy(log_odds, tie=0.0)
-    return LossOutput(loss=total, metrics=metrics)
+    samples = {"reward_margin": (terms.num_train_timesteps * log_odds).detach()}
+    return LossOutput(loss=total, metrics=metrics, samples=samples)

@@ -88,4 +88,5 @@ def loss(terms: ListTerms, cfg: Config) -> LossOutput:
         lose_diff=policy[:, 1] - ref[:, 1],
     )
     metrics["implicit_acc"] = implicit_accuracy(inside, tie=0.0)
-    return LossOutput(loss=-F.logsigmoid(inside).mean(), metrics=metrics)
+    samples = {"reward_margin": inside.detach(), "scale": (cfg.smooth * (2.0 * p - 1.0)).detach()}
+    return LossOutput(loss=-F.logsigmoid(inside).mean(), metrics=metrics, samples=samples)

@@ -55,3 +55,16 @@ def test_dspo_c_and_smpo_scale_and_mapo_margin_by_hand():
     log_odds = mapo.score(pair.policy_w, cfg.snr_value) - mapo.score(pair.policy_l, cfg.snr_value)
     m = mapo.loss(pair, cfg).metrics
     assert m["reward_margin"].item() == pytest.approx(1000 * log_odds.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", [n for n in losses.available() if losses.get(n).TERMS not in ("policy", "step")])
+def test_per_sample_values_for_histograms_average_to_the_logged_means(name):
+    """``LossOutput.samples`` holds one detached value per pair / image / ranked pair; its mean is the metric."""
+    module = losses.get(name)
+    out = module.loss(make_terms(module), module.Config())
+    for key, values in out.samples.items():
+        assert values.dim() == 1 and not values.requires_grad
+        assert values.mean().item() == pytest.approx(out.metrics[key].item(), rel=1e-5, abs=1e-7)
+    assert "reward_margin" in out.samples
+    extra = {"kto": "z", "dspo": "weight_c", "smpo": "scale"}.get(name)
+    assert extra is None or extra in out.samples

@@ -57,3 +57,22 @@ def test_pickapic_curriculum_trains_on_the_human_winner(recipe, tiny_dirs, tmp_p
     result = _run(recipe, tiny_dirs, tmp_path, "toy/dpo", *overrides, "optim.batch_size=2", "loss.beta=2000")
     assert result["history"][0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
     assert torch.isfinite(torch.tensor([h["loss"] for h in result["history"]])).all()
+
+
+def test_per_sample_histograms_reach_tensorboard(recipe, tiny_dirs, tmp_path):
+    """Item 6: KTO's per-image z and reward margin as tensorboard histograms on the logged steps (1 and 2)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run(recipe, tiny_dirs, tmp_path, "toy/kto", "run.report_to=[tensorboard]")
+    events = sorted((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    tags, steps = set(), {}
+    for path in events:
+        acc = EventAccumulator(str(path), size_guidance={"histograms": 0})
+        acc.Reload()
+        for tag in acc.Tags()["histograms"]:
+            tags.add(tag)
+            steps[tag] = [e.step for e in acc.Histograms(tag)]
+            assert all(e.histogram_value.num == 4 for e in acc.Histograms(tag))  # batch 4: one value per image
+    assert {"hist/loss/z", "hist/loss/reward_margin"} <= tags
+    assert steps["hist/loss/z"] == [1, 2]
