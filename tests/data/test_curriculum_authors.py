@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from diffalign.config.common import CurriculumConfig, DataConfig
 from diffalign.data.curriculum import CurriculumSampler, RankedPairs, threshold_sizes
 from diffalign.data.loader import NOISE_SALT, build_loader, derived_seed
 from diffalign.data.ranked import RankedDataset, RankedSource
@@ -59,17 +59,15 @@ def authors_pickapic_chunks(label_0, s0, s1, keep_threshold, groups, top=150000)
 
 
 def _pickapic_cfg(scores_path: Path, **curriculum):
-    base = {
-        "format": "pickapic", "path": str(PICKAPIC), "split": "train", "streaming": False, "resolution": 32,
-        "crop": "center", "hflip_prob": 0.0, "ties": "drop", "on_bad_row": "skip", "max_rows": None,
-        "proportion_empty_prompts": 0.0, "num_workers": 0, "latent_cache": None,
-        "curriculum": SimpleNamespace(**{
-            "chunks": 2, "steps_per_chunk": 1, "min_gap": 0.02, "max_groups": 5, "stages": "chunks",
-            "score_columns": ["image_0_score", "image_1_score"], "scores_path": str(scores_path), "score_floor": 0.1,
-            **curriculum,
-        }),
+    """The real ``data`` section (every other key at its default), so keys added later come along."""
+    c = {
+        "chunks": 2, "steps_per_chunk": 1, "min_gap": 0.02, "max_groups": 5,
+        "score_columns": ["image_0_score", "image_1_score"], "scores_path": str(scores_path), "score_floor": 0.1,
+        **curriculum,
     }  # fmt: skip
-    return SimpleNamespace(**base)
+    return DataConfig(
+        format="pickapic", path=str(PICKAPIC), resolution=32, hflip_prob=0.0, curriculum=CurriculumConfig(**c)
+    )
 
 
 def test_pickapic_order_chunks_and_human_winner_by_hand(tmp_path):
@@ -171,12 +169,13 @@ def test_prompts_variant_pairs_and_value_threshold_stages_by_hand(tmp_path):
 
 def test_prompts_variant_through_the_loader(tmp_path):
     """6 micro-batches of one pair per stage: stage 0 repeats the 1.0 pair, stage 1 draws each >= .5 pair once."""
-    cfg = SimpleNamespace(**{
-        "format": "ranked", "path": str(write_lists(tmp_path / "lists.jsonl")), "split": "train", "streaming": False,
-        "resolution": 32, "crop": "center", "hflip_prob": 0.0, "on_bad_row": "skip", "max_rows": None,
-        "proportion_empty_prompts": 0.0, "num_workers": 0, "latent_cache": None,
-        "curriculum": SimpleNamespace(chunks=4, steps_per_chunk=6, min_gap=0.02, max_groups=None, stages="thresholds"),
-    })  # fmt: skip
+    cfg = DataConfig(
+        format="ranked",
+        path=str(write_lists(tmp_path / "lists.jsonl")),
+        resolution=32,
+        hflip_prob=0.0,
+        curriculum=CurriculumConfig(chunks=4, steps_per_chunk=6, min_gap=0.02, stages="thresholds"),
+    )
     loader = build_loader(cfg, batch_size=1, seed=0, grad_accum=1)
     gaps = []
     for _ in range(18):
