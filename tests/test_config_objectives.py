@@ -61,3 +61,9 @@ def test_curriculum_authors_variants():
     assert ranked.loss.name == "dpo" and ranked.data.curriculum.stages == "thresholds"
     with pytest.raises(config.ConfigError, match="prompts variant"):
         config.load("toy/dpo", [*pick, "data.curriculum.stages=thresholds"])
+
+
+def test_kto_mismatched_reference_point_needs_two_rows_per_micro_batch():
+    assert config.load("toy/kto", [*BASE, "loss.reference_point=mismatched"]).loss.params["reference_point"]
+    with pytest.raises(config.ConfigError, match="batch_size must be >= 2"):
+        config.load("toy/kto", [*BASE, "loss.reference_point=mismatched", "optim.batch_size=1"])

@@ -173,6 +173,11 @@ def _check_unpaired_data(cfg: OfflinePrefConfig, problems: list[str]) -> None:
         )
     if data.positive_ratio is not None:
         _unit_interval(problems, data__positive_ratio=data.positive_ratio)
+    if cfg.loss.params.get("reference_point") == "mismatched" and cfg.optim.batch_size < 2:
+        problems.append(
+            "loss.reference_point='mismatched' pairs each image with the previous row's prompt in the micro-batch: "
+            "optim.batch_size must be >= 2 (1 would pair every image with its own prompt)"
+        )
 
 
 # ------------------------------------------------------------------------------------------- summary
