@@ -3,8 +3,8 @@
 Croitoru et al., CVPR 2025, Curriculum Direct Preference Optimization for Diffusion and Consistency Models
 (https://arxiv.org/abs/2405.13637). Read in CroitoruAlin/Curriculum-DPO@3454543:
 
-* ``data/dataset_factory.py`` L129-132: keep pairs whose score gap exceeds a threshold (0.1 by default, 0.02 for
-  human / LLaVA-BERTScore rewards, 0.2 for the aesthetic score, L8-16) -> ``min_gap``;
+* ``data/dataset_factory.py`` L129-132: keep pairs whose score gap exceeds a threshold (0.02 for the human-score
+  and LLaVA-BERTScore rewards, 0.2 for the aesthetic score, 0.1 for others, L8-16) -> ``min_gap``;
 * L141-148: sort by gap, largest first, and keep the first 150k -> ``max_groups``;
 * L149-156: chunk ``c`` is the first ``linspace(0, N, chunks + 1)[c + 1]`` pairs (cumulative, easiest = largest
   gap first), ``--no_chunks 6`` (``config/args_sd.py``);
@@ -16,7 +16,9 @@ draws from chunk ``min(s, chunks - 1)``, in fresh permutations of that chunk (se
 the stage is full. A stage is one ``GroupSampler`` epoch, so rank slicing, global batches, noise seeds per
 (epoch, index) and the exact resume position are the ordinary ones. The authors' dataloader picks up a new chunk
 at its next pass over the data; here it changes exactly at the step boundary. The gap of a group is its best score
-minus its worst (a pair: winner minus loser), from the data's scores (``data.format: scored_pairs`` or ``ranked``).
+minus its worst (a pair: winner minus loser), from the data's scores (``data.format: scored_pairs`` or ``ranked``);
+there the winner is always the higher score, i.e. the reward model's choice, which is NOT what the authors train on
+Pick-a-Pic (below).
 
 The authors' own two variants (``data/dataset_factory.py``), selected by the data and ``curriculum.stages``:
 
