@@ -22,7 +22,9 @@ class PairTerms:
     raw (B, C, H, W) policy predictions and targets; they are filled only when an objective asks for
     them (``REQUIRES`` contains ``"pred"``), e.g. SDPO's output-space safeguard. ``gap_w`` (B,) is the mean over
     C,H,W of (policy prediction - reference prediction)^2 on the preferred image, WITH gradient through the
-    policy; filled only for ``REQUIRES`` containing ``"gap"`` (DSPO).
+    policy; filled only for ``REQUIRES`` containing ``"gap"`` (DSPO). ``ref_pred_w`` (B, C, H, W): the reference's raw
+    prediction on the preferred image (no grad); filled only for ``"ref_pred"`` (DSPO's SD1.5 form in the authors'
+    arithmetic order).
     """
 
     policy_w: Tensor
@@ -36,6 +38,7 @@ class PairTerms:
     target_w: Tensor | None = None
     target_l: Tensor | None = None
     gap_w: Tensor | None = None
+    ref_pred_w: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,9 @@ class UnpairedTerms:
     Shapes: ``policy``, ``ref``, ``labels``, ``timesteps`` are (B,); errors fp32 (mean over C,H,W of the
     squared error), ``labels`` bool (True = desirable). Every image has its OWN noise draw and timestep.
     ``reduce_sum`` sums a tensor over all data-parallel processes (None: a single process); objectives use it
-    for batch statistics that must cover the global batch (KTO's reference point).
+    for batch statistics that must cover the global batch (KTO's reference point). ``policy_mismatched`` /
+    ``ref_mismatched`` (B,), no grad: the same images, noise and timesteps conditioned on the previous row's prompt
+    (prompts rolled by one); filled only for ``REQUIRES`` containing ``"mismatched"`` (KTO's mismatched KL estimate).
     """
 
     policy: Tensor
@@ -54,6 +59,8 @@ class UnpairedTerms:
     timesteps: Tensor | None = None
     num_train_timesteps: int = 1000
     reduce_sum: Callable[[Tensor], Tensor] | None = None
+    policy_mismatched: Tensor | None = None
+    ref_mismatched: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -73,10 +80,15 @@ class ListTerms:
 
 @dataclass(frozen=True)
 class LossOutput:
-    """A scalar loss (the only thing back-propagated) and detached scalar metrics for logging."""
+    """A scalar loss (the only thing back-propagated) and detached scalar metrics for logging.
+
+    ``samples``: detached per-sample values (one per pair, image or ranked pair) behind some metrics, e.g. the
+    implicit reward margin, KTO's z, DSPO's c, SmPO's scale; the offline recipe draws them as histograms.
+    """
 
     loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    samples: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -44,3 +44,26 @@ def test_curriculum_needs_scored_groups():
         config.load("toy/curriculum_dpo", [*BASE, "data.curriculum.steps_per_chunk=0"])
     with pytest.raises(config.ConfigError, match="list loss"):  # ranked lists stay for list losses
         config.load("toy/curriculum_dpo", [*BASE, "data.format=ranked"])
+
+
+def test_curriculum_authors_variants():
+    """Pick-a-Pic + score_columns (human winner, reward-ordered) and ranked lists + stages=thresholds (pairs)."""
+    pick = [*BASE, "data.curriculum.chunks=6", "data.curriculum.score_columns=[image_0_score,image_1_score]"]
+    cfg = config.load("toy/dpo", [*pick, "data.curriculum.score_floor=0.1", "data.curriculum.min_gap=0.02"])
+    assert cfg.data.curriculum.score_columns == ["image_0_score", "image_1_score"] and cfg.data.format == "pickapic"
+    with pytest.raises(config.ConfigError, match=r"data\.ties=drop"):
+        config.load("toy/dpo", [*pick, "data.ties=keep"])
+    with pytest.raises(config.ConfigError, match="score_columns"):
+        config.load("toy/curriculum_dpo", [*BASE, "data.curriculum.score_columns=[a,b]"])
+    with pytest.raises(config.ConfigError, match=r"need data\.curriculum\.score_columns"):
+        config.load("toy/curriculum_dpo", [*BASE, "data.curriculum.score_floor=0.1"])
+    ranked = config.load("toy/curriculum_dpo", [*BASE, "data.format=ranked", "data.curriculum.stages=thresholds"])
+    assert ranked.loss.name == "dpo" and ranked.data.curriculum.stages == "thresholds"
+    with pytest.raises(config.ConfigError, match="prompts variant"):
+        config.load("toy/dpo", [*pick, "data.curriculum.stages=thresholds"])
+
+
+def test_kto_mismatched_reference_point_needs_two_rows_per_micro_batch():
+    assert config.load("toy/kto", [*BASE, "loss.reference_point=mismatched"]).loss.params["reference_point"]
+    with pytest.raises(config.ConfigError, match="batch_size must be >= 2"):
+        config.load("toy/kto", [*BASE, "loss.reference_point=mismatched", "optim.batch_size=1"])

@@ -63,12 +63,21 @@ class LoraConfig:
 class CurriculumConfig:
     """Curriculum-DPO's sampler (``diffalign.data.curriculum``): ``chunks`` cumulative chunks of the groups sorted by
     reward gap (largest first), the next unlocked every ``steps_per_chunk`` optimizer steps; ``chunks: 0`` is off.
-    ``min_gap``: keep groups whose gap exceeds it; ``max_groups``: keep at most this many (authors: 150k)."""
+    ``min_gap``: keep groups whose gap exceeds it; ``max_groups``: keep at most this many (authors: 150k).
+    ``stages``: "chunks" (count-based cumulative chunks) or "thresholds" (the authors' prompts variant over ranked
+    lists: all pairs, ``chunks - 1`` stages by gap value). ``score_columns``: with ``data.format: pickapic``, the two
+    per-image reward columns (jpg_0's, jpg_1's) that ORDER the pairs, trained on the human winner (the authors'
+    Pick-a-Pic variant), read from ``scores_path`` (row r scores row r) or the data itself. ``score_floor``: keep
+    a pair only when both scores exceed it (authors: 0.1 in HPSv2.1 cosine units)."""
 
     chunks: int = 0
     steps_per_chunk: int = 500
     min_gap: float = 0.0
     max_groups: int | None = None
+    stages: Literal["chunks", "thresholds"] = "chunks"
+    score_columns: list[str] | None = None
+    scores_path: str | None = None
+    score_floor: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -81,11 +81,29 @@ def _check_curriculum(cfg: OfflinePrefConfig, problems: list[str]) -> None:
         return
     _positive(problems, data__curriculum__chunks=c.chunks, data__curriculum__steps_per_chunk=c.steps_per_chunk)
     _positive(problems, data__curriculum__max_groups=c.max_groups)
-    if data.format not in ("ranked", "scored_pairs") or data.latent_cache or data.streaming:
+    pickapic = data.format == "pickapic" and c.score_columns is not None
+    if (data.format not in ("ranked", "scored_pairs") and not pickapic) or data.latent_cache or data.streaming:
         problems.append(
             "data.curriculum orders groups by their score gap: it needs data.format='scored_pairs' or 'ranked' "
-            "(scores per image), map-style, without data.latent_cache"
+            "(scores per image), or data.format='pickapic' with data.curriculum.score_columns (the reward of jpg_0 "
+            "and jpg_1 orders the pairs; the human label picks the winner), map-style, without data.latent_cache"
         )
+    if c.score_columns is not None and (data.format != "pickapic" or len(c.score_columns) != 2):
+        problems.append(
+            "data.curriculum.score_columns names the two per-image reward columns of data.format='pickapic' "
+            f"(jpg_0's, jpg_1's); got {c.score_columns} with data.format={data.format!r}"
+        )
+    if (c.scores_path is not None or c.score_floor is not None) and c.score_columns is None:
+        problems.append("data.curriculum.scores_path / score_floor need data.curriculum.score_columns (Pick-a-Pic)")
+    if pickapic and data.ties != "drop":
+        problems.append("the Pick-a-Pic curriculum trains on human winners: set data.ties=drop (authors' L131)")
+    if c.stages == "thresholds" and data.format not in ("ranked", "scored_pairs"):
+        problems.append(
+            "data.curriculum.stages='thresholds' is the authors' prompts variant: all pairs of each ranked list, "
+            "data.format='ranked' (or 'scored_pairs')"
+        )
+    if c.stages == "thresholds" and c.min_gap < 0:
+        problems.append(f"data.curriculum.min_gap must be >= 0 with stages='thresholds'; got {c.min_gap}")
 
 
 def _check_captions(cfg: OfflinePrefConfig, problems: list[str]) -> None:
@@ -135,6 +153,9 @@ def _check_loss_matches_data(cfg: OfflinePrefConfig, problems: list[str]) -> Non
     if cfg.data.positive_ratio is not None:
         problems.append(f"data.positive_ratio applies to unpaired losses (kto), not {cfg.loss.name!r}")
     wanted = {"pickapic": "pair", "ranked": "list", "unpaired": "unpaired", "scored_pairs": "pair"}[cfg.data.format]
+    curriculum = cfg.data.curriculum
+    if curriculum.chunks > 0 and curriculum.stages == "thresholds":  # ranked lists served as all their pairs
+        wanted = "pair"
     if kind != wanted:
         problems.append(
             f"loss.name={cfg.loss.name!r} is a {kind} loss (TERMS={kind!r}) but data.format={cfg.data.format!r} "
@@ -155,6 +176,11 @@ def _check_unpaired_data(cfg: OfflinePrefConfig, problems: list[str]) -> None:
         )
     if data.positive_ratio is not None:
         _unit_interval(problems, data__positive_ratio=data.positive_ratio)
+    if cfg.loss.params.get("reference_point") == "mismatched" and cfg.optim.batch_size < 2:
+        problems.append(
+            "loss.reference_point='mismatched' pairs each image with the previous row's prompt in the micro-batch: "
+            "optim.batch_size must be >= 2 (1 would pair every image with its own prompt)"
+        )
 
 
 # ------------------------------------------------------------------------------------------- summary

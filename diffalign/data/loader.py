@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from diffalign.data import provenance
 from diffalign.data.collate import GroupBatch, collate_groups
+from diffalign.data.curriculum import curriculum_records
 from diffalign.data.pickapic import PickapicIterable, PickapicSource, load_pickapic
 from diffalign.data.ranked import RankedDataset, RankedSource
 from diffalign.data.records import BadRowTally, Group, LoadStats, SkippedRow, check_bad_fraction
@@ -131,6 +132,7 @@ class PlannedLoader:
                 self.records = load_pickapic(source, rank=rank, world_size=world_size)
             else:
                 self.records = RankedDataset(source)
+            self.records = curriculum_records(self.records, cfg)  # the prompts variant serves pairs of each list
             num_items = None if isinstance(self.records, PickapicIterable) else len(self.records)
         self.transform = JointTransform(resolution=cfg.resolution, crop=cfg.crop, hflip_prob=cfg.hflip_prob)
         self.collate = _Collate(seed, cfg.proportion_empty_prompts)
@@ -217,9 +219,9 @@ class PlannedLoader:
         kwargs = {"num_processes": self.world_size, "rank": self.rank, "seed": self.seed, "with_epoch": True}
         curriculum = getattr(self.cfg, "curriculum", None)
         if curriculum is not None and curriculum.chunks > 0:  # Curriculum-DPO: diffalign.data.curriculum
-            from diffalign.data.curriculum import CurriculumSampler
+            from diffalign.data.curriculum import CurriculumSampler, curriculum_gaps
 
-            gaps = [e.scores[0] - e.scores[-1] for e in self.records._entries]
+            gaps = curriculum_gaps(self.records, self.cfg)
             sampler = CurriculumSampler(
                 gaps,
                 self.batch_size,
@@ -227,6 +229,7 @@ class PlannedLoader:
                 batches_per_stage=curriculum.steps_per_chunk * self.grad_accum,
                 min_gap=curriculum.min_gap,
                 max_groups=curriculum.max_groups,
+                stages=getattr(curriculum, "stages", "chunks"),
                 **kwargs,
             )
         elif self.unpaired and getattr(self.cfg, "positive_ratio", None) is not None:

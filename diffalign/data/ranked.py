@@ -177,14 +177,19 @@ class RankedDataset(Dataset):
         return len(self._entries)
 
     def __getitem__(self, i: int) -> PreferenceRecord | SkippedRow:
+        return self.record(i)
+
+    def record(self, i: int, ranks: tuple[int, ...] | None = None) -> PreferenceRecord | SkippedRow:
+        """Item ``i`` with only the images at ``ranks`` (positions in the best-first order; None: all)."""
         entry = self._entries[i]
         if entry.index in self._known_bad:
             return self._known_bad[entry.index]
         cells = (
             entry.image_refs if entry.image_refs is not None else self._table[entry.index][self.source.images_column]
         )
+        ranks = tuple(range(len(entry.order))) if ranks is None else ranks
         images = []
-        for k in entry.order:
+        for k in (entry.order[r] for r in ranks):
             try:
                 images.append(decode_image(cells[k], base_dir=self._base_dir))
             except ValueError as e:
@@ -196,7 +201,8 @@ class RankedDataset(Dataset):
                 )
                 self._known_bad[entry.index] = item
                 return item
-        return PreferenceRecord(prompt=entry.prompt, images=images, scores=list(entry.scores), index=entry.index)
+        scores = [entry.scores[r] for r in ranks]
+        return PreferenceRecord(prompt=entry.prompt, images=images, scores=scores, index=entry.index)
 
     def validate(self) -> LoadStats:
         """Read every image once (opt-in full scan) and return the stats; raises under ``on_bad_row="raise"``."""

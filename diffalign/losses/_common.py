@@ -15,6 +15,7 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "ref": ("ref_w", "ref_l"),
     "pred": ("pred_w", "pred_l", "target_w", "target_l"),
     "gap": ("gap_w",),
+    "ref_pred": ("ref_pred_w",),
 }
 
 

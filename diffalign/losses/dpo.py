@@ -83,4 +83,4 @@ def loss(terms: PairTerms, cfg: Config) -> LossOutput:
         lose_diff=policy_l - ref_l,
     )
     metrics["implicit_acc"] = implicit_accuracy(inside, tie=0.0)
-    return LossOutput(loss=per_pair.mean(), metrics=metrics)
+    return LossOutput(loss=per_pair.mean(), metrics=metrics, samples={"reward_margin": inside.detach()})

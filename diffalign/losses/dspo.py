@@ -17,14 +17,23 @@ Defaults: SD1.5 ``--beta_dpo 0.001`` (``launchers/sd15.sh``; README: search {0.0
 steps); SDXL ``--beta_dpo 5000`` with ``--sdxl`` (``launchers/sdxl.sh``; README: search 1000-5000, best 600-700
 steps). The same loss is copied in AIDC-AI/Diffusion-SDPO@84fb241 ``train.py`` L1210-1218.
 
-Mapping to diffalign's terms (no raw tensors needed): with ``e = mean_CHW a^2 = policy_w``,
+The scalar form over diffalign's terms (no raw tensors): with ``e = mean_CHW a^2 = policy_w``,
 ``r = mean_CHW (ref_pred_w - target_w)^2 = ref_w`` and ``D = mean_CHW d^2 = gap_w`` (``REQUIRES "gap"``, with
 gradient), the polarisation identity ``2 a.d = |a|^2 + |d|^2 - |ref_pred - target|^2`` gives exactly::
 
     mean_CHW (a - beta c d)^2 = e - beta * c * (e + D - r) + beta^2 * c^2 * D
 
-so the pair engine adds one per-sample scalar for DSPO and nothing for other objectives. beta keeps the authors'
-units and the same ``-0.5 * beta`` inside as ``dpo.py``. ``implicit_acc`` counts ``inside > 0`` (authors' L1161).
+beta keeps the authors' units and the same ``-0.5 * beta`` inside as ``dpo.py``. ``implicit_acc`` counts
+``inside > 0`` (authors' L1161). Diagnostics (batch means): ``weight_c`` = ``c``, ``reward_margin`` = ``inside``,
+``pred_gap_w`` = ``D``.
+
+Arithmetic order (fp32). The scalar identity is exact in real numbers but not in fp32: ``e + D - r`` (= ``2 a.d / N``,
+the only path of the loser's gradient, through ``c``) is the difference of two errors near 0.09 that agree to ~1e-4,
+so their rounding errors dominate it. The recipe therefore hands the SD1.5 form the raw ``pred_w``, ``target_w`` and
+the reference's ``ref_pred_w`` (``requires(cfg)``: "pred", "ref_pred"; no extra memory, the reference prediction is
+held for the gap anyway) and the loss is computed in the authors' order, ``mean_CHW (a - beta * c * d)^2``
+(L1169), whose gradient is built from elementwise products (``tests/losses/test_dspo.py`` measures both against
+fp64). The scalar form remains for callers that pass only ``(policy, ref, gap)`` scalars.
 """
 
 from __future__ import annotations
@@ -66,16 +75,35 @@ class Config:
             raise ValueError(f"dspo: unknown form {self.form!r}; choose one of {FORMS}")
 
 
+def requires(cfg: Config) -> frozenset[str]:
+    """SD1.5 form: the raw winner predictions, targets and reference predictions (authors' order); SDXL: ``gap_w``."""
+    return frozenset({"ref", "pred", "ref_pred"}) if cfg.form == "sd15" else REQUIRES
+
+
+def _has_raw(terms: PairTerms) -> bool:
+    return all(getattr(terms, name) is not None for name in ("pred_w", "target_w", "ref_pred_w"))
+
+
 def loss(terms: PairTerms, cfg: Config) -> LossOutput:
-    """DSPO loss over a batch of pairs; needs ``ref_*`` and the winner's prediction gap ``gap_w``."""
-    check_pair_terms(terms, REQUIRES, "dspo")
-    policy_w, ref_w, gap = fp32(terms.policy_w, terms.ref_w, terms.gap_w)
+    """DSPO loss over a batch of pairs; needs ``ref_*`` and either the raw winner tensors (``pred_w``, ``target_w``,
+    ``ref_pred_w``; SD1.5 form, authors' order) or the winner's prediction gap ``gap_w``."""
+    direct = cfg.form == "sd15" and _has_raw(terms)
+    check_pair_terms(terms, {"ref"} if direct else REQUIRES, "dspo")
     inside = dpo.inside_term(terms, cfg.beta)
     c = 1.0 - torch.sigmoid(inside)
-    if cfg.form == "sd15":
+    policy_w, ref_w = fp32(terms.policy_w, terms.ref_w)
+    if direct:
+        pred_w, target_w, ref_pred_w = fp32(terms.pred_w, terms.target_w, terms.ref_pred_w.detach())
+        a, d = pred_w - target_w, pred_w - ref_pred_w
+        per_pair = (a - cfg.beta * c.view(-1, *[1] * (a.dim() - 1)) * d).pow(2).flatten(1).mean(1)
+        gap = d.pow(2).flatten(1).mean(1)
+        switched = torch.ones((), device=gap.device)
+    elif cfg.form == "sd15":
+        (gap,) = fp32(terms.gap_w)
         per_pair = policy_w - cfg.beta * c * (policy_w + gap - ref_w) + cfg.beta**2 * c.pow(2) * gap
         switched = torch.ones((), device=gap.device)
     else:
+        (gap,) = fp32(terms.gap_w)
         switched = (gap.detach().mean() >= cfg.gap_threshold).float()
         per_pair = c.pow(2) * gap if bool(switched) else c.pow(2)
     metrics = detached_metrics(
@@ -83,4 +111,5 @@ def loss(terms: PairTerms, cfg: Config) -> LossOutput:
     )
     metrics["implicit_acc"] = implicit_accuracy(inside, tie=0.0)
     metrics["gap_branch"] = switched.detach()
-    return LossOutput(loss=per_pair.mean(), metrics=metrics)
+    samples = {"reward_margin": inside.detach(), "weight_c": c.detach()}
+    return LossOutput(loss=per_pair.mean(), metrics=metrics, samples=samples)

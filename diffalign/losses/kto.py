@@ -15,7 +15,12 @@ Followed: jacklishufan/diffusion-kto@226bbd0 ``train_kto_sd_v1.5.py``:
 * L1459 + L1470-1471 (``bce_offset=none``, the default): ``kl = accelerator.reduce(g.mean().detach(), "mean")``
   then ``clamp(min=0).detach()`` -> ``reference_point="mean"``. L1460-1465 (``bce_offset=sigmoid``): the average of
   the desirable-class and undesirable-class means of g, not clamped -> ``reference_point="class_mean"``.
-  The rolled-prompt estimate (``bce_offset=original``, L1376-1402) needs two extra forwards and is not offered.
+  L1466-1468 (``bce_offset=original``, commit 3c803ce "add back unpaired kto ver of kl estimate"): the KTO paper's
+  mismatched-pair estimate, ``kl = accelerator.reduce(mean(ref_loss_roll - model_losses_roll).detach(), "mean")``,
+  NOT clamped, where ``*_roll`` are the errors of the same noisy latents and timesteps under the prompts rolled by
+  one (L1376-1382 policy under no_grad, L1434-1441 reference) -> ``reference_point="mismatched"``
+  (``terms.policy_mismatched`` / ``ref_mismatched``: two extra no-grad forwards, ``requires(cfg)``). It is not the
+  authors' default: ``--bce_offset`` defaults to ``none`` (L610-616) and ``exps/example.sh`` does not set it.
 * L1472-1475 ``h = sigmoid((2y-1) * beta * (g - kl))`` (``halo=sigmoid``); L1488-1492 ``w_y``; L1509 ``loss = mean(w_y(1-h))``;
   L1493 ``acc``. Data: L1048-1051 policy ``gt_label_wi_l`` (an image that both won and lost counts as desirable);
   L726-741 + L1186-1189 ``WeightedRandomSampler`` with class weights ``N/count * ratio`` (``--positive_ratio``,
@@ -29,6 +34,9 @@ average per-process means, which is the same number when every process has the s
 global batches guarantee it unless bad rows are skipped). For ``class_mean`` the global per-class means are used
 (the authors average per-process class means, with a 0 for a class absent on a process).
 ``implicit_acc`` is the fraction of images with ``(2y-1) * beta * (g - KL) > 0`` (the authors' ``acc``).
+Per-image diagnostics (batch means): ``z`` = ``beta * (g - KL)``, each image's implicit reward against the reference
+point; ``reward_margin`` = ``(2y-1) * z``, the sigmoid's argument (positive: on the labelled side); ``h`` the
+sigmoid itself; ``reward_desirable`` / ``reward_undesirable`` the per-class means of ``g - KL``.
 """
 
 from __future__ import annotations
@@ -44,13 +52,14 @@ from diffalign.types import LossOutput, UnpairedTerms
 
 TERMS = "unpaired"
 REQUIRES: frozenset[str] = frozenset({"ref"})
-REFERENCE_POINTS = ("mean", "class_mean")
+REFERENCE_POINTS = ("mean", "class_mean", "mismatched")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """``beta``: KTO strength (authors' units, no 0.5). ``lambda_d`` / ``lambda_u``: desirable / undesirable weights.
-    ``reference_point``: "mean" (global batch mean of g, clamped >= 0; the default) or "class_mean"."""
+    ``reference_point``: "mean" (global batch mean of g, clamped >= 0; the authors' default), "class_mean" or
+    "mismatched" (global mean of g under prompts rolled by one, not clamped; the authors' ``bce_offset=original``)."""
 
     beta: float = 1000.0
     lambda_d: float = 1.0
@@ -66,6 +75,11 @@ class Config:
             raise ValueError(
                 f"kto: unknown reference_point {self.reference_point!r}; choose one of {REFERENCE_POINTS}"
             )
+
+
+def requires(cfg: Config) -> frozenset[str]:
+    """``REQUIRES`` plus the mismatched-prompt errors for ``reference_point="mismatched"``."""
+    return REQUIRES | {"mismatched"} if cfg.reference_point == "mismatched" else REQUIRES
 
 
 def check_unpaired_terms(terms: UnpairedTerms, objective: str) -> None:
@@ -87,6 +101,12 @@ def _global_sum(terms: UnpairedTerms, values: Tensor) -> Tensor:
 
 def reference_point(g: Tensor, labels: Tensor, terms: UnpairedTerms, kind: str) -> Tensor:
     """The detached scalar KL estimate from the implicit rewards ``g`` (B,) of the GLOBAL batch."""
+    if kind == "mismatched":
+        if terms.policy_mismatched is None or terms.ref_mismatched is None:
+            raise ValueError("kto: reference_point='mismatched' needs terms.policy_mismatched / ref_mismatched")
+        g_mm = (terms.ref_mismatched.float() - terms.policy_mismatched.float()).detach()
+        total, count = _global_sum(terms, torch.stack([g_mm.sum(), g_mm.new_tensor(float(g_mm.numel()))])).unbind()
+        return total / count
     g = g.detach()
     pos = labels.to(g.dtype)
     stats = torch.stack([g.sum(), g.new_tensor(float(g.numel())), (g * pos).sum(), pos.sum()])
@@ -113,10 +133,14 @@ def loss(terms: UnpairedTerms, cfg: Config) -> LossOutput:
     metrics = {
         "reference_point": kl.detach(),
         "implicit_acc": (scaled.detach() > 0).float().mean(),
+        "z": (cfg.beta * (g - kl)).detach().mean(),
+        "reward_margin": scaled.detach().mean(),
+        "h": torch.sigmoid(scaled.detach()).mean(),
         "reward_desirable": ((g.detach() - kl) * pos).sum() / (n_pos + 1e-6),
         "reward_undesirable": ((g.detach() - kl) * (1.0 - pos)).sum() / (n_neg + 1e-6),
         "frac_desirable": pos.mean(),
         "policy_err": policy.detach().mean(),
         "ref_err": ref.detach().mean(),
     }
-    return LossOutput(loss=per_image.mean(), metrics=metrics)
+    samples = {"z": (cfg.beta * (g - kl)).detach(), "reward_margin": scaled.detach()}
+    return LossOutput(loss=per_image.mean(), metrics=metrics, samples=samples)

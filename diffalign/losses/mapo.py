@@ -12,7 +12,8 @@ Defaults ``beta = 0.1``, ``snr_value = 0.5`` are the paper's / code's. ``f`` is 
 Taylor series near 0 (``f(0) = 1`` exactly, finite gradient) and ``|z| exp(-max(z,0)) / -expm1(-|z|)``
 elsewhere, which never overflows. The legacy diffusers ``diffusion_orpo`` example's
 ``logsigmoid(L_w - L_l)`` (no ``f``, no ``T``, reversed margin sign) is NOT what is computed here.
-``implicit_acc`` counts ``log_odds > 0`` strictly (a tie scores 0).
+``implicit_acc`` counts ``log_odds > 0`` strictly (a tie scores 0); ``reward_margin`` is the batch mean of
+``num_train_timesteps * log_odds``, the log-sigmoid's argument.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def loss(terms: PairTerms, cfg: Config) -> LossOutput:
     margin_loss = -cfg.beta * ratio.mean()
     total = policy_w.mean() + margin_loss
     metrics = detached_metrics(
+        reward_margin=terms.num_train_timesteps * log_odds,  # the argument of MaPO's log-sigmoid
         win_score=win_score,
         lose_score=lose_score,
         margin_loss=margin_loss,
@@ -82,4 +84,5 @@ def loss(terms: PairTerms, cfg: Config) -> LossOutput:
         policy_err_l=policy_l,
     )
     metrics["implicit_acc"] = implicit_accuracy(log_odds, tie=0.0)
-    return LossOutput(loss=total, metrics=metrics)
+    samples = {"reward_margin": (terms.num_train_timesteps * log_odds).detach()}
+    return LossOutput(loss=total, metrics=metrics, samples=samples)

@@ -108,4 +108,4 @@ def loss(terms: ListTerms, cfg: Config) -> LossOutput:
     metrics["ranking_acc"] = ((inside.detach() > 0) & above).sum() / n_pairs
     metrics["mean_weight"] = delta.sum() / n_pairs
     metrics["reward_margin"] = (inside.detach() * above).sum() / n_pairs
-    return LossOutput(loss=per_prompt.mean(), metrics=metrics)
+    return LossOutput(loss=per_prompt.mean(), metrics=metrics, samples={"reward_margin": inside.detach()[above]})

@@ -79,4 +79,4 @@ def loss(terms: PairTerms, cfg: Config) -> LossOutput:
     policy_l = terms.policy_l.float()
     scaled_l = policy_l.detach() + lam * (policy_l - policy_l.detach())
     out = dpo.loss(dataclasses.replace(terms, policy_l=scaled_l), dpo.Config(beta=cfg.beta))
-    return LossOutput(loss=out.loss, metrics={**out.metrics, "lambda": lam})
+    return LossOutput(loss=out.loss, metrics={**out.metrics, "lambda": lam}, samples=out.samples)

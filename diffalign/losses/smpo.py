@@ -19,7 +19,9 @@ so the reward model's winner comes first as in the authors' relabelling. ``score
 scores before the normalisation: the authors' min/max (0.115-0.282) are PickScore / 100 (inferred from their
 range), while ``diffalign.scorers.pickscore`` returns ``exp(logit_scale) * cos`` (~20), hence 0.01. The authors
 use the first pair's probability for the whole micro-batch (a per-device batch of 1); here every pair uses its own.
-``implicit_acc`` counts ``inside > 0``; a pair with equal scores has ``p = 1/2`` and no gradient.
+``implicit_acc`` counts ``inside > 0``; a pair with equal scores has ``p = 1/2`` and no gradient. Diagnostics
+(batch means): ``scale`` = ``smooth * (2p - 1)``, the per-pair factor on DPO's margin; ``prob_w``;
+``reward_margin`` = ``inside``.
 """
 
 from __future__ import annotations
@@ -79,10 +81,12 @@ def loss(terms: ListTerms, cfg: Config) -> LossOutput:
     metrics = detached_metrics(
         reward_margin=inside,
         prob_w=p,
+        scale=cfg.smooth * (2.0 * p - 1.0),
         policy_err_w=policy[:, 0],
         policy_err_l=policy[:, 1],
         win_diff=policy[:, 0] - ref[:, 0],
         lose_diff=policy[:, 1] - ref[:, 1],
     )
     metrics["implicit_acc"] = implicit_accuracy(inside, tie=0.0)
-    return LossOutput(loss=-F.logsigmoid(inside).mean(), metrics=metrics)
+    samples = {"reward_margin": inside.detach(), "scale": (cfg.smooth * (2.0 * p - 1.0)).detach()}
+    return LossOutput(loss=-F.logsigmoid(inside).mean(), metrics=metrics, samples=samples)

@@ -12,19 +12,22 @@ Launch:
 Outputs in ``run.output_dir``: ``config.yaml`` (resolved), ``checkpoints/step-*`` (atomic; resume with
 ``run.resume_from=latest``), ``lora/pytorch_lora_weights.safetensors`` (diffusers format:
 ``pipe.load_lora_weights(dir)``), ``metrics.jsonl`` (step 1, every ``run.log_every`` steps and the last),
-``curves.png`` (drawn from it at the end), ``validation/step-*/*.png``, and tensorboard logs.
+``curves.png`` (drawn from it at the end), ``validation/step-*/*.png``, and tensorboard logs. On the logged steps
+the tensorboard logs also get histograms ``hist/loss/<name>`` of the objective's per-sample values
+(``LossOutput.samples``: implicit reward margins, KTO's z, DSPO's c, SmPO's scale) from the main process's micro-batches;
+``metrics.jsonl`` holds their means (``loss/<name>``) over the global batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 
 from diffalign import config as dconfig
-from diffalign import errors
+from diffalign import errors, losses
 from diffalign.data.loader import build_loader
 from diffalign.terms import inversion, offline, unpaired
 from diffalign.training import loop
@@ -37,6 +40,7 @@ class State:
     objective: Any
     loss_cfg: Any
     noise_fn: Any = None
+    samples: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # this log step's per-sample values
 
 
 def setup(cfg: Any, accelerator: Any) -> State:
@@ -84,6 +88,7 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
         latents = latents.view(b, k, *latents.shape[1:])
     if objective.TERMS == "unpaired":
         return _unpaired_step(state, batch, latents, seeds)
+    needs = losses.required(objective, state.loss_cfg)
     with state.run.accelerator.autocast():
         errors = offline.group_errors(
             adapter,
@@ -92,9 +97,10 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
             prompts=batch.prompts,
             info=batch.info,
             cond=batch.prompt_embeds,
-            need_ref="ref" in objective.REQUIRES,
-            need_pred="pred" in objective.REQUIRES,
-            need_gap="gap" in objective.REQUIRES,
+            need_ref="ref" in needs,
+            need_pred="pred" in needs,
+            need_gap="gap" in needs,
+            need_ref_pred="ref_pred" in needs,
             noise_fn=state.noise_fn,
             image_prompts=batch.image_prompts,
         )
@@ -104,13 +110,46 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
     else:
         terms = offline.list_terms(errors, batch.scores, num_t)
     out = objective.loss(terms, state.loss_cfg)
+    _keep_samples(state, out.samples)
     return {"loss": out.loss, **{f"loss/{k}": v for k, v in out.metrics.items()}}
+
+
+def _histogram_writer(state: State) -> Any:
+    """The main process's tensorboard ``SummaryWriter``, or None (another process, or no tensorboard tracker)."""
+    acc = state.run.accelerator
+    if not acc.is_main_process:
+        return None
+    return next((t.tracker for t in acc.trackers if t.name == "tensorboard"), None)
+
+
+def _keep_samples(state: State, samples: dict[str, torch.Tensor]) -> None:
+    """Keep the per-sample values of the step now computed when ``loop.train`` will log it (on the device)."""
+    run = state.run
+    step = run.step + 1
+    logged = step % run.cfg.run.log_every == 0 or step in (1, run.cfg.run.max_steps)
+    if samples and logged and _histogram_writer(state) is not None:
+        for k, v in samples.items():
+            state.samples.setdefault(k, []).append(v.detach().float().reshape(-1))
+
+
+def step_with_histograms(state: State, train_step: Any) -> dict[str, Any]:
+    """``train_step()``, then the kept per-sample values as tensorboard histograms at the step just taken."""
+    metrics = train_step()
+    writer = _histogram_writer(state)
+    if state.samples and writer is not None:
+        for k, parts in state.samples.items():
+            values = torch.cat(parts).cpu()
+            if values.numel() and torch.isfinite(values).all():
+                writer.add_histogram(f"hist/loss/{k}", values, state.run.step)
+    state.samples.clear()
+    return metrics
 
 
 def _unpaired_step(state: State, batch: Batch, latents: torch.Tensor, seeds: list[int]) -> dict[str, torch.Tensor]:
     """Unpaired objectives: one image per row with its own noise and timestep; batch statistics are global."""
     acc, objective = state.run.accelerator, state.objective
     reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
+    needs = losses.required(objective, state.loss_cfg)
     with acc.autocast():
         terms = unpaired.unpaired_terms(
             state.run.adapter,
@@ -120,10 +159,12 @@ def _unpaired_step(state: State, batch: Batch, latents: torch.Tensor, seeds: lis
             prompts=batch.prompts,
             info=batch.info,
             cond=batch.prompt_embeds,
-            need_ref="ref" in objective.REQUIRES,
+            need_ref="ref" in needs,
             reduce_sum=reduce_sum,
+            need_mismatched="mismatched" in needs,
         )
     out = objective.loss(terms, state.loss_cfg)
+    _keep_samples(state, out.samples)
     return {"loss": out.loss, **{f"loss/{k}": v for k, v in out.metrics.items()}}
 
 
@@ -137,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loop.start(cfg, acc, dconfig.summary(cfg, num_processes=acc.num_processes))
     state = setup(cfg, acc)
     step = partial(loop.optimizer_step, state.run, partial(micro_step, state))
-    return loop.train(state.run, step, postfix=progress)
+    return loop.train(state.run, partial(step_with_histograms, state, step), postfix=progress)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class GroupErrors:
     """Shapes: ``policy``/``ref``/``gap`` (B, K) fp32; ``timesteps`` (B,); ``pred``/``target`` (B, K, C, h, w).
 
     ``gap``: mean over C,H,W of (policy prediction - reference prediction)^2, with gradient (DSPO).
+    ``ref_pred``: (B, K, C, h, w) the reference's raw predictions (no grad), when asked for (DSPO's SD1.5 form).
     """
 
     policy: Tensor
@@ -42,6 +43,7 @@ class GroupErrors:
     pred: Tensor | None = None
     target: Tensor | None = None
     gap: Tensor | None = None
+    ref_pred: Tensor | None = None
 
 
 def draw_noise(process: object, shape: Sequence[int], seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -80,6 +82,7 @@ def group_errors(
     need_ref: bool = True,
     need_pred: bool = False,
     need_gap: bool = False,
+    need_ref_pred: bool = False,
     noise_fn: NoiseFn | None = None,
     image_prompts: Sequence[Sequence[str]] | None = None,
 ) -> GroupErrors:
@@ -94,6 +97,7 @@ def group_errors(
         need_ref: run the no-grad reference forward (adapter disabled).
         need_pred: also return the raw policy predictions and targets (e.g. SDPO's safeguard).
         need_gap: also return the policy-vs-reference prediction gap (needs ``need_ref``; DSPO).
+        need_ref_pred: also return the reference's raw predictions (needs ``need_ref``; DSPO's SD1.5 form).
         noise_fn: replaces the shared random noise, ``noise_fn(x0, t, cond, image_seeds) -> eps`` per image under
             no_grad (``diffalign.terms.inversion``: InPO / SmPO's DDIM-inversion noise); None keeps the draw.
         image_prompts: one caption per image (B lists of K), each image conditioned on its own (DCPO); replaces
@@ -130,8 +134,8 @@ def group_errors(
             eps = noise_fn(x0, t, expand(policy_cond), _image_seeds(seeds, k)).to(device, torch.float32)
     x_t = process.add_noise(x0, eps, t)
     target = process.target(x0, eps, t)
-    if need_gap and not need_ref:
-        raise ValueError("need_gap needs the reference forward (need_ref=True)")
+    if (need_gap or need_ref_pred) and not need_ref:
+        raise ValueError("need_gap / need_ref_pred need the reference forward (need_ref=True)")
 
     ref = ref_pred = None
     if need_ref:  # before the policy pass: no policy activations are held while it runs (see bench/step_cost.py)
@@ -139,7 +143,7 @@ def group_errors(
             ref_cond = _encode(adapter, prompts, info, grad=False) if text_lora else policy_cond
             ref_pred = adapter.predict(x_t, t, expand(ref_cond))
             ref = per_sample_error(ref_pred, target).view(b, k)
-        if not need_gap:
+        if not (need_gap or need_ref_pred):
             ref_pred = None  # freed before the policy forward
     pred = adapter.predict(x_t, t, expand(policy_cond))
     policy = per_sample_error(pred, target).view(b, k)
@@ -152,6 +156,7 @@ def group_errors(
         pred=pred.view(shape) if need_pred else None,
         target=target.view(shape) if need_pred else None,
         gap=gap,
+        ref_pred=ref_pred.view(shape) if need_ref_pred else None,
     )
 
 
@@ -184,6 +189,7 @@ def pair_terms(errors: GroupErrors, num_train_timesteps: int) -> PairTerms:
         target_w=None if errors.target is None else errors.target[:, 0],
         target_l=None if errors.target is None else errors.target[:, 1],
         gap_w=None if errors.gap is None else errors.gap[:, 0],
+        ref_pred_w=None if errors.ref_pred is None else errors.ref_pred[:, 0],
     )
 
 

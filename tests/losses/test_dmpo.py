@@ -49,3 +49,40 @@ def test_gradient_pushes_the_margin_toward_the_target():
         assert sign * grad.item() > 0
     with pytest.raises(ValueError, match="alpha"):
         dmpo.Config(alpha=1.5)
+
+
+def test_winner_preserving_keeps_the_value_and_scales_only_the_loser_gradient():
+    """Authors' --use_winner_preserving (Diffusion-SDPO train.py L1187-1191): same loss, loser grad times lam.
+
+    One pair, C,H,W = 1,2,2 (N = 4): winner residual pred_w - target_w = 1 everywhere, loser residual 2 everywhere.
+    Output-space grads g_w = 2*1/4 = 0.5, g_l = 2*2/4 = 1 per element: ||g_w||^2 = 1, <g_l, g_w> = 2 > 0, so with
+    mu = 0.5: lam = (1 - 0.5) * 1 / (2 + 1e-9) = 0.25. At policy == reference u = 0 and dL/du = log(a/(1-a))/4,
+    du/dpolicy_l = +0.5 beta, so dL/dpolicy_l = 0.25 * log(0.01/0.99)/4 * 1000 (plain DMPO: the same without 0.25).
+    """
+    target = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    terms = PairTerms(
+        policy_w=torch.tensor([0.3], dtype=torch.float64, requires_grad=True),
+        policy_l=torch.tensor([0.4], dtype=torch.float64, requires_grad=True),
+        ref_w=torch.tensor([0.3], dtype=torch.float64),
+        ref_l=torch.tensor([0.4], dtype=torch.float64),
+        pred_w=torch.ones(1, 1, 2, 2, dtype=torch.float64),
+        pred_l=torch.full((1, 1, 2, 2), 2.0, dtype=torch.float64),
+        target_w=target,
+        target_l=target,
+    )
+    plain = dmpo.loss(terms, dmpo.Config(beta=2000.0, alpha=0.01))
+    guarded = dmpo.loss(terms, dmpo.Config(beta=2000.0, alpha=0.01, winner_preserving=True, winner_preserving_mu=0.5))
+    assert guarded.loss.item() == plain.loss.item()  # same forward value, bit for bit
+    assert guarded.metrics["lambda"].item() == pytest.approx(0.25, rel=1e-8)
+    g_plain = torch.autograd.grad(plain.loss, [terms.policy_w, terms.policy_l])
+    g_guard = torch.autograd.grad(guarded.loss, [terms.policy_w, terms.policy_l])
+    dl_du = math.log(0.01 / 0.99) / 4
+    assert g_plain[1].item() == pytest.approx(dl_du * 1000.0, rel=1e-6)
+    assert g_guard[1].item() == pytest.approx(0.25 * dl_du * 1000.0, rel=1e-6)
+    assert g_guard[0].item() == pytest.approx(g_plain[0].item(), rel=1e-12)  # the winner's gradient is untouched
+    assert dmpo.requires(dmpo.Config(winner_preserving=True)) == {"ref", "pred"}
+    assert dmpo.requires(dmpo.Config()) == {"ref"}
+    with pytest.raises(ValueError, match="pred_w"):  # the safeguard needs the raw predictions
+        dmpo.loss(pair([0.3], [0.4], [0.3], [0.4]), dmpo.Config(winner_preserving=True))
+    with pytest.raises(ValueError, match="winner_preserving_mu"):
+        dmpo.Config(winner_preserving_mu=1.5)

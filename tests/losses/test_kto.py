@@ -140,3 +140,33 @@ def test_two_processes_reference_point_equals_single_process():
     assert len(results) == 4
     for _rank, kind, value in results:
         assert value == pytest.approx(single[kind].item(), rel=1e-5)
+
+
+def test_mismatched_reference_point_by_hand():
+    """Authors' bce_offset=original (L1466-1468): KL = mean(ref_roll - policy_roll), not clamped, no gradient.
+
+    Matched g = [0.1, -0.1]; mismatched errors policy_roll = [0.6, 0.7], ref_roll = [0.5, 0.5]: KL = mean(-0.1, -0.2)
+    = -0.15 (negative, kept). z = g - KL = [0.25, 0.05]; labels [1, 0]: loss = mean(1 - sig(10 * 0.25), 1 - sig(-10 *
+    0.05)); policy_roll gets no gradient.
+    """
+    policy = torch.tensor([0.4, 0.6], dtype=torch.float64, requires_grad=True)
+    roll = torch.tensor([0.6, 0.7], dtype=torch.float64, requires_grad=True)
+    t = UnpairedTerms(
+        policy=policy,
+        ref=torch.tensor([0.5, 0.5], dtype=torch.float64),
+        labels=torch.tensor([True, False]),
+        policy_mismatched=roll,
+        ref_mismatched=torch.tensor([0.5, 0.5], dtype=torch.float64),
+    )
+    cfg = kto.Config(beta=10.0, reference_point="mismatched")
+    assert kto.requires(cfg) == {"ref", "mismatched"} and kto.requires(kto.Config()) == {"ref"}
+    out = kto.loss(t, cfg)
+    assert out.metrics["reference_point"].item() == pytest.approx(-0.15, rel=1e-6)  # fp32 inside the loss
+    assert out.loss.item() == pytest.approx(((1 - sig(2.5)) + (1 - sig(-0.5))) / 2, rel=1e-7)
+    out.loss.backward()
+    d = lambda x: sig(x) * (1 - sig(x))  # noqa: E731
+    # h_i = sig(s_i * 10 * (r_i - p_i - KL)): d(1 - h_i)/dp_i = s_i * 10 * sig'(.), s = +1 / -1; averaged over 2
+    assert policy.grad.tolist() == pytest.approx([10 * d(2.5) / 2, -10 * d(-0.5) / 2], rel=1e-7)
+    assert roll.grad is None  # the estimate is detached
+    with pytest.raises(ValueError, match="mismatched"):
+        kto.loss(terms([0.4, 0.6], [0.5, 0.5], [True, False]), cfg)
