@@ -43,10 +43,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = getattr(args, "overrides", [])
     schema = config.schema_for_recipe(args.recipe) if args.recipe else None
     cfg = config.load(args.config, overrides, schema=schema)
-    problems = list(config.launch_problems(cfg, args.num_processes))
-    if not args.no_paths:
-        problems = preflight.problems(cfg, args.num_processes, probe_lock=True, output=True)
-    preflight.raise_all(problems)
+    if args.no_paths:
+        preflight.raise_all(config.launch_problems(cfg, args.num_processes))
+    else:
+        preflight.check(cfg, args.num_processes, probe_lock=True)
     print(config.dumps(cfg), end="")
     print(
         f"OK: {config.resolve_config_path(args.config)} is a valid {config.recipe_name(type(cfg))} config",

@@ -8,7 +8,6 @@ source looks usable. Hub ids are not checked here (``open_tabular`` reports them
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from diffalign import resources
@@ -43,9 +42,13 @@ def problems(cfg: Any) -> list[str]:
         return [f"data.path: {e}"]
     if is_hub_id(path):
         return []
-    expanded = os.path.expanduser(path)
-    if cfg.format in ("ranked", "scored_pairs") and (expanded.endswith(".jsonl") or _has_jsonl(expanded, cfg.split)):
-        return [] if os.path.exists(expanded) else [f"data.path={cfg.path!r}: no such file"]
+    if cfg.format in ("ranked", "scored_pairs"):
+        from diffalign.data.ranked import jsonl_path
+
+        if jsonl_path(path, cfg.split):  # a JSONL list file (RankedDataset reads it; no parquet schema)
+            return []
+        if path.endswith((".jsonl", ".json")):
+            return [f"data.path={cfg.path!r}: no such file"]
     try:
         files = resolve_parquet_files(path, cfg.split)
     except (FileNotFoundError, ValueError) as e:
@@ -55,10 +58,6 @@ def problems(cfg: Any) -> list[str]:
     except provenance.ProvenanceError as e:
         return [str(e)]
     return _column_problems(files, required_columns(cfg), cfg)
-
-
-def _has_jsonl(path: str, split: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, f"{split}.jsonl"))
 
 
 def _column_problems(files: list[str], required: list[str], cfg: Any) -> list[str]:

@@ -72,7 +72,7 @@ class _Entry:
     image_refs: tuple[str, ...] | None = None  # JSONL paths; None when images live in the table
 
 
-def _jsonl_path(path: str, split: str) -> str | None:
+def jsonl_path(path: str, split: str) -> str | None:
     expanded = os.path.expanduser(path)
     if os.path.isfile(expanded) and expanded.endswith((".jsonl", ".json")):
         return expanded
@@ -91,7 +91,7 @@ class RankedDataset(Dataset):
         self._known_bad: dict[int, SkippedRow] = {}
         self._table = None
         self._base_dir: str | None = None
-        jsonl = None if is_hub_id(source.path) else _jsonl_path(source.path, source.split)
+        jsonl = None if is_hub_id(source.path) else jsonl_path(source.path, source.split)
         if jsonl is not None:
             self.name = jsonl
             self._base_dir = os.path.dirname(os.path.abspath(jsonl))

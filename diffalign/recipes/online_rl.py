@@ -149,8 +149,8 @@ def build_guards(cfg: Any, device: torch.device) -> dict[str, Any]:
 
 
 def setup(cfg: Any, accelerator: Any) -> State:
-    for problem in dconfig.launch_problems(cfg, accelerator.num_processes):
-        raise dconfig.ConfigError(problem)
+    """Model, LoRA, rewards and the round buffer; ``loop.start`` has checked that ``optim.grad_accum`` fits one round
+    on ``accelerator.num_processes`` processes (``config.launch_problems``)."""
     objective, loss_cfg = dconfig.loss_config(cfg.loss)
     adapter = loop.build_adapter(cfg, accelerator.device)
     adapter.denoiser.eval()  # rollout and update see the same policy (no LoRA dropout; checked by the config)

@@ -28,9 +28,9 @@ from diffalign.models.loading import source_problem
 from diffalign.training import checkpoint, rundir
 
 
-def check(cfg: Any, num_processes: int = 1, *, probe_lock: bool = False, output: bool = True) -> None:
+def check(cfg: Any, num_processes: int = 1, *, probe_lock: bool = False) -> None:
     """Raise ``ConfigError`` with every problem of ``problems`` on one line; return when there is none."""
-    raise_all(problems(cfg, num_processes, probe_lock=probe_lock, output=output))
+    raise_all(problems(cfg, num_processes, probe_lock=probe_lock))
 
 
 def raise_all(found: list[str]) -> None:
@@ -41,15 +41,12 @@ def raise_all(found: list[str]) -> None:
         raise dconfig.ConfigError(f"{len(found)} problems: " + " | ".join(found))
 
 
-def problems(cfg: Any, num_processes: int = 1, *, probe_lock: bool = False, output: bool = True) -> list[str]:
-    """The one-line problems of running ``cfg`` on ``num_processes`` processes (see the module docstring).
-
-    ``output=False`` skips the output-folder checks (``diffalign validate`` on a machine that will not run it).
-    """
+def problems(cfg: Any, num_processes: int = 1, *, probe_lock: bool = False) -> list[str]:
+    """The one-line problems of running ``cfg`` on ``num_processes`` processes (see the module docstring)."""
     found = list(dconfig.launch_problems(cfg, num_processes))
     found += path_problems(cfg)
     found += tracker_problems(getattr(getattr(cfg, "run", None), "report_to", ()))
-    if output and hasattr(cfg, "run"):
+    if hasattr(cfg, "run"):
         found += output_problems(cfg, probe_lock=probe_lock)
     return found
 
@@ -89,7 +86,8 @@ def path_problems(cfg: Any) -> list[str]:
     if data is not None and hasattr(data, "format"):
         from diffalign.data import check as data_check
 
-        found += [labels_problem(data)] if labels_problem(data) else data_check.problems(data)
+        missing_labels = labels_problem(data)
+        found += [missing_labels] if missing_labels else data_check.problems(data)
     cache = getattr(data, "latent_cache", None)
     if cache and not Path(cache).expanduser().is_dir():
         found.append(

@@ -78,3 +78,18 @@ def averaged_gradients(out: Path, steps: int) -> list[torch.Tensor]:
         grads.append((m - (b1 * before if before is not None else 0)) / (1 - b1))
         before = m
     return grads
+
+
+@pytest.fixture(scope="module")
+def stock_pipes(tiny_dirs):
+    """A stock diffusers pipeline of every tiny family (``models.tiny.PIPELINES``), to load the LoRAs recipes export."""
+    import diffusers
+
+    from diffalign.models import tiny
+
+    pipes = {}
+    for family in tiny.FAMILIES:
+        pipe = getattr(diffusers, tiny.PIPELINES[family]).from_pretrained(str(tiny_dirs[family]))
+        pipe.set_progress_bar_config(disable=True)
+        pipes[family] = pipe
+    return pipes

@@ -35,20 +35,6 @@ def init_loss(name: str, first: dict[str, float]) -> float | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def stock_pipes(tiny_dirs):
-    import diffusers
-
-    from diffalign.models import tiny
-
-    pipes = {}
-    for family in FAMILIES:
-        pipe = getattr(diffusers, tiny.PIPELINES[family]).from_pretrained(str(tiny_dirs[family]))
-        pipe.set_progress_bar_config(disable=True)
-        pipes[family] = pipe
-    return pipes
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", OBJECTIVES)
 def test_objective_runs_on_family(recipe, tiny_dirs, stock_pipes, tmp_path, family, name):

@@ -57,20 +57,6 @@ def recipes():
     return {name: recipe_module(name) for name in ("online_rl", "reward_grad")}
 
 
-@pytest.fixture(scope="module")
-def stock_pipes(tiny_dirs):
-    import diffusers
-
-    from diffalign.models import tiny
-
-    pipes = {}
-    for family in FAMILIES:
-        pipe = getattr(diffusers, tiny.PIPELINES[family]).from_pretrained(str(tiny_dirs[family]))
-        pipe.set_progress_bar_config(disable=True)
-        pipes[family] = pipe
-    return pipes
-
-
 def sample(pipe) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     return pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=gen, output_type="pt").images
