@@ -48,8 +48,14 @@ class OnlineSection:
     """
 
     num_steps: int = 10
-    sde_form: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"  # flow models; VP models step DDIM
-    noise_level: float = 0.7  # Flow-GRPO a 0.7; DanceGRPO eta 0.3; DDPO eta 1.0
+    # flow models; VP models step DDIM. cps: Coefficients-Preserving Sampling (arXiv 2509.05952; Flow-GRPO
+    # sde_type="cps", sd3_sde_with_logprob.py:70-86): noise_level in (0, 1] (authors 0.8), unnormalised log-prob
+    # -(x' - mean)^2, so use their clip_range 1e-5 (config/grpo.py geneval_sd3_fast_nocfg)
+    sde_form: Literal["flow_grpo", "dance_grpo", "cps"] = "flow_grpo"
+    noise_level: float = 0.7  # Flow-GRPO a 0.7; DanceGRPO eta 0.3; CPS a 0.8; DDPO eta 1.0
+    # the flow_grpo mean's order: "flow_grpo" = the authors' x (1 + ..) + v (..) dt (sd3_sde_with_logprob.py:50),
+    # where x cancels exactly in the KL's mean difference (more precise in fp32); "diffalign" = this library's order
+    sde_arithmetic: Literal["diffalign", "flow_grpo"] = "diffalign"
     spacing: Literal["diffusers", "linear"] = "diffusers"  # flow grid (linear: DanceGRPO)
     guidance_scale: float = 4.5  # 1.0: no CFG (FLUX.1-dev uses its guidance embedding, model.guidance)
     uncond: Literal["empty_prompt", "zeros"] = "empty_prompt"
@@ -150,6 +156,10 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
         problems.append(f"online.group_size={o.group_size} must be >= 2 (advantages are relative to the group)")
     if o.noise_level <= 0:
         problems.append(f"online.noise_level={o.noise_level} must be > 0 (a deterministic sampler has no log-prob)")
+    if o.sde_form == "cps" and o.noise_level > 1:
+        problems.append(f"online.noise_level={o.noise_level} must be in (0, 1] with online.sde_form=cps (sin(a pi/2))")
+    if o.sde_arithmetic == "flow_grpo" and o.sde_form != "flow_grpo":
+        problems.append(f"online.sde_arithmetic=flow_grpo orders the flow_grpo mean; online.sde_form={o.sde_form!r}")
     if not 0 < o.timestep_fraction <= 1:
         problems.append(f"online.timestep_fraction={o.timestep_fraction} must be in (0, 1]")
     if o.train_steps == "window" and not 0 <= o.window_init <= o.num_steps - 1 - o.window_size:

@@ -1,0 +1,45 @@
+"""The peers' options in recipes/online_rl.py (issue 21 item 4): each runs one tiny round and does what it says."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffalign import config as dconfig
+from tests.recipes.conftest import recipe_module
+from tests.recipes.test_online_rl import overrides
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return recipe_module("online_rl")
+
+
+def run(recipe, tiny_dirs, tmp_path, config: str = "toy/grpo", family: str = "sd3", **extra):
+    extra.setdefault("run.max_steps", 1)
+    return recipe.main(["--config", config, *overrides(tiny_dirs[family], tmp_path / "run", **extra)])
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        (["online.sde_form=cps", "online.noise_level=1.2"], "online.noise_level"),
+        (["online.sde_form=cps", "online.sde_arithmetic=flow_grpo"], "online.sde_arithmetic"),
+    ],
+)
+def test_peer_config_checks(override, match):
+    with pytest.raises(dconfig.ConfigError, match=match):
+        dconfig.load("toy/grpo", ["run.output_dir=x", *override])
+
+
+def test_cps_round_trains_with_ratio_one(recipe, tiny_dirs, tmp_path):
+    extra = {"online.sde_form": "cps", "online.noise_level": 0.8, "loss.clip_range": 1e-5}
+    h = run(recipe, tiny_dirs, tmp_path, **extra)["history"][0]
+    assert math.isfinite(h["loss"]) and h["loss/ratio_min"] == h["loss/ratio_max"] == 1.0 and h["grad_norm"] > 0
+
+
+def test_flow_grpo_arithmetic_round_trains_with_ratio_one(recipe, tiny_dirs, tmp_path):
+    h = run(recipe, tiny_dirs, tmp_path, **{"online.sde_arithmetic": "flow_grpo", "run.max_steps": 2})["history"]
+    assert h[0]["loss/ratio_min"] == h[0]["loss/ratio_max"] == 1.0 and h[1]["loss/kl"] > 0
