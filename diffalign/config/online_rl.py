@@ -62,6 +62,9 @@ class OnlineSection:
     detach_uncond: bool = True  # Flow-GRPO; DDPO trains through both branches
     prompts_per_round: int = 2
     group_size: int = 4
+    # one initial noise per group (its SDE step noises still differ): Flow-GRPO sample.same_latent
+    # (scripts/train_sd3.py:170-178, 637-640 at 9745241), DanceGRPO --init_same_noise (train_grpo_flux.py:333-347)
+    same_latent: bool = False
     updates_per_round: int = 1  # Flow-GRPO: 2 (the second sees ratios != 1); checkpoints only between rounds
     train_steps: Literal["fraction", "window"] = "fraction"
     timestep_fraction: float = 0.99  # Flow-GRPO int(10 * 0.99) = 9; DanceGRPO 0.6 with shuffle_steps

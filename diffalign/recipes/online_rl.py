@@ -50,6 +50,7 @@ from diffalign.models.base import Cond
 from diffalign.sampling import seeds
 from diffalign.sampling.guidance import default_info, encode_condition
 from diffalign.sampling.sde import Grid, SDESpec, make_grid, rollout
+from diffalign.sampling.seeds import draw_noise
 from diffalign.terms import online, stepwise
 from diffalign.terms.advantages import AdvantageSpec, gathered_advantages
 from diffalign.training import curves, loop
@@ -207,12 +208,16 @@ def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[s
         prompts = [buf.prompt_at(int(p)) for p in positions[start : start + b]]
         info = [default_info(adapter, shape[1:])] * len(prompts)
         gens = [seeds.generator(buf.seed, buf.round, int(g), seeds.SAMPLE_NOISE) for g in rows]
+        initial = None
+        if o.same_latent:  # one initial noise per prompt position: a group shares it (its SDE noises differ)
+            group_gens = [seeds.generator(buf.seed, int(p), seeds.GROUP_NOISE) for p in positions[start : start + b]]
+            initial = draw_noise(group_gens, shape, adapter.device)
         with torch.no_grad(), state.run.accelerator.autocast():
             cond, uncond = encode_condition(adapter, prompts, info, o.uncond)
             uncond = uncond if o.guidance_scale != 1.0 else None
             traj = rollout(
                 adapter, state.grid, state.spec, cond, uncond, generators=gens, latent_shape=shape,
-                guidance_scale=o.guidance_scale, sde_steps=sde,
+                guidance_scale=o.guidance_scale, sde_steps=sde, initial=initial,
             )  # fmt: skip
             images = (adapter.decode_latents(traj.final) + 1.0) / 2.0
         t0 = time.perf_counter()

@@ -237,16 +237,23 @@ def rollout(
     latent_shape: Sequence[int],
     guidance_scale: float = 1.0,
     sde_steps: Tensor | None = None,
+    initial: Tensor | None = None,
 ) -> Trajectory:
     """Sample B = len(generators) trajectories from ``adapter`` as it is now (the policy, LoRA on).
 
     Each sample's initial noise and step noises come from its own generator, so a sample does not depend on
     which others share its batch or process. ``sde_steps`` (N,) bool: stochastic steps (default all; MixGRPO:
-    a window); the others are ODE steps.
+    a window); the others are ODE steps. ``initial`` (B, *latent_shape): the initial noise instead of the
+    generators' first draw (which is still made, so the step noises are the same with or without it; Flow-GRPO
+    ``sample.same_latent``, DanceGRPO ``init_same_noise``: one initial noise per group).
     """
     n, device = grid.num_steps, adapter.device
     sde = torch.ones(n, dtype=torch.bool) if sde_steps is None else sde_steps.bool().cpu()
     x = draw_noise(generators, latent_shape, device)
+    if initial is not None:
+        if initial.shape != x.shape:
+            raise ValueError(f"initial noise of shape {tuple(initial.shape)} for latents {tuple(x.shape)}")
+        x = initial.float().to(device)
     latents, log_probs = [x], []
     for j in range(n):
         t = grid.timesteps[j].to(device).expand(x.shape[0])

@@ -43,3 +43,29 @@ def test_cps_round_trains_with_ratio_one(recipe, tiny_dirs, tmp_path):
 def test_flow_grpo_arithmetic_round_trains_with_ratio_one(recipe, tiny_dirs, tmp_path):
     h = run(recipe, tiny_dirs, tmp_path, **{"online.sde_arithmetic": "flow_grpo", "run.max_steps": 2})["history"]
     assert h[0]["loss/ratio_min"] == h[0]["loss/ratio_max"] == 1.0 and h[1]["loss/kl"] > 0
+
+
+def _record_rollouts(recipe, monkeypatch) -> list:
+    seen = []
+    real = recipe.rollout
+
+    def spy(*args, **kwargs):
+        traj = real(*args, **kwargs)
+        seen.append((kwargs, traj))
+        return traj
+
+    monkeypatch.setattr(recipe, "rollout", spy)
+    return seen
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_same_latent_shares_the_initial_noise_of_a_group_only(recipe, tiny_dirs, tmp_path, monkeypatch, same):
+    """toy/grpo: 2 prompts x 4, batch 4, so micro-batch i is prompt i's group."""
+    seen = _record_rollouts(recipe, monkeypatch)
+    run(recipe, tiny_dirs, tmp_path, **{"online.same_latent": same})
+    (kw0, t0), (_, t1) = [s for s in seen if s[0].get("sde_steps") is not None and s[0]["sde_steps"].any()][:2]
+    first = t0.latents[:, 0]
+    assert (kw0["initial"] is not None) == same
+    assert all(torch.equal(first[0], first[i]) for i in range(1, 4)) == same
+    assert not torch.equal(first[0], t1.latents[0, 0])  # another prompt, another noise
+    assert not torch.equal(t0.latents[0, 1], t0.latents[1, 1])  # the SDE noises differ within the group
