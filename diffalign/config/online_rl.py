@@ -65,6 +65,9 @@ class OnlineSection:
     # one initial noise per group (its SDE step noises still differ): Flow-GRPO sample.same_latent
     # (scripts/train_sd3.py:170-178, 637-640 at 9745241), DanceGRPO --init_same_noise (train_grpo_flux.py:333-347)
     same_latent: bool = False
+    # train only bestofn of each group: the bestofn/2 best and bestofn/2 worst by advantage, the others masked out of
+    # the loss (0: all). DanceGRPO --bestofn (fastvideo/train_grpo_hunyuan.py:394-410)
+    bestofn: int = 0
     updates_per_round: int = 1  # Flow-GRPO: 2 (the second sees ratios != 1); checkpoints only between rounds
     train_steps: Literal["fraction", "window"] = "fraction"
     timestep_fraction: float = 0.99  # Flow-GRPO int(10 * 0.99) = 9; DanceGRPO 0.6 with shuffle_steps
@@ -159,6 +162,8 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
         problems.append(f"online.group_size={o.group_size} must be >= 2 (advantages are relative to the group)")
     if o.noise_level <= 0:
         problems.append(f"online.noise_level={o.noise_level} must be > 0 (a deterministic sampler has no log-prob)")
+    if o.bestofn and (o.bestofn % 2 or not 2 <= o.bestofn < o.group_size):
+        problems.append(f"online.bestofn={o.bestofn} must be 0 (all) or even and in [2, online.group_size)")
     if o.sde_form == "cps" and o.noise_level > 1:
         problems.append(f"online.noise_level={o.noise_level} must be in (0, 1] with online.sde_form=cps (sin(a pi/2))")
     if o.sde_arithmetic == "flow_grpo" and o.sde_form != "flow_grpo":

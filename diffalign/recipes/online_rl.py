@@ -164,7 +164,10 @@ def setup(cfg: Any, accelerator: Any) -> State:
         loss_cfg,
         make_grid(adapter, o.num_steps, spacing=o.spacing),
         SDESpec(form=o.sde_form, noise_level=o.noise_level, arithmetic=o.sde_arithmetic),
-        AdvantageSpec(std=o.adv_std, eps=o.adv_eps, unbiased=o.adv_unbiased, clip=o.adv_clip, per_reward=o.per_reward),
+        AdvantageSpec(
+            std=o.adv_std, eps=o.adv_eps, unbiased=o.adv_unbiased, clip=o.adv_clip, per_reward=o.per_reward,
+            bestofn=o.bestofn,
+        ),  # fmt: skip
         build_scorers(cfg, accelerator.device),
         build_guards(cfg, accelerator.device),
     )

@@ -16,6 +16,13 @@ For rewards ``r`` of the samples of one prompt (Flow-GRPO ``flow_grpo/stat_track
 - Rewards are gathered from every process *before* normalising (Flow-GRPO ``train_sd3.py:741-789``: its
   ``DistributedKRepeatSampler`` spreads a group over ranks), and each process keeps its own rows.
 
+**Best/worst selection** (``bestofn`` > 0; DanceGRPO ``--bestofn``, ``fastvideo/train_grpo_hunyuan.py:394-410`` at
+XueZeyue/DanceGRPO@15cc71d): of each group only the ``bestofn // 2`` rows with the highest advantage and the
+``bestofn // 2`` with the lowest are trained (a stable sort; ties go to the earlier row); the others stay in the
+forward but are masked out of the loss (``mask`` False, ``A = 0``). DanceGRPO sorts its rank's one group by the
+combined advantage and drops the rest of the batch; here every group is sorted on its own, after clipping.
+``metrics["bestofn_kept_frac"]``: the fraction of live rows kept.
+
 **Several rewards** (``Mapping[str, Tensor]`` with ``weights``): by default the weighted sum of the raw rewards is
 normalised (Flow-GRPO ``multi_score``, ``flow_grpo/rewards.py:360-403``). ``per_reward=True`` normalises each
 reward on its own and sums the weighted advantages (MixGRPO ``advantage_aggr``,
@@ -48,8 +55,11 @@ class AdvantageSpec:
     unbiased: bool = False
     clip: float = 5.0
     per_reward: bool = False
+    bestofn: int = 0
 
     def __post_init__(self) -> None:
+        if self.bestofn < 0 or self.bestofn % 2:
+            raise ValueError(f"AdvantageSpec.bestofn={self.bestofn} must be 0 (all rows) or an even count")
         if self.std not in STD_MODES:
             raise ValueError(f"AdvantageSpec.std={self.std!r}; choices: {', '.join(STD_MODES)}")
         if not (self.eps > 0 and self.clip > 0 and math.isfinite(self.eps)):
@@ -94,6 +104,22 @@ def normalise(rewards: Tensor, group_ids: Tensor, spec: AdvantageSpec) -> tuple[
     return (x - mean) / (scale + spec.eps), row_std > 0
 
 
+def best_and_worst(values: Tensor, index: Tensor, bestofn: int) -> Tensor:
+    """(N,) bool: per group (``index`` (N,) in [0, groups)), the ``bestofn // 2`` highest and ``bestofn // 2``
+    lowest ``values`` (stable order; a group of at most ``bestofn`` rows keeps every row)."""
+    keep = torch.zeros(values.shape[0], dtype=torch.bool)
+    half = bestofn // 2
+    for g in torch.unique(index):
+        rows = (index == g).nonzero().flatten()
+        if rows.numel() <= bestofn:
+            keep[rows] = True
+            continue
+        order = rows[torch.argsort(values[rows], stable=True)]
+        keep[order[:half]] = True
+        keep[order[-half:]] = True
+    return keep
+
+
 def group_advantages(
     rewards: Tensor | Mapping[str, Tensor],
     group_ids: Tensor,
@@ -115,12 +141,17 @@ def group_advantages(
         total = sum(weights[name] * r.detach().double().cpu().reshape(-1) for name, r in named.items())
         adv, live = normalise(total, group_ids, spec)
     clipped = adv.abs() > spec.clip
-    values = torch.where(live, adv.clamp(-spec.clip, spec.clip), torch.zeros_like(adv)).float()
     _, index = torch.unique(group_ids.cpu().reshape(-1), return_inverse=True)
+    chosen = best_and_worst(adv.clamp(-spec.clip, spec.clip), index, spec.bestofn) if spec.bestofn else None
+    if chosen is not None:
+        before, live = live, live & chosen
+    values = torch.where(live, adv.clamp(-spec.clip, spec.clip), torch.zeros_like(adv)).float()
     groups = int(index.max()) + 1 if index.numel() else 0
     group_live = torch.zeros(groups, dtype=torch.bool).index_fill_(0, index[live], True)
     metrics = {"zero_std_frac": float(1 - group_live.float().mean()) if groups else 0.0}
     metrics["adv_clip_frac"] = float((clipped & live).float().mean()) if index.numel() else 0.0
+    if chosen is not None:
+        metrics["bestofn_kept_frac"] = float(live.sum() / before.sum().clamp_min(1))
     for name, r in named.items():
         r = r.detach().double().cpu()
         metrics[f"reward/{name}/mean"] = float(r.mean())

@@ -27,6 +27,8 @@ def run(recipe, tiny_dirs, tmp_path, config: str = "toy/grpo", family: str = "sd
     [
         (["online.sde_form=cps", "online.noise_level=1.2"], "online.noise_level"),
         (["online.sde_form=cps", "online.sde_arithmetic=flow_grpo"], "online.sde_arithmetic"),
+        (["online.bestofn=3"], "online.bestofn"),
+        (["online.bestofn=4"], "online.bestofn"),
     ],
 )
 def test_peer_config_checks(override, match):
@@ -69,3 +71,8 @@ def test_same_latent_shares_the_initial_noise_of_a_group_only(recipe, tiny_dirs,
     assert all(torch.equal(first[0], first[i]) for i in range(1, 4)) == same
     assert not torch.equal(first[0], t1.latents[0, 0])  # another prompt, another noise
     assert not torch.equal(t0.latents[0, 1], t0.latents[1, 1])  # the SDE noises differ within the group
+
+
+def test_bestofn_trains_the_best_and_worst_of_each_group(recipe, tiny_dirs, tmp_path):
+    h = run(recipe, tiny_dirs, tmp_path, **{"online.bestofn": 2})["history"][0]
+    assert h["bestofn_kept_frac"] == 0.5 and h["groups"] == 4 * 3 and h["grad_norm"] > 0

@@ -99,3 +99,16 @@ def test_two_processes_gather_before_normalising(tmp_path) -> None:
     assert two[0]["mask"] + two[1]["mask"] == one["mask"]
     assert two[0]["metrics"] == two[1]["metrics"] == one["metrics"]
     assert one["mask"] == [True] * 4 + [True, True] + [True, True]
+
+
+def test_bestofn_keeps_the_best_and_worst_half_of_each_group() -> None:
+    """DanceGRPO's best-of-n (train_grpo_hunyuan.py:394-410), per group: 2 of 4 rows = the best and the worst."""
+    rewards = torch.tensor([0.1, 0.9, 0.5, 0.4, 3.0, 1.0, 2.0, 0.0])
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    full = group_advantages(rewards, ids, AdvantageSpec(std="group"))
+    out = group_advantages(rewards, ids, AdvantageSpec(std="group", bestofn=2))
+    assert out.mask.tolist() == [True, True, False, False, True, False, False, True]
+    torch.testing.assert_close(out.values[out.mask], full.values[out.mask])
+    assert (out.values[~out.mask] == 0).all() and out.metrics["bestofn_kept_frac"] == 0.5
+    with pytest.raises(ValueError, match="bestofn"):
+        AdvantageSpec(bestofn=3)
