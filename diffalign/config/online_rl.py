@@ -76,7 +76,12 @@ class OnlineSection:
     window_stride: int = 1
     window_interval: int = 25
     window_init: int = 0
-    adv_std: Literal["global", "group"] = "global"
+    # group: the group's std; global: the round's (Flow-GRPO); tracker: DDPO's PerPromptStatTracker
+    # (ddpo_pytorch/stat_tracking.py:5-30, config/base.py:104-111): per-prompt buffers of the last tracker_buffer
+    # rewards across rounds, the round's mean/std while a prompt has < tracker_min_count; kept in the checkpoint
+    adv_std: Literal["global", "group", "tracker"] = "global"
+    tracker_buffer: int = 16
+    tracker_min_count: int = 16
     adv_eps: float = 1.0e-4
     adv_unbiased: bool = False
     adv_clip: float = 5.0
@@ -164,6 +169,15 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
         problems.append(f"online.noise_level={o.noise_level} must be > 0 (a deterministic sampler has no log-prob)")
     if o.bestofn and (o.bestofn % 2 or not 2 <= o.bestofn < o.group_size):
         problems.append(f"online.bestofn={o.bestofn} must be 0 (all) or even and in [2, online.group_size)")
+    if o.adv_std == "tracker":
+        if not 1 <= o.tracker_min_count <= o.tracker_buffer:
+            problems.append(
+                f"online.tracker_min_count={o.tracker_min_count} must be in [1, online.tracker_buffer="
+                f"{o.tracker_buffer}]"
+            )
+        for key, value in (("per_reward", o.per_reward), ("adv_unbiased", o.adv_unbiased), ("bestofn", o.bestofn)):
+            if value:
+                problems.append(f"online.{key}={value} is not supported with online.adv_std=tracker")
     if o.sde_form == "cps" and o.noise_level > 1:
         problems.append(f"online.noise_level={o.noise_level} must be in (0, 1] with online.sde_form=cps (sin(a pi/2))")
     if o.sde_arithmetic == "flow_grpo" and o.sde_form != "flow_grpo":

@@ -52,7 +52,7 @@ from diffalign.sampling.guidance import default_info, encode_condition
 from diffalign.sampling.sde import Grid, SDESpec, make_grid, rollout
 from diffalign.sampling.seeds import draw_noise
 from diffalign.terms import online, stepwise
-from diffalign.terms.advantages import AdvantageSpec, gathered_advantages
+from diffalign.terms.advantages import AdvantageSpec, PerPromptStats, gathered_advantages, tracked_advantages
 from diffalign.training import curves, loop
 from diffalign.training.prompts import PromptOrder, read_prompts
 from diffalign.types import PolicyTerms
@@ -89,6 +89,7 @@ class RoundBuffer:
     world_size: int = 1
     round: int = 0
     items: list[tuple[Micro, int]] | None = None
+    tracker: PerPromptStats | None = None  # online.adv_std=tracker: DDPO's per-prompt reward buffers
 
     def __post_init__(self) -> None:
         self.order = PromptOrder(self.prompts, self.seed, seeds.PROMPT_ORDER)
@@ -101,13 +102,19 @@ class RoundBuffer:
             raise RuntimeError("online_rl: the round's work items ran out (optim.grad_accum does not fit the round)")
         return self.items.pop(0)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"round": self.round}
+    def state_dict(self) -> dict[str, Any]:
+        if self.tracker is None:
+            return {"round": self.round}
+        return {"round": self.round, "tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "round" not in state:
             raise KeyError(f"the checkpoint's data state {sorted(state)} has no round counter (not an online_rl run?)")
         self.round = int(state["round"])
+        if self.tracker is not None:
+            if "tracker" not in state and self.round:
+                raise KeyError("online.adv_std=tracker but the checkpoint has no per-prompt reward buffers")
+            self.tracker.load_state_dict(state.get("tracker", {}))
 
     def stats_summary(self) -> str:
         return f"{self.round} rollout rounds"
@@ -157,6 +164,8 @@ def setup(cfg: Any, accelerator: Any) -> State:
     adapter.denoiser.eval()  # rollout and update see the same policy (no LoRA dropout; checked by the config)
     o = cfg.online
     buffer = RoundBuffer(read_prompts(cfg.data), cfg.run.seed, accelerator.process_index, accelerator.num_processes)
+    if o.adv_std == "tracker":
+        buffer.tracker = PerPromptStats(o.tracker_buffer, o.tracker_min_count)
     state = State(
         loop.build_run(cfg, accelerator, adapter, loader=buffer),
         buffer,
@@ -258,7 +267,10 @@ def fill_round(state: State) -> dict[str, Tensor]:
     t1 = time.perf_counter()
     check_rollout(state, micros, rewards, sde)
     weights = {name: r.weight for name, r in o.rewards.items()}
-    adv = gathered_advantages(rewards, positions, state.adv_spec, acc, weights)
+    if buf.tracker is not None:
+        adv = tracked_advantages(rewards, positions, state.adv_spec, buf.tracker, buf.prompt_at, acc, weights)
+    else:
+        adv = gathered_advantages(rewards, positions, state.adv_spec, acc, weights)
     offset = 0
     for micro in micros:
         n = micro.latents.shape[0]

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from diffalign import config as dconfig
 from tests.recipes.conftest import recipe_module
 from tests.recipes.test_online_rl import overrides
@@ -29,6 +31,8 @@ def run(recipe, tiny_dirs, tmp_path, config: str = "toy/grpo", family: str = "sd
         (["online.sde_form=cps", "online.sde_arithmetic=flow_grpo"], "online.sde_arithmetic"),
         (["online.bestofn=3"], "online.bestofn"),
         (["online.bestofn=4"], "online.bestofn"),
+        (["online.adv_std=tracker", "online.tracker_min_count=20"], "online.tracker_min_count"),
+        (["online.adv_std=tracker", "online.per_reward=true"], "online.per_reward"),
     ],
 )
 def test_peer_config_checks(override, match):
@@ -76,3 +80,20 @@ def test_same_latent_shares_the_initial_noise_of_a_group_only(recipe, tiny_dirs,
 def test_bestofn_trains_the_best_and_worst_of_each_group(recipe, tiny_dirs, tmp_path):
     h = run(recipe, tiny_dirs, tmp_path, **{"online.bestofn": 2})["history"][0]
     assert h["bestofn_kept_frac"] == 0.5 and h["groups"] == 4 * 3 and h["grad_norm"] > 0
+
+
+TRACKER = {"online.adv_std": "tracker", "online.tracker_buffer": 8, "online.tracker_min_count": 4,
+           "online.adv_eps": 1e-6, "data.max_prompts": 2, "run.save_every": 1}  # fmt: skip
+
+
+def test_tracker_state_makes_resume_exact(recipe, tiny_dirs, tmp_path):
+    """DDPO's per-prompt buffers (2 prompts, 4 rewards each per round, buffer 8): round 3 normalises by rounds 2-3,
+    so a resume that lost the buffers would train another LoRA."""
+    whole = run(recipe, tiny_dirs, tmp_path / "a", **TRACKER, **{"run.max_steps": 3})
+    assert whole["history"][0]["tracked_prompts"] == 2.0
+    run(recipe, tiny_dirs, tmp_path / "b", **TRACKER, **{"run.max_steps": 2})
+    resumed = run(recipe, tiny_dirs, tmp_path / "b", **TRACKER, **{"run.max_steps": 3, "run.resume_from": "latest"})
+    assert resumed["rounds"] == 3
+    want = load_file(str(tmp_path / "a" / "run" / "lora" / "pytorch_lora_weights.safetensors"))
+    got = load_file(str(tmp_path / "b" / "run" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(want[k], got[k]) for k in want)
