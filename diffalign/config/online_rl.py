@@ -3,6 +3,7 @@ DDPO)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,7 +58,11 @@ class OnlineSection:
     # where x cancels exactly in the KL's mean difference (more precise in fp32); "diffalign" = this library's order
     sde_arithmetic: Literal["diffalign", "flow_grpo"] = "diffalign"
     spacing: Literal["diffusers", "linear"] = "diffusers"  # flow grid (linear: DanceGRPO)
-    guidance_scale: float = 4.5  # 1.0: no CFG (FLUX.1-dev uses its guidance embedding, model.guidance)
+    # 1.0: no CFG, in rollout and update: one conditional forward, the empty prompt never encoded (Flow-GRPO's
+    # *_nocfg configs, config/grpo.py:172-174: RL distils CFG away). FLUX.1-dev uses its guidance embedding.
+    guidance_scale: float = 4.5
+    # the held-out evaluation's CFG scale (None: guidance_scale; Flow-GRPO sample.eval_guidance_scale)
+    eval_guidance_scale: float | None = None
     uncond: Literal["empty_prompt", "zeros"] = "empty_prompt"
     detach_uncond: bool = True  # Flow-GRPO; DDPO trains through both branches
     prompts_per_round: int = 2
@@ -169,6 +174,8 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
         problems.append(f"online.noise_level={o.noise_level} must be > 0 (a deterministic sampler has no log-prob)")
     if o.bestofn and (o.bestofn % 2 or not 2 <= o.bestofn < o.group_size):
         problems.append(f"online.bestofn={o.bestofn} must be 0 (all) or even and in [2, online.group_size)")
+    if o.eval_guidance_scale is not None and not (o.eval_guidance_scale > 0 and math.isfinite(o.eval_guidance_scale)):
+        problems.append(f"online.eval_guidance_scale={o.eval_guidance_scale} must be finite and > 0 (1: no CFG)")
     if o.adv_std == "tracker":
         if not 1 <= o.tracker_min_count <= o.tracker_buffer:
             problems.append(

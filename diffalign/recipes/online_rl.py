@@ -225,8 +225,9 @@ def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[s
             group_gens = [seeds.generator(buf.seed, int(p), seeds.GROUP_NOISE) for p in positions[start : start + b]]
             initial = draw_noise(group_gens, shape, adapter.device)
         with torch.no_grad(), state.run.accelerator.autocast():
-            cond, uncond = encode_condition(adapter, prompts, info, o.uncond)
-            uncond = uncond if o.guidance_scale != 1.0 else None
+            # guidance_scale 1 (no CFG): no unconditional encoding and one conditional forward per step (Flow-GRPO
+            # train.cfg=False, scripts/train_sd3.py:196-203)
+            cond, uncond = encode_condition(adapter, prompts, info, o.uncond, with_uncond=o.guidance_scale != 1.0)
             traj = rollout(
                 adapter, state.grid, state.spec, cond, uncond, generators=gens, latent_shape=shape,
                 guidance_scale=o.guidance_scale, sde_steps=sde, initial=initial,
@@ -324,7 +325,7 @@ def train_step(state: State) -> dict[str, float]:
 @torch.no_grad()
 def heldout_scores(state: State) -> dict[str, float]:
     """Mean reward (``heldout/<reward>``) and guard score (``heldout/guard/<name>``) of the policy's samples of the
-    validation prompts: the rollout grid and CFG, sampled as an ODE (no SDE noise), image i from seed
+    validation prompts: the rollout grid and CFG (``online.eval_guidance_scale``; 1: none), sampled as an ODE (no SDE noise), image i from seed
     ``validation.seed + i``. Every process scores the whole set (no collective; the same numbers everywhere)."""
     cfg, adapter = state.cfg, state.run.adapter
     o, prompts = cfg.online, loop.validation_prompts(cfg)
@@ -333,14 +334,16 @@ def heldout_scores(state: State) -> dict[str, float]:
         f"heldout/guard/{k}": v for k, v in state.guards.items()
     }
     scores: dict[str, list[Tensor]] = {k: [] for k in named}
+    scale = o.guidance_scale if o.eval_guidance_scale is None else o.eval_guidance_scale
     for start in range(0, len(prompts), cfg.optim.batch_size):
         batch = prompts[start : start + cfg.optim.batch_size]
         gens = [torch.Generator().manual_seed(cfg.validation.seed + start + i) for i in range(len(batch))]
+        info = [default_info(adapter, shape[1:])] * len(batch)
         with state.run.accelerator.autocast():
-            cond, uncond = encode_condition(adapter, batch, [default_info(adapter, shape[1:])] * len(batch), o.uncond)
+            cond, uncond = encode_condition(adapter, batch, info, o.uncond, with_uncond=scale != 1.0)
             traj = rollout(
-                adapter, state.grid, state.spec, cond, uncond if o.guidance_scale != 1.0 else None, generators=gens,
-                latent_shape=shape, guidance_scale=o.guidance_scale, sde_steps=torch.zeros(state.grid.num_steps),
+                adapter, state.grid, state.spec, cond, uncond, generators=gens,
+                latent_shape=shape, guidance_scale=scale, sde_steps=torch.zeros(state.grid.num_steps),
             )  # fmt: skip
             images = (adapter.decode_latents(traj.final) + 1.0) / 2.0
         for key, scorer in named.items():

@@ -97,3 +97,40 @@ def test_tracker_state_makes_resume_exact(recipe, tiny_dirs, tmp_path):
     want = load_file(str(tmp_path / "a" / "run" / "lora" / "pytorch_lora_weights.safetensors"))
     got = load_file(str(tmp_path / "b" / "run" / "lora" / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.5])
+def test_no_cfg_skips_the_unconditional_pass_entirely(recipe, tiny_dirs, tmp_path, monkeypatch, scale):
+    """guidance_scale 1: every denoiser forward (rollout, update, reference, held-out) is the conditional batch alone
+    and the empty prompt is never encoded; with CFG every forward is the doubled [uncond, cond] batch."""
+    from diffalign.training import loop
+
+    calls = {"predict": [], "prompts": []}
+    build = loop.build_adapter
+
+    def spied(*args, **kwargs):
+        adapter = build(*args, **kwargs)
+        predict, encode = adapter.predict, adapter.encode_prompts
+
+        def count_predict(x, *a, **k):
+            calls["predict"].append(x.shape[0])
+            return predict(x, *a, **k)
+
+        def count_encode(prompts, *a, **k):
+            calls["prompts"].extend(prompts)
+            return encode(prompts, *a, **k)
+
+        adapter.predict, adapter.encode_prompts = count_predict, count_encode
+        return adapter
+
+    monkeypatch.setattr(loop, "build_adapter", spied)
+    extra = {"online.guidance_scale": scale, "validation.every": 1}
+    run(recipe, tiny_dirs, tmp_path, **extra)
+    assert calls["predict"] and set(calls["predict"]) == ({4} if scale == 1.0 else {8})
+    assert ("" in calls["prompts"]) == (scale != 1.0)
+
+
+def test_eval_guidance_scale_is_checked():
+    with pytest.raises(dconfig.ConfigError, match="online.eval_guidance_scale"):
+        dconfig.load("toy/grpo", ["run.output_dir=x", "online.eval_guidance_scale=0"])
+    assert dconfig.load("toy/grpo", ["run.output_dir=x", "online.eval_guidance_scale=1"]).online.eval_guidance_scale == 1
