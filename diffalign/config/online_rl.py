@@ -74,7 +74,15 @@ class OnlineSection:
     # the loss (0: all). DanceGRPO --bestofn (fastvideo/train_grpo_hunyuan.py:394-410)
     bestofn: int = 0
     updates_per_round: int = 1  # Flow-GRPO: 2 (the second sees ratios != 1); checkpoints only between rounds
-    train_steps: Literal["fraction", "window"] = "fraction"
+    # fraction: the first int(N timestep_fraction) steps (or a random set with shuffle_steps); window: MixGRPO's sliding
+    # SDE window (ODE elsewhere); fast: Flow-GRPO-Fast, an SDE window of fast_window_size steps at a random start in
+    # [fast_window_lo, fast_window_hi - size] each round, ODE elsewhere, only the window trained (Flow-GRPO
+    # sd3_pipeline_with_logprob_fast.py:136-142, train_sd3_fast.py:348-351, config/base.py:65-67). With same_latent
+    # the group shares one ODE trajectory up to the window and branches there (the README's Flow-GRPO-Fast).
+    train_steps: Literal["fraction", "window", "fast"] = "fraction"
+    fast_window_size: int = 2
+    fast_window_lo: int = 0
+    fast_window_hi: int = 5  # exclusive end; Flow-GRPO's SD3 Fast configs: range (0, num_steps // 2)
     timestep_fraction: float = 0.99  # Flow-GRPO int(10 * 0.99) = 9; DanceGRPO 0.6 with shuffle_steps
     shuffle_steps: bool = False
     window_size: int = 4  # MixGRPO
@@ -99,6 +107,8 @@ class OnlineSection:
     def trained_steps_per_round(self) -> int:
         if self.train_steps == "window":
             return min(self.window_size, self.num_steps - 1)
+        if self.train_steps == "fast":
+            return self.fast_window_size
         return max(1, min(int(self.num_steps * self.timestep_fraction), self.num_steps - 1))
 
 
@@ -191,6 +201,14 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
         problems.append(f"online.sde_arithmetic=flow_grpo orders the flow_grpo mean; online.sde_form={o.sde_form!r}")
     if not 0 < o.timestep_fraction <= 1:
         problems.append(f"online.timestep_fraction={o.timestep_fraction} must be in (0, 1]")
+    if o.train_steps == "fast" and not (
+        o.fast_window_size >= 1 and 0 <= o.fast_window_lo <= o.fast_window_hi - o.fast_window_size
+        and o.fast_window_hi <= o.num_steps - 1
+    ):  # fmt: skip
+        problems.append(
+            f"online.fast_window_size={o.fast_window_size} must be >= 1 and fit in [online.fast_window_lo="
+            f"{o.fast_window_lo}, online.fast_window_hi={o.fast_window_hi}), with fast_window_hi <= num_steps - 1"
+        )
     if o.train_steps == "window" and not 0 <= o.window_init <= o.num_steps - 1 - o.window_size:
         problems.append(
             f"online.window_init={o.window_init} must be in [0, online.num_steps - 1 - window_size] (a full window "

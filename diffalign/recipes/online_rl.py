@@ -199,6 +199,13 @@ def round_steps(state: State) -> tuple[Tensor, Tensor]:
         sde[steps] = True  # MixGRPO: SDE inside the window, ODE elsewhere
         return steps, sde
     gen = seeds.generator(state.buffer.seed, k, seeds.ROUND_DRAW)
+    if o.train_steps == "fast":  # Flow-GRPO-Fast: one random SDE window per round, the same on every process
+        lo, size = o.fast_window_lo, o.fast_window_size
+        start = lo + int(torch.randint(o.fast_window_hi - size - lo + 1, (), generator=gen))
+        steps = online.train_steps(n, mode="window", window=(start, size))
+        sde = torch.zeros(n, dtype=torch.bool)
+        sde[steps] = True
+        return steps, sde
     steps = online.train_steps(n, fraction=o.timestep_fraction, shuffle=o.shuffle_steps, generator=gen)
     return steps, torch.ones(n, dtype=torch.bool)
 

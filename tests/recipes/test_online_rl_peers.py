@@ -134,3 +134,31 @@ def test_eval_guidance_scale_is_checked():
     with pytest.raises(dconfig.ConfigError, match="online.eval_guidance_scale"):
         dconfig.load("toy/grpo", ["run.output_dir=x", "online.eval_guidance_scale=0"])
     assert dconfig.load("toy/grpo", ["run.output_dir=x", "online.eval_guidance_scale=1"]).online.eval_guidance_scale == 1
+
+
+def test_fast_branches_a_shared_ode_trajectory_in_a_random_window(recipe, tiny_dirs, tmp_path, monkeypatch):
+    """Flow-GRPO-Fast with same_latent on a 6-step grid, window 2 in [0, 5): the group is one ODE trajectory up to
+    the window (identical latents), SDE inside it, ODE after; only the window's steps are trained."""
+    seen = _record_rollouts(recipe, monkeypatch)
+    extra = {"online.num_steps": 6, "online.train_steps": "fast", "online.fast_window_size": 2,
+             "online.fast_window_hi": 5, "online.same_latent": True, "optim.grad_accum": 4, "run.max_steps": 3}  # fmt: skip
+    history = run(recipe, tiny_dirs, tmp_path, **extra)["history"]
+    starts = []
+    for kwargs, traj in seen:
+        sde = kwargs["sde_steps"].bool()
+        if not sde.any():
+            continue
+        start = int(sde.nonzero()[0])
+        assert sde.nonzero().flatten().tolist() == [start, start + 1] and start + 2 <= 5
+        assert torch.isnan(traj.log_probs[:, ~sde]).all() and torch.isfinite(traj.log_probs[:, sde]).all()
+        lat = traj.latents
+        assert all(torch.equal(lat[0, : start + 1], lat[i, : start + 1]) for i in range(4))  # shared ODE prefix
+        assert not torch.equal(lat[0, start + 1], lat[1, start + 1])  # branched by the SDE step
+        starts.append(start)
+    assert len(starts) == 6 and all(h["groups"] == 8 * 2 for h in history)
+    assert all(h["loss/ratio_min"] == h["loss/ratio_max"] == 1.0 for h in history)
+
+
+def test_fast_window_is_checked():
+    with pytest.raises(dconfig.ConfigError, match="online.fast_window_size"):
+        dconfig.load("toy/grpo", ["run.output_dir=x", "online.train_steps=fast", "online.fast_window_hi=4"])
