@@ -186,6 +186,11 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
         problems.append(f"online.bestofn={o.bestofn} must be 0 (all) or even and in [2, online.group_size)")
     if o.eval_guidance_scale is not None and not (o.eval_guidance_scale > 0 and math.isfinite(o.eval_guidance_scale)):
         problems.append(f"online.eval_guidance_scale={o.eval_guidance_scale} must be finite and > 0 (1: no CFG)")
+    guard = [k for k in ("ratio_norm", "grad_reweight") if cfg.loss.params.get(k)]
+    if guard and o.sde_form == "cps":
+        problems.append(
+            f"loss.{guard[0]} (GRPO-Guard) needs the Gaussian flow_grpo / dance_grpo SDE, not online.sde_form=cps"
+        )
     if o.adv_std == "tracker":
         if not 1 <= o.tracker_min_count <= o.tracker_buffer:
             problems.append(

@@ -35,6 +35,7 @@ validation prompts), ``curves.png`` (those against rounds, redrawn at every held
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class Micro:
     prompts: list[str]
     advantages: Tensor | None = None
     mask: Tensor | None = None
+    means: Tensor | None = None  # (b, N, C, h, w) rollout transition means (GRPO-Guard's RatioNorm)
 
     def __len__(self) -> int:
         return int(self.mask.sum()) if self.mask is not None else self.latents.shape[0]
@@ -174,12 +176,22 @@ def setup(cfg: Any, accelerator: Any) -> State:
         make_grid(adapter, o.num_steps, spacing=o.spacing),
         SDESpec(form=o.sde_form, noise_level=o.noise_level, arithmetic=o.sde_arithmetic),
         AdvantageSpec(
-            std=o.adv_std, eps=o.adv_eps, unbiased=o.adv_unbiased, clip=o.adv_clip, per_reward=o.per_reward,
+            std=o.adv_std,
+            eps=o.adv_eps,
+            unbiased=o.adv_unbiased,
+            clip=o.adv_clip,
+            per_reward=o.per_reward,
             bestofn=o.bestofn,
-        ),  # fmt: skip
+        ),
         build_scorers(cfg, accelerator.device),
         build_guards(cfg, accelerator.device),
     )
+    if (
+        getattr(loss_cfg, "ratio_norm", False) or getattr(loss_cfg, "grad_reweight", False)
+    ) and not state.grid.is_flow:
+        raise ValueError(
+            f"loss.ratio_norm / loss.grad_reweight (GRPO-Guard) need a flow model; {cfg.model.family} is not"
+        )
     path = loop.resume_path(cfg)
     if path is not None:
         loop.restore(state.run, path)
@@ -238,13 +250,14 @@ def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[s
             traj = rollout(
                 adapter, state.grid, state.spec, cond, uncond, generators=gens, latent_shape=shape,
                 guidance_scale=o.guidance_scale, sde_steps=sde, initial=initial,
+                keep_means=bool(getattr(state.loss_cfg, "ratio_norm", False)),
             )  # fmt: skip
             images = (adapter.decode_latents(traj.final) + 1.0) / 2.0
         t0 = time.perf_counter()
         for name, scorer in state.scorers.items():
             rewards[name].append(scorer(images, prompts).float().cpu())
         scoring += time.perf_counter() - t0
-        micros.append(Micro(traj.latents, traj.log_probs, cond, uncond, prompts))
+        micros.append(Micro(traj.latents, traj.log_probs, cond, uncond, prompts, means=traj.means))
     return micros, positions, {name: torch.cat(v) for name, v in rewards.items()}, scoring
 
 
@@ -314,6 +327,11 @@ def micro_step(state: State, micro: Micro, step: int) -> dict[str, Tensor]:
         ref_mean=ref.mean if ref is not None else None,
         kl_scale=now.kl_scale,
     )
+    if getattr(state.loss_cfg, "ratio_norm", False) or getattr(state.loss_cfg, "grad_reweight", False):
+        levels = state.grid.levels.to(now.mean.device)  # GRPO-Guard: the rollout mean, the step's std and |dt|
+        delta = (levels[step] - levels[step + 1]).expand(now.mean.shape[0])
+        old_mean = micro.means[:, step] if micro.means is not None else None
+        terms = dataclasses.replace(terms, old_mean=old_mean, step_std=now.std, step_dt=delta)
     out = state.objective.loss(terms, state.loss_cfg)
     return {"loss": out.loss, **{f"loss/{k}": v for k, v in out.metrics.items()}}
 

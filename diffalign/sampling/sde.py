@@ -219,6 +219,7 @@ class Trajectory:
     latents: Tensor
     log_probs: Tensor
     sde: Tensor
+    means: Tensor | None = None  # (B, N, C, h, w) fp32 transition means, with keep_means (GRPO-Guard's mean_old)
 
     @property
     def final(self) -> Tensor:
@@ -238,6 +239,7 @@ def rollout(
     guidance_scale: float = 1.0,
     sde_steps: Tensor | None = None,
     initial: Tensor | None = None,
+    keep_means: bool = False,
 ) -> Trajectory:
     """Sample B = len(generators) trajectories from ``adapter`` as it is now (the policy, LoRA on).
 
@@ -245,7 +247,8 @@ def rollout(
     which others share its batch or process. ``sde_steps`` (N,) bool: stochastic steps (default all; MixGRPO:
     a window); the others are ODE steps. ``initial`` (B, *latent_shape): the initial noise instead of the
     generators' first draw (which is still made, so the step noises are the same with or without it; Flow-GRPO
-    ``sample.same_latent``, DanceGRPO ``init_same_noise``: one initial noise per group).
+    ``sample.same_latent``, DanceGRPO ``init_same_noise``: one initial noise per group). ``keep_means``: also
+    return every step's transition mean (``Trajectory.means``).
     """
     n, device = grid.num_steps, adapter.device
     sde = torch.ones(n, dtype=torch.bool) if sde_steps is None else sde_steps.bool().cpu()
@@ -254,7 +257,7 @@ def rollout(
         if initial.shape != x.shape:
             raise ValueError(f"initial noise of shape {tuple(initial.shape)} for latents {tuple(x.shape)}")
         x = initial.float().to(device)
-    latents, log_probs = [x], []
+    latents, log_probs, means = [x], [], []
     for j in range(n):
         t = grid.timesteps[j].to(device).expand(x.shape[0])
         out = guided_output(adapter, x, t, cond, uncond, guidance_scale)
@@ -262,6 +265,9 @@ def rollout(
         result = sde_step(grid, spec, out, x, j, noise=noise, deterministic=not bool(sde[j]))
         x = result.prev_sample
         latents.append(x)
+        if keep_means:
+            means.append(result.mean)
         lp = result.log_prob if result.log_prob is not None else torch.full((x.shape[0],), math.nan, device=device)
         log_probs.append(lp)
-    return Trajectory(torch.stack(latents, dim=1), torch.stack(log_probs, dim=1), sde)
+    kept = torch.stack(means, dim=1) if keep_means else None
+    return Trajectory(torch.stack(latents, dim=1), torch.stack(log_probs, dim=1), sde, kept)

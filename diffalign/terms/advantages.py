@@ -250,7 +250,10 @@ def tracked_advantages(
     adv, live = tracker.update([prompt_of(int(i)) for i in all_ids], total, spec.eps)
     clipped = adv.abs() > spec.clip
     values = torch.where(live, adv.clamp(-spec.clip, spec.clip), torch.zeros_like(adv)).float()
-    metrics = {"zero_std_frac": float(1 - live.float().mean()), "adv_clip_frac": float((clipped & live).float().mean())}
+    metrics = {
+        "zero_std_frac": float(1 - live.float().mean()),
+        "adv_clip_frac": float((clipped & live).float().mean()),
+    }
     metrics["tracked_prompts"] = float(len(tracker.stats))
     for name, r in all_rewards.items():
         metrics[f"reward/{name}/mean"] = float(r.mean())

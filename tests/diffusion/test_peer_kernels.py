@@ -74,7 +74,7 @@ def test_flow_grpo_arithmetic_is_the_authors_expression_bitwise_and_the_same_val
     sigma, sigma_next = torch.tensor([1.0, 0.5]), torch.tensor([0.8, 0.3])
     sm = torch.tensor(0.8)
     mine, _, _ = transition.flow_sde_mean_std(x, v, sigma, sigma_next, 0.7, form="flow_grpo", sigma_max=sm)
-    theirs, _, s = transition.flow_sde_mean_std(
+    theirs, _, _ = transition.flow_sde_mean_std(
         x, v, sigma, sigma_next, 0.7, form="flow_grpo", sigma_max=sm, arithmetic="flow_grpo"
     )
     sg, sn = sigma.view(-1, 1, 1, 1), sigma_next.view(-1, 1, 1, 1)

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from safetensors.torch import load_file
 
 from diffalign import config as dconfig
@@ -33,6 +32,7 @@ def run(recipe, tiny_dirs, tmp_path, config: str = "toy/grpo", family: str = "sd
         (["online.bestofn=4"], "online.bestofn"),
         (["online.adv_std=tracker", "online.tracker_min_count=20"], "online.tracker_min_count"),
         (["online.adv_std=tracker", "online.per_reward=true"], "online.per_reward"),
+        (["online.sde_form=cps", "online.noise_level=0.8", "loss.ratio_norm=true"], "loss.ratio_norm"),
     ],
 )
 def test_peer_config_checks(override, match):
@@ -131,9 +131,11 @@ def test_no_cfg_skips_the_unconditional_pass_entirely(recipe, tiny_dirs, tmp_pat
 
 
 def test_eval_guidance_scale_is_checked():
-    with pytest.raises(dconfig.ConfigError, match="online.eval_guidance_scale"):
+    with pytest.raises(dconfig.ConfigError, match=r"online\.eval_guidance_scale"):
         dconfig.load("toy/grpo", ["run.output_dir=x", "online.eval_guidance_scale=0"])
-    assert dconfig.load("toy/grpo", ["run.output_dir=x", "online.eval_guidance_scale=1"]).online.eval_guidance_scale == 1
+    assert (
+        dconfig.load("toy/grpo", ["run.output_dir=x", "online.eval_guidance_scale=1"]).online.eval_guidance_scale == 1
+    )
 
 
 def test_fast_branches_a_shared_ode_trajectory_in_a_random_window(recipe, tiny_dirs, tmp_path, monkeypatch):
@@ -160,5 +162,18 @@ def test_fast_branches_a_shared_ode_trajectory_in_a_random_window(recipe, tiny_d
 
 
 def test_fast_window_is_checked():
-    with pytest.raises(dconfig.ConfigError, match="online.fast_window_size"):
+    with pytest.raises(dconfig.ConfigError, match=r"online\.fast_window_size"):
         dconfig.load("toy/grpo", ["run.output_dir=x", "online.train_steps=fast", "online.fast_window_hi=4"])
+
+
+def test_grpo_guard_round_trains_and_its_first_ratio_is_one(recipe, tiny_dirs, tmp_path):
+    extra = {"loss.ratio_norm": True, "loss.grad_reweight": True, "loss.clip_range": 2e-6, "run.max_steps": 2,
+             "run.save_every": 2, "online.updates_per_round": 2, "optim.grad_accum": 3}  # fmt: skip
+    first, second = run(recipe, tiny_dirs, tmp_path, **extra)["history"]
+    assert first["loss/ratio_min"] == first["loss/ratio_max"] == 1.0 and first["grad_norm"] > 0
+    assert second["loss/ratio_min"] != second["loss/ratio_max"] and math.isfinite(second["loss"])
+
+
+def test_grpo_guard_refuses_a_vp_model(recipe, tiny_dirs, tmp_path):
+    with pytest.raises(ValueError, match="flow model"):
+        run(recipe, tiny_dirs, tmp_path, config="toy/ddpo", family="sd15", **{"loss.ratio_norm": True})
