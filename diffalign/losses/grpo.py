@@ -32,7 +32,8 @@ step. RatioNorm removes the shift and the scale::
 
 ``b`` is per sample (the authors average it over the batch, a bug they confirmed in yifan123/flow_grpo#244).
 ``grad_reweight``: the policy term of each row is divided by the step's ``|dt|`` (``:931-932``), so every step
-weighs alike. Flow models only (flow_grpo / dance_grpo SDE). The authors' configs use ``clip_range`` 2e-6 (OCR,
+weighs alike. RatioNorm holds for any Gaussian step (flow_grpo / dance_grpo SDE, DDIM on epsilon / v models);
+the reweighting needs a flow grid (the recipe refuses it elsewhere); neither fits CPS's unnormalised log-prob. The authors' configs use ``clip_range`` 2e-6 (OCR,
 GenEval) or 4e-6 (PickScore), lr 1e-4, ``kl_coef`` 0. The first ratio of a round is still exactly 1 (``d = 0``).
 
 Masked rows (``terms.mask`` False: zero-std groups) count in neither the mean nor the metrics. Advantages are

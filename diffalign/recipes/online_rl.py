@@ -186,12 +186,10 @@ def setup(cfg: Any, accelerator: Any) -> State:
         build_scorers(cfg, accelerator.device),
         build_guards(cfg, accelerator.device),
     )
-    if (
-        getattr(loss_cfg, "ratio_norm", False) or getattr(loss_cfg, "grad_reweight", False)
-    ) and not state.grid.is_flow:
-        raise ValueError(
-            f"loss.ratio_norm / loss.grad_reweight (GRPO-Guard) need a flow model; {cfg.model.family} is not"
-        )
+    if getattr(loss_cfg, "grad_reweight", False) and not state.grid.is_flow:
+        raise ValueError(f"loss.grad_reweight (GRPO-Guard's 1 / |dt|) needs a flow model; {cfg.model.family} is not")
+    if o.sde_form == "cps" and not state.grid.is_flow:
+        raise ValueError(f"online.sde_form=cps needs a flow model; {cfg.model.family} steps DDIM (already CPS-like)")
     path = loop.resume_path(cfg)
     if path is not None:
         loop.restore(state.run, path)
@@ -328,8 +326,10 @@ def micro_step(state: State, micro: Micro, step: int) -> dict[str, Tensor]:
         kl_scale=now.kl_scale,
     )
     if getattr(state.loss_cfg, "ratio_norm", False) or getattr(state.loss_cfg, "grad_reweight", False):
-        levels = state.grid.levels.to(now.mean.device)  # GRPO-Guard: the rollout mean, the step's std and |dt|
-        delta = (levels[step] - levels[step + 1]).expand(now.mean.shape[0])
+        delta = None  # GRPO-Guard: the rollout mean, the step's std and (flow) |dt|
+        if getattr(state.loss_cfg, "grad_reweight", False):
+            levels = state.grid.levels.to(now.mean.device)
+            delta = (levels[step] - levels[step + 1]).expand(now.mean.shape[0])
         old_mean = micro.means[:, step] if micro.means is not None else None
         terms = dataclasses.replace(terms, old_mean=old_mean, step_std=now.std, step_dt=delta)
     out = state.objective.loss(terms, state.loss_cfg)

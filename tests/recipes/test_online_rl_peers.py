@@ -174,6 +174,9 @@ def test_grpo_guard_round_trains_and_its_first_ratio_is_one(recipe, tiny_dirs, t
     assert second["loss/ratio_min"] != second["loss/ratio_max"] and math.isfinite(second["loss"])
 
 
-def test_grpo_guard_refuses_a_vp_model(recipe, tiny_dirs, tmp_path):
-    with pytest.raises(ValueError, match="flow model"):
-        run(recipe, tiny_dirs, tmp_path, config="toy/ddpo", family="sd15", **{"loss.ratio_norm": True})
+def test_grpo_guard_ratio_norm_on_ddim_and_flow_only_options_refuse_a_vp_model(recipe, tiny_dirs, tmp_path):
+    h = run(recipe, tiny_dirs, tmp_path / "a", config="toy/ddpo", family="sd15", **{"loss.ratio_norm": True})
+    assert h["history"][0]["loss/ratio_min"] == h["history"][0]["loss/ratio_max"] == 1.0
+    for key, value in (("loss.grad_reweight", True), ("online.sde_form", "cps")):
+        with pytest.raises(ValueError, match="needs a flow model"):
+            run(recipe, tiny_dirs, tmp_path / "b", config="toy/ddpo", family="sd15", **{key: value})
