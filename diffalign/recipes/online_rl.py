@@ -22,6 +22,14 @@ process with the same global batch. Checkpoints fall between rounds (the config 
 divides ``run.save_every`` and ``run.max_steps``), so one needs only the round counter next to the LoRA and the
 optimizer: a resumed run reproduces an uninterrupted one.
 
+The peers' options (all off by default; each cited where it lives): ``online.sde_form=cps`` (CPS,
+``diffusion.transition``), ``online.sde_arithmetic=flow_grpo`` (Flow-GRPO's order of the SDE mean, for the KL),
+``online.same_latent`` (one initial noise per group, ``sampling.sde.rollout``), ``online.bestofn`` (DanceGRPO's
+best/worst rows, ``terms.advantages``), ``online.adv_std=tracker`` (DDPO's per-prompt statistics, in the checkpoint),
+``online.guidance_scale=1`` / ``online.eval_guidance_scale`` (no CFG: one conditional forward, no empty-prompt
+encoding), ``online.train_steps=fast`` (Flow-GRPO-Fast's random SDE window), ``loss.ratio_norm`` /
+``loss.grad_reweight`` (GRPO-Guard, ``losses.grpo``).
+
 Launch:
     python recipes/online_rl.py --config recipes/configs/toy/grpo.yaml run.output_dir=runs/toy-grpo
     diffalign run online_rl --config sd3/grpo_pickscore run.output_dir=runs/grpo
