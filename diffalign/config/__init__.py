@@ -12,13 +12,17 @@ from diffalign.config.common import (
     FLOW_FAMILIES,
     CurriculumConfig,
     DataConfig,
+    EmaConfig,
+    ExportConfig,
     LoraConfig,
     LossSection,
     ModelConfig,
     OptimConfig,
     PromptDataConfig,
     RunConfig,
+    TrainConfig,
     ValidationConfig,
+    effective_lr,
     terms_kind,
 )
 from diffalign.config.engine import (

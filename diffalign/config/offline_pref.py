@@ -8,11 +8,14 @@ from typing import Literal
 from diffalign.config.common import (
     FLOW_FAMILIES,
     DataConfig,
+    EmaConfig,
+    ExportConfig,
     LoraConfig,
     LossSection,
     ModelConfig,
     OptimConfig,
     RunConfig,
+    TrainConfig,
     ValidationConfig,
     _check_training,
     _positive,
@@ -40,12 +43,15 @@ class OfflinePrefConfig:
     """Schema of ``recipes/offline_pref.py``: offline preference optimisation on pairs or ranked lists."""
 
     model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig
     loss: LossSection
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
 
 

@@ -45,7 +45,7 @@ class State:
 
 def setup(cfg: Any, accelerator: Any) -> State:
     objective, loss_cfg = dconfig.loss_config(cfg.loss)
-    adapter = loop.build_adapter(cfg, accelerator.device)
+    adapter = loop.build_adapter(cfg, accelerator.device, need_reference="ref" in losses.required(objective, loss_cfg))
     loader = None
     unpaired = objective.TERMS == "unpaired"  # single labelled images, each with its own noise and timestep (KTO)
     if unpaired or cfg.data.curriculum.chunks > 0:  # the curriculum's stages count optimizer steps
