@@ -314,6 +314,33 @@ def _check_training(cfg: Any, problems: list[str]) -> None:
 FLOW_FAMILIES = ("sd3", "flux")
 
 
+def training_lines(cfg: Any, num_processes: int, unit: str = "rows (optim.batch_size units)") -> list[str]:
+    """``--dry-run`` lines every training recipe shares: the global batch of an optimizer step, the learning rate
+    (scaled under ``optim.scale_lr``), what trains (``train``), the EMA and what is exported."""
+    optim, train = cfg.optim, cfg.train
+    per_step = optim.batch_size * num_processes * optim.grad_accum
+    lr = effective_lr(optim, num_processes)
+    scaled = f" = {optim.lr:g} x {per_step} (optim.scale_lr)" if optim.scale_lr else ""
+    if train.mode == "full":
+        ref = train.reference_dtype or cfg.model.dtype
+        what = f"full denoiser in {train.dtype} (reference, if the objective needs one: a frozen copy in {ref})"
+        out = "the denoiser's diffusers folder" + (
+            f" + an SVD LoRA of rank {cfg.export.lora_rank}" if cfg.export.lora_rank else ""
+        )
+    else:
+        what = f"LoRA rank {cfg.lora.rank} (reference: the base, adapter off)"
+        out = "the LoRA (diffusers format)"
+    ema = cfg.ema
+    return [
+        f"effective batch: {per_step} {unit} = {optim.batch_size} per device x {num_processes} processes "
+        f"x {optim.grad_accum} accumulation (the global batch of one optimizer step)",
+        f"learning rate: {lr:g}{scaled}, {optim.name}",
+        f"trains: {what}",
+        f"ema: decay {ema.decay:g}, from step {ema.update_after_step + 1}" if ema.enabled else "ema: off",
+        f"export: {out}{' (EMA weights)' if ema.enabled else ''}",
+    ]
+
+
 def _check_train_mode(cfg: Any, problems: list[str]) -> None:
     """``train``, ``ema`` and ``export``: what full mode cannot combine with, and the EMA / export ranges."""
     train, ema, export, m = cfg.train, cfg.ema, cfg.export, cfg.model

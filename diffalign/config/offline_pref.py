@@ -21,6 +21,7 @@ from diffalign.config.common import (
     _positive,
     _unit_interval,
     terms_kind,
+    training_lines,
 )
 from diffalign.config.engine import ConfigError, register_recipe, register_validator
 
@@ -204,13 +205,14 @@ def summary(cfg: OfflinePrefConfig, num_processes: int = 1) -> str:
         kind, f"{per_step} x K (K = list length in the data)"
     )
     params = ", ".join(f"{k}={v}" for k, v in cfg.loss.params.items())
+    shared = training_lines(cfg, num_processes, unit)
     lines = [
         f"loss: {cfg.loss.name} ({kind} terms; {params})",
         f"model: {cfg.model.family} {cfg.model.path} (weights {cfg.model.dtype}, mixed precision {run.mixed_precision})",
-        f"effective batch: {per_step} {unit} = {optim.batch_size} per device x {num_processes} processes "
-        f"x {optim.grad_accum} accumulation",
+        shared[0],
         f"images per optimizer step: {images} ({group} per group)",
         f"optimizer steps: {run.max_steps} (warmup {optim.warmup_steps}, {optim.scheduler}, lr {optim.lr:g})",
+        *shared[1:],
         f"{unit} seen: {run.max_steps * per_step}",
     ]
     if cfg.data.max_rows:
