@@ -83,6 +83,7 @@ def test_svd_of_a_rank_one_delta_is_exact_and_keeps_the_whole_norm():
     assert kept == pytest.approx(1.0, abs=1e-6)
     one, _, kept_one = full.extract_lora(nn.Sequential(layer), {f"0.{k}": t for k, t in base.items()}, rank=1)
     torch.testing.assert_close(one["0.lora_B.weight"] @ one["0.lora_A.weight"], u @ v, atol=1e-5, rtol=0)
+    assert kept_one == pytest.approx(1.0, abs=1e-6)
 
 
 def test_svd_lora_at_full_rank_gives_the_trained_weights_in_a_stock_pipeline(tiny_dirs, tmp_path):
