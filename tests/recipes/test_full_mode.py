@@ -200,3 +200,37 @@ def test_sigkill_then_resume_equals_uninterrupted_in_full_mode(tiny_dirs, tmp_pa
 def _sample(pipe) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     return pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=gen, output_type="pt").images
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        (["train.mode=full", "model.dtype=bf16", "model.quantize=nf4"], "model.quantize='nf4' must be none"),
+        (["train.mode=full", "lora.text_encoder=true"], "unset lora.text_encoder"),
+        (["train.mode=full", "train.dtype=fp16", "run.mixed_precision=fp16"], "keep train.dtype=fp32"),
+        (["export.lora_rank=8"], "export.lora_rank=8 applies to train.mode=full"),
+        (["train.reference_dtype=bf16"], "train.reference_dtype='bf16' applies to train.mode=full"),
+        (["train.mode=full", "export.lora_rank=0"], "export.lora_rank=0 must be > 0"),
+        (["ema.decay=1.5"], "ema.decay=1.5"),
+        (["ema.min_decay=0.5", "ema.decay=0.4"], "ema.min_decay=0.5 must be <= ema.decay=0.4"),
+        (["train.mode=ful"], "did you mean 'full'"),
+    ],
+)
+def test_config_rejects_what_full_mode_cannot_do_in_one_line(tmp_path, override, needle):
+    with pytest.raises(dconfig.ConfigError) as err:
+        dconfig.load("toy/dpo", [f"run.output_dir={tmp_path}", *override])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_checkpoint_from_before_train_mode_resumes_when_the_new_keys_keep_their_defaults(monkeypatch, tmp_path):
+    from diffalign.training import rundir
+
+    cfg = dconfig.load("toy/dpo", [f"run.output_dir={tmp_path}"])
+    old = dconfig.to_dict(cfg)
+    for section in ("train", "ema", "export"):
+        del old[section]
+    del old["optim"]["scale_lr"]
+    monkeypatch.setattr(checkpoint, "saved_state", lambda path: {"config": old})
+    assert rundir.resume_problem(cfg, tmp_path) is None
+    full_cfg = dconfig.load("toy/dpo", [f"run.output_dir={tmp_path}", "train.mode=full"])
+    assert "train.mode: '<absent>' -> 'full'" in rundir.resume_problem(full_cfg, tmp_path)
