@@ -1,11 +1,16 @@
-"""The pieces every LoRA training recipe shares, as plain functions over a small ``Run`` record.
+"""The pieces every training recipe shares, as plain functions over a small ``Run`` record.
 
 A recipe keeps what makes it different (its forward pass and loss, extra state such as an EMA teacher) and
 calls these for the rest: accelerator set-up, model + LoRA loading, optimizer and schedule, the resumable data
 source (the offline ``PlannedLoader``, or a recipe's own ``Source``, e.g. stepwise_pref's queue of mined pairs),
 one optimizer step over gradient accumulation with the non-finite-loss stop, logging, validation images, atomic
-checkpoints with exact resume, and the diffusers-format LoRA export. No Trainer class: the
-loop in ``train`` is twenty lines a recipe can copy and change.
+checkpoints with exact resume, and the export. No Trainer class: the loop in ``train`` is twenty lines a recipe can
+copy and change.
+
+What trains is ``cfg.train.mode``: a LoRA (``lora``), or every denoiser weight (``full``, ``models.full``); either
+way the trained parameters are ``lora.trainable_parameters(adapter)`` (the parameters with ``requires_grad``, by
+``<component>.<name>``), which the optimizer, the gradient all-reduce, the checkpoints and the EMA
+(``cfg.ema``, ``training.ema``) all use, and the reference pass is ``adapter.reference()`` in both modes.
 """
 
 from __future__ import annotations
@@ -208,6 +213,8 @@ def build_adapter(cfg: Any, device: torch.device, *, need_reference: bool = True
     adapter = adapter.to(device)
     if m.compile:
         compile_denoiser(adapter.denoiser)
+        if adapter.reference_denoiser is not None:  # full mode's frozen copy: its own (no-grad) graphs
+            compile_denoiser(adapter.reference_denoiser)
     return adapter
 
 
