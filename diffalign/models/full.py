@@ -81,6 +81,12 @@ def trained_delta_layers(trained: nn.Module, conv: bool = False) -> dict[str, nn
     return {name: m for name, m in trained.named_modules() if type(m) in kinds}
 
 
+def _delta(trained: Tensor, base: Tensor) -> Tensor:
+    """``trained - base`` in fp32 on the trained weight's device (an accelerator's SVD is much faster)."""
+    weight = trained.detach().float()
+    return weight - base.to(weight.device, torch.float32)
+
+
 def _svd_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     """``delta`` (out, in) fp32 -> (B (out, r), A (r, in), kept squared norm) of its best rank-r approximation."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
@@ -104,12 +110,9 @@ def extract_lora(
     out: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     kept = 0.0
-    total = sum(
-        float((p.detach().float().cpu() - base_state[n].float()).pow(2).sum()) for n, p in trained.named_parameters()
-    )
+    total = sum(float(_delta(p, base_state[n]).pow(2).sum()) for n, p in trained.named_parameters())
     for name, layer in trained_delta_layers(trained, conv).items():
-        weight = layer.weight.detach().float().cpu()
-        delta = weight - base_state[f"{name}.weight"].float()
+        delta = _delta(layer.weight, base_state[f"{name}.weight"])
         if not bool(delta.any()):
             continue
         b, a, norm = _svd_factors(delta.flatten(1), rank)
@@ -117,8 +120,8 @@ def extract_lora(
         if delta.ndim == 4:
             a = a.view(a.shape[0], *delta.shape[1:])
             b = b[:, :, None, None]
-        out[f"{name}.lora_A.weight"] = a.contiguous()
-        out[f"{name}.lora_B.weight"] = b.contiguous()
+        out[f"{name}.lora_A.weight"] = a.cpu().contiguous()
+        out[f"{name}.lora_B.weight"] = b.cpu().contiguous()
         ranks[name] = a.shape[0]
     return out, ranks, (kept / total if total > 0 else 1.0)
 

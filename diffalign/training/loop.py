@@ -609,17 +609,20 @@ def _validate(run: Run, prompts: list[str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     images = []
     extra = {"skip_guidance_layers": list(skip)} if (skip := cfg.validation.skip_guidance_layers) else {}
+    # full mode trains fp32 weights beside text encoders loaded in model.dtype: the pipeline runs in that dtype
+    low = next((e.dtype for e in run.adapter.text_encoders if e.dtype != run.adapter.dtype), None)
     for i, prompt in enumerate(prompts):
         gen = torch.Generator(device="cpu").manual_seed(cfg.validation.seed + i)
-        image = _eager(pipe)(
-            prompt,
-            num_inference_steps=cfg.validation.num_inference_steps,
-            guidance_scale=cfg.validation.guidance_scale,
-            height=res,
-            width=res,
-            generator=gen,
-            **extra,
-        ).images[0]
+        with torch.autocast(acc.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+            image = _eager(pipe)(
+                prompt,
+                num_inference_steps=cfg.validation.num_inference_steps,
+                guidance_scale=cfg.validation.guidance_scale,
+                height=res,
+                width=res,
+                generator=gen,
+                **extra,
+            ).images[0]
         image.save(out_dir / f"{i:03d}.png")
         images.append(np.asarray(image))
     run.adapter.denoiser.train(training)

@@ -167,6 +167,14 @@ def test_adafactor_full_mode_resumes_exactly_with_ema(recipe, tiny_dirs, tmp_pat
     assert len(oa["state"]) == sum(1 for k in ta if k.startswith("unet."))  # the full parameter set
 
 
+def test_adamw8bit_trains_the_full_parameter_set(recipe, tiny_dirs, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="optim.name=adamw8bit needs the 'memory' extra (bitsandbytes)")
+    extra = {**FULL, "run.max_steps": 2, "optim.name": "adamw8bit"}
+    result = recipe.main(["--config", "toy/dpo", *toy_overrides(tiny_dirs["sd15"], tmp_path / "r", **extra)])
+    assert result["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(math.isfinite(h["loss"]) for h in result["history"])
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_in_full_mode(tiny_dirs, tmp_path):
     """Kill -9 right after checkpoint 2 of 4 appears, resume with latest: the final weights, EMA and exported UNet
