@@ -21,6 +21,7 @@ from diffalign.config.common import (
     _check_training,
     _positive,
     terms_kind,
+    text_encoders_trained,
 )
 from diffalign.config.engine import ConfigError, register_launch_check, register_recipe, register_validator
 
@@ -186,8 +187,8 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
             f"lora.dropout={cfg.lora.dropout}: rollout and update must see the same policy for the first ratio to be "
             "exactly 1; use lora.dropout=0"
         )
-    if cfg.lora.text_encoder:
-        problems.append("lora.text_encoder=true is not supported by online_rl (prompts are encoded once per round)")
+    if trained := text_encoders_trained(cfg):
+        problems.append(f"{trained} is not supported by online_rl (prompts are encoded once per round)")
     samples = o.prompts_per_round * o.group_size
     if samples % cfg.optim.batch_size:
         problems.append(

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -196,7 +197,9 @@ def build_adapter(cfg: Any, device: torch.device, *, need_reference: bool = True
         )
     if cfg.train.mode == "full":
         ref_dtype = (cfg.train.reference_dtype or m.dtype) if need_reference else None
-        handle = full.make_full(adapter, dtype=cfg.train.dtype, reference_dtype=ref_dtype)
+        handle = full.make_full(
+            adapter, dtype=cfg.train.dtype, reference_dtype=ref_dtype, text_encoders=cfg.train.text_encoders
+        )
         n = sum(p.numel() for p in adapter.denoiser.parameters())
         logger.info(
             "full fine-tuning: %d denoiser parameters in %s; reference %s",
@@ -326,13 +329,16 @@ def export(run: Run) -> dict[str, Path]:
 
 
 def export_full(run: Run) -> dict[str, Path]:
-    """Full mode's export (see ``export``): a diffusers folder of the denoiser, and the optional SVD LoRA."""
+    """Full mode's export (see ``export``): a diffusers folder of the denoiser (and of each trained text encoder,
+    ``output_dir/text_encoder*``), and the optional SVD LoRA of the denoiser."""
     cfg, adapter, acc = run.cfg, run.adapter, run.accelerator
     out = {"model": run.output_dir / adapter.denoiser_name}
+    trained = {n: m for n, m in adapter.named_modules().items() if any(p.requires_grad for p in m.parameters())}
     if cfg.export.lora_rank:
         out["lora"] = run.output_dir / "lora"
     if acc.is_main_process:
-        replace_dir(out["model"], lambda tmp: adapter.denoiser.save_pretrained(tmp, safe_serialization=True))
+        for name, module in trained.items():  # the denoiser, and the text encoders under train.text_encoders
+            replace_dir(run.output_dir / name, partial(_save_pretrained, module))
         if "lora" in out:
             m = cfg.model
             base = full.base_state_dict(adapter, m.path, revision=m.revision, variant=m.variant)
@@ -349,6 +355,10 @@ def export_full(run: Run) -> dict[str, Path]:
             )
     acc.wait_for_everyone()
     return out
+
+
+def _save_pretrained(module: torch.nn.Module, folder: Path) -> None:
+    module.save_pretrained(folder, safe_serialization=True)
 
 
 # ---- one optimizer step -------------------------------------------------------------------------------

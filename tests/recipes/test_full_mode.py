@@ -131,6 +131,18 @@ def test_every_training_recipe_runs_in_full_mode(tiny_dirs, tmp_path, case):
     assert (tmp_path / "run" / ("transformer" if family == "sd3" else "unet") / "config.json").is_file()
 
 
+def test_full_mode_with_text_encoders_exports_them(recipe, tiny_dirs, tmp_path):
+    from transformers import CLIPTextModel
+
+    out = tmp_path / "run"
+    extra = {**FULL, "run.max_steps": 1, "optim.lr": 1e-2, "train.text_encoders": "true"}
+    result = recipe.main(["--config", "toy/dpo", *toy_overrides(tiny_dirs["sd15"], out, **extra)])
+    assert result["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    base = CLIPTextModel.from_pretrained(str(tiny_dirs["sd15"] / "text_encoder")).state_dict()
+    trained = CLIPTextModel.from_pretrained(str(out / "text_encoder")).state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
 def _setup(recipe, tiny_dirs, tmp_path, config, **extra):
     overrides = toy_overrides(tiny_dirs["sd15"], tmp_path / config.replace("/", "-"), **FULL, **extra)
     cfg = dconfig.load(config, overrides)
@@ -222,6 +234,8 @@ def _sample(pipe) -> torch.Tensor:
         (["ema.decay=1.5"], "ema.decay=1.5"),
         (["ema.min_decay=0.5", "ema.decay=0.4"], "ema.min_decay=0.5 must be <= ema.decay=0.4"),
         (["train.mode=ful"], "did you mean 'full'"),
+        (["train.text_encoders=true"], "train.text_encoders=True applies to train.mode=full"),
+        (["train.mode=full", "train.text_encoders=true", "data.latent_cache=/x"], "train.text_encoders=true needs"),
     ],
 )
 def test_config_rejects_what_full_mode_cannot_do_in_one_line(tmp_path, override, needle):
