@@ -256,3 +256,15 @@ def test_a_checkpoint_from_before_train_mode_resumes_when_the_new_keys_keep_thei
     assert rundir.resume_problem(cfg, tmp_path) is None
     full_cfg = dconfig.load("toy/dpo", [f"run.output_dir={tmp_path}", "train.mode=full"])
     assert "train.mode: '<absent>' -> 'full'" in rundir.resume_problem(full_cfg, tmp_path)
+
+
+def test_validate_dry_run_prints_salesforce_sdxl_global_batch_of_2048_pairs(capsys):
+    from diffalign.cli.main import main
+
+    assert main(["validate", "sdxl/dpo_full", "--dry-run", "--num-processes", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "effective batch: 2048 pairs = 1 per device x 16 processes x 128 accumulation" in out
+    assert "learning rate: 2.048e-05 = 1e-08 x 2048 (optim.scale_lr), adafactor" in out
+    for name, n in (("sd15/dpo_full", 16), ("sd15/kto_full", 4), ("flux/grpo_full", 16)):
+        assert main(["validate", name, "--dry-run", "--num-processes", str(n)]) == 0
+        assert "trains: full denoiser in fp32" in capsys.readouterr().out
