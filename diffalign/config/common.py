@@ -191,6 +191,7 @@ class EmaConfig:
     defaults. When enabled, validation images and the exported weights are the EMA weights."""
 
     enabled: bool = False
+    offload: bool = False  # shadows in CPU memory (diffusers' --offload_ema), for full models
     decay: float = 0.9999
     min_decay: float = 0.0
     update_after_step: int = 0

@@ -242,8 +242,8 @@ def build_run(cfg: Any, accelerator: Accelerator, adapter: Any, loader: Source |
         )
     run = Run(cfg, accelerator, adapter, optimizer, scheduler, loader)
     if cfg.ema.enabled:
-        spec = ema.EmaSpec(**{k: v for k, v in dconfig.to_dict(cfg.ema).items() if k != "enabled"})
-        run.ema = ema.EMA(named, spec)
+        spec = ema.EmaSpec(**{k: v for k, v in dconfig.to_dict(cfg.ema).items() if k not in ("enabled", "offload")})
+        run.ema = ema.EMA(named, spec, offload=cfg.ema.offload)
     return run
 
 
