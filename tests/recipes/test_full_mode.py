@@ -4,6 +4,7 @@ EMA weights in both), Adafactor's factored states over the full parameter set, a
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -16,7 +17,16 @@ from safetensors.torch import load_file
 
 from diffalign import config as dconfig
 from diffalign.training import checkpoint, loop, state_io
-from tests.recipes.conftest import ROOT, child_env, recipe_command, recipe_module, run_subprocess, toy_overrides
+from tests.recipes.conftest import (
+    ROOT,
+    averaged_gradients,
+    child_env,
+    recipe_command,
+    recipe_module,
+    run_subprocess,
+    toy_overrides,
+    two_process_command,
+)
 
 
 FULL = {"train.mode": "full", "run.log_every": 1}
@@ -268,3 +278,33 @@ def test_validate_dry_run_prints_salesforce_sdxl_global_batch_of_2048_pairs(caps
     for name, n in (("sd15/dpo_full", 16), ("sd15/kto_full", 4), ("flux/grpo_full", 16)):
         assert main(["validate", name, "--dry-run", "--num-processes", str(n)]) == 0
         assert "trains: full denoiser in fp32" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_first_step_in_full_mode(tiny_dirs, tmp_path):
+    """2 gloo processes x batch 2 == 1 process x batch 4 in full mode (plain data parallel: the gradients of every
+    denoiser weight all-reduced by ``distributed.reduce_gradients``). Step 1's policy equals the frozen copy, so every
+    DPO weight is sigmoid(0) and the comparison is the LoRA test's well-conditioned one
+    (``test_offline_pref.test_two_processes_match_one_process_first_step``): loss and reference errors to fp32
+    rounding (rel 1e-6), the averaged step-1 gradient read from AdamW's first moments to 1e-4 norm-wise."""
+    common = {**FULL, "run.max_steps": 1, "run.save_every": 1, "ema.enabled": "true"}
+    one = run_subprocess(
+        recipe_command(
+            "toy/dpo", toy_overrides(tiny_dirs["sd15"], tmp_path / "one", **common, **{"optim.batch_size": 4})
+        ),
+        ROOT,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = two_process_command(
+        "toy/dpo", toy_overrides(tiny_dirs["sd15"], tmp_path / "two", **common, **{"optim.batch_size": 2})
+    )
+    two = run_subprocess(cmd, ROOT, env={"ACCELERATE_USE_CPU": "true"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes" in two.stderr
+    rows = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in ("one", "two")]
+    for key in ("loss", "loss/ref_err_w", "loss/ref_err_l"):
+        assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-6, abs=1e-9), key
+    (g_one,), (g_two,) = (averaged_gradients(tmp_path / d, 1) for d in ("one", "two"))
+    assert g_one.norm() > 0 and (g_two - g_one).norm() <= 1e-4 * g_one.norm()
+    a, b = _trainable(tmp_path / "one", 1), _trainable(tmp_path / "two", 1)
+    assert a.keys() == b.keys() and any(k.startswith(loop.EMA_PREFIX) for k in a)
