@@ -9,16 +9,20 @@ from typing import Any, Literal
 
 from diffalign import registry
 from diffalign.config.common import (
+    EmaConfig,
+    ExportConfig,
     LoraConfig,
     LossSection,
     ModelConfig,
     OptimConfig,
     PromptDataConfig,
     RunConfig,
+    TrainConfig,
     ValidationConfig,
     _check_training,
     _positive,
     terms_kind,
+    text_encoders_trained,
 )
 from diffalign.config.engine import ConfigError, register_launch_check, register_recipe, register_validator
 
@@ -117,6 +121,7 @@ class OnlineRLConfig:
     """Schema of ``recipes/online_rl.py``: online RL with group-relative advantages on SDE rollouts."""
 
     model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: PromptDataConfig
     online: OnlineSection = field(default_factory=OnlineSection)
@@ -124,6 +129,8 @@ class OnlineRLConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 register_recipe("online_rl", OnlineRLConfig)
@@ -242,8 +249,8 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
             f"lora.dropout={cfg.lora.dropout}: rollout and update must see the same policy for the first ratio to be "
             "exactly 1; use lora.dropout=0"
         )
-    if cfg.lora.text_encoder:
-        problems.append("lora.text_encoder=true is not supported by online_rl (prompts are encoded once per round)")
+    if trained := text_encoders_trained(cfg):
+        problems.append(f"{trained} is not supported by online_rl (prompts are encoded once per round)")
     samples = o.prompts_per_round * o.group_size
     if samples % cfg.optim.batch_size:
         problems.append(

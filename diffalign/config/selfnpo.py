@@ -8,14 +8,18 @@ from typing import Literal
 from diffalign.config.common import (
     FLOW_FAMILIES,
     DataConfig,
+    EmaConfig,
+    ExportConfig,
     LoraConfig,
     ModelConfig,
     OptimConfig,
     RunConfig,
+    TrainConfig,
     ValidationConfig,
     _check_training,
     _positive,
     _unit_interval,
+    text_encoders_trained,
 )
 from diffalign.config.engine import register_recipe, register_validator
 
@@ -42,12 +46,15 @@ class SelfNPOConfig:
     """Schema of ``recipes/selfnpo.py``: a negative LoRA from images + captions (no preference labels)."""
 
     model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig
     selfnpo: SelfNPOSection = field(default_factory=SelfNPOSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 register_recipe("selfnpo", SelfNPOConfig)
@@ -56,7 +63,7 @@ register_recipe("selfnpo", SelfNPOConfig)
 @register_validator(SelfNPOConfig)
 def _check_selfnpo(cfg: SelfNPOConfig) -> list[str]:
     problems: list[str] = []
-    m, lora, data, s = cfg.model, cfg.lora, cfg.data, cfg.selfnpo
+    m, data, s = cfg.model, cfg.data, cfg.selfnpo
     _check_training(cfg, problems)
     _positive(
         problems,
@@ -78,9 +85,9 @@ def _check_selfnpo(cfg: SelfNPOConfig) -> list[str]:
         )
     if m.timestep_sampling != "uniform":
         problems.append(f"model.timestep_sampling={m.timestep_sampling!r} does not apply to selfnpo; use 'uniform'")
-    if lora.text_encoder:
+    if trained := text_encoders_trained(cfg):
         problems.append(
-            "lora.text_encoder=true is not supported by selfnpo: the negative LoRA is used on the unconditional "
+            f"{trained} is not supported by selfnpo: the negative LoRA is used on the unconditional "
             "CFG branch (diffalign.sampling.npo refuses text-encoder LoRAs)"
         )
     if s.max_teacher_steps < 0:

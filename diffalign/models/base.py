@@ -5,7 +5,8 @@ text encoders, tokenizers), the trainable denoiser, and the forward process read
 scheduler config. It never knows which loss is being trained.
 
 The reference model is the same object with its LoRA adapters switched off (``with adapter.reference():``);
-no second copy of the denoiser is ever made.
+no second copy of the denoiser is made in LoRA mode. In full fine-tuning (``models.full``) the same context
+swaps in the frozen base copy instead, so the callers of ``reference()`` never branch on the mode.
 """
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ class Adapter:
         for module in self.frozen_modules():
             module.requires_grad_(False).eval()
         self.denoiser.requires_grad_(False).eval()  # recipes call .train() (LoRA dropout) when training
+        self.full: Any = None  # models.full.FullHandle once set up for full fine-tuning
+        self.reference_denoiser: nn.Module | None = None  # full fine-tuning's frozen base copy, when one is kept
+        self.reference_text_encoders: list[nn.Module] | None = None  # ... and of the text encoders it trains
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -154,6 +158,11 @@ class Adapter:
     def resolve_lora_targets(self, targets: Sequence[str] | None) -> tuple[str, ...]:
         """The denoiser targets actually used for a requested list (``None`` = ``default_lora_targets``)."""
         return tuple(targets) if targets is not None else self.default_lora_targets()
+
+    def trains_text_encoders(self) -> bool:
+        """Whether a text encoder trains (a text-encoder LoRA, or full fine-tuning of it): prompts are then encoded
+        with grad for the policy, and again for the reference pass."""
+        return any(has_adapters(m) or any(p.requires_grad for p in m.parameters()) for m in self.text_encoders)
 
     def require_text_encoders(self) -> None:
         if not self.text_encoders:
@@ -220,6 +229,9 @@ class Adapter:
             module.to(device)
         if not getattr(self.denoiser, "is_quantized", False):  # bitsandbytes weights live where they were loaded
             self.denoiser.to(device)
+        for ref in (self.reference_denoiser, *(self.reference_text_encoders or ())):  # full fine-tuning's copies
+            if ref is not None:
+                ref.to(device)
         if hasattr(self.process, "to"):  # the process's tables next to the model: no copy per step
             self.process = self.process.to(device)
         return self
@@ -265,7 +277,24 @@ class Adapter:
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """Switch every LoRA adapter off (denoiser and text encoders): the frozen base model."""
+        """The frozen base model: every LoRA adapter off (denoiser and text encoders), or in full fine-tuning
+        (``models.full.make_full``) the frozen copy of the base denoiser in place of the trained one."""
+        if getattr(self, "full", None) is not None:
+            ref = getattr(self, "reference_denoiser", None)
+            if ref is None:
+                raise RuntimeError(
+                    "full fine-tuning was set up without a reference copy (the objective was said to need none), "
+                    "but a reference pass was asked for"
+                )
+            trained, self.denoiser = self.denoiser, ref
+            encoders = self.text_encoders
+            if self.reference_text_encoders is not None:
+                self.text_encoders = self.reference_text_encoders
+            try:
+                yield
+            finally:
+                self.denoiser, self.text_encoders = trained, encoders
+            return
         modules = [m for m in self.named_modules().values() if has_adapters(m)]
         for module in modules:
             set_lora_enabled(module, False)
