@@ -20,6 +20,9 @@ PAIR_PROMPT_ORDER, PAIR_NOISE, PAIR_SHUFFLE = 11, 12, 13
 # online_rl and reward_grad: the epoch's prompt order, each sample's noise, and one draw per round / micro-batch
 # (online_rl: the trained steps of a round; reward_grad: the ReFL step, AlignProp truncation and DRaFT-LV noise)
 PROMPT_ORDER, SAMPLE_NOISE, ROUND_DRAW = 21, 22, 23
+# dro: a buffer trajectory's initial noise and timestep offset, the expert side's noise, the buffer draw of a
+# micro-batch (each from the group's data seed)
+DRO_SAMPLE, DRO_EXPERT_NOISE, DRO_BUFFER_DRAW = 31, 32, 33
 
 
 def mixed_seed(*values: int) -> int:
