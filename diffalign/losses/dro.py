@@ -1,4 +1,4 @@
-"""Diffusion-DRO: Wu, Ruan, Tseng, Shuai, NeurIPS 2025, Diffusion Denoising Ranking Optimization, https://arxiv.org/abs/2510.18353.
+"""Diffusion-DRO: Wu, Ruan, Tseng, Shuai, NeurIPS 2025, Ranking-based Preference Optimization for Diffusion Models from Implicit User Feedback, https://arxiv.org/abs/2510.18353.
 
 Denoising Ranking Optimization (not distributionally robust): an expert image should be denoised better, relative
 to the frozen reference, than the policy's own sample. Per pair b, ``w`` = an expert image noised with fresh noise
