@@ -21,6 +21,7 @@ from diffalign.config.common import (
     ValidationConfig,
     terms_kind,
 )
+from diffalign.config.dro import DROConfig, DROSection
 from diffalign.config.engine import (
     DEFAULT_RECIPE,
     RECIPE_SCHEMAS,
@@ -48,7 +49,6 @@ from diffalign.config.engine import (
     to_dict,
     validate,
 )
-from diffalign.config.dro import DROConfig, DROSection
 from diffalign.config.offline_pref import NoiseConfig, OfflinePrefConfig, summary
 from diffalign.config.online_rl import OnlineRLConfig, OnlineSection, RewardConfig
 from diffalign.config.reward_grad import RewardGradConfig, RewardGradSection

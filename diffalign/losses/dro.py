@@ -49,7 +49,9 @@ class Config:
     def __post_init__(self) -> None:
         check_finite_config("dro", margin=self.margin)
         if self.margin < 0:
-            raise ValueError(f"dro: Config.margin must be >= 0 (a negative margin accepts wrong rankings); got {self.margin}")
+            raise ValueError(
+                f"dro: Config.margin must be >= 0 (a negative margin accepts wrong rankings); got {self.margin}"
+            )
 
 
 def loss(terms: PairTerms, cfg: Config) -> LossOutput:

@@ -87,7 +87,15 @@ def setup(cfg: Any, accelerator: Any) -> State:
     run = loop.build_run(cfg, accelerator, adapter)
     params = lora.trainable_parameters(adapter)
     clone = {k: p.detach().clone() for k, p in params.items()}
-    state = State(run, params, clone, {k: v.clone() for k, v in clone.items()}, dro_terms.ReplayBuffer(cfg.dro.buffer_size), objective, loss_cfg)
+    state = State(
+        run,
+        params,
+        clone,
+        {k: v.clone() for k, v in clone.items()},
+        dro_terms.ReplayBuffer(cfg.dro.buffer_size),
+        objective,
+        loss_cfg,
+    )
     path = loop.resume_path(cfg)
     if path is not None:
         restore_extra(state, loop.restore(run, path, extra_prefix=EXTRA), path)
@@ -105,7 +113,9 @@ def restore_extra(state: State, extra: dict[str, torch.Tensor], path: Any) -> No
     for prefix, target in ((EMA, state.ema), (SNAPSHOT, state.snapshot)):
         saved = {k.removeprefix(EXTRA + prefix): v for k, v in extra.items() if k.startswith(EXTRA + prefix)}
         if saved.keys() != target.keys():
-            raise KeyError(f"{path}: the checkpoint's {prefix[:-1]} tensors do not match the LoRA layout (not a dro run?)")
+            raise KeyError(
+                f"{path}: the checkpoint's {prefix[:-1]} tensors do not match the LoRA layout (not a dro run?)"
+            )
         with torch.no_grad():
             for key, value in saved.items():
                 target[key].copy_(value)
@@ -136,7 +146,9 @@ def fill_buffer(state: State, batch: Batch, seeds: list[int]) -> None:
     elif d.guidance_scale == 1.0:  # a latent cache's prompt embeddings: no text encoder for an empty prompt
         cond, uncond = {k: v.to(adapter.device) for k, v in batch.prompt_embeds.items()}, None
     else:
-        raise ValueError("dro.guidance_scale != 1 needs the text encoders for the empty prompt: unset data.latent_cache")
+        raise ValueError(
+            "dro.guidance_scale != 1 needs the text encoders for the empty prompt: unset data.latent_cache"
+        )
     gens = [seedlib.generator(s, seedlib.DRO_SAMPLE) for s in seeds]
     offsets = None
     if d.perturb_timesteps:
@@ -163,12 +175,19 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
     state.micro += 1
     fill_buffer(state, batch, seeds)
     sample = state.buffer.sample(len(seeds), seedlib.generator(*seeds, seedlib.DRO_BUFFER_DRAW), adapter.device)
-    eps_w = seedlib.draw_noise([seedlib.generator(s, seedlib.DRO_EXPERT_NOISE) for s in seeds], sample.x0.shape[1:], adapter.device)
+    eps_w = seedlib.draw_noise(
+        [seedlib.generator(s, seedlib.DRO_EXPERT_NOISE) for s in seeds], sample.x0.shape[1:], adapter.device
+    )
     with state.run.accelerator.autocast():
         terms = dro_terms.dro_terms(adapter, sample, eps_w)
     out = state.objective.loss(terms, state.loss_cfg)
     metrics = {f"loss/{k}": v for k, v in out.metrics.items()}
-    return {"loss": out.loss, **metrics, "buffer/t": sample.t.float().mean(), "buffer/size": torch.tensor(float(len(state.buffer)))}
+    return {
+        "loss": out.loss,
+        **metrics,
+        "buffer/t": sample.t.float().mean(),
+        "buffer/size": torch.tensor(float(len(state.buffer))),
+    }
 
 
 def train_step(state: State) -> dict[str, float]:
@@ -189,7 +208,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cfg.dro.use_ema:
         with torch.no_grad(), swapped_in(state.params, state.ema):
             loop.export_lora(state.run)
-        logger.info("exported the EMA of the LoRA to %s (the trained LoRA is in the last checkpoint)", result["lora_dir"])
+        logger.info(
+            "exported the EMA of the LoRA to %s (the trained LoRA is in the last checkpoint)", result["lora_dir"]
+        )
     return result
 
 

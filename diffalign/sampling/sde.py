@@ -101,9 +101,7 @@ class Grid:
         return Grid(self.timesteps.to(device), self.levels.to(device), self.prediction_type)
 
 
-def make_grid(
-    adapter: Adapter, num_steps: int, *, spacing: str = "diffusers", offsets: Tensor | None = None
-) -> Grid:
+def make_grid(adapter: Adapter, num_steps: int, *, spacing: str = "diffusers", offsets: Tensor | None = None) -> Grid:
     """The rollout grid of ``adapter``'s forward process (flow: its fixed ``shift``; VP: its scheduler's DDIM grid,
     the last step clamped to ``alphas_cumprod[0]``).
 

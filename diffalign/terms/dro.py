@@ -83,7 +83,11 @@ class ReplayBuffer:
         if not self.tensors:
             raise ValueError("the replay buffer is empty: commit trajectories before sampling")
         count, steps = len(self), int(self.tensors["t"].shape[1])
-        slots = torch.randperm(count, generator=generator)[:n] if n <= count else torch.randint(0, count, (n,), generator=generator)
+        slots = (
+            torch.randperm(count, generator=generator)[:n]
+            if n <= count
+            else torch.randint(0, count, (n,), generator=generator)
+        )
         step = torch.randint(0, steps, (n,), generator=generator)
         pick = {k: (v[slots, step] if k in STEP_KEYS else v[slots]).to(device) for k, v in self.tensors.items()}
         cond = {k.removeprefix("cond."): v for k, v in pick.items() if k.startswith("cond.")}
@@ -96,7 +100,9 @@ class ReplayBuffer:
     def load_state_dict(self, tensors: Mapping[str, Tensor], prefix: str) -> None:
         self.tensors = {k.removeprefix(prefix): v.clone() for k, v in tensors.items() if k.startswith(prefix)}
         if self.tensors and len(self) > self.size:
-            raise ValueError(f"the checkpoint's replay buffer holds {len(self)} trajectories, more than size={self.size}")
+            raise ValueError(
+                f"the checkpoint's replay buffer holds {len(self)} trajectories, more than size={self.size}"
+            )
 
 
 def dro_terms(adapter: Adapter, sample: BufferSample, eps_w: Tensor) -> PairTerms:

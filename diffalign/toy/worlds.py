@@ -33,7 +33,9 @@ class ToyWorld:
     def caption_writer(self) -> Callable[[Sequence[Any], Sequence[str]], list[str]]:
         """The world's ``describe`` (DCPO's caption of a rejected image); a world without one raises."""
         if self.describe is None:
-            raise ValueError(f"the {self.name} world has no caption writer (DCPO's per-image captions): use --world duo")
+            raise ValueError(
+                f"the {self.name} world has no caption writer (DCPO's per-image captions): use --world duo"
+            )
         return self.describe
 
     def config(self, objective: str) -> str:

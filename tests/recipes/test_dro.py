@@ -38,7 +38,9 @@ def test_trains_and_resumes_bitwise_with_buffer_snapshot_and_ema(dro_recipe, tin
     buffer and the exported LoRA are bit-identical. toy/dro: batch 2, buffer 3, snapshot every 2 micro-steps."""
     common = {"run.save_every": 1, "run.keep_last": 5, "run.log_every": 1}
     ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
-    ref = dro_recipe.main(["--config", "toy/dro", *toy_overrides(tiny_dirs["sd15"], ref_out, **common, **{"run.max_steps": 3})])
+    ref = dro_recipe.main(
+        ["--config", "toy/dro", *toy_overrides(tiny_dirs["sd15"], ref_out, **common, **{"run.max_steps": 3})]
+    )
     history = ref["history"]
     assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
     assert history[0]["loss"] == pytest.approx(0.001, abs=1e-7)  # policy == reference: every pair pays the margin
@@ -67,7 +69,10 @@ def test_trains_and_resumes_bitwise_with_buffer_snapshot_and_ema(dro_recipe, tin
     exported = load_file(str(ref_out / "lora" / "pytorch_lora_weights.safetensors"))
     ema = list(_part(a, "dro.ema.").values())
     assert exported and all(any(v.shape == e.shape and torch.equal(v, e) for e in ema) for v in exported.values())
-    assert all(torch.equal(exported[k], load_file(str(cut_out / "lora" / "pytorch_lora_weights.safetensors"))[k]) for k in exported)
+    assert all(
+        torch.equal(exported[k], load_file(str(cut_out / "lora" / "pytorch_lora_weights.safetensors"))[k])
+        for k in exported
+    )
 
 
 @pytest.mark.parametrize(
@@ -90,4 +95,9 @@ def test_shipped_dro_configs_bind():
         assert cfg.loss.name == "dro" and cfg.loss.params == {"margin": 0.001}
     sd15 = config.load("sd15/dro", [], schema=config.DROConfig)
     assert (sd15.optim.lr, sd15.optim.batch_size, sd15.optim.grad_accum, sd15.dro.snapshot_every) == (1e-4, 4, 16, 16)
-    assert (sd15.dro.num_steps, sd15.dro.guidance_scale, sd15.dro.buffer_size, sd15.data.proportion_empty_prompts) == (20, 1.0, 4, 0.2)
+    assert (sd15.dro.num_steps, sd15.dro.guidance_scale, sd15.dro.buffer_size, sd15.data.proportion_empty_prompts) == (
+        20,
+        1.0,
+        4,
+        0.2,
+    )

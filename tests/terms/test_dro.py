@@ -64,7 +64,10 @@ def test_per_sample_grid_rollout_keeps_outputs_and_matches_one_sample_runs():
         alone = sde.rollout(adapter, alone_grid, spec, {k: v[b : b + 1] for k, v in cond.items()}, None,
                             generators=[torch.Generator().manual_seed(5 + b)], latent_shape=shape, sde_steps=off)  # fmt: skip
         torch.testing.assert_close(alone.latents[0], traj.latents[b], rtol=1e-4, atol=1e-5)
-    assert sde.rollout(adapter, grid, spec, cond, None, generators=gens, latent_shape=shape, sde_steps=off).outputs is None
+    assert (
+        sde.rollout(adapter, grid, spec, cond, None, generators=gens, latent_shape=shape, sde_steps=off).outputs
+        is None
+    )
 
 
 def _filled(size: int) -> dro_terms.ReplayBuffer:
@@ -110,7 +113,9 @@ def test_buffer_state_round_trip_and_errors():
     with pytest.raises(ValueError, match="empty"):
         dro_terms.ReplayBuffer(2).sample(1, torch.Generator(), "cpu")
     with pytest.raises(ValueError, match="do not describe"):
-        buf.commit(torch.zeros(1, 1, 2, 2), {}, torch.zeros(1, 3, 1, 2, 2), torch.zeros(1, 2, 1, 2, 2), torch.zeros(1, 3))
+        buf.commit(
+            torch.zeros(1, 1, 2, 2), {}, torch.zeros(1, 3, 1, 2, 2), torch.zeros(1, 2, 1, 2, 2), torch.zeros(1, 3)
+        )
 
 
 class _LinearAdapter:

@@ -179,8 +179,16 @@ def test_describe_names_what_hand_made_images_show():
     """Hand-made scenes: a right one, the mirrored binding (colours and shapes on the wrong sides), a wrong shape."""
     drawn = [
         duo.Scene("blue", "circle", "red", "square"),  # asked: a red square left of a blue circle -> mirrored
-        duo.Scene("green", "triangle", "yellow", "circle", left_xy=(7.5, 13.0), right_xy=(24.0, 19.0),
-                  left_r=4.6, right_r=5.9),  # fmt: skip
+        duo.Scene(
+            "green",
+            "triangle",
+            "yellow",
+            "circle",
+            left_xy=(7.5, 13.0),
+            right_xy=(24.0, 19.0),
+            left_r=4.6,
+            right_r=5.9,
+        ),
         duo.Scene("red", "square", "blue", "square"),  # asked for a blue circle on the right -> shape wrong
     ]
     prompts = [
