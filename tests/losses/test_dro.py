@@ -95,3 +95,14 @@ def test_equals_the_authors_arithmetic_on_fixed_tensors():
     assert 0 < (diff + margin > 0).sum() < B  # both sides of the hinge are exercised
     assert torch.allclose(out.loss, loss, rtol=0, atol=1e-7)
     assert torch.allclose(grad_ours, grad_theirs, rtol=1e-5, atol=1e-9)
+
+
+def test_ls_losses_lists_dro_with_its_paper(capsys):
+    from diffalign.cli.main import main
+
+    assert main(["ls", "losses"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("dro "))
+    end = next(i for i in range(start + 1, len(lines) + 1) if i == len(lines) or not lines[i].startswith(" "))
+    row = " ".join(line.strip() for line in lines[start:end])
+    assert "Diffusion-DRO" in row and "NeurIPS 2025" in row and "2510.18353" in row and "margin=0.001" in row
