@@ -95,6 +95,7 @@ def test_shipped_dro_configs_bind():
         assert cfg.loss.name == "dro" and cfg.loss.params == {"margin": 0.001}
     sd15 = config.load("sd15/dro", [], schema=config.DROConfig)
     assert (sd15.optim.lr, sd15.optim.batch_size, sd15.optim.grad_accum, sd15.dro.snapshot_every) == (1e-4, 4, 16, 16)
+    assert sd15.run.max_steps * sd15.optim.grad_accum == 25600  # the authors' --num_steps, in micro-steps
     assert (sd15.dro.num_steps, sd15.dro.guidance_scale, sd15.dro.buffer_size, sd15.data.proportion_empty_prompts) == (
         20,
         1.0,
