@@ -19,7 +19,9 @@ line, such as another palette colour). A clean object of colour ``c`` gives its 
 * ``color = (present_L + present_R) / 2``, ``shape = (shape_L + shape_R) / 2``;
 * ``faithfulness = (color + shape + position) / 3`` in [0, 1] (the reward the duo quickstart aligns to);
 * ``correct`` (GenEval's binary score): 1 when both objects are detected (``present_i >= 0.5``), both are classified
-  as their named shape (argmax) and ``x_L < x_R``; else 0.
+  as their named shape (argmax) and ``x_L < x_R``; else 0;
+* ``describe`` (no caption needed): the same detectors read the other way, the duo caption of what an image shows
+  (DCPO's caption of a rejected image, ``diffalign.label.captions``).
 
 Chance levels for a model that draws the two named colours as clean shapes but ignores shape words and sides:
 shape 1/3, position 1/2, correct 1/18 (both shapes and the side right). Everything is a deterministic function of
