@@ -25,6 +25,8 @@
    lpo       stepwise_pref     online, decoded reward       base + LoRA
    kto       offline_pref      pairs read as unpaired       base + LoRA
    dspo      offline_pref      pairs                        base + LoRA
+   dcpo      offline_pref      pairs + per-image captions   base + LoRA
+   dro       dro               winner images (experts)      base + LoRA (the EMA)
    dmpo      offline_pref      pairs                        base + LoRA
    inpo      offline_pref      pairs, inversion noise       base + LoRA
    smpo      offline_pref      best-vs-worst scored pairs   base + LoRA
@@ -34,6 +36,9 @@
    ddpo      online_rl         online, reward               base + LoRA
    ========  ================  ===========================  ==========================================
 
+   ``dcpo``'s pairs are the labelled pairs plus ``caption_0`` / ``caption_1`` (``diffalign.label.captions``): the
+   winner keeps its prompt, the loser gets what the world's caption writer sees in it (duo:
+   ``duo_reward.describe``, e.g. "a blue circle to the left of a red square" for a mirrored scene).
    ``curriculum_dpo`` is DPO on smpo's scored pairs with the Curriculum-DPO sampler (``data.curriculum``).
    NPO guidance (``diffalign.sampling.npo.npo_guidance``) puts the negative LoRA on the unconditional branch of CFG
    and the base on the conditional one. SPO and LPO score children with the world's reward on the decoded
@@ -68,7 +73,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Objective:
     recipe: str
-    data: str | None  # "pairs", "ranked", "scored_pairs" or None (online)
+    data: str | None  # "pairs", "dual_pairs", "ranked", "scored_pairs" or None (online)
     sampling: str  # "lora" or "npo"
 
 
@@ -83,6 +88,8 @@ OBJECTIVES = {
     "lpo": Objective("stepwise_pref", None, "lora"),
     "kto": Objective("offline_pref", "pairs", "lora"),
     "dspo": Objective("offline_pref", "pairs", "lora"),
+    "dcpo": Objective("offline_pref", "dual_pairs", "lora"),
+    "dro": Objective("dro", "pairs", "lora"),
     "dmpo": Objective("offline_pref", "pairs", "lora"),
     "inpo": Objective("offline_pref", "pairs", "lora"),
     "smpo": Objective("offline_pref", "scored_pairs", "lora"),
@@ -109,6 +116,14 @@ def scored_pairs(ranked_file: str, reward: str) -> Path:
     return out
 
 
+def dual_pairs(pairs_dir: str, world: Any) -> Path:
+    """``pairs_dual/`` beside the labelled pairs: the same rows + DCPO's ``caption_0`` / ``caption_1``."""
+    from diffalign.label.captions import add_image_captions
+
+    out = Path(pairs_dir).parent / "pairs_dual"
+    return add_image_captions(pairs_dir, out, world.caption_writer(), name=f"{world.name} world caption writer")
+
+
 def leading_copy(base: str, out: Path) -> Path:
     """``base`` with its DDIM scheduler switched to "leading" timestep spacing (what the step-level miner takes)."""
     if not (out / "model_index.json").is_file():
@@ -129,6 +144,8 @@ def train(name: str, obj: Objective, labels: dict[str, Any], out: Path, s: Any, 
     overrides = [f"model.path={base}", f"run.output_dir={out}", "run.report_to=[]"]
     if obj.data == "pairs":
         overrides.append(f"data.path={labels['pairs_dir']}")
+    elif obj.data == "dual_pairs":
+        overrides.append(f"data.path={dual_pairs(labels['pairs_dir'], s.toy_world())}")
     elif obj.data == "ranked":
         overrides.append(f"data.path={Path(labels['ranked_file']).parent}")
     elif obj.data == "scored_pairs":

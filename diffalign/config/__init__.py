@@ -3,7 +3,7 @@
 ``engine`` is the machinery (YAML 1.2 reading, overrides, typed binding with "did you mean", load/dump, the
 recipe and validator registries, where shipped recipes and configs are). The schemas are beside it:
 ``common`` (sections every recipe shares and their checks) and one module per recipe (``offline_pref``,
-``selfnpo``, ``stepwise_pref``, ``reward_grad``, ``online_rl``), each registering its schema and cross-field
+``selfnpo``, ``stepwise_pref``, ``reward_grad``, ``online_rl``, ``dro``), each registering its schema and cross-field
 checks with the engine. A new recipe adds one module here and one import below. Everything is re-exported, so
 ``from diffalign import config; config.load(...)`` is the API.
 """
@@ -26,6 +26,7 @@ from diffalign.config.common import (
     terms_kind,
     training_lines,
 )
+from diffalign.config.dro import DROConfig, DROSection
 from diffalign.config.engine import (
     DEFAULT_RECIPE,
     RECIPE_SCHEMAS,

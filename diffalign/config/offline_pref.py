@@ -155,6 +155,10 @@ def _check_loss_matches_data(cfg: OfflinePrefConfig, problems: list[str]) -> Non
     except ConfigError as e:
         problems.append(f"loss.name: {e}")
         return
+    own = getattr(module, "RECIPE", None)
+    if own is not None:
+        problems.append(f"loss.name={cfg.loss.name!r} builds its own pairs: train it with the {own} recipe")
+        return
     if kind == "unpaired":
         _check_unpaired_data(cfg, problems)
         return

@@ -55,6 +55,22 @@ def ddim_timesteps(
     return t, t - ratio
 
 
+def perturbed_timesteps(num_train_timesteps: int, num_steps: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample grids (N, B) long and their ``prev = t - T // N`` (N, B): Diffusion-DRO's buffer sampler
+    (basiclab/DiffusionDRO@b0693ec ``train.py`` L688-692) ``t[j, b] = (N - 1 - j) * ratio + offsets[b]`` with
+    ``ratio = T // N`` and each ``offsets[b]`` in ``[0, ratio)`` (the authors draw ``randint(0, ratio)``), so the
+    grids together cover every timestep. The last ``prev`` is negative: that step leaves the table."""
+    big_t, n = num_train_timesteps, num_steps
+    if not 1 <= n <= big_t:
+        raise ValueError(f"num_steps={n} must be in [1, num_train_timesteps={big_t}]")
+    ratio = big_t // n
+    offsets = offsets.long().reshape(-1)
+    if offsets.numel() and (int(offsets.min()) < 0 or int(offsets.max()) >= ratio):
+        raise ValueError(f"timestep offsets must lie in [0, {ratio}); got {offsets.tolist()}")
+    t = (torch.arange(n - 1, -1, -1) * ratio)[:, None] + offsets[None, :]
+    return t, t - ratio
+
+
 def scheduler_timesteps(
     adapter: Adapter, num_steps: int, spacings: Sequence[str] = VP_SPACINGS, *, who: str = "this sampler"
 ) -> tuple[Tensor, Tensor]:

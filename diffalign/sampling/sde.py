@@ -61,7 +61,7 @@ from diffalign.diffusion.transition import (
 )
 from diffalign.diffusion.vp import VPProcess
 from diffalign.models.base import Adapter, Cond
-from diffalign.sampling.grids import ddim_alphas, flow_sigmas, scheduler_timesteps
+from diffalign.sampling.grids import ddim_alphas, flow_sigmas, perturbed_timesteps, scheduler_timesteps
 from diffalign.sampling.guidance import guided_output
 from diffalign.sampling.seeds import draw_noise
 
@@ -97,7 +97,8 @@ class Grid:
     """A sampling grid of N steps. ``timesteps`` (N,): model-unit timesteps fed to the denoiser (flow: fp32
     ``sigma * T``; VP: long). ``levels`` (N + 1,) fp32: flow sigmas ending at 0, or VP ``alphas_cumprod`` at each
     step's timestep and, last, at the final step's target. ``prediction_type``: ``"flow"``, ``"epsilon"`` or
-    ``"v_prediction"``."""
+    ``"v_prediction"``. A VP grid may be per sample (``make_grid(offsets=...)``): ``timesteps`` (N, B) and
+    ``levels`` (N + 1, B), column b being sample b's grid."""
 
     timesteps: Tensor
     levels: Tensor
@@ -115,10 +116,20 @@ class Grid:
         return Grid(self.timesteps.to(device), self.levels.to(device), self.prediction_type)
 
 
-def make_grid(adapter: Adapter, num_steps: int, *, spacing: str = "diffusers") -> Grid:
+def make_grid(adapter: Adapter, num_steps: int, *, spacing: str = "diffusers", offsets: Tensor | None = None) -> Grid:
     """The rollout grid of ``adapter``'s forward process (flow: its fixed ``shift``; VP: its scheduler's DDIM grid,
-    the last step clamped to ``alphas_cumprod[0]``)."""
+    the last step clamped to ``alphas_cumprod[0]``).
+
+    ``offsets`` (B,) long, VP only: one grid per sample, ``grids.perturbed_timesteps`` (Diffusion-DRO's buffer
+    sampler; the scheduler's spacing and ``steps_offset`` do not apply), the last step clamped likewise.
+    """
     process = adapter.process
+    if offsets is not None:
+        if not isinstance(process, VPProcess):
+            raise ValueError(f"{adapter.family}: per-sample timestep offsets need a VP (DDPM-family) process")
+        t, prev = perturbed_timesteps(process.num_train_timesteps, num_steps, offsets.cpu())
+        alphas = process.alphas_cumprod.float().cpu()
+        return Grid(t, torch.cat([alphas[t], alphas[prev[-1:].clamp_min(0)]]), process.prediction_type)
     if isinstance(process, FlowProcess):
         if spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {spacing!r}; choices: {', '.join(SPACINGS)}")
@@ -150,6 +161,13 @@ def _step_index(step: int | Tensor, batch: int, device: torch.device) -> Tensor:
     return index.expand(batch)
 
 
+def _at(levels: Tensor, index: Tensor) -> Tensor:
+    """``levels[index]`` (B,) of a shared (N + 1,) or a per-sample (N + 1, B) table."""
+    if levels.ndim == 1:
+        return levels[index]
+    return levels[index, torch.arange(index.shape[0], device=index.device)]
+
+
 def _flow_mean_std(
     grid: Grid, spec: SDESpec, v: Tensor, x: Tensor, index: Tensor, noise_level: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -162,7 +180,7 @@ def _flow_mean_std(
 
 def _ddim_mean_std(grid: Grid, out: Tensor, x: Tensor, index: Tensor, eta: float) -> tuple[Tensor, Tensor]:
     levels = grid.levels.to(x.device)
-    a_t, a_prev = levels[index], levels[index + 1]
+    a_t, a_prev = _at(levels, index), _at(levels, index + 1)
     root_a, root_b = column(a_t.sqrt(), x), column((1 - a_t).sqrt(), x)
     if grid.prediction_type == "epsilon":
         x0, eps = (x - root_b * out) / root_a, out
@@ -214,12 +232,17 @@ def sde_step(
 class Trajectory:
     """B rollouts of N steps. ``latents`` (B, N + 1, C, h, w) fp32: the latent before each step, then the final
     sample; ``log_probs`` (B, N) fp32 (NaN on deterministic steps); ``sde`` (N,) bool: which steps were
-    stochastic."""
+    stochastic; ``outputs`` (B, N, C, h, w) fp32: the guided model output at each step's latent, kept only when
+    asked for (``rollout(keep_outputs=True)``: Diffusion-DRO's buffer targets), else None."""
 
     latents: Tensor
     log_probs: Tensor
     sde: Tensor
+<<<<<<< HEAD
     means: Tensor | None = None  # (B, N, C, h, w) fp32 transition means, with keep_means (GRPO-Guard's mean_old)
+=======
+    outputs: Tensor | None = None
+>>>>>>> dro
 
     @property
     def final(self) -> Tensor:
@@ -238,29 +261,43 @@ def rollout(
     latent_shape: Sequence[int],
     guidance_scale: float = 1.0,
     sde_steps: Tensor | None = None,
+<<<<<<< HEAD
     initial: Tensor | None = None,
     keep_means: bool = False,
+=======
+    keep_outputs: bool = False,
+>>>>>>> dro
 ) -> Trajectory:
     """Sample B = len(generators) trajectories from ``adapter`` as it is now (the policy, LoRA on).
 
     Each sample's initial noise and step noises come from its own generator, so a sample does not depend on
     which others share its batch or process. ``sde_steps`` (N,) bool: stochastic steps (default all; MixGRPO:
+<<<<<<< HEAD
     a window); the others are ODE steps. ``initial`` (B, *latent_shape): the initial noise instead of the
     generators' first draw (which is still made, so the step noises are the same with or without it; Flow-GRPO
     ``sample.same_latent``, DanceGRPO ``init_same_noise``: one initial noise per group). ``keep_means``: also
     return every step's transition mean (``Trajectory.means``).
+=======
+    a window); the others are ODE steps. ``keep_outputs``: also return each step's guided model output.
+>>>>>>> dro
     """
     n, device = grid.num_steps, adapter.device
     sde = torch.ones(n, dtype=torch.bool) if sde_steps is None else sde_steps.bool().cpu()
     x = draw_noise(generators, latent_shape, device)
+<<<<<<< HEAD
     if initial is not None:
         if initial.shape != x.shape:
             raise ValueError(f"initial noise of shape {tuple(initial.shape)} for latents {tuple(x.shape)}")
         x = initial.float().to(device)
     latents, log_probs, means = [x], [], []
+=======
+    latents, log_probs, outputs = [x], [], []
+>>>>>>> dro
     for j in range(n):
         t = grid.timesteps[j].to(device).expand(x.shape[0])
         out = guided_output(adapter, x, t, cond, uncond, guidance_scale)
+        if keep_outputs:
+            outputs.append(out)
         noise = draw_noise(generators, latent_shape, device) if sde[j] else None
         result = sde_step(grid, spec, out, x, j, noise=noise, deterministic=not bool(sde[j]))
         x = result.prev_sample
@@ -269,5 +306,9 @@ def rollout(
             means.append(result.mean)
         lp = result.log_prob if result.log_prob is not None else torch.full((x.shape[0],), math.nan, device=device)
         log_probs.append(lp)
+<<<<<<< HEAD
     kept = torch.stack(means, dim=1) if keep_means else None
+=======
+    kept = torch.stack(outputs, dim=1) if keep_outputs else None
+>>>>>>> dro
     return Trajectory(torch.stack(latents, dim=1), torch.stack(log_probs, dim=1), sde, kept)

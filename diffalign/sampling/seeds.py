@@ -22,6 +22,9 @@ PAIR_PROMPT_ORDER, PAIR_NOISE, PAIR_SHUFFLE = 11, 12, 13
 PROMPT_ORDER, SAMPLE_NOISE, ROUND_DRAW = 21, 22, 23
 # online_rl with online.same_latent: the one initial noise a prompt's group shares (counter: the global prompt position)
 GROUP_NOISE = 24
+# dro: a buffer trajectory's initial noise and timestep offset, the expert side's noise, the buffer draw of a
+# micro-batch (each from the group's data seed)
+DRO_SAMPLE, DRO_EXPERT_NOISE, DRO_BUFFER_DRAW = 31, 32, 33
 
 
 def mixed_seed(*values: int) -> int:

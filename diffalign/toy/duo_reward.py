@@ -19,7 +19,9 @@ line, such as another palette colour). A clean object of colour ``c`` gives its 
 * ``color = (present_L + present_R) / 2``, ``shape = (shape_L + shape_R) / 2``;
 * ``faithfulness = (color + shape + position) / 3`` in [0, 1] (the reward the duo quickstart aligns to);
 * ``correct`` (GenEval's binary score): 1 when both objects are detected (``present_i >= 0.5``), both are classified
-  as their named shape (argmax) and ``x_L < x_R``; else 0.
+  as their named shape (argmax) and ``x_L < x_R``; else 0;
+* ``describe`` (no caption needed): the same detectors read the other way, the duo caption of what an image shows
+  (DCPO's caption of a rejected image, ``diffalign.label.captions``).
 
 Chance levels for a model that draws the two named colours as clean shapes but ignores shape words and sides:
 shape 1/3, position 1/2, correct 1/18 (both shapes and the side right). Everything is a deterministic function of
@@ -71,17 +73,22 @@ def coverage(x: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
     return a.squeeze(1) * torch.exp(-off / (2 * SIGMA**2))
 
 
-def _detect(f: torch.Tensor, named: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For colour maps ``f`` (B, P) and named shape indices (B,): presence, shape score, argmax-shape hit, centre x."""
+def _per_shape(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For colour maps ``f`` (B, P): the best IoU of each shape (B, len(SHAPES)) and the centre x of ``f`` (B,)."""
     masks, kinds = templates()
     inter = f @ masks.T
     iou = inter / (f.sum(1, keepdim=True) + masks.sum(1) - inter).clamp_min(1e-6)
     per_shape = torch.stack([iou[:, kinds == k].amax(1) for k in range(len(world.SHAPES))], dim=1)
+    xs = (torch.arange(duo.SIZE, dtype=torch.float32) + 0.5).repeat(duo.SIZE)  # x of each flattened pixel
+    return per_shape, (f * xs).sum(1) / f.sum(1).clamp_min(1e-6)
+
+
+def _detect(f: torch.Tensor, named: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For colour maps ``f`` (B, P) and named shape indices (B,): presence, shape score, argmax-shape hit, centre x."""
+    per_shape, centre = _per_shape(f)
     present = per_shape.amax(1)
     shape = torch.softmax(per_shape / TAU, dim=1).gather(1, named.view(-1, 1)).squeeze(1)
     hit = per_shape.argmax(1) == named
-    xs = (torch.arange(duo.SIZE, dtype=torch.float32) + 0.5).repeat(duo.SIZE)  # x of each flattened pixel
-    centre = (f * xs).sum(1) / f.sum(1).clamp_min(1e-6)
     return present, shape, hit, centre
 
 
@@ -111,6 +118,47 @@ def components(x: torch.Tensor, captions: Sequence[str]) -> dict[str, torch.Tens
         "shape_left": s_l,
         "shape_right": s_r,
     }
+
+
+def describe(images: Any, like: Sequence[str] | None = None) -> list[str]:
+    """What each image actually shows, as a duo caption (the DCPO caption of a rejected image).
+
+    The same detectors as the reward, read without a caption: every palette colour's coverage map gets its best IoU
+    per shape (``present`` = the best over shapes); the two colours with the highest ``present`` are the two
+    objects, each named by its argmax shape, ordered left to right by the centre x of its coverage. A clean render
+    of ``Scene("red", "circle", "blue", "square")`` -> ``"a red circle to the left of a blue square"``; in the
+    phrasing of a ``like`` caption that says "to the right of": ``"a blue square to the right of a red circle"``.
+    An image with fewer than two objects is still described by its two strongest colours (the detectors' best
+    reading; ``components`` would fail its presence).
+
+    ``images``: PIL images or (B, 3, H, W) in [0, 1]; ``like``: one duo caption per image whose relation word to
+    use (default "left of"), e.g. the prompt the image was generated for. Deterministic; fp32 on the CPU.
+    """
+    x = reward.pixels(images)
+    n = x.shape[0]
+    if like is not None and len(like) != n:
+        raise ValueError(f"describe: {len(like)} captions in like= for {n} images")
+    phrasings = [_phrasing(text) for text in like] if like is not None else ["left"] * n
+    colors = len(world.COLORS)
+    palette = torch.stack([world.rgb(c) for c in world.COLORS])  # (C, 3)
+    f = coverage(x.repeat_interleave(colors, 0), palette.repeat(n, 1)).flatten(1)
+    per_shape, centre = _per_shape(f)
+    per_shape, centre = per_shape.view(n, colors, -1), centre.view(n, colors)
+    present = per_shape.amax(2)
+    out = []
+    for i in range(n):
+        objs = [
+            (world.COLORS[c], world.SHAPES[int(per_shape[i, c].argmax())], float(centre[i, c]))
+            for c in present[i].topk(2).indices.tolist()
+        ]
+        left, right = sorted(objs, key=lambda o: o[2])
+        out.append(duo.caption(left[:2], right[:2], phrasings[i]))
+    return out
+
+
+def _phrasing(text: str) -> str:
+    duo.parse_caption(text)  # raises on a caption that is not the duo world's
+    return "right" if " to the right of " in text.strip().lower() else "left"
 
 
 class DuoReward(reward.AnalyticScorer):

@@ -59,7 +59,7 @@ def templates() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(masks), torch.cat(kinds)
 
 
-def _pixels(images: Any, *, grad: bool = False) -> torch.Tensor:
+def pixels(images: Any, *, grad: bool = False) -> torch.Tensor:
     """A checked batch (PIL list or (B, 3, H, W) in [0, 1]) -> (B, 3, SIZE, SIZE) fp32 on the CPU (``grad``: the
     graph back to a tensor input is kept)."""
     import numpy as np
@@ -155,7 +155,7 @@ class AnalyticScorer:
         with torch.enable_grad() if grad else torch.no_grad():
             for lo in range(0, n, self.batch_size):
                 hi = min(n, lo + self.batch_size)
-                parts.append(self.terms(_pixels(images[lo:hi], grad=grad), texts[lo:hi]))
+                parts.append(self.terms(pixels(images[lo:hi], grad=grad), texts[lo:hi]))
             if not parts:
                 return {k: torch.empty(0) for k in self.parts}
             device = images.device if grad else torch.device("cpu")

@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from diffalign import resources
 
@@ -27,6 +28,15 @@ class ToyWorld:
     scorers: tuple[str, ...]  # evaluation columns, ``reward`` first
     config_pattern: str  # ``{objective}`` -> a config name under recipes/configs
     secondary: str  # the column the alignment table shows beside the reward
+    describe: Callable[[Sequence[Any], Sequence[str]], list[str]] | None = None  # images, prompts -> what they show
+
+    def caption_writer(self) -> Callable[[Sequence[Any], Sequence[str]], list[str]]:
+        """The world's ``describe`` (DCPO's caption of a rejected image); a world without one raises."""
+        if self.describe is None:
+            raise ValueError(
+                f"the {self.name} world has no caption writer (DCPO's per-image captions): use --world duo"
+            )
+        return self.describe
 
     def config(self, objective: str) -> str:
         return self.config_pattern.format(objective=objective)
@@ -51,6 +61,12 @@ def _duo_prompts(split: str) -> list[str]:
     return duo.prompts(split)
 
 
+def _duo_describe(images: Sequence[Any], prompts: Sequence[str]) -> list[str]:
+    from diffalign.toy import duo_reward
+
+    return duo_reward.describe(images, prompts)
+
+
 WORLDS = {
     "duo": ToyWorld(
         name="duo",
@@ -60,6 +76,7 @@ WORLDS = {
         scorers=("duofaithfulness", "duocorrect", "duocolor", "duoshape", "duoposition"),
         config_pattern="duo/{objective}",
         secondary="duocorrect",
+        describe=_duo_describe,
     ),
     "shapes": ToyWorld(
         name="shapes",

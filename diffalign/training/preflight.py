@@ -119,9 +119,16 @@ def labels_problem(data: Any) -> str | None:
     if world is None:
         return f"data.path={data.path!r}: no such folder; label data with {by} first (`diffalign label ... --scorer {by}`)"
     flag = "" if world.name == "duo" else f" --world {world.name}"
+    captions = (
+        "; the per-image captions (data.caption_columns) are added by diffalign.label.captions.add_image_captions "
+        "with the world's caption writer (`python bench/alignment_toy.py --objectives dcpo` does both)"
+        if getattr(data, "caption_columns", None)
+        else ""
+    )
     return (
         f"data.path={data.path!r}: no such folder; this {world.name}-world config trains on labels ranked by {by}: "
         f"`diffalign quickstart{flag} --objective dpo` writes them to runs/quickstart/labels (run it in this folder)"
+        + captions
     )
 
 

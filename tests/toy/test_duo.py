@@ -170,3 +170,55 @@ def test_scorer_modules_and_interface(images, scenes):
         scorers.load("duoshape", path="/models/x")
     with pytest.raises(ValueError, match="kind"):
         duo_reward.DuoReward("size")
+
+
+# ---- the caption writer (DCPO's caption of the rejected image) ----------------------------------------------------
+
+
+def test_describe_names_what_hand_made_images_show():
+    """Hand-made scenes: a right one, the mirrored binding (colours and shapes on the wrong sides), a wrong shape."""
+    drawn = [
+        duo.Scene("blue", "circle", "red", "square"),  # asked: a red square left of a blue circle -> mirrored
+        duo.Scene(
+            "green",
+            "triangle",
+            "yellow",
+            "circle",
+            left_xy=(7.5, 13.0),
+            right_xy=(24.0, 19.0),
+            left_r=4.6,
+            right_r=5.9,
+        ),
+        duo.Scene("red", "square", "blue", "square"),  # asked for a blue circle on the right -> shape wrong
+    ]
+    prompts = [
+        "a red square to the left of a blue circle",
+        "a yellow circle to the right of a green triangle",
+        "a red square to the left of a blue circle",
+    ]
+    assert duo_reward.describe(duo.render(drawn), prompts) == [
+        "a blue circle to the left of a red square",
+        "a yellow circle to the right of a green triangle",
+        "a red square to the left of a blue square",
+    ]
+    # default phrasing "left of"; a PIL image reads the same as its tensor
+    image = duo.render(drawn[:1])
+    expected = ["a blue circle to the left of a red square"]
+    assert duo_reward.describe(image) == duo_reward.describe(world.to_pil(image)) == expected
+
+
+def test_describe_reads_every_clean_render(scenes, images):
+    expected = [duo.caption(*s.objects, "right" if i % 2 else "left") for i, s in enumerate(scenes)]
+    like = [duo.caption(("red", "circle"), ("blue", "square"), "right" if i % 2 else "left") for i in range(48)]
+    assert duo_reward.describe(images, like) == expected
+
+
+def test_describe_one_object_and_bad_input():
+    one = duo.render([duo.Scene("red", "triangle", "blue", "square")])
+    one[:, :, :, 16:] = torch.tensor(duo.BACKGROUND).view(1, 3, 1, 1) / 255.0  # erase the right object
+    text = duo_reward.describe(one)[0]
+    assert text.startswith("a red triangle") and duo.parse_caption(text)  # still a duo caption
+    with pytest.raises(ValueError, match="like="):
+        duo_reward.describe(one, ["a red circle to the left of a blue square"] * 2)
+    with pytest.raises(ValueError, match="not a duo-world caption"):
+        duo_reward.describe(one, ["a cat"])

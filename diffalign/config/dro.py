@@ -1,0 +1,100 @@
+"""Schema and cross-field checks of ``recipes/dro.py`` (Diffusion-DRO)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffalign.config.common import (
+    FLOW_FAMILIES,
+    DataConfig,
+    LoraConfig,
+    LossSection,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ValidationConfig,
+    _check_training,
+    _positive,
+    _unit_interval,
+)
+from diffalign.config.engine import ConfigError, register_recipe, register_validator
+
+
+@dataclass(frozen=True, kw_only=True)
+class DROSection:
+    """Diffusion-DRO's online negatives (basiclab/DiffusionDRO@b0693ec ``train.py`` options, defaults cited there).
+
+    ``num_steps``: sampler steps of a buffer trajectory (``--buffer_num_inference_steps`` 20); ``guidance_scale``:
+    its CFG (``--buffer_guidance_scale`` 1.0: the conditional prediction alone); ``perturb_timesteps``: one random
+    offset in ``[0, T // num_steps)`` per trajectory added to its grid (``--buffer_perturb_timesteps``, on);
+    ``buffer_size``: trajectories the replay buffer keeps (``--buffer_size`` 4; every micro-step commits one per
+    group of the micro-batch, ``--buffer_sample_steps`` 1); ``snapshot_every``: micro-steps between refreshes of
+    the sampling policy snapshot (``--buffer_update_steps`` 16); ``ema_decay``: the exported EMA's decay cap
+    (``--use_ema``, diffusers ``EMAModel`` default 0.9999 with its warm-up ``(1 + s) / (10 + s)``); ``use_ema``
+    false exports the trained LoRA itself.
+    """
+
+    num_steps: int = 20
+    guidance_scale: float = 1.0
+    perturb_timesteps: bool = True
+    buffer_size: int = 4
+    snapshot_every: int = 16
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+
+
+@dataclass(frozen=True, kw_only=True)
+class DROConfig:
+    """Schema of ``recipes/dro.py``: expert images (each group's first image) + the policy's own samples."""
+
+    model: ModelConfig
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig
+    loss: LossSection  # ``{name: dro, margin: 0.001}``
+    dro: DROSection = field(default_factory=DROSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+register_recipe("dro", DROConfig)
+
+
+@register_validator(DROConfig)
+def _check_dro(cfg: DROConfig) -> list[str]:
+    problems: list[str] = []
+    m, data, d = cfg.model, cfg.data, cfg.dro
+    _check_training(cfg, problems)
+    try:
+        module = cfg.loss.resolve(cfg.loss.name)
+        if getattr(module, "RECIPE", None) != "dro":
+            problems.append(f"loss.name={cfg.loss.name!r}: the dro recipe trains the dro loss only")
+    except ConfigError as e:
+        problems.append(f"loss.name: {e}")
+    _positive(
+        problems,
+        dro__num_steps=d.num_steps,
+        dro__guidance_scale=d.guidance_scale,
+        dro__buffer_size=d.buffer_size,
+        dro__snapshot_every=d.snapshot_every,
+        data__max_rows=data.max_rows,
+    )
+    _unit_interval(
+        problems,
+        dro__ema_decay=d.ema_decay,
+        data__hflip_prob=data.hflip_prob,
+        data__proportion_empty_prompts=data.proportion_empty_prompts,
+        data__max_bad_fraction=data.max_bad_fraction,
+    )
+    if m.family in FLOW_FAMILIES:
+        problems.append(
+            f"model.family={m.family!r} is not supported by dro: its buffer sampler steps DDIM on the "
+            "variance-preserving process of sd15/sdxl"
+        )
+    if cfg.lora.text_encoder:
+        problems.append("lora.text_encoder=true is not supported by dro: the buffer stores the prompt embeddings")
+    if data.format not in ("pickapic", "ranked", "scored_pairs"):
+        problems.append(f"data.format={data.format!r}: dro reads each group's first (preferred) image as the expert")
+    if data.num_workers < 0:
+        problems.append("data.num_workers must be >= 0")
+    return problems

@@ -1,0 +1,218 @@
+"""Diffusion-DRO: rank expert images above the model's own samples, with online negatives from a replay buffer.
+
+Diffusion-DRO (Denoising Ranking Optimization; Wu, Ruan, Tseng, Shuai, NeurIPS 2025, arXiv 2510.18353), as
+basiclab/DiffusionDRO@b0693ec ``train.py`` trains it. Data: expert images with captions only, no pairs (each
+group's FIRST image: a Pick-a-Pic winner, a ranked list's best). Each micro-step, per group (L654-714, L730-768):
+
+1. the **policy snapshot** (the LoRA tensors as of the last refresh, swapped into the one denoiser: no second
+   UNet) samples a trajectory for the group's prompt: ``dro.num_steps`` deterministic DDIM steps
+   (``diffalign.sampling.sde.rollout``, the shared kernel) at CFG ``dro.guidance_scale``, on a grid shifted by a
+   random offset per trajectory (``dro.perturb_timesteps``; ``sampling.grids.perturbed_timesteps``), keeping each
+   step's input latent and the snapshot's prediction there;
+2. the trajectory and the group's expert latent and prompt embedding go into the **replay buffer**
+   (``diffalign.terms.dro.ReplayBuffer``, the newest ``dro.buffer_size`` trajectories);
+3. a micro-batch of pairs is drawn from the buffer (a slot and a step each): expert latent + fresh noise at the
+   step's timestep vs the buffered latent whose target is the snapshot's prediction (``terms.dro.dro_terms``);
+4. ``loss.name: dro`` (``diffalign.losses.dro``): ``mean(relu(delta + margin))``, backward;
+
+after each optimizer step the **EMA** of the LoRA tensors is updated (diffusers ``EMAModel`` decay
+``min(ema_decay, k / (9 + k))`` after update k, L391-393 + L797-803); the snapshot is refreshed from the trained
+LoRA every ``dro.snapshot_every`` micro-steps (L805-807). The prompt dropout ``data.proportion_empty_prompts``
+(authors 0.2) empties a prompt for both its sample and its pair, as theirs does (L666, one embedding for both).
+
+Deviations (the authors' options in brackets): a LoRA instead of the full UNet, the EMA over the LoRA factors
+(``terms.selfnpo.ema_update``); the buffer sampler is deterministic DDIM [DPMSolver++ 20 steps, default; DDIM is
+one of their ``--buffer_scheduler`` choices]; one trajectory per group and micro-step [``--buffer_batch_size``
+/ ``--buffer_batch_accumulation`` decouple them]. Each process keeps its own buffer (their ``--buffer_sync`` off).
+
+Launch:
+    python recipes/dro.py --config recipes/configs/duo/dro.yaml data.path=runs/quickstart/labels/pairs
+    diffalign run dro --config sd15/dro data.path=/data/pickapic_v2_top500 run.output_dir=runs/x
+
+Outputs in ``run.output_dir``: ``config.yaml``, ``checkpoints/step-*`` (LoRA; the EMA, the snapshot and the replay
+buffer under ``dro.*``; optimizer, schedule, data position; resume with ``run.resume_from=latest``),
+``lora/pytorch_lora_weights.safetensors`` (diffusers format: the EMA when ``dro.use_ema``, the authors' released
+weights; the trained LoRA itself stays in the last checkpoint), ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from diffalign import config as dconfig
+from diffalign import errors
+from diffalign.diffusion import VPProcess
+from diffalign.models import lora
+from diffalign.sampling import seeds as seedlib
+from diffalign.sampling.guidance import encode_condition
+from diffalign.sampling.sde import SDESpec, make_grid, rollout
+from diffalign.terms import dro as dro_terms
+from diffalign.terms.selfnpo import ema_update, swapped_in
+from diffalign.training import loop
+from diffalign.types import Batch
+
+
+logger = logging.getLogger("diffalign.dro")
+EXTRA = "dro."  # checkpoint prefix of everything besides the trained LoRA
+EMA, SNAPSHOT, BUFFER = "ema.", "snapshot.", "buffer."
+
+
+@dataclass
+class State:
+    run: loop.Run
+    params: dict[str, torch.nn.Parameter]
+    ema: dict[str, torch.Tensor]
+    snapshot: dict[str, torch.Tensor]
+    buffer: dro_terms.ReplayBuffer
+    objective: Any
+    loss_cfg: Any
+    micro: int = 0  # micro-steps done (the authors' ``step``), recomputed at each optimizer step
+
+    @property
+    def cfg(self) -> Any:
+        return self.run.cfg
+
+
+# ---- setup and checkpoints ----------------------------------------------------------------------------
+def setup(cfg: Any, accelerator: Any) -> State:
+    adapter = loop.build_adapter(cfg, accelerator.device)
+    if not isinstance(adapter.process, VPProcess):
+        raise dconfig.ConfigError(f"dro needs a DDPM-family (VP) scheduler; {cfg.model.path} has a flow one")
+    objective, loss_cfg = dconfig.loss_config(cfg.loss)
+    run = loop.build_run(cfg, accelerator, adapter)
+    params = lora.trainable_parameters(adapter)
+    clone = {k: p.detach().clone() for k, p in params.items()}
+    state = State(
+        run,
+        params,
+        clone,
+        {k: v.clone() for k, v in clone.items()},
+        dro_terms.ReplayBuffer(cfg.dro.buffer_size),
+        objective,
+        loss_cfg,
+    )
+    path = loop.resume_path(cfg)
+    if path is not None:
+        restore_extra(state, loop.restore(run, path, extra_prefix=EXTRA), path)
+    return state
+
+
+def extra_tensors(state: State) -> dict[str, torch.Tensor]:
+    """EMA, snapshot and replay buffer, stored in checkpoints under ``dro.``."""
+    out = {EXTRA + EMA + k: v for k, v in state.ema.items()}
+    out |= {EXTRA + SNAPSHOT + k: v for k, v in state.snapshot.items()}
+    return out | state.buffer.state_dict(EXTRA + BUFFER)
+
+
+def restore_extra(state: State, extra: dict[str, torch.Tensor], path: Any) -> None:
+    for prefix, target in ((EMA, state.ema), (SNAPSHOT, state.snapshot)):
+        saved = {k.removeprefix(EXTRA + prefix): v for k, v in extra.items() if k.startswith(EXTRA + prefix)}
+        if saved.keys() != target.keys():
+            raise KeyError(
+                f"{path}: the checkpoint's {prefix[:-1]} tensors do not match the LoRA layout (not a dro run?)"
+            )
+        with torch.no_grad():
+            for key, value in saved.items():
+                target[key].copy_(value)
+    state.buffer.load_state_dict(extra, EXTRA + BUFFER)
+
+
+def ema_decay(update: int, cap: float) -> float:
+    """diffusers ``EMAModel.get_decay`` (no warm-up power, ``update_after_step`` 0) after optimizer update
+    ``update`` (1-based): 0 at the first (the EMA starts as the weights), then ``min(cap, update / (9 + update))``."""
+    return 0.0 if update <= 1 else min(cap, update / (9 + update))
+
+
+# ---- one step -----------------------------------------------------------------------------------------
+def expert_latents(adapter: Any, batch: Batch) -> torch.Tensor:
+    """Clean latents (B, C, h, w) of each group's first image (the winner / the best of a ranked list)."""
+    if batch.latents is not None:
+        return batch.latents[:, 0].to(adapter.device, torch.float32)
+    return adapter.encode_images(batch.pixels[:, 0])
+
+
+@torch.no_grad()
+def fill_buffer(state: State, batch: Batch, seeds: list[int]) -> None:
+    """Steps 1-2 of the module docstring: one snapshot trajectory per group, committed to the buffer."""
+    adapter, d = state.run.adapter, state.cfg.dro
+    x0 = expert_latents(adapter, batch)
+    if batch.prompt_embeds is None:
+        cond, uncond = encode_condition(adapter, batch.prompts, batch.info, "empty_prompt")
+    elif d.guidance_scale == 1.0:  # a latent cache's prompt embeddings: no text encoder for an empty prompt
+        cond, uncond = {k: v.to(adapter.device) for k, v in batch.prompt_embeds.items()}, None
+    else:
+        raise ValueError(
+            "dro.guidance_scale != 1 needs the text encoders for the empty prompt: unset data.latent_cache"
+        )
+    gens = [seedlib.generator(s, seedlib.DRO_SAMPLE) for s in seeds]
+    offsets = None
+    if d.perturb_timesteps:
+        ratio = adapter.process.num_train_timesteps // d.num_steps
+        offsets = torch.stack([torch.randint(0, ratio, (), generator=g) for g in gens])
+    grid = make_grid(adapter, d.num_steps, offsets=offsets)
+    with swapped_in(state.params, state.snapshot):
+        traj = rollout(
+            adapter, grid, SDESpec(noise_level=0.0), cond, None if d.guidance_scale == 1.0 else uncond,
+            generators=gens, latent_shape=x0.shape[1:], guidance_scale=d.guidance_scale,
+            sde_steps=torch.zeros(d.num_steps, dtype=torch.bool), keep_outputs=True,
+        )  # fmt: skip
+    t = grid.timesteps.T if grid.timesteps.ndim == 2 else grid.timesteps.expand(len(seeds), -1)
+    state.buffer.commit(x0, cond, traj.latents[:, : d.num_steps], traj.outputs, t)
+
+
+def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.Tensor]:
+    """Loss and metrics of one micro-batch; backward is done by the caller."""
+    adapter, d = state.run.adapter, state.cfg.dro
+    if state.micro > 0 and state.micro % d.snapshot_every == 0:  # the authors refresh after micro-step `micro`
+        with torch.no_grad():
+            for key, param in state.params.items():
+                state.snapshot[key].copy_(param.detach())
+    state.micro += 1
+    fill_buffer(state, batch, seeds)
+    sample = state.buffer.sample(len(seeds), seedlib.generator(*seeds, seedlib.DRO_BUFFER_DRAW), adapter.device)
+    eps_w = seedlib.draw_noise(
+        [seedlib.generator(s, seedlib.DRO_EXPERT_NOISE) for s in seeds], sample.x0.shape[1:], adapter.device
+    )
+    with state.run.accelerator.autocast():
+        terms = dro_terms.dro_terms(adapter, sample, eps_w)
+    out = state.objective.loss(terms, state.loss_cfg)
+    metrics = {f"loss/{k}": v for k, v in out.metrics.items()}
+    return {
+        "loss": out.loss,
+        **metrics,
+        "buffer/t": sample.t.float().mean(),
+        "buffer/size": torch.tensor(float(len(state.buffer))),
+    }
+
+
+def train_step(state: State) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` micro-batches, then the EMA update."""
+    state.micro = state.run.step * state.cfg.optim.grad_accum
+    metrics = loop.optimizer_step(state.run, partial(micro_step, state))
+    if state.cfg.dro.use_ema:
+        ema_update(state.ema, state.params, ema_decay(state.run.step, state.cfg.dro.ema_decay))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = loop.parse_config(argv, dconfig.DROConfig, __doc__.splitlines()[0], example="duo/dro")
+    acc = loop.make_accelerator(cfg)
+    loop.start(cfg, acc, f"dro on {acc.num_processes} processes: {dconfig.to_dict(cfg.dro)}")
+    state = setup(cfg, acc)
+    result = loop.train(state.run, partial(train_step, state), save_extra=partial(extra_tensors, state), desc="dro")
+    if cfg.dro.use_ema:
+        with torch.no_grad(), swapped_in(state.params, state.ema):
+            loop.export_lora(state.run)
+        logger.info(
+            "exported the EMA of the LoRA to %s (the trained LoRA is in the last checkpoint)", result["lora_dir"]
+        )
+    return result
+
+
+if __name__ == "__main__":
+    errors.script_main(main)
