@@ -95,6 +95,7 @@ class Adapter:
     family: ClassVar[str]
     pipeline_class: ClassVar[str]
     denoiser_name: ClassVar[str] = "unet"
+    is_video: ClassVar[bool] = False  # True: pixels (N, 3, F, H, W) and latents (N, C, F', h, w) (``models.wan``)
     # transformers class per tokenizer component (the slow CLIP tokenizer loads the shipped tiny vocab exactly)
     tokenizer_classes: ClassVar[dict[str, str]] = {
         "tokenizer": "CLIPTokenizer",
@@ -119,7 +120,7 @@ class Adapter:
         if self.text_encoders and len(self.text_encoders) != len(self.text_encoder_names()):
             raise ValueError(f"{self.family}: expected text encoders {self.text_encoder_names()} or none")
         self.scheduler = scheduler
-        self.process = process if process is not None else process_for(scheduler)
+        self.process = process if process is not None else self.make_process(scheduler)
         for module in self.frozen_modules():
             module.requires_grad_(False).eval()
         self.denoiser.requires_grad_(False).eval()  # recipes call .train() (LoRA dropout) when training
@@ -141,6 +142,12 @@ class Adapter:
     @classmethod
     def text_encoder_names(cls) -> list[str]:
         raise NotImplementedError
+
+    @classmethod
+    def make_process(cls, scheduler: Any, **kwargs: Any) -> Any:
+        """The training forward process of the checkpoint's ``scheduler`` (``process_for``; a family whose pipeline
+        samples with a non-flow-match scheduler class, e.g. Wan's UniPC, overrides it)."""
+        return process_for(scheduler, **kwargs)
 
     @classmethod
     def lora_text_encoder_names(cls) -> list[str]:
@@ -201,7 +208,7 @@ class Adapter:
             quantize=quantize,
             load_text_encoders=load_text_encoders,
         )
-        process = process_for(components["scheduler"], **process_kwargs)
+        process = cls.make_process(components["scheduler"], **process_kwargs)
         return cls.from_components(components, process=process, **(adapter_kwargs or {}))
 
     # ---- modules ------------------------------------------------------------------------------
