@@ -13,6 +13,7 @@ from diffalign.config.common import (
     ModelConfig,
     OptimConfig,
     PromptDataConfig,
+    VIDEO_FAMILIES,
     RunConfig,
     ValidationConfig,
     _check_training,
@@ -35,6 +36,9 @@ class RewardConfig:
     seed: int = 0  # toy_pixel
     scale: float = 1.0  # toy_pixel
     options: dict[str, Any] = field(default_factory=dict)  # more keyword options of the scorer's load()
+    # video families (wan): the image scorer on every frame_stride-th frame, reduced over frames (scorers.base.PerFrame)
+    frame_reduction: Literal["mean", "min"] = "mean"
+    frame_stride: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +177,7 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
             problems.append("online.guard_scorers are scored on the validation prompts: set validation.every > 0")
     if cfg.validation.every and not (cfg.validation.prompts or cfg.validation.prompts_file):
         problems.append("validation.every > 0 needs held-out prompts: validation.prompts or validation.prompts_file")
+    _check_frame_options(cfg, problems)
     if not o.rewards:
         problems.append("online.rewards is empty; name at least one reward scorer (e.g. {pickscore: {weight: 1}})")
     if cfg.lora.dropout > 0:
@@ -196,3 +201,15 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
             f"{grad_accum_for(cfg, 1)})"
         )
     return problems
+
+
+def _check_frame_options(cfg: OnlineRLConfig, problems: list[str]) -> None:
+    """``frame_reduction`` / ``frame_stride`` of a reward: video families only, stride >= 1."""
+    for name, r in cfg.online.rewards.items():
+        if r.frame_stride < 1:
+            problems.append(f"online.rewards.{name}.frame_stride={r.frame_stride} must be >= 1")
+        if cfg.model.family not in VIDEO_FAMILIES and (r.frame_reduction != "mean" or r.frame_stride != 1):
+            problems.append(
+                f"online.rewards.{name}.frame_reduction / frame_stride apply to video families {VIDEO_FAMILIES}, "
+                f"not {cfg.model.family!r}"
+            )

@@ -294,11 +294,15 @@ class Adapter:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (dist.mean - shift) * self.vae.config.scaling_factor
 
+    def unscale_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> the VAE's own latent space (differentiable): the inverse of ``encode_images``' scaling."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return latents / self.vae.config.scaling_factor + shift
+
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Scaled latents -> pixels (N, 3, H, W) in [-1, 1]."""
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latents.to(self.vae.device, torch.float32) / self.vae.config.scaling_factor + shift
+        z = self.unscale_latents(latents.to(self.vae.device, torch.float32))
         return self.vae.decode(z).sample.clamp(-1, 1)
 
     # ---- family-specific ----------------------------------------------------------------------

@@ -155,12 +155,16 @@ class Adapter(_Base):
         mean, std = self._stats(z)
         return (z - mean) / std
 
+    def unscale_latents(self, latents: Tensor) -> Tensor:
+        """Normalised latents -> the VAE's latents ``z * std + mean`` (differentiable)."""
+        mean, std = self._stats(latents)
+        return latents * std + mean
+
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Normalised latents (N, C, F', h, w) -> videos (N, 3, F, H, W) in [-1, 1]."""
-        z = latents.to(self.vae.device, torch.float32)
-        mean, std = self._stats(z)
-        return self.vae.decode(z * std + mean).sample.clamp(-1, 1)
+        z = self.unscale_latents(latents.to(self.vae.device, torch.float32))
+        return self.vae.decode(z).sample.clamp(-1, 1)
 
     # ---- conditioning and the denoiser ----------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str], info: Sequence[SampleInfo] | None = None) -> Cond:
