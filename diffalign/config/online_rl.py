@@ -52,9 +52,9 @@ class OnlineSection:
     """
 
     num_steps: int = 10
-    sde_form: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"  # flow models; VP models step DDIM
+    sde_form: Literal["flow_grpo", "dance_grpo", "flow_grpo_wan"] = "flow_grpo"  # flow models; VP models step DDIM
     noise_level: float = 0.7  # Flow-GRPO a 0.7; DanceGRPO eta 0.3; DDPO eta 1.0
-    spacing: Literal["diffusers", "linear"] = "diffusers"  # flow grid (linear: DanceGRPO)
+    spacing: Literal["diffusers", "linear", "unipc"] = "diffusers"  # flow grid (linear: DanceGRPO; unipc: Wan's UniPC)
     guidance_scale: float = 4.5  # 1.0: no CFG (FLUX.1-dev uses its guidance embedding, model.guidance)
     uncond: Literal["empty_prompt", "zeros"] = "empty_prompt"
     detach_uncond: bool = True  # Flow-GRPO; DDPO trains through both branches

@@ -10,7 +10,8 @@ calls it with the stored ``prev_sample``. Everything is fp32 (Flow-GRPO
 with the same reduction.
 
 **Flow models** (SD3, SD3.5, FLUX): the flow SDE step of ``diffalign.diffusion.transition.flow_sde_mean_std``,
-``form="flow_grpo"`` (noise level ``a`` = 0.7) or ``form="dance_grpo"`` (constant ``eta`` = 0.3).
+``form="flow_grpo"`` (noise level ``a`` = 0.7), ``form="dance_grpo"`` (constant ``eta`` = 0.3) or ``form="flow_grpo_wan"``
+(flow_grpo's Wan 2.1 SDE, noise level 1.0).
 ``noise_level = 0`` (or ``deterministic=True``) is the plain Euler ODE step, with no log-probability (MixGRPO's
 steps outside its SDE window, ``fastvideo/utils/sampling_utils.py:157-210``).
 
@@ -57,7 +58,7 @@ from diffalign.sampling.guidance import guided_output
 from diffalign.sampling.seeds import draw_noise
 
 
-SPACINGS = ("diffusers", "linear")
+SPACINGS = ("diffusers", "linear", "unipc")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,7 +140,9 @@ def _flow_mean_std(
     grid: Grid, spec: SDESpec, v: Tensor, x: Tensor, index: Tensor, noise_level: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     levels = grid.levels.to(x.device)
-    return flow_sde_mean_std(x, v, levels[index], levels[index + 1], noise_level, form=spec.form, sigma_max=levels[1])
+    return flow_sde_mean_std(
+        x, v, levels[index], levels[index + 1], noise_level, form=spec.form, sigma_max=levels[1], sigma_min=levels[-1]
+    )
 
 
 def _ddim_mean_std(grid: Grid, out: Tensor, x: Tensor, index: Tensor, eta: float) -> tuple[Tensor, Tensor]:

@@ -178,3 +178,39 @@ def test_reference_is_the_base_and_gradient_checkpointing_keeps_gradients():
 def test_adapter_pipeline_is_a_stock_wan_pipeline(adapter):
     pipe = adapter.pipeline()
     assert type(pipe).__name__ == "WanPipeline" and pipe.transformer is adapter.denoiser
+
+
+def test_unipc_grid_is_the_wan_scheduler_grid(components):
+    """online.spacing=unipc steps on exactly the sigmas WanPipeline's UniPC scheduler (and flow_grpo's Wan rollout)
+    steps on."""
+    from diffalign.sampling.grids import flow_sigmas
+
+    scheduler = components["scheduler"]
+    for n in (2, 5, 20):
+        scheduler.set_timesteps(n)
+        assert torch.equal(flow_sigmas(n, scheduler.config.flow_shift, 1000, "unipc"), scheduler.sigmas.float())
+
+
+def test_flow_grpo_wan_sde_step():
+    """form=flow_grpo_wan: std s sqrt(-dt) with s = sigma_min + (sigma_max - sigma_min) sigma, the Flow-GRPO mean, and
+    the KL scale s sqrt(-dt) (flow_grpo wan_pipeline_with_logprob.sde_step_with_logprob, scripts/train_wan2_1.py)."""
+    from diffalign.sampling.grids import flow_sigmas
+    from diffalign.sampling.sde import Grid, SDESpec, sde_step
+
+    sigmas = flow_sigmas(4, 3.0, 1000, "unipc")
+    grid = Grid(sigmas[:-1] * 1000, sigmas, "flow")
+    gen = torch.Generator().manual_seed(0)
+    x, v, noise = (torch.randn(2, 4, 2, 2, 2, generator=gen) for _ in range(3))
+    for j in range(4):
+        out = sde_step(grid, SDESpec(form="flow_grpo_wan", noise_level=1.0), v, x, j, noise=noise)
+        sigma, nxt = sigmas[j], sigmas[j + 1]
+        dt = nxt - sigma
+        s = sigmas[-1] + (sigmas[1] - sigmas[-1]) * sigma
+        mean = x * (1 + s**2 / (2 * sigma) * dt) + v * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
+        std = s * torch.sqrt(-dt)
+        torch.testing.assert_close(out.mean, mean)
+        torch.testing.assert_close(out.prev_sample, mean + std * noise)
+        torch.testing.assert_close(out.std.flatten(), std.expand(2))
+        torch.testing.assert_close(out.kl_scale, out.std)
+        log_prob = (-((out.prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi)))
+        torch.testing.assert_close(out.log_prob, log_prob.mean(dim=(1, 2, 3, 4)))
