@@ -8,12 +8,12 @@ from typing import Any, Literal
 
 from diffalign import registry
 from diffalign.config.common import (
+    VIDEO_FAMILIES,
     LoraConfig,
     LossSection,
     ModelConfig,
     OptimConfig,
     PromptDataConfig,
-    VIDEO_FAMILIES,
     RunConfig,
     ValidationConfig,
     _check_training,

@@ -8,11 +8,11 @@ from typing import Any, Literal
 
 from diffalign import registry
 from diffalign.config.common import (
+    VIDEO_FAMILIES,
     LoraConfig,
     ModelConfig,
     OptimConfig,
     PromptDataConfig,
-    VIDEO_FAMILIES,
     RunConfig,
     ValidationConfig,
     _check_training,

@@ -81,7 +81,9 @@ def read_video(path: str, num_frames: int | None = None) -> Video:
         frames = _npy_frames(path, num_frames)
     elif path.lower().endswith(".gif"):
         with Image.open(path) as im:
-            frames = [f.convert("RGB") for _, f in zip(range(num_frames or 10**9), ImageSequence.Iterator(im))]
+            frames = [
+                f.convert("RGB") for _, f in zip(range(num_frames or 10**9), ImageSequence.Iterator(im), strict=False)
+            ]
     elif path.lower().endswith(VIDEO_FILE_SUFFIXES):
         frames = _file_frames(path, num_frames)
     else:

@@ -70,9 +70,7 @@ class Adapter(_Base):
     tokenizer_classes: ClassVar[dict[str, str]] = {"tokenizer": "AutoTokenizer"}
     is_video: ClassVar[bool] = True
 
-    def __init__(
-        self, *, num_frames: int | None = None, max_sequence_length: int = 512, **kwargs: Any
-    ) -> None:
+    def __init__(self, *, num_frames: int | None = None, max_sequence_length: int = 512, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.num_frames = DEFAULT_NUM_FRAMES if num_frames is None else int(num_frames)
         check_num_frames(self.num_frames, self.temporal_scale_factor)
@@ -97,7 +95,9 @@ class Adapter(_Base):
             "FlowMatch"
         ):
             if not config.get("use_flow_sigmas", False):
-                raise ValueError(f"wan: scheduler {type(scheduler).__name__} does not use flow sigmas (use_flow_sigmas)")
+                raise ValueError(
+                    f"wan: scheduler {type(scheduler).__name__} does not use flow sigmas (use_flow_sigmas)"
+                )
             value = float(config["flow_shift"]) if shift is None else float(shift)
             return diffusion.FlowProcess(
                 num_train_timesteps=int(config.get("num_train_timesteps", 1000)), shift=value, **sampling
@@ -184,7 +184,7 @@ class Adapter(_Base):
         )
         mask = tokens.attention_mask.to(encoder.device)
         hidden = encoder(tokens.input_ids.to(encoder.device), mask).last_hidden_state
-        keep = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < mask.gt(0).sum(1)[:, None])
+        keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < mask.gt(0).sum(1)[:, None]
         return {"encoder_hidden_states": hidden * keep[..., None].to(hidden.dtype)}
 
     def predict(self, x_t: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:

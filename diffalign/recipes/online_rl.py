@@ -156,32 +156,6 @@ def build_guards(cfg: Any, device: torch.device) -> dict[str, Any]:
     return guards
 
 
-def build_scorers(cfg: Any, device: torch.device) -> dict[str, Any]:
-    """The reward scorers; on a video family each scores frames, reduced per ``frame_reduction`` (``PerFrame``)."""
-    from diffalign import scorers
-    from diffalign.scorers.base import PerFrame
-
-    out: dict[str, Any] = {}
-    for name, r in cfg.online.rewards.items():
-        if name == "toy_pixel":
-            out[name] = stepwise.PixelLinearScorer(seed=r.seed, scale=r.scale)
-        else:
-            out[name] = scorers.load(name, device=device, **({"path": r.path} if r.path else {}), **r.options)
-        if cfg.model.family in dconfig.VIDEO_FAMILIES:
-            out[name] = PerFrame(out[name], r.frame_reduction, r.frame_stride)
-    return out
-
-
-def build_guards(cfg: Any, device: torch.device) -> dict[str, Any]:
-    from diffalign import scorers
-    from diffalign.scorers.base import PerFrame
-
-    guards = {name: scorers.load(name, device=device) for name in cfg.online.guard_scorers}
-    if cfg.model.family in dconfig.VIDEO_FAMILIES:
-        guards = {name: PerFrame(g) for name, g in guards.items()}
-    return guards
-
-
 def setup(cfg: Any, accelerator: Any) -> State:
     """Model, LoRA, rewards and the round buffer; ``loop.start`` has checked that ``optim.grad_accum`` fits one round
     on ``accelerator.num_processes`` processes (``config.launch_problems``)."""

@@ -422,7 +422,7 @@ class PerFrame:
     def __call__(self, images: Any, prompts: Sequence[str] | None, **kwargs: Any) -> torch.Tensor:
         if not (isinstance(images, torch.Tensor) and images.ndim == 5):
             return self.scorer(images, prompts, **kwargs)
-        b, _, f = images.shape[:3]
+        b = images.shape[0]
         frames = images[:, :, :: self.stride].transpose(1, 2)  # (B, F_s, 3, H, W)
         n = frames.shape[1]
         repeated = None if prompts is None else [p for p in prompts for _ in range(n)]

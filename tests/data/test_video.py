@@ -21,14 +21,17 @@ from diffalign.data.video import Video, VideoTransform, read_video, video_source
 VIDEO_DIR = Path(__file__).resolve().parents[2] / "assets" / "video_tiny"
 
 
+DATA = {
+    "format": "video", "path": str(VIDEO_DIR), "split": "train", "streaming": False, "on_bad_row": "raise",
+    "max_rows": None, "num_frames": 5, "resolution": 16, "crop": "center", "hflip_prob": 0.0,
+    "proportion_empty_prompts": 0.0, "labelled_by": None, "latent_cache": None, "num_workers": 0,
+    "max_bad_fraction": 0.5, "curriculum": SimpleNamespace(chunks=0), "caption_columns": None, "positive_ratio": None,
+}  # fmt: skip
+
+
 def data_cfg(**kw):
-    base = dict(
-        format="video", path=str(VIDEO_DIR), split="train", streaming=False, on_bad_row="raise", max_rows=None,
-        num_frames=5, resolution=16, crop="center", hflip_prob=0.0, proportion_empty_prompts=0.0, labelled_by=None,
-        latent_cache=None, num_workers=0, max_bad_fraction=0.5, curriculum=SimpleNamespace(chunks=0),
-        caption_columns=None, positive_ratio=None,
-    )  # fmt: skip
-    return SimpleNamespace(**{**base, **kw})
+    """A ``data`` section (the fields the loader reads) for ``format: video`` on the shipped fixture."""
+    return SimpleNamespace(**{**DATA, **kw})
 
 
 def test_every_reader_gives_the_same_frames_as_written():
@@ -39,7 +42,7 @@ def test_every_reader_gives_the_same_frames_as_written():
     assert folder.size == (40, 32) and folder.height == 32  # PIL (width, height)
     array = np.load(VIDEO_DIR / "clips" / "r0_1.npy")
     assert np.array_equal(np.asarray(npy.frames[4]), array[4])
-    with pytest.raises(ValueError, match="fewer than data.num_frames=13"):
+    with pytest.raises(ValueError, match=r"fewer than data\.num_frames=13"):
         read_video(str(VIDEO_DIR / "clips" / "r0_0"), 13)
 
 
@@ -76,7 +79,7 @@ def test_a_short_video_is_a_bad_row(tmp_path):
     skipping = video_source(data_cfg(path=str(tmp_path), on_bad_row="skip"))
     item = skipping[1]
     assert isinstance(item, SkippedRow) and "videos[1] (clips/short.npy)" in item.reason and "3 frames" in item.reason
-    with pytest.raises(BadRowError, match="short.npy"):
+    with pytest.raises(BadRowError, match=r"short\.npy"):
         video_source(data_cfg(path=str(tmp_path)))[1]
 
 
@@ -96,4 +99,4 @@ def test_loader_batches_videos():
     batch, seeds = loader.next_batch()
     assert batch.pixels.shape == (2, 2, 3, 5, 16, 16) and len(seeds) == 2
     assert batch.scores.tolist() == [[1.0, 0.0], [1.0, 0.0]]
-    assert -1.0 <= batch.pixels.min() and batch.pixels.max() <= 1.0
+    assert batch.pixels.min() >= -1.0 and batch.pixels.max() <= 1.0
