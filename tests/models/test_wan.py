@@ -214,3 +214,13 @@ def test_flow_grpo_wan_sde_step():
         torch.testing.assert_close(out.kl_scale, out.std)
         log_prob = -((out.prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
         torch.testing.assert_close(out.log_prob, log_prob.mean(dim=(1, 2, 3, 4)))
+
+
+def test_image_only_tools_refuse_the_video_family_in_one_line():
+    from diffalign.eval.runner import EvalError, GenerationProtocol
+    from diffalign.label.config import Generator, LabelError
+
+    with pytest.raises(EvalError, match="video families are not supported"):
+        GenerationProtocol(family="wan", model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    with pytest.raises(LabelError, match="makes videos; label scores images only"):
+        Generator(name="w", family="wan", path="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
