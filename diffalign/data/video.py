@@ -126,13 +126,13 @@ class VideoDataset(RankedDataset):
         self.num_frames = num_frames
         super().__init__(source)
 
-    def decode(self, cell: Any) -> Video:
+    def decode(self, cell: Any, base_dir: str | None) -> Video:
         if isinstance(cell, dict):
             cell = cell.get("path")
         if not isinstance(cell, str) or not cell:
             raise ValueError(f"a video cell is a path (folder, .npy, .gif or video file); got {type(cell).__name__}")
-        base = self._base_dir
-        return read_video(cell if base is None or os.path.isabs(cell) else os.path.join(base, cell), self.num_frames)
+        path = cell if base_dir is None or os.path.isabs(cell) else os.path.join(base_dir, cell)
+        return read_video(path, self.num_frames)
 
 
 def video_source(cfg: Any) -> VideoDataset:
