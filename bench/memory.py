@@ -1,8 +1,9 @@
 """Memory and time of a LoRA DPO pair step vs a plain LoRA step on real-size denoisers, per memory option.
 
 The denoisers are built from their published configs (``bench/configs/*.json``: SDXL UNet, SD3.5-Medium,
-SD3.5-Large, FLUX.1-dev transformers) with random init: no weights are downloaded. Latents and prompt embeddings
-are random tensors of the real shapes at 1024 px, i.e. every row assumes the latent cache with T5/CLIP embeddings
+SD3.5-Large, FLUX.1-dev, Wan2.1-T2V-1.3B and -14B transformers) with random init: no weights are downloaded. Latents
+and prompt embeddings are random tensors of the real shapes at 1024 px (Wan: 81 frames at 480 x 832, the
+WanPipeline defaults; a "pair" is two videos), i.e. every row assumes the latent cache with T5/CLIP embeddings
 (the text encoders and the VAE are never resident; their bf16 sizes are printed below the table).
 
 Memory options (model/optim config keys): ``bf16`` base (``model.dtype``), ``ckpt`` gradient checkpointing,
@@ -56,9 +57,10 @@ class Spec:
     config: str
     family: str
     latent_channels: int
-    text_len: int  # prompt-embedding tokens (CLIP 77 + T5 256 for SD3; T5 512 for FLUX)
+    text_len: int  # prompt-embedding tokens (CLIP 77 + T5 256 for SD3; T5 512 for FLUX and Wan's UMT5)
     text_dim: int
     pooled_dim: int
+    video: tuple[int, int, int] | None = None  # video families: (frames, height, width) of a sample, not --resolution
 
 
 MODELS = {
@@ -67,6 +69,10 @@ MODELS = {
     "sd35-large": Spec("sd35_large_transformer.json", "sd3", 16, 77 + 256, 4096, 2048),
     "flux1-dev": Spec("flux1_dev_transformer.json", "flux", 16, 512, 4096, 768),
 }
+# video: Wan 2.1 T2V at WanPipeline's defaults (480 x 832, 81 frames: 21 x 60 x 104 latents, 32760 tokens), no pooled
+WAN_VIDEO = (81, 480, 832)
+MODELS["wan21-1.3b"] = Spec("wan21_t2v_1_3b_transformer.json", "wan", 16, 512, 4096, 0, WAN_VIDEO)
+MODELS["wan21-14b"] = Spec("wan21_t2v_14b_transformer.json", "wan", 16, 512, 4096, 0, WAN_VIDEO)
 # option name -> (base, gradient checkpointing, optimizer)
 OPTIONS = {
     "bf16": ("bf16", False, "adamw"),
@@ -95,6 +101,9 @@ def option_name(name: str) -> str:
 TEXT_ENCODERS = {"CLIP-L": 123e6, "OpenCLIP-G": 695e6, "T5-XXL encoder": 4.76e9}
 FAMILY_ENCODERS = {"sdxl": ["CLIP-L", "OpenCLIP-G"], "sd3": ["CLIP-L", "OpenCLIP-G", "T5-XXL encoder"]}
 FAMILY_ENCODERS["flux"] = ["CLIP-L", "T5-XXL encoder"]
+# UMT5-XXL encoder of Wan (vocab 256384, d_model 4096, d_ff 10240, 64 heads, 24 layers): counted on the meta device
+TEXT_ENCODERS["UMT5-XXL encoder"] = 5_680_910_336
+FAMILY_ENCODERS["wan"] = ["UMT5-XXL encoder"]
 
 
 # ---- model construction ---------------------------------------------------------------------------------------
@@ -115,8 +124,10 @@ def build(spec: Spec, device: str, dtype: torch.dtype) -> torch.nn.Module:
 
 def lora_targets(spec: Spec, model: torch.nn.Module) -> list[str]:
     """The family's default LoRA targets (as ``models.<family>.Adapter.default_lora_targets``)."""
-    from diffalign.models import flux, sd3
+    from diffalign.models import flux, sd3, wan
 
+    if spec.family == "wan":
+        return list(wan.LORA_TARGETS)
     if spec.family == "flux":
         return list(flux.Adapter.default_lora_targets(None))  # type: ignore[arg-type]
     if spec.family == "sd3":
@@ -178,8 +189,7 @@ def cpu_table(models: list[str], rank: int, options: list[str] | None = None) ->
                 f"{sum(b.values()) / GB:.2f} |"
             )
     print("\nText encoders kept resident without cached embeddings (bf16):")
-    for family in ("sdxl", "sd3", "flux"):
-        names = FAMILY_ENCODERS[family]
+    for family, names in FAMILY_ENCODERS.items():
         print(f"  {family}: {' + '.join(names)} = {sum(TEXT_ENCODERS[n] for n in names) * 2 / GB:.1f} GB")
 
 
@@ -230,6 +240,12 @@ def inputs(
     h = resolution // 8
     x = torch.randn(n, spec.latent_channels, h, h, device=device)
     t = torch.full((n,), 500.0, device=device)
+    if spec.video is not None:  # (N, C, F', h, w) video latents and the UMT5 states alone (models.wan)
+        from diffalign.models import wan
+
+        frames, height, width = spec.video
+        x = torch.randn(n, spec.latent_channels, wan.latent_frames(frames), height // 8, width // 8, device=device)
+        return x, t, {"encoder_hidden_states": torch.randn(n, spec.text_len, spec.text_dim, device=device)}
     cond = {
         "encoder_hidden_states": torch.randn(n, spec.text_len, spec.text_dim, device=device),
         "pooled_projections": torch.randn(n, spec.pooled_dim, device=device),
@@ -346,6 +362,8 @@ def tiny_specs(names: list[str], workdir: Path) -> dict[str, Spec]:
         "sd35-medium": ("sd35", "transformer", ("sd3", 4, 8, 32, 32)),
         "sd35-large": ("sd35", "transformer", ("sd3", 4, 8, 32, 32)),
         "flux1-dev": ("flux", "transformer", ("flux", 4, 8, 32, 16)),
+        "wan21-1.3b": ("wan", "transformer", ("wan", 4, 8, 32, 0, (5, 16, 16))),
+        "wan21-14b": ("wan", "transformer", ("wan", 4, 8, 32, 0, (5, 16, 16))),
     }
     specs = {}
     for name in names:

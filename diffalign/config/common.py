@@ -23,7 +23,7 @@ class ModelConfig:
     embeddings from ``data.latent_cache``), and ``optim.name: adamw8bit``.
     """
 
-    family: Literal["sd15", "sdxl", "sd3", "flux"]  # sd3 covers SD3.5 (Medium, Large)
+    family: Literal["sd15", "sdxl", "sd3", "flux", "wan"]  # sd3 covers SD3.5 (Medium, Large); wan: Wan 2.1 T2V video
     path: str  # hub id or local diffusers folder
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files on the hub
@@ -90,7 +90,7 @@ class DataConfig:
     probability (Diffusion-KTO's label-balanced sampler); None shuffles as usual.
     """
 
-    format: Literal["pickapic", "ranked", "unpaired", "scored_pairs"] = "pickapic"
+    format: Literal["pickapic", "ranked", "unpaired", "scored_pairs", "video"] = "pickapic"
     path: str
     split: str = "train"
     streaming: bool = False
@@ -107,6 +107,7 @@ class DataConfig:
     latent_cache: str | None = None
     positive_ratio: float | None = None
     caption_columns: list[str] | None = None  # pickapic: one caption column per image, e.g. [caption_0, caption_1]
+    num_frames: int | None = None  # video families (wan): frames per video, 4k + 1 (None: the pipeline's 81)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
@@ -315,6 +316,8 @@ def _check_training(cfg: Any, problems: list[str]) -> None:
 
 
 FLOW_FAMILIES = ("sd3", "flux")
+VIDEO_FAMILIES = ("wan",)  # models.VIDEO_FAMILIES (config validates without importing models)
+FLOW_FAMILIES += VIDEO_FAMILIES
 
 
 def text_encoders_trained(cfg: Any) -> str | None:
@@ -405,6 +408,7 @@ def _check_model(cfg: Any, problems: list[str]) -> None:
         problems.append(f"validation.skip_guidance_layers is an SD3/SD3.5 sampling option, not {m.family!r}")
     if m.guidance is not None and m.family != "flux":
         problems.append(f"model.guidance applies to guidance-distilled FLUX.1 (model.family='flux'), not {m.family!r}")
+    _check_video(cfg, problems)
     if m.quantize != "none" and m.dtype == "fp32":
         problems.append(f"model.quantize={m.quantize!r} computes in model.dtype: set model.dtype to bf16 (or fp16)")
     if not m.load_text_encoders:
@@ -416,6 +420,26 @@ def _check_model(cfg: Any, problems: list[str]) -> None:
             problems.append(f"model.load_text_encoders=false cannot train the text encoders ({trained})")
         if val.every:
             problems.append("model.load_text_encoders=false: validation sampling needs the text encoders; set every=0")
+
+
+def _check_video(cfg: Any, problems: list[str]) -> None:
+    """``data.num_frames`` belongs to the video families, as 4k + 1 frames; Wan's LoRA is the transformer's only."""
+    m, data = cfg.model, cfg.data
+    frames = getattr(data, "num_frames", None)
+    if m.family not in VIDEO_FAMILIES:
+        if frames is not None:
+            problems.append(f"data.num_frames applies to video families {VIDEO_FAMILIES}, not {m.family!r}")
+        if getattr(data, "format", None) == "video":
+            problems.append(f"data.format=video needs a video model family {VIDEO_FAMILIES}, not {m.family!r}")
+        return
+    if frames is not None and (frames < 1 or (frames - 1) % 4):
+        problems.append(f"data.num_frames={frames}: a {m.family} video has 4k + 1 frames (e.g. 33, 81)")
+    if cfg.lora.text_encoder:
+        problems.append(f"lora.text_encoder=true: the {m.family} pipeline saves a transformer LoRA only; set it false")
+    if getattr(data, "format", "video") != "video":
+        problems.append(f"data.format={data.format!r}: {m.family} trains on videos; use data.format=video")
+    if getattr(data, "latent_cache", None):
+        problems.append(f"data.latent_cache: no latent cache for video families ({m.family}) yet; unset it")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -431,3 +455,4 @@ class PromptDataConfig:
     key: str | None = None
     max_prompts: int | None = None
     resolution: int = 512
+    num_frames: int | None = None  # video families (wan): frames per sampled video, 4k + 1 (None: the pipeline's 81)

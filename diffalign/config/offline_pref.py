@@ -164,7 +164,9 @@ def _check_loss_matches_data(cfg: OfflinePrefConfig, problems: list[str]) -> Non
         return
     if cfg.data.positive_ratio is not None:
         problems.append(f"data.positive_ratio applies to unpaired losses (kto), not {cfg.loss.name!r}")
-    wanted = {"pickapic": "pair", "ranked": "list", "unpaired": "unpaired", "scored_pairs": "pair"}[cfg.data.format]
+    formats = {"pickapic": "pair", "ranked": "list", "unpaired": "unpaired", "scored_pairs": "pair"}
+    formats["video"] = kind if kind in ("pair", "list") else "pair or list"  # K = 2 videos: pairs, K > 2: lists
+    wanted = formats[cfg.data.format]
     curriculum = cfg.data.curriculum
     if curriculum.chunks > 0 and curriculum.stages == "thresholds":  # ranked lists served as all their pairs
         wanted = "pair"

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from diffalign import registry
 from diffalign.config.common import (
+    VIDEO_FAMILIES,
     EmaConfig,
     ExportConfig,
     LoraConfig,
@@ -40,6 +41,9 @@ class RewardConfig:
     seed: int = 0  # toy_pixel
     scale: float = 1.0  # toy_pixel
     options: dict[str, Any] = field(default_factory=dict)  # more keyword options of the scorer's load()
+    # video families (wan): the image scorer on every frame_stride-th frame, reduced over frames (scorers.base.PerFrame)
+    frame_reduction: Literal["mean", "min"] = "mean"
+    frame_stride: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,12 +60,13 @@ class OnlineSection:
     # flow models; VP models step DDIM. cps: Coefficients-Preserving Sampling (arXiv 2509.05952; Flow-GRPO
     # sde_type="cps", sd3_sde_with_logprob.py:70-86): noise_level in (0, 1] (authors 0.8), unnormalised log-prob
     # -(x' - mean)^2, so use their clip_range 1e-5 (config/grpo.py geneval_sd3_fast_nocfg)
-    sde_form: Literal["flow_grpo", "dance_grpo", "cps"] = "flow_grpo"
+    # flow_grpo_wan: flow_grpo's Wan2.1 SDE (scripts/train_wan2_1.py), its KL over the full step std
+    sde_form: Literal["flow_grpo", "dance_grpo", "cps", "flow_grpo_wan"] = "flow_grpo"
     noise_level: float = 0.7  # Flow-GRPO a 0.7; DanceGRPO eta 0.3; CPS a 0.8; DDPO eta 1.0
     # the flow_grpo mean's order: "flow_grpo" = the authors' x (1 + ..) + v (..) dt (sd3_sde_with_logprob.py:50),
     # where x cancels exactly in the KL's mean difference (more precise in fp32); "diffalign" = this library's order
     sde_arithmetic: Literal["diffalign", "flow_grpo"] = "diffalign"
-    spacing: Literal["diffusers", "linear"] = "diffusers"  # flow grid (linear: DanceGRPO)
+    spacing: Literal["diffusers", "linear", "unipc"] = "diffusers"  # flow grid (linear: DanceGRPO; unipc: Wan's UniPC)
     # 1.0: no CFG, in rollout and update: one conditional forward, the empty prompt never encoded (Flow-GRPO's
     # *_nocfg configs, config/grpo.py:172-174: RL distils CFG away). FLUX.1-dev uses its guidance embedding.
     guidance_scale: float = 4.5
@@ -242,6 +247,7 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
             problems.append("online.guard_scorers are scored on the validation prompts: set validation.every > 0")
     if cfg.validation.every and not (cfg.validation.prompts or cfg.validation.prompts_file):
         problems.append("validation.every > 0 needs held-out prompts: validation.prompts or validation.prompts_file")
+    _check_frame_options(cfg, problems)
     if not o.rewards:
         problems.append("online.rewards is empty; name at least one reward scorer (e.g. {pickscore: {weight: 1}})")
     if cfg.lora.dropout > 0:
@@ -265,3 +271,15 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
             f"{grad_accum_for(cfg, 1)})"
         )
     return problems
+
+
+def _check_frame_options(cfg: OnlineRLConfig, problems: list[str]) -> None:
+    """``frame_reduction`` / ``frame_stride`` of a reward: video families only, stride >= 1."""
+    for name, r in cfg.online.rewards.items():
+        if r.frame_stride < 1:
+            problems.append(f"online.rewards.{name}.frame_stride={r.frame_stride} must be >= 1")
+        if cfg.model.family not in VIDEO_FAMILIES and (r.frame_reduction != "mean" or r.frame_stride != 1):
+            problems.append(
+                f"online.rewards.{name}.frame_reduction / frame_stride apply to video families {VIDEO_FAMILIES}, "
+                f"not {cfg.model.family!r}"
+            )

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from diffalign import registry
 from diffalign.config.common import (
+    VIDEO_FAMILIES,
     EmaConfig,
     ExportConfig,
     LoraConfig,
@@ -38,6 +39,9 @@ class RewardGradSection:
     scorer_path: str | None = None
     scorer_checkpointing: bool = False  # scorer.gradient_checkpointing(True) on its vision tower
     guard_scorers: list[str] = field(default_factory=list)
+    # video families (wan): the image scorer on every frame_stride-th frame, reduced over frames (scorers.base.PerFrame)
+    frame_reduction: Literal["mean", "min"] = "mean"
+    frame_stride: int = 1
     num_steps: int = 40
     guidance_scale: float = 1.0
     eta: float = 1.0
@@ -91,6 +95,10 @@ def _check_reward_grad(cfg: RewardGradConfig) -> list[str]:
     problems.extend(f"reward_grad: {p}" for p in spec_problems(spec))
     if cfg.model.timestep_sampling != "uniform":
         problems.append("model.timestep_sampling applies to timestep-sampled training, not reward_grad")
+    if r.frame_stride < 1:
+        problems.append(f"reward_grad.frame_stride={r.frame_stride} must be >= 1")
+    if cfg.model.family not in VIDEO_FAMILIES and (r.frame_reduction != "mean" or r.frame_stride != 1):
+        problems.append(f"reward_grad.frame_reduction / frame_stride apply to video families {VIDEO_FAMILIES}")
     return problems
 
 

@@ -21,11 +21,12 @@ def required_columns(cfg: Any) -> list[str]:
         from diffalign.data.loader import record_source
 
         return record_source(cfg).required_columns()
-    if cfg.format in ("ranked", "scored_pairs"):
+    if cfg.format in ("ranked", "scored_pairs", "video"):
         from diffalign.data.ranked import RankedSource
 
         s = RankedSource(path=cfg.path)
-        return [s.prompt_column, s.images_column, s.scores_column]
+        images = "videos" if cfg.format == "video" else s.images_column  # data.video.VIDEOS_COLUMN
+        return [s.prompt_column, images, s.scores_column]
     if cfg.format == "unpaired":
         from diffalign.data.unpaired import UnpairedSource
 
@@ -42,7 +43,7 @@ def problems(cfg: Any) -> list[str]:
         return [f"data.path: {e}"]
     if is_hub_id(path):
         return []
-    if cfg.format in ("ranked", "scored_pairs"):
+    if cfg.format in ("ranked", "scored_pairs", "video"):
         from diffalign.data.ranked import jsonl_path
 
         if jsonl_path(path, cfg.split):  # a JSONL list file (RankedDataset reads it; no parquet schema)

@@ -57,7 +57,21 @@ def record_source(cfg: Any) -> Any:
         )
     if cfg.streaming:
         raise ValueError("data.streaming is only supported for format: pickapic")
+    if cfg.format == "video":  # K videos per prompt (wan): diffalign.data.video
+        from diffalign.data.video import video_source
+
+        return video_source(cfg)
     return RankedSource(path=cfg.path, split=cfg.split, on_bad_row=cfg.on_bad_row, max_rows=cfg.max_rows)
+
+
+def transform_for(cfg: Any) -> JointTransform:
+    """The group transform of the ``data`` section: ``JointTransform``, or ``VideoTransform`` for ``format: video``."""
+    kwargs = {"resolution": cfg.resolution, "crop": cfg.crop, "hflip_prob": cfg.hflip_prob}
+    if cfg.format == "video":
+        from diffalign.data.video import VideoTransform
+
+        return VideoTransform(**kwargs)
+    return JointTransform(**kwargs)
 
 
 class _Collate:
@@ -130,11 +144,13 @@ class PlannedLoader:
             source = record_source(cfg)
             if isinstance(source, PickapicSource):
                 self.records = load_pickapic(source, rank=rank, world_size=world_size)
+            elif isinstance(source, RankedDataset):  # format: video
+                self.records = source
             else:
                 self.records = RankedDataset(source)
             self.records = curriculum_records(self.records, cfg)  # the prompts variant serves pairs of each list
             num_items = None if isinstance(self.records, PickapicIterable) else len(self.records)
-        self.transform = JointTransform(resolution=cfg.resolution, crop=cfg.crop, hflip_prob=cfg.hflip_prob)
+        self.transform = transform_for(cfg)
         self.collate = _Collate(seed, cfg.proportion_empty_prompts)
         self.streaming = num_items is None
         self._seen, self._bad, self._tally = 0, 0, BadRowTally()  # rows drawn (streaming: of finished passes)

@@ -191,7 +191,7 @@ class RankedDataset(Dataset):
         images = []
         for k in (entry.order[r] for r in ranks):
             try:
-                images.append(decode_image(cells[k], base_dir=self._base_dir))
+                images.append(self.decode(cells[k], self._base_dir))
             except ValueError as e:
                 where = f"{self.source.images_column}[{k}]"
                 if entry.image_refs is not None:
@@ -203,6 +203,11 @@ class RankedDataset(Dataset):
                 return item
         scores = [entry.scores[r] for r in ranks]
         return PreferenceRecord(prompt=entry.prompt, images=images, scores=scores, index=entry.index)
+
+    def decode(self, cell: Any, base_dir: str | None) -> Any:
+        """One image cell (a path relative to ``base_dir``, the JSONL's folder) -> an RGB PIL image
+        (``records.decode_image``; ``data.video`` decodes videos)."""
+        return decode_image(cell, base_dir=base_dir)
 
     def validate(self) -> LoadStats:
         """Read every image once (opt-in full scan) and return the stats; raises under ``on_bad_row="raise"``."""

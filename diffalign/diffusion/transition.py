@@ -21,6 +21,10 @@ guided velocity)::
 - ``form="flow_grpo"``: ``s = a sqrt(sigma / (1 - sigma))`` with ``a = noise_level`` (0.7); at sigma = 1 the
   denominator uses the grid's second sigma (Flow-GRPO ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py:42-50``:
   ``sigma_max = sigmas[1]``).
+- ``form="flow_grpo_wan"``: ``s = a (sigma_min + (sigma_max - sigma_min) sigma)``, linear in sigma, with the grid's
+  second and last sigmas (flow_grpo's Wan 2.1 step, ``flow_grpo/diffusers_patch/wan_pipeline_with_logprob.py``
+  ``sde_step_with_logprob``, which has no noise level: ``a = 1`` reproduces it). Its KL term divides by the step's
+  full std ``s sqrt(-dt)`` (``scripts/train_wan2_1.py``), so ``kl_scale`` includes ``sqrt(-dt)`` for this form.
 - ``form="dance_grpo"``: ``s = eta`` constant (0.3). DanceGRPO writes the drift through the score
   ``-(x - (1 - sigma) x0_hat) / sigma^2`` with ``x0_hat = x - sigma v`` and ``std = eta sqrt(sigma - sigma_next)``
   (``fastvideo/train_grpo_flux.py:131-170``); expanding ``x0_hat`` gives the line above with ``s = eta``.
@@ -62,7 +66,7 @@ from torch import Tensor
 
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-FLOW_FORMS = ("flow_grpo", "dance_grpo", "cps")
+FLOW_FORMS = ("flow_grpo", "dance_grpo", "cps", "flow_grpo_wan")
 ARITHMETIC = ("diffalign", "flow_grpo")
 
 
@@ -101,12 +105,14 @@ def flow_sde_mean_std(
     form: str,
     sigma_max: Tensor,
     arithmetic: str = "diffalign",
+    sigma_min: Tensor | float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean (B, C, h, w), std and scale ``s`` (both (B, 1, 1, 1)) of the flow SDE step ``sigma -> sigma_next``.
+    """Mean (B, C, h, w), std and KL scale (both (B, 1, 1, 1)) of the flow SDE step ``sigma -> sigma_next``.
 
-    ``sigma_max``: the grid's second sigma, which stands in for sigma = 1 in Flow-GRPO's ``1 - sigma``.
-    ``s`` is the std the KL term divides by (Flow-GRPO's, without ``sqrt(-dt)``; CPS: the std). ``arithmetic``:
-    the order of the ``flow_grpo`` mean (module docstring). fp32.
+    ``sigma_max``: the grid's second sigma, which stands in for sigma = 1 in Flow-GRPO's ``1 - sigma``;
+    ``sigma_min``: the grid's last sigma (``flow_grpo_wan`` only). The KL scale is the std the KL term divides by:
+    ``s`` without ``sqrt(-dt)`` (Flow-GRPO's SD3 script), ``s sqrt(-dt)`` for ``flow_grpo_wan``, the std for CPS.
+    ``arithmetic``: the order of the ``flow_grpo`` mean (module docstring). fp32.
     """
     if form not in FLOW_FORMS:
         raise ValueError(f"unknown flow SDE form {form!r}; choices: {', '.join(FLOW_FORMS)}")
@@ -123,13 +129,17 @@ def flow_sde_mean_std(
     if form == "flow_grpo":
         safe = torch.where(sigma == 1, sigma_max.to(sigma), sigma)  # the sigma = 1 edge case: 1 - sigmas[1]
         scale = noise_level * torch.sqrt(sigma / (1 - safe))
+    elif form == "flow_grpo_wan":
+        low, high = torch.as_tensor(sigma_min).to(sigma), torch.as_tensor(sigma_max).to(sigma)
+        scale = noise_level * (low + (high - low) * sigma)
     else:
         scale = torch.full_like(sigma, noise_level)
     if arithmetic == "flow_grpo" and form == "flow_grpo":
         mean = x * (1 + scale**2 / (2 * sigma) * dt) + v * (1 + scale**2 * (1 - sigma) / (2 * sigma)) * dt
     else:
         mean = x + v * dt + scale**2 / (2 * sigma) * (x + (1 - sigma) * v) * dt
-    return mean, scale * torch.sqrt(-dt), scale
+    std = scale * torch.sqrt(-dt)
+    return mean, std, std if form == "flow_grpo_wan" else scale
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:

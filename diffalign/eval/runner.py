@@ -102,10 +102,14 @@ class GenerationProtocol:
     dtype: str = "fp32"
 
     def __post_init__(self) -> None:
-        from diffalign.models import FAMILIES
+        from diffalign.models import FAMILIES, VIDEO_FAMILIES
 
         if self.family not in FAMILIES:
             raise EvalError(f"unknown model family {self.family!r}; {registry.suggest(self.family, FAMILIES)}")
+        if self.family in VIDEO_FAMILIES:
+            raise EvalError(
+                f"--family {self.family}: eval generates and scores images; video families are not supported"
+            )
         for name in ("steps", "images_per_prompt"):
             if getattr(self, name) < 1:
                 raise EvalError(f"{name} must be >= 1, got {getattr(self, name)}")

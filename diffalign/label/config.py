@@ -81,7 +81,7 @@ class Generator:
     protocol: SamplingProtocol | None = None
 
     def __post_init__(self) -> None:
-        from diffalign.models import FAMILIES
+        from diffalign.models import FAMILIES, VIDEO_FAMILIES
         from diffalign.models.base import DTYPES
 
         if not self.name or any(c in self.name for c in "\n\r"):
@@ -90,6 +90,8 @@ class Generator:
             raise LabelError(
                 f"generator {self.name!r}: unknown family {self.family!r}; {registry.suggest(self.family, FAMILIES)}"
             )
+        if self.family in VIDEO_FAMILIES:
+            raise LabelError(f"generator {self.name!r}: family {self.family!r} makes videos; label scores images only")
         if self.dtype not in DTYPES:
             raise LabelError(f"generator {self.name!r}: unknown dtype {self.dtype!r}; choices: {', '.join(DTYPES)}")
         if self.images is not None and self.images < 1:

@@ -1,4 +1,4 @@
-"""Model adapters by family (``sd15``, ``sdxl``, ``sd3`` (SD3 and SD3.5), ``flux`` (FLUX.1)).
+"""Model adapters by family (``sd15``, ``sdxl``, ``sd3`` (SD3 and SD3.5), ``flux`` (FLUX.1), ``wan`` (Wan 2.1 T2V)).
 
 The adapters are the only code that knows denoiser signatures."""
 
@@ -12,6 +12,10 @@ from diffalign import registry
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 FLOW_FAMILIES = ("sd3", "flux")
+# video families (5-D latents (N, C, F', h, w); ``Adapter.is_video``): Wan 2.1 T2V
+VIDEO_FAMILIES = ("wan",)
+FAMILIES += VIDEO_FAMILIES
+FLOW_FAMILIES += VIDEO_FAMILIES
 
 
 def get(family: str) -> ModuleType:

@@ -96,6 +96,7 @@ class Adapter:
     family: ClassVar[str]
     pipeline_class: ClassVar[str]
     denoiser_name: ClassVar[str] = "unet"
+    is_video: ClassVar[bool] = False  # True: pixels (N, 3, F, H, W) and latents (N, C, F', h, w) (``models.wan``)
     # transformers class per tokenizer component (the slow CLIP tokenizer loads the shipped tiny vocab exactly)
     tokenizer_classes: ClassVar[dict[str, str]] = {
         "tokenizer": "CLIPTokenizer",
@@ -120,7 +121,7 @@ class Adapter:
         if self.text_encoders and len(self.text_encoders) != len(self.text_encoder_names()):
             raise ValueError(f"{self.family}: expected text encoders {self.text_encoder_names()} or none")
         self.scheduler = scheduler
-        self.process = process if process is not None else process_for(scheduler)
+        self.process = process if process is not None else self.make_process(scheduler)
         for module in self.frozen_modules():
             module.requires_grad_(False).eval()
         self.denoiser.requires_grad_(False).eval()  # recipes call .train() (LoRA dropout) when training
@@ -145,6 +146,12 @@ class Adapter:
     @classmethod
     def text_encoder_names(cls) -> list[str]:
         raise NotImplementedError
+
+    @classmethod
+    def make_process(cls, scheduler: Any, **kwargs: Any) -> Any:
+        """The training forward process of the checkpoint's ``scheduler`` (``process_for``; a family whose pipeline
+        samples with a non-flow-match scheduler class, e.g. Wan's UniPC, overrides it)."""
+        return process_for(scheduler, **kwargs)
 
     @classmethod
     def lora_text_encoder_names(cls) -> list[str]:
@@ -210,7 +217,7 @@ class Adapter:
             quantize=quantize,
             load_text_encoders=load_text_encoders,
         )
-        process = process_for(components["scheduler"], **process_kwargs)
+        process = cls.make_process(components["scheduler"], **process_kwargs)
         return cls.from_components(components, process=process, **(adapter_kwargs or {}))
 
     # ---- modules ------------------------------------------------------------------------------
@@ -316,11 +323,15 @@ class Adapter:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (dist.mean - shift) * self.vae.config.scaling_factor
 
+    def unscale_latents(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> the VAE's own latent space (differentiable): the inverse of ``encode_images``' scaling."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return latents / self.vae.config.scaling_factor + shift
+
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Scaled latents -> pixels (N, 3, H, W) in [-1, 1]."""
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latents.to(self.vae.device, torch.float32) / self.vae.config.scaling_factor + shift
+        z = self.unscale_latents(latents.to(self.vae.device, torch.float32))
         return self.vae.decode(z).sample.clamp(-1, 1)
 
     # ---- family-specific ----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Tiny random-init SD1.5, SDXL, SD3, SD3.5-Medium-shaped and FLUX.1-dev-shaped component sets, built in-process.
+"""Tiny random-init SD1.5, SDXL, SD3, SD3.5-Medium-shaped, FLUX.1-dev-shaped and Wan2.1-T2V-shaped component sets,
+built in-process.
 
 They use the same diffusers/transformers classes as the real checkpoints (``UNet2DConditionModel``,
 ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``AutoencoderKL``, CLIP and T5 encoders), so adapters,
@@ -252,6 +253,67 @@ def flux(seed: int = 0, guidance_embeds: bool = True) -> dict[str, Any]:
     }
 
 
+# ---- video: Wan 2.1 T2V ----------------------------------------------------------------------------------
+def wan(seed: int = 0) -> dict[str, Any]:
+    """Wan2.1-T2V-shaped ``WanPipeline`` components: a 2-block ``WanTransformer3DModel`` ((1, 2, 2) patches, RMS q/k
+    norm across heads, cross-attention norm), a causal 3-D ``AutoencoderKLWan`` (8x spatial, 4x temporal; 4 latent
+    channels with their own per-channel mean/std instead of 16), a tiny UMT5 encoder on the shipped T5 tokenizer,
+    and the hub checkpoints' ``UniPCMultistepScheduler`` (flow prediction, flow sigmas, ``flow_shift`` 3.0: 480P).
+
+    A 5-frame 16 x 16 video is 2 latent frames of 2 x 2 cells: one token per latent frame.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(T5_TOKENIZER)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=tokenizer.vocab_size,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+        )
+    )
+    vae = AutoencoderKLWan(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.05, 0.0],
+        latents_std=[2.0, 1.5, 2.5, 1.0],
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,  # UMT5 width
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
 BUILDERS = {"sd15": sd15, "sdxl": sdxl, "sd3": sd3, "sd35": sd35, "flux": flux}
 PIPELINES = {
     "sd15": "StableDiffusionPipeline",
@@ -260,6 +322,9 @@ PIPELINES = {
     "sd35": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
 }
+FAMILIES += ("wan",)
+BUILDERS["wan"] = wan
+PIPELINES["wan"] = "WanPipeline"
 
 
 def pipeline(family: str, seed: int = 0, **kwargs: Any) -> Any:

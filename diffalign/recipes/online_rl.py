@@ -149,7 +149,9 @@ class State:
 
 # ---- setup --------------------------------------------------------------------------------------------
 def build_scorers(cfg: Any, device: torch.device) -> dict[str, Any]:
+    """The reward scorers; on a video family each scores frames, reduced per ``frame_reduction`` (``PerFrame``)."""
     from diffalign import scorers
+    from diffalign.scorers.base import PerFrame
 
     out: dict[str, Any] = {}
     for name, r in cfg.online.rewards.items():
@@ -157,13 +159,19 @@ def build_scorers(cfg: Any, device: torch.device) -> dict[str, Any]:
             out[name] = stepwise.PixelLinearScorer(seed=r.seed, scale=r.scale)
         else:
             out[name] = scorers.load(name, device=device, **({"path": r.path} if r.path else {}), **r.options)
+        if cfg.model.family in dconfig.VIDEO_FAMILIES:
+            out[name] = PerFrame(out[name], r.frame_reduction, r.frame_stride)
     return out
 
 
 def build_guards(cfg: Any, device: torch.device) -> dict[str, Any]:
     from diffalign import scorers
+    from diffalign.scorers.base import PerFrame
 
-    return {name: scorers.load(name, device=device) for name in cfg.online.guard_scorers}
+    guards = {name: scorers.load(name, device=device) for name in cfg.online.guard_scorers}
+    if cfg.model.family in dconfig.VIDEO_FAMILIES:
+        guards = {name: PerFrame(g) for name, g in guards.items()}
+    return guards
 
 
 def setup(cfg: Any, accelerator: Any) -> State:
@@ -243,7 +251,7 @@ def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[s
     for start in range(0, per_process, b):
         rows = index[start : start + b]
         prompts = [buf.prompt_at(int(p)) for p in positions[start : start + b]]
-        info = [default_info(adapter, shape[1:])] * len(prompts)
+        info = [default_info(adapter, shape[-2:])] * len(prompts)
         gens = [seeds.generator(buf.seed, buf.round, int(g), seeds.SAMPLE_NOISE) for g in rows]
         initial = None
         if o.same_latent:  # one initial noise per prompt position: a group shares it (its SDE noises differ)
@@ -371,7 +379,7 @@ def heldout_scores(state: State) -> dict[str, float]:
     for start in range(0, len(prompts), cfg.optim.batch_size):
         batch = prompts[start : start + cfg.optim.batch_size]
         gens = [torch.Generator().manual_seed(cfg.validation.seed + start + i) for i in range(len(batch))]
-        info = [default_info(adapter, shape[1:])] * len(batch)
+        info = [default_info(adapter, shape[-2:])] * len(batch)
         with state.run.accelerator.autocast():
             cond, uncond = encode_condition(adapter, batch, info, o.uncond, with_uncond=scale != 1.0)
             traj = rollout(

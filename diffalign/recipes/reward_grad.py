@@ -33,6 +33,7 @@ import torch
 from diffalign import config as dconfig
 from diffalign import errors, scorers
 from diffalign.sampling import seeds
+from diffalign.scorers.base import PerFrame
 from diffalign.terms import reward_grad
 from diffalign.training import loop
 from diffalign.training.prompts import PromptOrder, read_prompts
@@ -126,6 +127,9 @@ def setup(cfg: Any, accelerator: Any) -> State:
     if r.scorer_checkpointing:
         scorer.gradient_checkpointing(True)
     guards = {name: load_scorer(name, accelerator.device) for name in r.guard_scorers}
+    if cfg.model.family in dconfig.VIDEO_FAMILIES:  # videos: each scorer per frame, reduced over frames
+        scorer = PerFrame(scorer, r.frame_reduction, r.frame_stride)
+        guards = {name: PerFrame(g, r.frame_reduction, r.frame_stride) for name, g in guards.items()}
     source = PromptSource(
         read_prompts(cfg.data),
         cfg.run.seed,

@@ -12,7 +12,10 @@ it to timestep 0 (``alphas_cumprod[0]``, ``prev_t.clamp_min(0)``), the diffusers
 - ``"diffusers"``: ``FlowMatchEulerDiscreteScheduler.set_timesteps`` with a fixed shift,
   ``shift(linspace(1, shift(1/T), N))`` (its double shift of the last sigma), what Flow-GRPO's pipeline steps on;
 - ``"linear"``: DanceGRPO's ``shift(linspace(1, 0, N + 1))`` (``fastvideo/train_grpo_flux.py:311-313``);
-- ``"endpoint"``: the reward-gradient sampler's ``shift(linspace(1, 1/T, N))`` in fp32 (single shift).
+- ``"endpoint"``: the reward-gradient sampler's ``shift(linspace(1, 1/T, N))`` in fp32 (single shift);
+- ``"unipc"``: ``UniPCMultistepScheduler.set_timesteps`` with flow sigmas (Wan's checkpoints),
+  ``shift(linspace(1, 1/T, N + 1)[:-1])`` in float64 with the first sigma lowered by 1e-6, then fp32: the grid
+  flow_grpo's Wan rollouts step on (``wan_pipeline_with_logprob.py`` uses the pipeline scheduler's sigmas).
 
 The model sees ``sigma * T`` (diffusers' timesteps).
 """
@@ -29,7 +32,7 @@ from diffalign.models.base import Adapter
 
 
 VP_SPACINGS = ("leading", "trailing", "linspace")
-FLOW_SPACINGS = ("diffusers", "linear", "endpoint")
+FLOW_SPACINGS = ("diffusers", "linear", "endpoint", "unipc")
 
 
 def ddim_timesteps(
@@ -106,6 +109,12 @@ def flow_sigmas(num_steps: int, shift: float, num_train_timesteps: int = 1000, s
 
     if spacing == "linear":
         return shifted(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)).float()
+    if spacing == "unipc":
+        base = np.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1)[:-1]
+        unipc = shift * base / (1 + (shift - 1) * base)
+        if abs(unipc[0] - 1) < 1e-6:
+            unipc[0] -= 1e-6
+        return torch.cat([torch.from_numpy(unipc.astype(np.float32)), torch.zeros(1)])
     if spacing == "endpoint":
         sigmas = shifted(torch.linspace(1.0, 1.0 / num_train_timesteps, num_steps, dtype=torch.float32))
     else:

@@ -10,8 +10,9 @@ calls it with the stored ``prev_sample``. Everything is fp32 (Flow-GRPO
 with the same reduction.
 
 **Flow models** (SD3, SD3.5, FLUX): the flow SDE step of ``diffalign.diffusion.transition.flow_sde_mean_std``,
-``form="flow_grpo"`` (noise level ``a`` = 0.7), ``form="dance_grpo"`` (constant ``eta`` = 0.3) or ``form="cps"``
-(Coefficients-Preserving Sampling, ``a`` = 0.8, with the authors' unnormalised log-probability).
+``form="flow_grpo"`` (noise level ``a`` = 0.7), ``form="dance_grpo"`` (constant ``eta`` = 0.3), ``form="cps"``
+(Coefficients-Preserving Sampling, ``a`` = 0.8, with the authors' unnormalised log-probability) or
+``form="flow_grpo_wan"`` (flow_grpo's Wan 2.1 SDE, noise level 1.0).
 ``noise_level = 0`` (or ``deterministic=True``) is the plain Euler ODE step, with no log-probability (MixGRPO's
 steps outside its SDE window, ``fastvideo/utils/sampling_utils.py:157-210``).
 
@@ -66,7 +67,7 @@ from diffalign.sampling.guidance import guided_output
 from diffalign.sampling.seeds import draw_noise
 
 
-SPACINGS = ("diffusers", "linear")
+SPACINGS = ("diffusers", "linear", "unipc")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,7 +175,7 @@ def _flow_mean_std(
     levels = grid.levels.to(x.device)
     return flow_sde_mean_std(
         x, v, levels[index], levels[index + 1], noise_level, form=spec.form, sigma_max=levels[1],
-        arithmetic=spec.arithmetic,
+        sigma_min=levels[-1], arithmetic=spec.arithmetic,
     )  # fmt: skip
 
 
@@ -238,11 +239,8 @@ class Trajectory:
     latents: Tensor
     log_probs: Tensor
     sde: Tensor
-<<<<<<< HEAD
     means: Tensor | None = None  # (B, N, C, h, w) fp32 transition means, with keep_means (GRPO-Guard's mean_old)
-=======
     outputs: Tensor | None = None
->>>>>>> dro
 
     @property
     def final(self) -> Tensor:
@@ -261,38 +259,28 @@ def rollout(
     latent_shape: Sequence[int],
     guidance_scale: float = 1.0,
     sde_steps: Tensor | None = None,
-<<<<<<< HEAD
     initial: Tensor | None = None,
     keep_means: bool = False,
-=======
     keep_outputs: bool = False,
->>>>>>> dro
 ) -> Trajectory:
     """Sample B = len(generators) trajectories from ``adapter`` as it is now (the policy, LoRA on).
 
     Each sample's initial noise and step noises come from its own generator, so a sample does not depend on
     which others share its batch or process. ``sde_steps`` (N,) bool: stochastic steps (default all; MixGRPO:
-<<<<<<< HEAD
     a window); the others are ODE steps. ``initial`` (B, *latent_shape): the initial noise instead of the
     generators' first draw (which is still made, so the step noises are the same with or without it; Flow-GRPO
     ``sample.same_latent``, DanceGRPO ``init_same_noise``: one initial noise per group). ``keep_means``: also
-    return every step's transition mean (``Trajectory.means``).
-=======
-    a window); the others are ODE steps. ``keep_outputs``: also return each step's guided model output.
->>>>>>> dro
+    return every step's transition mean (``Trajectory.means``); ``keep_outputs``: each step's guided model output
+    (``Trajectory.outputs``).
     """
     n, device = grid.num_steps, adapter.device
     sde = torch.ones(n, dtype=torch.bool) if sde_steps is None else sde_steps.bool().cpu()
     x = draw_noise(generators, latent_shape, device)
-<<<<<<< HEAD
     if initial is not None:
         if initial.shape != x.shape:
             raise ValueError(f"initial noise of shape {tuple(initial.shape)} for latents {tuple(x.shape)}")
         x = initial.float().to(device)
-    latents, log_probs, means = [x], [], []
-=======
-    latents, log_probs, outputs = [x], [], []
->>>>>>> dro
+    latents, log_probs, means, outputs = [x], [], [], []
     for j in range(n):
         t = grid.timesteps[j].to(device).expand(x.shape[0])
         out = guided_output(adapter, x, t, cond, uncond, guidance_scale)
@@ -306,9 +294,10 @@ def rollout(
             means.append(result.mean)
         lp = result.log_prob if result.log_prob is not None else torch.full((x.shape[0],), math.nan, device=device)
         log_probs.append(lp)
-<<<<<<< HEAD
-    kept = torch.stack(means, dim=1) if keep_means else None
-=======
-    kept = torch.stack(outputs, dim=1) if keep_outputs else None
->>>>>>> dro
-    return Trajectory(torch.stack(latents, dim=1), torch.stack(log_probs, dim=1), sde, kept)
+    return Trajectory(
+        torch.stack(latents, dim=1),
+        torch.stack(log_probs, dim=1),
+        sde,
+        means=torch.stack(means, dim=1) if keep_means else None,
+        outputs=torch.stack(outputs, dim=1) if keep_outputs else None,
+    )

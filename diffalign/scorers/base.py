@@ -392,3 +392,42 @@ def tensor_state_dict(obj: Any, source: str, *, key: str | None = None) -> dict[
     if bad:
         raise ValueError(f"{source}: entries that are not tensors: {bad[:5]}")
     return dict(obj)
+
+
+# ---- videos: an image scorer per frame ---------------------------------------------------------------------------
+FRAME_REDUCTIONS = ("mean", "min")
+
+
+class PerFrame:
+    """An image scorer applied to the frames of videos, reduced over frames by a declared ``reduction``, until a video
+    reward model is added.
+
+    ``scorer(videos (B, 3, F, H, W) in [0, 1], prompts) -> (B,)``: frames ``0, stride, 2 stride, ...`` of each video are
+    scored as images with the video's prompt, then ``"mean"`` (the video's average frame) or ``"min"`` (its worst
+    frame: one bad frame spoils a clip). Images (B, 3, H, W) pass through to the image scorer unchanged. flow_grpo's
+    Wan reward ``video_ocr`` scores every 4th frame and averages the frames that score > 0
+    (``flow_grpo/ocr.py``); that filtered mean is not one of these reductions.
+    """
+
+    def __init__(self, scorer: Any, reduction: str = "mean", stride: int = 1) -> None:
+        if reduction not in FRAME_REDUCTIONS:
+            raise ValueError(f"frame reduction {reduction!r}; choices: {', '.join(FRAME_REDUCTIONS)}")
+        if stride < 1:
+            raise ValueError(f"frame stride must be >= 1, got {stride}")
+        self.scorer, self.reduction, self.stride = scorer, reduction, stride
+        for attr in ("name", "variant", "batch_size", "device", "dtype"):
+            if hasattr(scorer, attr):
+                setattr(self, attr, getattr(scorer, attr))
+
+    def __call__(self, images: Any, prompts: Sequence[str] | None, **kwargs: Any) -> torch.Tensor:
+        if not (isinstance(images, torch.Tensor) and images.ndim == 5):
+            return self.scorer(images, prompts, **kwargs)
+        b = images.shape[0]
+        frames = images[:, :, :: self.stride].transpose(1, 2)  # (B, F_s, 3, H, W)
+        n = frames.shape[1]
+        repeated = None if prompts is None else [p for p in prompts for _ in range(n)]
+        scores = self.scorer(frames.flatten(0, 1), repeated, **kwargs).view(b, n)
+        return scores.mean(dim=1) if self.reduction == "mean" else scores.amin(dim=1)
+
+    def __repr__(self) -> str:
+        return f"PerFrame({self.scorer!r}, reduction={self.reduction!r}, stride={self.stride})"

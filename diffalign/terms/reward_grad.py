@@ -90,13 +90,12 @@ class GradSpec:
 
 # ---- decode and rollouts ------------------------------------------------------------------------------
 def decode(adapter: Adapter, latents: Tensor, *, use_checkpoint: bool = False) -> Tensor:
-    """Differentiable VAE decode: scaled latents -> images (B, 3, H, W) in [0, 1] (``(x / 2 + 0.5).clamp(0, 1)`` as
-    ReFL.py line 741), fp32; the inverse of ``Adapter.encode_images``' scaling, like ``Adapter.decode_latents``."""
+    """Differentiable VAE decode: scaled latents -> images (B, 3, H, W) (videos: (B, 3, F, H, W)) in [0, 1]
+    (``(x / 2 + 0.5).clamp(0, 1)`` as ReFL.py line 741), fp32, through ``Adapter.unscale_latents``."""
     vae = adapter.vae
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
 
     def run(z: Tensor) -> Tensor:
-        return vae.decode(z / vae.config.scaling_factor + shift).sample
+        return vae.decode(adapter.unscale_latents(z)).sample
 
     z = latents.to(vae.device, torch.float32)
     pixels = checkpoint(run, z, use_reentrant=False) if use_checkpoint and z.requires_grad else run(z)
@@ -195,7 +194,7 @@ def rollout(
         raise ValueError(f"need one seed per prompt: got {len(seeds)} seeds for {b} prompts")
     device, shape = adapter.device, adapter.latent_shape(spec.resolution)
     sampler = Sampler(adapter, spec.num_steps, spec.eta)
-    model = _Model(adapter, prompts, spec, shape[1:])
+    model = _Model(adapter, prompts, spec, shape[-2:])
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     batch_gen = torch.Generator().manual_seed(int(batch_seed))
     start = grad_start(spec, batch_gen)

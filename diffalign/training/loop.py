@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from PIL import Image
 from tqdm.auto import tqdm
 
 from diffalign import config as dconfig
@@ -174,6 +175,8 @@ def build_adapter(cfg: Any, device: torch.device, *, need_reference: bool = True
             kwargs["shift"] = m.flow_shift
     if m.family == "flux":
         kwargs["adapter_kwargs"] = {"guidance": m.guidance}
+    if m.family in dconfig.VIDEO_FAMILIES:  # frames per video: the data's (None: the pipeline's default)
+        kwargs["adapter_kwargs"] = {"num_frames": cfg.data.num_frames}
     adapter = models.load(
         m.family,
         m.path,
@@ -619,12 +622,14 @@ def _validate(run: Run, prompts: list[str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     images = []
     extra = {"skip_guidance_layers": list(skip)} if (skip := cfg.validation.skip_guidance_layers) else {}
+    if run.adapter.is_video:
+        extra["num_frames"] = run.adapter.num_frames
     # full mode trains fp32 weights beside text encoders loaded in model.dtype: the pipeline runs in that dtype
     low = next((e.dtype for e in run.adapter.text_encoders if e.dtype != run.adapter.dtype), None)
     for i, prompt in enumerate(prompts):
         gen = torch.Generator(device="cpu").manual_seed(cfg.validation.seed + i)
         with torch.autocast(acc.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
-            image = _eager(pipe)(
+            out = _eager(pipe)(
                 prompt,
                 num_inference_steps=cfg.validation.num_inference_steps,
                 guidance_scale=cfg.validation.guidance_scale,
@@ -632,13 +637,23 @@ def _validate(run: Run, prompts: list[str]) -> None:
                 width=res,
                 generator=gen,
                 **extra,
-            ).images[0]
-        image.save(out_dir / f"{i:03d}.png")
+            )
+        image = _save_video(out.frames[0], out_dir / f"{i:03d}.gif") if run.adapter.is_video else out.images[0]
+        if not run.adapter.is_video:
+            image.save(out_dir / f"{i:03d}.png")
         images.append(np.asarray(image))
     run.adapter.denoiser.train(training)
     for tracker in acc.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({"validation": np.stack(images)}, step=run.step, dataformats="NHWC")
+
+
+def _save_video(frames: np.ndarray, path: Path, fps: int = 16) -> Image.Image:
+    """A pipeline's video (F, H, W, 3) floats in [0, 1] as an animated GIF at ``fps`` (WanPipeline's example exports
+    16 fps); returns the first frame (what the trackers show)."""
+    pil = [Image.fromarray((np.clip(f, 0, 1) * 255).round().astype(np.uint8)) for f in frames]
+    pil[0].save(path, save_all=True, append_images=pil[1:], duration=round(1000 / fps), loop=0)
+    return pil[0]
 
 
 def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,7 +1,7 @@
 """Every sampling recipe on every family: one round of ``online_rl`` (the GRPO and DDPO presets) and one step of
-``reward_grad`` (ReFL, DRaFT-K, AlignProp) on tiny SD1.5, SDXL, SD3, SD3.5-Medium-shaped and FLUX.1-dev-shaped
-models. Each run must end in a LoRA that a stock diffusers pipeline loads and that changes its images, while with
-the LoRA disabled the pipeline gives the base's images exactly.
+``reward_grad`` (ReFL, DRaFT-K, AlignProp) on tiny SD1.5, SDXL, SD3, SD3.5-Medium-shaped, FLUX.1-dev-shaped and
+Wan2.1-T2V-shaped (video) models. Each run must end in a LoRA that a stock diffusers pipeline loads and that changes
+its images, while with the LoRA disabled the pipeline gives the base's images exactly.
 
 The FLUX online_rl case is the regression test of the rollout that took its latent channel count from the
 transformer's packed input (64) instead of the VAE's latents (16)."""
@@ -52,6 +52,17 @@ CASES = {  # name -> (recipe, shipped toy config, overrides)
 }
 
 
+# ---- video (wan): 5-frame 16 px videos; rewards score every frame, reduced by the mean (scorers.base.PerFrame)
+FAMILIES.append("wan")
+VIDEO = {"data.resolution": 16, "data.num_frames": 5}
+
+
+def sample_video(pipe) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return pipe("a red circle", num_inference_steps=2, height=16, width=16, num_frames=5, generator=gen,
+                output_type="pt").frames  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def recipes():
     return {name: recipe_module(name) for name in ("online_rl", "reward_grad")}
@@ -72,6 +83,8 @@ def test_recipe_runs_on_family_and_exports_a_working_lora(recipes, tiny_dirs, st
     overrides["run.output_dir"] = tmp_path / "run"
     if family == "flux":  # FLUX.1-dev is guidance-distilled: its guidance embedding, no CFG
         overrides["online.guidance_scale" if name == "online_rl" else "reward_grad.guidance_scale"] = 1.0
+    if family == "wan":
+        overrides |= VIDEO
     result = recipes[name].main(["--config", config, *(f"{k}={v}" for k, v in overrides.items())])
     first = result["history"][0]
     assert len(result["history"]) == 1 and math.isfinite(first["loss"])
@@ -79,13 +92,14 @@ def test_recipe_runs_on_family_and_exports_a_working_lora(recipes, tiny_dirs, st
         assert result["rounds"] == 1 and first["loss/ratio_min"] == first["loss/ratio_max"] == 1.0
 
     pipe = stock_pipes[family]
-    before = sample(pipe)
+    draw = sample_video if family == "wan" else sample
+    before = draw(pipe)
     pipe.load_lora_weights(str(result["lora_dir"]), adapter_name="trained")
     try:
         assert "trained" in pipe.get_list_adapters().get("unet" if family in {"sd15", "sdxl"} else "transformer", [])
-        assert not torch.equal(sample(pipe), before), "the trained LoRA must change the images"
+        assert not torch.equal(draw(pipe), before), "the trained LoRA must change the images"
         pipe.disable_lora()
-        assert torch.equal(sample(pipe), before)
+        assert torch.equal(draw(pipe), before)
     finally:
         pipe.enable_lora()
         pipe.delete_adapters("trained")
