@@ -40,7 +40,11 @@ from typing import Any
 from diffalign.config import recipes_dir
 
 
-OBJECTIVES = {"draft": "reward_grad", "dpo": "offline_pref", "grpo": "online_rl"}  # objective -> recipe (dpo: labelled pairs)
+OBJECTIVES = {
+    "draft": "reward_grad",
+    "dpo": "offline_pref",
+    "grpo": "online_rl",
+}  # objective -> recipe (dpo: labelled pairs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +53,9 @@ class Settings:
     None: every prompt of the split (duo: 192 / 48). ``overrides``: extra ``a.b=c`` overrides for the training config."""
 
     world: str = "duo"
-    objective: str = "draft"  # "draft" (reward gradient), "dpo" (label pairs, then Diffusion-DPO) or "grpo" (online RL)
+    objective: str = (
+        "draft"  # "draft" (reward gradient), "dpo" (label pairs, then Diffusion-DPO) or "grpo" (online RL)
+    )
     base: str = ""  # empty: the world's shipped base
     config: str = ""  # empty: the world's config for the objective
     label_prompts: int | None = None
