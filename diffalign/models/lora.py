@@ -145,8 +145,11 @@ def load_trainable_state(adapter: Adapter, state: dict[str, Tensor]) -> None:
             param.copy_(state[key])
 
 
-def save_lora(adapter: Adapter, out_dir: str | Path) -> Path:
-    """Write the LoRA in the diffusers format that ``pipe.load_lora_weights(out_dir)`` reads."""
+def save_lora(adapter: Adapter, out_dir: str | Path, whole: dict[str, Tensor] | None = None) -> Path:
+    """Write the LoRA in the diffusers format that ``pipe.load_lora_weights(out_dir)`` reads.
+
+    ``whole``: the trained tensors by ``trainable_parameters`` name, to write instead of the modules' own (a sharded
+    run passes them gathered whole)."""
     import diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -156,7 +159,8 @@ def save_lora(adapter: Adapter, out_dir: str | Path) -> Path:
     for name, module in adapter.named_modules().items():
         if not has_adapters(module):
             continue
-        layers = get_peft_model_state_dict(module)
+        own = None if whole is None else {k[len(name) + 1 :]: v for k, v in whole.items() if k.startswith(f"{name}.")}
+        layers = get_peft_model_state_dict(module, state_dict=own)
         kwargs[f"{name}_lora_layers"] = {k: v.detach().cpu() for k, v in layers.items()}
         kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     if len(kwargs) == 1:

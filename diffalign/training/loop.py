@@ -35,7 +35,7 @@ from diffalign.errors import InterruptedRun, UserError
 from diffalign.fileio import FolderLock, append_jsonl, keep_jsonl, replace_dir
 from diffalign.models import lora
 from diffalign.models.base import compile_denoiser
-from diffalign.training import checkpoint, curves, distributed, optim, preflight, rundir
+from diffalign.training import checkpoint, curves, distributed, optim, preflight, rundir, sharding
 
 
 logger = logging.getLogger("diffalign.train")
@@ -81,6 +81,19 @@ class Run:
     def output_dir(self) -> Path:
         return Path(self.cfg.run.output_dir)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the trained parameters are FSDP2 shards (``sharding``)."""
+        return sharding.is_sharded(self.params)
+
+    @property
+    def trained_modules(self) -> torch.nn.ModuleDict:
+        """The adapter's components that carry trained parameters, by component name (the checkpoint's names)."""
+        modules = self.adapter.named_modules()
+        return torch.nn.ModuleDict(
+            {k: m for k, m in modules.items() if any(p.requires_grad for p in m.parameters())}
+        )
+
 
 # ---- set-up -------------------------------------------------------------------------------------------
 def parse_config(argv: list[str] | None, schema: type, description: str, example: str) -> Any:
@@ -98,8 +111,12 @@ def parse_config(argv: list[str] | None, schema: type, description: str, example
 
 
 def make_accelerator(cfg: Any) -> Accelerator:
-    """Accelerator for ``cfg.run`` (mixed precision, trackers, logging dir); CPU when there is no CUDA."""
+    """Accelerator for ``cfg.run`` (mixed precision, trackers, logging dir); CPU when there is no CUDA.
+
+    An FSDP launch (``--distributed fsdp``, an accelerate config with ``distributed_type: FSDP``) is taken over by
+    ``sharding``: the denoiser is sharded in ``build_adapter``, accelerate wraps nothing."""
     run = cfg.run
+    sharding.take_over()
     torch.backends.cuda.matmul.allow_tf32 = run.allow_tf32
     torch.backends.cudnn.allow_tf32 = run.allow_tf32
     return Accelerator(
@@ -188,6 +205,10 @@ def build_adapter(cfg: Any, device: torch.device) -> Any:
         adapter.denoiser.enable_gradient_checkpointing()
     adapter.denoiser.train()  # LoRA dropout; the SD denoisers have no other dropout by default
     adapter = adapter.to(device)
+    spec = sharding.plan()
+    if spec is not None:
+        sharding.shard(adapter.denoiser, adapter.shard_blocks, spec)
+        logger.info("FSDP2: %s sharded over the processes (%s)", adapter.denoiser_name, spec)
     if m.compile:
         compile_denoiser(adapter.denoiser)
     return adapter
@@ -218,6 +239,26 @@ def build_run(cfg: Any, accelerator: Accelerator, adapter: Any, loader: Source |
 def save(run: Run, extra: dict[str, torch.Tensor] | None = None) -> Path:
     """Atomic checkpoint of LoRA (+ ``extra`` tensors, e.g. an EMA), optimizer, schedule, data position, RNG."""
     acc = run.accelerator
+    state = {
+        "step": run.step,
+        "scheduler": run.scheduler.state_dict(),
+        "loader": run.loader.state_dict(),
+        "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+        "config": dconfig.to_dict(run.cfg),
+        "num_processes": acc.num_processes,
+    }
+    if run.sharded:
+        return checkpoint.save_sharded(
+            run.output_dir / "checkpoints",
+            run.step,
+            model=run.trained_modules,
+            optimizer=run.optimizer.optimizer,
+            state=state,
+            extra=extra,
+            rank=acc.process_index,
+            barrier=acc.wait_for_everyone,
+            keep_last=run.cfg.run.keep_last,
+        )
     tensors = lora.trainable_state(run.adapter)
     tensors.update({k: v.detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
     return checkpoint.save(
@@ -225,13 +266,7 @@ def save(run: Run, extra: dict[str, torch.Tensor] | None = None) -> Path:
         run.step,
         trainable=tensors,
         optimizer=run.optimizer.optimizer.state_dict(),
-        state={
-            "step": run.step,
-            "scheduler": run.scheduler.state_dict(),
-            "loader": run.loader.state_dict(),
-            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            "config": dconfig.to_dict(run.cfg),
-        },
+        state=state,
         rank=acc.process_index,
         barrier=acc.wait_for_everyone,
         keep_last=run.cfg.run.keep_last,
@@ -239,12 +274,25 @@ def save(run: Run, extra: dict[str, torch.Tensor] | None = None) -> Path:
 
 
 def restore(run: Run, path: Path, extra_prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """Load checkpoint ``path`` into ``run``; returns the ``extra`` tensors (keys starting ``extra_prefix``)."""
-    ckpt = checkpoint.load(path, rank=run.accelerator.process_index)
-    tensors = ckpt["trainable"]
-    extra = {k: v for k, v in tensors.items() if extra_prefix and k.startswith(extra_prefix)}
-    lora.load_trainable_state(run.adapter, {k: v for k, v in tensors.items() if k not in extra})
-    run.optimizer.optimizer.load_state_dict(ckpt["optimizer"])
+    """Load checkpoint ``path`` into ``run``; returns the ``extra`` tensors (keys starting ``extra_prefix``).
+
+    A sharded run's checkpoint (``checkpoint.save_sharded``) loads into this run whatever its process count, sharded
+    or not; a checkpoint of an unsharded run does not load into a sharded one (one line saying so)."""
+    if checkpoint.is_sharded(path):
+        ckpt = checkpoint.load_sharded(
+            path, model=run.trained_modules, optimizer=run.optimizer.optimizer, rank=run.accelerator.process_index
+        )
+        extra = ckpt["extra"]
+    else:
+        if run.sharded:
+            raise UserError(
+                f"run.resume_from: {path} was written by an unsharded run; resume it without --distributed fsdp"
+            )
+        ckpt = checkpoint.load(path, rank=run.accelerator.process_index)
+        tensors = ckpt["trainable"]
+        extra = {k: v for k, v in tensors.items() if extra_prefix and k.startswith(extra_prefix)}
+        lora.load_trainable_state(run.adapter, {k: v for k, v in tensors.items() if k not in extra})
+        run.optimizer.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["state"]["scheduler"])
     run.loader.load_state_dict(ckpt["state"]["loader"])
     if ckpt["state"]["scaler"] is not None and run.accelerator.scaler is not None:
@@ -265,8 +313,10 @@ def resume_path(cfg: Any) -> Path | None:
 def export_lora(run: Run) -> Path:
     """Write the diffusers-format LoRA to ``output_dir/lora`` atomically (temp folder, then rename)."""
     out = run.output_dir / "lora"
+    params = lora.trainable_parameters(run.adapter)
+    whole = {k: sharding.full(p.detach()) for k, p in params.items()} if run.sharded else None  # collectives
     if run.accelerator.is_main_process:
-        replace_dir(out, lambda tmp: lora.save_lora(run.adapter, tmp))
+        replace_dir(out, lambda tmp: lora.save_lora(run.adapter, tmp, whole))
     run.accelerator.wait_for_everyone()
     return out
 
@@ -333,9 +383,12 @@ def optimizer_step(
     step, sync = run.step + 1, sync_step(cfg, run.step + 1)
     local: dict[str, torch.Tensor | float] = {f"mean/{k}": v.detach().float() for k, v in (metrics or {}).items()}
     groups, nonfinite = 0, torch.zeros((), device=acc.device)
+    sharded = run.sharded
     for _ in range(cfg.optim.grad_accum):
         args = run.loader.next_batch()
         n = len(args[0])
+        if sharded and _empty_anywhere(acc, n, step):  # FSDP: every process runs the same forwards and backwards
+            continue
         if n == 0:  # every row of this micro-batch was a skipped bad row
             continue
         out = micro_step(*args)
@@ -362,7 +415,13 @@ def optimizer_step(
         run.optimizer.zero_grad(set_to_none=True)
         shown["loss"] = float("nan")
     else:
-        if cfg.optim.max_grad_norm is not None:
+        if sharded:  # DTensor shards: the norm is summed over processes
+            acc.unscale_gradients()
+            if cfg.optim.max_grad_norm is not None:
+                norm = sharding.clip_grad_norm_(params, cfg.optim.max_grad_norm, acc)
+            else:
+                norm = sharding.grad_norm(params, acc)
+        elif cfg.optim.max_grad_norm is not None:
             norm = acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         else:
             acc.unscale_gradients()
@@ -378,8 +437,11 @@ def optimizer_step(
             pending.same["grad_norm"] = norm.detach()
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
-        # the weights are replicated and updated identically on every process: the same answer everywhere
-        weights_bad = ~torch.stack([p.detach().isfinite().all() for p in params]).all()
+        # replicated weights are updated identically on every process: the same answer everywhere; shards are not
+        if sharded:
+            weights_bad = sharding.any_nonfinite(params, acc)
+        else:
+            weights_bad = ~torch.stack([p.detach().isfinite().all() for p in params]).all()
         if sync and bool(weights_bad):
             raise non_finite(run, step, f"{_BAD['bad/weights'].format(step=step)} (metrics {shown})")
         pending.same["bad/weights"] = weights_bad
@@ -389,6 +451,16 @@ def optimizer_step(
     run.step = step
     shown["lr"] = run.scheduler.get_last_lr()[0]
     return shown
+
+
+def _empty_anywhere(acc: Accelerator, n: int, step: int) -> bool:
+    """Sharded runs: whether some process's micro-batch has no usable row (one all-reduce). Then every process skips
+    it (its other processes' rows too, warned): FSDP's collectives need the same forwards on every process."""
+    empty = acc.reduce(torch.tensor(float(n == 0), device=acc.device), reduction="sum")
+    if float(empty) == 0:
+        return False
+    logger.warning("step %d: a process's micro-batch had only skipped bad rows; every process skips it (FSDP)", step)
+    return True
 
 
 def _resolve(run: Run) -> None:
@@ -505,11 +577,12 @@ def validation_prompts(cfg: Any) -> list[str]:
 def validate(run: Run) -> None:
     """Sample the validation prompts with the current LoRA; PNGs to ``validation/step-N`` and the trackers.
 
-    The denoiser samples in eval mode (no LoRA dropout) and is put back in the mode it was in.
+    The denoiser samples in eval mode (no LoRA dropout) and is put back in the mode it was in. A sharded run samples
+    on every process (the denoiser's forward gathers shards from all of them); the main process saves.
     """
     cfg, acc = run.cfg, run.accelerator
     prompts = validation_prompts(cfg)
-    if prompts and acc.is_main_process:
+    if prompts and (acc.is_main_process or run.sharded):
         res = cfg.validation.resolution or cfg.data.resolution
         pipe = run.adapter.pipeline()
         training = run.adapter.denoiser.training
@@ -529,10 +602,11 @@ def validate(run: Run) -> None:
                 generator=gen,
                 **extra,
             ).images[0]
-            image.save(out_dir / f"{i:03d}.png")
+            if acc.is_main_process:
+                image.save(out_dir / f"{i:03d}.png")
             images.append(np.asarray(image))
         run.adapter.denoiser.train(training)
-        for tracker in acc.trackers:
+        for tracker in acc.trackers if acc.is_main_process else []:
             if tracker.name == "tensorboard":
                 tracker.log_images({"validation": np.stack(images)}, step=run.step, dataformats="NHWC")
     acc.wait_for_everyone()
