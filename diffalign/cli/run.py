@@ -55,7 +55,7 @@ DEEPSPEED = ("zero2", "zero3")
 def accelerate_config(kind: str) -> Path:
     """The shipped accelerate config file of a ``--distributed`` kind."""
     if kind not in DISTRIBUTED:
-        raise CLIError(f"--distributed {kind!r} is not one of {', '.join(DISTRIBUTED)}; {registry.suggest(kind, DISTRIBUTED)}")
+        raise CLIError(f"--distributed {kind!r}: {registry.suggest(kind, DISTRIBUTED)}")
     return config.recipes_dir() / "accelerate" / f"{kind}.yaml"
 
 
@@ -85,7 +85,9 @@ class Launch:
         if not 0 <= self.machine_rank < max(self.num_machines, 1):
             found.append(f"--machine-rank {self.machine_rank} must be in 0..{self.num_machines - 1} (--num-machines)")
         if self.num_machines > 1 and not self.main_process_ip:
-            found.append("--num-machines > 1 needs --main-process-ip (the address of the machine with --machine-rank 0)")
+            found.append(
+                "--num-machines > 1 needs --main-process-ip (the address of the machine with --machine-rank 0)"
+            )
         return found
 
 
@@ -259,10 +261,13 @@ def run(args: argparse.Namespace) -> int:
     if hasattr(cfg, "run"):
         from diffalign.training import preflight
 
-        preflight.check(cfg, args.num_processes, probe_lock=True)
+        # another machine of the same run may already hold the output folder's lock: only machine 0 probes it
+        preflight.check(cfg, args.num_processes, probe_lock=launch_spec.machine_rank == 0)
     print(f"launching: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     multi = "accelerate.commands.launch" in cmd
-    procs = max(args.num_processes, 2 if launch_spec.distributed else 1)  # an FSDP launch of 1 process is distributed too
+    procs = max(
+        args.num_processes, 2 if launch_spec.distributed else 1
+    )  # an FSDP launch of 1 process is distributed too
     return _exit_status(launch(cmd, child_env(procs), quiet_after_error=multi))
 
 

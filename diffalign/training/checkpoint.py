@@ -305,7 +305,9 @@ def load_sharded(path: Path, *, model: torch.nn.Module, optimizer: Any, rank: in
         set_rng_state(state_io.load(rng_file))
     model_sd, optim_sd, tensors = _sharded_tensors(model, optimizer)
     saved = _saved_tensors(path)
-    tensors.update({k: torch.empty(meta.size, dtype=meta.properties.dtype) for k, meta in saved.items() if k.startswith("extra/")})
+    tensors.update(
+        {k: torch.empty(meta.size, dtype=meta.properties.dtype) for k, meta in saved.items() if k.startswith("extra/")}
+    )
     missing, unexpected = sorted(set(tensors) - set(saved)), sorted(set(saved) - set(tensors))
     if missing or unexpected:
         raise KeyError(

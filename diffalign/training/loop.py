@@ -90,9 +90,7 @@ class Run:
     def trained_modules(self) -> torch.nn.ModuleDict:
         """The adapter's components that carry trained parameters, by component name (the checkpoint's names)."""
         modules = self.adapter.named_modules()
-        return torch.nn.ModuleDict(
-            {k: m for k, m in modules.items() if any(p.requires_grad for p in m.parameters())}
-        )
+        return torch.nn.ModuleDict({k: m for k, m in modules.items() if any(p.requires_grad for p in m.parameters())})
 
 
 # ---- set-up -------------------------------------------------------------------------------------------

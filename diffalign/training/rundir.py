@@ -145,7 +145,9 @@ def resume_problem(cfg: Any, path: Path, num_processes: int | None = None) -> st
                 f"processes); set optim.batch_size x optim.grad_accum to {global_before / num_processes:g} per process"
             )
         may_change = (*may_change, *batch)
-        logger.info("resuming on %d processes a checkpoint of %d (global batch %d)", num_processes, saved_procs, global_now)
+        logger.info(
+            "resuming on %d processes a checkpoint of %d (global batch %d)", num_processes, saved_procs, global_now
+        )
     refused = [diffs[k] for k in changed if not k.startswith(may_change)]
     if refused:
         return (

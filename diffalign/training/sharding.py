@@ -33,7 +33,9 @@ class Plan:
     """How to shard: read from the ``FSDP_*`` variables accelerate launch exports from ``fsdp_config``."""
 
     offload: bool = False  # fsdp_offload_params: parameters, gradients and optimizer state in CPU RAM
-    reshard_after_forward: bool = True  # fsdp_reshard_after_forward (FULL_SHARD); false keeps them gathered (SHARD_GRAD_OP)
+    reshard_after_forward: bool = (
+        True  # fsdp_reshard_after_forward (FULL_SHARD); false keeps them gathered (SHARD_GRAD_OP)
+    )
     wrap_classes: tuple[str, ...] = ()  # fsdp_transformer_layer_cls_to_wrap; empty: the family's blocks
 
 

@@ -68,13 +68,29 @@ def test_full_table_bytes_by_hand(bench, capsys):
     assert bench.optimizer_bytes((320, 4, 3, 3), "adafactor") == 4 * (320 * 4 * 3 + 320 * 4 * 3)
     assert bench.optimizer_bytes((320,), "adafactor") == 4 * 320
     shapes = [(5, 3), (7,)]  # 22 parameters; FSDP2 on 2: (3, 3) + (4,) = 13 per process
-    assert bench.full_bytes(shapes, "DDP", 1, "adamw") == {"weights": 88, "grads": 88, "optim": 176, "ref": 44, "ema": 88}
-    assert bench.full_bytes(shapes, "FSDP2", 2, "adamw") == {"weights": 52, "grads": 52, "optim": 104, "ref": 26, "ema": 52}
+    assert bench.full_bytes(shapes, "DDP", 1, "adamw") == {
+        "weights": 88,
+        "grads": 88,
+        "optim": 176,
+        "ref": 44,
+        "ema": 88,
+    }
+    assert bench.full_bytes(shapes, "FSDP2", 2, "adamw") == {
+        "weights": 52,
+        "grads": 52,
+        "optim": 104,
+        "ref": 26,
+        "ema": 52,
+    }
     zero2 = bench.full_bytes(shapes, "ZeRO-2", 2, "adamw")
     assert zero2 == {"weights": 44, "grads": 22, "optim": 88 + 44, "ref": 44, "ema": 88}
     zero3 = bench.full_bytes(shapes, "ZeRO-3", 2, "adamw")
     assert zero3 == {"weights": 22, "grads": 22, "optim": 88 + 44, "ref": 22, "ema": 44}
-    assert bench.fits(24 * bench.GB) == "24" and bench.fits(24 * bench.GB + 1) == "48" and bench.fits(81 * bench.GB) == "-"
+    assert (
+        bench.fits(24 * bench.GB) == "24"
+        and bench.fits(24 * bench.GB + 1) == "48"
+        and bench.fits(81 * bench.GB) == "-"
+    )
     bench.main(["--full", "--models", "sd15"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| sd15")]
     assert len(rows) == 1 + 3 * 3 and all("| 0.86 B |" in r for r in rows)  # SD1.5 UNet: 859.5 M parameters
