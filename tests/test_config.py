@@ -299,7 +299,19 @@ def test_dump_load_round_trip(write, dpo, tmp_path):
 
 def test_to_dict_is_plain_yaml_data(write, dpo):
     d = config.to_dict(config.load(write()))
-    assert list(d) == ["model", "lora", "data", "loss", "optim", "run", "validation", "noise"]
+    assert list(d) == [
+        "model",
+        "train",
+        "lora",
+        "data",
+        "loss",
+        "optim",
+        "run",
+        "validation",
+        "ema",
+        "export",
+        "noise",
+    ]
     assert d["optim"]["betas"] == [0.9, 0.999]
     yaml.safe_dump(d)  # only plain types
 

@@ -251,11 +251,8 @@ def run(args: argparse.Namespace) -> int:
             raise config.ConfigError(problem)
         print(f"# recipe: {recipe_path}\n# config: {config_path}")
         print(config.dumps(cfg), end="")
-        if isinstance(cfg, config.OfflinePrefConfig):
-            print(
-                "\n# summary\n"
-                + "\n".join(f"# {line}" for line in config.summary(cfg, args.num_processes).splitlines())
-            )
+        if described := config.describe(cfg, args.num_processes):
+            print("\n# summary\n" + "\n".join(f"# {line}" for line in described.splitlines()))
         print(f"\n# command: {shlex.join(cmd)}")
         return 0
     if hasattr(cfg, "run"):

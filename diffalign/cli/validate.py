@@ -25,6 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--num-processes", type=int, default=1, help="check the batch arithmetic for N processes")
     p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="as `diffalign run --dry-run`: check the config for a launch on --num-processes processes without the "
+        "checks of local paths (--no-paths), and also print the derived numbers (global batch per optimizer step, "
+        "learning rate, what trains)",
+    )
+    p.add_argument(
         "--no-paths",
         action="store_true",
         help="skip the checks of local paths and the output folder (a config meant for another machine)",
@@ -43,11 +50,13 @@ def run(args: argparse.Namespace) -> int:
     overrides = getattr(args, "overrides", [])
     schema = config.schema_for_recipe(args.recipe) if args.recipe else None
     cfg = config.load(args.config, overrides, schema=schema)
-    if args.no_paths:
+    if args.no_paths or args.dry_run:
         preflight.raise_all(config.launch_problems(cfg, args.num_processes))
     else:
         preflight.check(cfg, args.num_processes, probe_lock=True)
     print(config.dumps(cfg), end="")
+    if args.dry_run and (described := config.describe(cfg, args.num_processes)):
+        print("\n# summary\n" + "\n".join(f"# {line}" for line in described.splitlines()))
     print(
         f"OK: {config.resolve_config_path(args.config)} is a valid {config.recipe_name(type(cfg))} config",
         file=sys.stderr,

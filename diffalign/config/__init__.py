@@ -12,14 +12,19 @@ from diffalign.config.common import (
     FLOW_FAMILIES,
     CurriculumConfig,
     DataConfig,
+    EmaConfig,
+    ExportConfig,
     LoraConfig,
     LossSection,
     ModelConfig,
     OptimConfig,
     PromptDataConfig,
     RunConfig,
+    TrainConfig,
     ValidationConfig,
+    effective_lr,
     terms_kind,
+    training_lines,
 )
 from diffalign.config.engine import (
     DEFAULT_RECIPE,
@@ -53,3 +58,13 @@ from diffalign.config.online_rl import OnlineRLConfig, OnlineSection, RewardConf
 from diffalign.config.reward_grad import RewardGradConfig, RewardGradSection
 from diffalign.config.selfnpo import SelfNPOConfig, SelfNPOSection
 from diffalign.config.stepwise_pref import StepScorerConfig, StepwisePrefConfig, StepwiseSection
+
+
+def describe(cfg: object, num_processes: int = 1) -> str:
+    """The ``--dry-run`` summary of a recipe config: offline_pref's ``summary``, or the lines every training recipe
+    shares (``training_lines``: global batch, learning rate, what trains, EMA, export); "" for other recipes."""
+    if isinstance(cfg, OfflinePrefConfig):
+        return summary(cfg, num_processes)
+    if hasattr(cfg, "optim") and hasattr(cfg, "train"):
+        return "\n".join(training_lines(cfg, num_processes))
+    return ""

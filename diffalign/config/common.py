@@ -124,6 +124,15 @@ class OptimConfig:
     batch_size: int = 1
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
+    # lr x batch_size x grad_accum x processes (the diffusers / Salesforce Diffusion-DPO ``--scale_lr``)
+    scale_lr: bool = False
+
+
+def effective_lr(optim: OptimConfig, num_processes: int) -> float:
+    """``optim.lr``, times the global batch per optimizer step when ``optim.scale_lr`` (Salesforce DiffusionDPO
+    ``train.py`` lines 662-665: ``lr * gradient_accumulation_steps * train_batch_size * num_processes``)."""
+    scale = optim.batch_size * optim.grad_accum * num_processes if optim.scale_lr else 1
+    return optim.lr * scale
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,6 +168,43 @@ class ValidationConfig:
     # sd3 only: skip-layer guidance at sampling (StableDiffusion3Pipeline skip_guidance_layers; [7, 8, 9] is the
     # pipeline's recommendation for SD3.5-Medium). A sampling option: no training forward ever skips a layer.
     skip_guidance_layers: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """What trains. ``mode: lora`` (the default): a LoRA on the frozen base, the reference is the adapter off.
+    ``mode: full``: every denoiser weight trains, in ``dtype`` (fp32 master weights by default; the base loads in
+    ``model.dtype``); objectives that compare with a reference get a frozen copy of the base denoiser in
+    ``reference_dtype`` (None: ``model.dtype``, the precision it was loaded in), the others none
+    (``diffalign.models.full``). Text encoders stay frozen in full mode."""
+
+    mode: Literal["lora", "full"] = "lora"
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # full mode: dtype of the trained weights
+    reference_dtype: Literal["fp32", "fp16", "bf16"] | None = None  # full mode: the frozen copy; None: model.dtype
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmaConfig:
+    """EMA of the trained weights (LoRA or full; ``diffalign.training.ema``), diffusers ``EMAModel``'s options and
+    defaults. When enabled, validation images and the exported weights are the EMA weights."""
+
+    enabled: bool = False
+    decay: float = 0.9999
+    min_decay: float = 0.0
+    update_after_step: int = 0
+    use_warmup: bool = False
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """Full mode writes the trained denoiser as a diffusers folder (``output_dir/<unet|transformer>``); with
+    ``lora_rank`` also a LoRA (``output_dir/lora``) by truncated SVD of trained - base on the Linear layers
+    (``lora_conv``: the Conv2d layers too)."""
+
+    lora_rank: int | None = None
+    lora_conv: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,6 +302,7 @@ def _check_training(cfg: Any, problems: list[str]) -> None:
     if m.dtype != "fp32" and run.mixed_precision not in ("no", m.dtype):
         problems.append(f"model.dtype={m.dtype!r} and run.mixed_precision={run.mixed_precision!r} disagree")
     _check_model(cfg, problems)
+    _check_train_mode(cfg, problems)
     if val.every < 0 or optim.weight_decay < 0:
         problems.append("validation.every and optim.weight_decay must be >= 0")
     if val.prompts and val.prompts_file:
@@ -265,6 +312,65 @@ def _check_training(cfg: Any, problems: list[str]) -> None:
 
 
 FLOW_FAMILIES = ("sd3", "flux")
+
+
+def training_lines(cfg: Any, num_processes: int, unit: str = "rows (optim.batch_size units)") -> list[str]:
+    """``--dry-run`` lines every training recipe shares: the global batch of an optimizer step, the learning rate
+    (scaled under ``optim.scale_lr``), what trains (``train``), the EMA and what is exported."""
+    optim, train = cfg.optim, cfg.train
+    per_step = optim.batch_size * num_processes * optim.grad_accum
+    lr = effective_lr(optim, num_processes)
+    scaled = f" = {optim.lr:g} x {per_step} (optim.scale_lr)" if optim.scale_lr else ""
+    if train.mode == "full":
+        ref = train.reference_dtype or cfg.model.dtype
+        what = f"full denoiser in {train.dtype} (reference, if the objective needs one: a frozen copy in {ref})"
+        out = "the denoiser's diffusers folder" + (
+            f" + an SVD LoRA of rank {cfg.export.lora_rank}" if cfg.export.lora_rank else ""
+        )
+    else:
+        what = f"LoRA rank {cfg.lora.rank} (reference: the base, adapter off)"
+        out = "the LoRA (diffusers format)"
+    ema = cfg.ema
+    return [
+        f"effective batch: {per_step} {unit} = {optim.batch_size} per device x {num_processes} processes "
+        f"x {optim.grad_accum} accumulation (the global batch of one optimizer step)",
+        f"learning rate: {lr:g}{scaled}, {optim.name}",
+        f"trains: {what}",
+        f"ema: decay {ema.decay:g}, from step {ema.update_after_step + 1}" if ema.enabled else "ema: off",
+        f"export: {out}{' (EMA weights)' if ema.enabled else ''}",
+    ]
+
+
+def _check_train_mode(cfg: Any, problems: list[str]) -> None:
+    """``train``, ``ema`` and ``export``: what full mode cannot combine with, and the EMA / export ranges."""
+    train, ema, export, m = cfg.train, cfg.ema, cfg.export, cfg.model
+    if train.mode == "full":
+        if m.quantize != "none":
+            problems.append(
+                f"train.mode=full trains the denoiser's own weights: model.quantize={m.quantize!r} must be none"
+            )
+        if cfg.lora.text_encoder:
+            problems.append("train.mode=full trains no LoRA: unset lora.text_encoder (text encoders stay frozen)")
+        if train.dtype == "fp16" and cfg.run.mixed_precision == "fp16":
+            problems.append(
+                "train.dtype=fp16 with run.mixed_precision=fp16: the loss scaler cannot unscale fp16 gradients; "
+                "keep train.dtype=fp32 (fp32 master weights)"
+            )
+    else:
+        for key, value, default in (
+            ("train.dtype", train.dtype, "fp32"),
+            ("train.reference_dtype", train.reference_dtype, None),
+            ("export.lora_rank", export.lora_rank, None),
+            ("export.lora_conv", export.lora_conv, False),
+        ):
+            if value != default:
+                problems.append(f"{key}={value!r} applies to train.mode=full (this run trains a LoRA)")
+    _positive(problems, export__lora_rank=export.lora_rank, ema__inv_gamma=ema.inv_gamma, ema__power=ema.power)
+    _unit_interval(problems, ema__decay=ema.decay, ema__min_decay=ema.min_decay)
+    if ema.min_decay > ema.decay:
+        problems.append(f"ema.min_decay={ema.min_decay} must be <= ema.decay={ema.decay}")
+    if ema.update_after_step < 0:
+        problems.append(f"ema.update_after_step={ema.update_after_step} must be >= 0")
 
 
 def _check_model(cfg: Any, problems: list[str]) -> None:

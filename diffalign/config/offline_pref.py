@@ -8,16 +8,20 @@ from typing import Literal
 from diffalign.config.common import (
     FLOW_FAMILIES,
     DataConfig,
+    EmaConfig,
+    ExportConfig,
     LoraConfig,
     LossSection,
     ModelConfig,
     OptimConfig,
     RunConfig,
+    TrainConfig,
     ValidationConfig,
     _check_training,
     _positive,
     _unit_interval,
     terms_kind,
+    training_lines,
 )
 from diffalign.config.engine import ConfigError, register_recipe, register_validator
 
@@ -40,12 +44,15 @@ class OfflinePrefConfig:
     """Schema of ``recipes/offline_pref.py``: offline preference optimisation on pairs or ranked lists."""
 
     model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig
     loss: LossSection
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
 
 
@@ -198,13 +205,14 @@ def summary(cfg: OfflinePrefConfig, num_processes: int = 1) -> str:
         kind, f"{per_step} x K (K = list length in the data)"
     )
     params = ", ".join(f"{k}={v}" for k, v in cfg.loss.params.items())
+    shared = training_lines(cfg, num_processes, unit)
     lines = [
         f"loss: {cfg.loss.name} ({kind} terms; {params})",
         f"model: {cfg.model.family} {cfg.model.path} (weights {cfg.model.dtype}, mixed precision {run.mixed_precision})",
-        f"effective batch: {per_step} {unit} = {optim.batch_size} per device x {num_processes} processes "
-        f"x {optim.grad_accum} accumulation",
+        shared[0],
         f"images per optimizer step: {images} ({group} per group)",
         f"optimizer steps: {run.max_steps} (warmup {optim.warmup_steps}, {optim.scheduler}, lr {optim.lr:g})",
+        *shared[1:],
         f"{unit} seen: {run.max_steps * per_step}",
     ]
     if cfg.data.max_rows:

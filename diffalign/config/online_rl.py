@@ -8,12 +8,15 @@ from typing import Any, Literal
 
 from diffalign import registry
 from diffalign.config.common import (
+    EmaConfig,
+    ExportConfig,
     LoraConfig,
     LossSection,
     ModelConfig,
     OptimConfig,
     PromptDataConfig,
     RunConfig,
+    TrainConfig,
     ValidationConfig,
     _check_training,
     _positive,
@@ -85,6 +88,7 @@ class OnlineRLConfig:
     """Schema of ``recipes/online_rl.py``: online RL with group-relative advantages on SDE rollouts."""
 
     model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: PromptDataConfig
     online: OnlineSection = field(default_factory=OnlineSection)
@@ -92,6 +96,8 @@ class OnlineRLConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 register_recipe("online_rl", OnlineRLConfig)

@@ -8,11 +8,14 @@ from typing import Any, Literal
 
 from diffalign import registry
 from diffalign.config.common import (
+    EmaConfig,
+    ExportConfig,
     LoraConfig,
     ModelConfig,
     OptimConfig,
     PromptDataConfig,
     RunConfig,
+    TrainConfig,
     ValidationConfig,
     _check_training,
     _positive,
@@ -56,12 +59,15 @@ class RewardGradConfig:
     """Schema of ``recipes/reward_grad.py``: LoRA fine-tuning on the gradient of a differentiable reward."""
 
     model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: PromptDataConfig
     reward_grad: RewardGradSection = field(default_factory=RewardGradSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 register_recipe("reward_grad", RewardGradConfig)

@@ -8,10 +8,13 @@ from typing import Literal
 from diffalign.config.common import (
     FLOW_FAMILIES,
     DataConfig,
+    EmaConfig,
+    ExportConfig,
     LoraConfig,
     ModelConfig,
     OptimConfig,
     RunConfig,
+    TrainConfig,
     ValidationConfig,
     _check_training,
     _positive,
@@ -42,12 +45,15 @@ class SelfNPOConfig:
     """Schema of ``recipes/selfnpo.py``: a negative LoRA from images + captions (no preference labels)."""
 
     model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig
     selfnpo: SelfNPOSection = field(default_factory=SelfNPOSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 register_recipe("selfnpo", SelfNPOConfig)

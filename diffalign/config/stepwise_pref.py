@@ -8,12 +8,15 @@ from typing import Literal
 from diffalign import registry
 from diffalign.config.common import (
     FLOW_FAMILIES,
+    EmaConfig,
+    ExportConfig,
     LoraConfig,
     LossSection,
     ModelConfig,
     OptimConfig,
     PromptDataConfig,
     RunConfig,
+    TrainConfig,
     ValidationConfig,
     _check_training,
     _positive,
@@ -67,6 +70,7 @@ class StepwisePrefConfig:
     """Schema of ``recipes/stepwise_pref.py``: online step-level preference optimisation (SPO, LPO)."""
 
     model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: PromptDataConfig
     stepwise: StepwiseSection = field(default_factory=StepwiseSection)
@@ -74,6 +78,8 @@ class StepwisePrefConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 register_recipe("stepwise_pref", StepwisePrefConfig)

@@ -5,7 +5,8 @@ text encoders, tokenizers), the trainable denoiser, and the forward process read
 scheduler config. It never knows which loss is being trained.
 
 The reference model is the same object with its LoRA adapters switched off (``with adapter.reference():``);
-no second copy of the denoiser is ever made.
+no second copy of the denoiser is made in LoRA mode. In full fine-tuning (``models.full``) the same context
+swaps in the frozen base copy instead, so the callers of ``reference()`` never branch on the mode.
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ class Adapter:
         for module in self.frozen_modules():
             module.requires_grad_(False).eval()
         self.denoiser.requires_grad_(False).eval()  # recipes call .train() (LoRA dropout) when training
+        self.full: Any = None  # models.full.FullHandle once set up for full fine-tuning
+        self.reference_denoiser: nn.Module | None = None  # full fine-tuning's frozen base copy, when one is kept
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -228,6 +231,8 @@ class Adapter:
             module.to(device)
         if not getattr(self.denoiser, "is_quantized", False):  # bitsandbytes weights live where they were loaded
             self.denoiser.to(device)
+        if getattr(self, "reference_denoiser", None) is not None:  # full fine-tuning's frozen copy
+            self.reference_denoiser.to(device)
         if hasattr(self.process, "to"):  # the process's tables next to the model: no copy per step
             self.process = self.process.to(device)
         return self
@@ -273,7 +278,21 @@ class Adapter:
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """Switch every LoRA adapter off (denoiser and text encoders): the frozen base model."""
+        """The frozen base model: every LoRA adapter off (denoiser and text encoders), or in full fine-tuning
+        (``models.full.make_full``) the frozen copy of the base denoiser in place of the trained one."""
+        if getattr(self, "full", None) is not None:
+            ref = getattr(self, "reference_denoiser", None)
+            if ref is None:
+                raise RuntimeError(
+                    "full fine-tuning was set up without a reference copy (the objective was said to need none), "
+                    "but a reference pass was asked for"
+                )
+            trained, self.denoiser = self.denoiser, ref
+            try:
+                yield
+            finally:
+                self.denoiser = trained
+            return
         modules = [m for m in self.named_modules().values() if has_adapters(m)]
         for module in modules:
             set_lora_enabled(module, False)

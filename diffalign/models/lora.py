@@ -150,20 +150,33 @@ def save_lora(adapter: Adapter, out_dir: str | Path, whole: dict[str, Tensor] | 
 
     ``whole``: the trained tensors by ``trainable_parameters`` name, to write instead of the modules' own (a sharded
     run passes them gathered whole)."""
-    import diffusers
     from peft.utils import get_peft_model_state_dict
+
+    def own(name: str) -> dict[str, Tensor] | None:
+        return None if whole is None else {k[len(name) + 1 :]: v for k, v in whole.items() if k.startswith(f"{name}.")}
+
+    layers = {
+        name: (get_peft_model_state_dict(module, state_dict=own(name)), module.peft_config["default"])
+        for name, module in adapter.named_modules().items()
+        if has_adapters(module)
+    }
+    if not layers:
+        raise ValueError("the model has no LoRA adapter to save")
+    return save_lora_layers(adapter, out_dir, layers)
+
+
+def save_lora_layers(adapter: Adapter, out_dir: str | Path, layers: dict[str, tuple[dict[str, Tensor], Any]]) -> Path:
+    """Write LoRA tensors in peft key format (``<module>.lora_A.weight``) with their peft ``LoraConfig``, per
+    component name (``unet``, ``transformer``, ``text_encoder``), through the family pipeline's
+    ``save_lora_weights``: the file ``pipe.load_lora_weights(out_dir)`` reads. Used by ``save_lora`` and by full
+    mode's SVD export (``models.full.extract_lora``)."""
+    import diffusers
 
     out = Path(out_dir)
     pipe_cls = getattr(diffusers, adapter.pipeline_class)
     kwargs: dict[str, Any] = {"safe_serialization": True}
-    for name, module in adapter.named_modules().items():
-        if not has_adapters(module):
-            continue
-        own = None if whole is None else {k[len(name) + 1 :]: v for k, v in whole.items() if k.startswith(f"{name}.")}
-        layers = get_peft_model_state_dict(module, state_dict=own)
-        kwargs[f"{name}_lora_layers"] = {k: v.detach().cpu() for k, v in layers.items()}
-        kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
-    if len(kwargs) == 1:
-        raise ValueError("the model has no LoRA adapter to save")
+    for name, (tensors, config) in layers.items():
+        kwargs[f"{name}_lora_layers"] = {k: v.detach().cpu() for k, v in tensors.items()}
+        kwargs[f"{name}_lora_adapter_metadata"] = config.to_dict()
     pipe_cls.save_lora_weights(out, **kwargs)
     return out

@@ -12,7 +12,9 @@ Launch:
 Outputs in ``run.output_dir``: ``config.yaml`` (resolved), ``checkpoints/step-*`` (atomic; resume with
 ``run.resume_from=latest``), ``lora/pytorch_lora_weights.safetensors`` (diffusers format:
 ``pipe.load_lora_weights(dir)``), ``metrics.jsonl`` (step 1, every ``run.log_every`` steps and the last),
-``curves.png`` (drawn from it at the end), ``validation/step-*/*.png``, and tensorboard logs. On the logged steps
+``curves.png`` (drawn from it at the end), ``validation/step-*/*.png``, and tensorboard logs. With
+``train.mode: full`` the whole denoiser trains and the export is ``unet/`` (or ``transformer/``), a diffusers folder
+(``from_pretrained``), plus ``lora/`` only with ``export.lora_rank`` (``models.full``). On the logged steps
 the tensorboard logs also get histograms ``hist/loss/<name>`` of the objective's per-sample values
 (``LossOutput.samples``: implicit reward margins, KTO's z, DSPO's c, SmPO's scale) from the main process's micro-batches;
 ``metrics.jsonl`` holds their means (``loss/<name>``) over the global batch.
@@ -45,7 +47,7 @@ class State:
 
 def setup(cfg: Any, accelerator: Any) -> State:
     objective, loss_cfg = dconfig.loss_config(cfg.loss)
-    adapter = loop.build_adapter(cfg, accelerator.device)
+    adapter = loop.build_adapter(cfg, accelerator.device, need_reference="ref" in losses.required(objective, loss_cfg))
     loader = None
     unpaired = objective.TERMS == "unpaired"  # single labelled images, each with its own noise and timestep (KTO)
     if unpaired or cfg.data.curriculum.chunks > 0:  # the curriculum's stages count optimizer steps

@@ -152,7 +152,7 @@ def setup(cfg: Any, accelerator: Any) -> State:
     """Model, LoRA, rewards and the round buffer; ``loop.start`` has checked that ``optim.grad_accum`` fits one round
     on ``accelerator.num_processes`` processes (``config.launch_problems``)."""
     objective, loss_cfg = dconfig.loss_config(cfg.loss)
-    adapter = loop.build_adapter(cfg, accelerator.device)
+    adapter = loop.build_adapter(cfg, accelerator.device, need_reference=loss_cfg.kl_coef > 0)
     adapter.denoiser.eval()  # rollout and update see the same policy (no LoRA dropout; checked by the config)
     o = cfg.online
     buffer = RoundBuffer(read_prompts(cfg.data), cfg.run.seed, accelerator.process_index, accelerator.num_processes)

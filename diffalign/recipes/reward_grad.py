@@ -121,7 +121,7 @@ def load_scorer(name: str, device: torch.device, path: str | None = None) -> Any
 
 def setup(cfg: Any, accelerator: Any) -> State:
     r = cfg.reward_grad
-    adapter = loop.build_adapter(cfg, accelerator.device)
+    adapter = loop.build_adapter(cfg, accelerator.device, need_reference=r.kl_coeff > 0)
     scorer = load_scorer(r.scorer, accelerator.device, r.scorer_path)
     if r.scorer_checkpointing:
         scorer.gradient_checkpointing(True)

@@ -69,7 +69,7 @@ def empty_prompt(cfg: Any, adapter: Any) -> dict[str, torch.Tensor] | None:
 
 
 def setup(cfg: Any, accelerator: Any) -> State:
-    adapter = loop.build_adapter(cfg, accelerator.device)
+    adapter = loop.build_adapter(cfg, accelerator.device, need_reference=False)  # the teacher is an EMA, not the base
     process = adapter.process
     if not isinstance(process, VPProcess):
         raise dconfig.ConfigError(f"selfnpo needs a DDPM-family (VP) scheduler; {cfg.model.path} has a flow one")

@@ -161,7 +161,7 @@ def build_scorer(cfg: Any, adapter: Any, spec: stepwise.MiningSpec) -> Any:
 
 def setup(cfg: Any, accelerator: Any) -> State:
     objective, loss_cfg = dconfig.loss_config(cfg.loss)
-    adapter = loop.build_adapter(cfg, accelerator.device)
+    adapter = loop.build_adapter(cfg, accelerator.device, need_reference="ref" in objective.REQUIRES)
     # Eval mode, as models.load gives it: pairs are mined, and their log-densities taken, without LoRA dropout.
     adapter.denoiser.eval()
     spec = mining_spec(cfg)

@@ -292,10 +292,18 @@ def save_sharded(
     return final
 
 
-def load_sharded(path: Path, *, model: torch.nn.Module, optimizer: Any, rank: int = 0) -> dict[str, Any]:
+def load_sharded(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any,
+    rank: int = 0,
+    extra_like: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """Load a ``save_sharded`` checkpoint into ``model`` and ``optimizer`` (sharded over any number of processes, or
-    plain on one: DCP reads each process's part of every tensor); returns ``{"state", "extra"}`` (``extra`` whole on
-    every process). This process's RNG state is restored when the checkpoint has one for its rank."""
+        plain on one: DCP reads each process's part of every tensor); returns ``{"state", "extra"}`` (``extra`` whole on
+        every process, or loaded in place into the tensors of ``extra_like`` with the same key, e.g. ``DTensor`` shards of
+    an EMA). This process's RNG state is restored when the checkpoint has one for its rank."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -304,9 +312,15 @@ def load_sharded(path: Path, *, model: torch.nn.Module, optimizer: Any, rank: in
     if rng_file.with_suffix(".json").is_file():
         set_rng_state(state_io.load(rng_file))
     model_sd, optim_sd, tensors = _sharded_tensors(model, optimizer)
-    saved = _saved_tensors(path)
+    saved, like = _saved_tensors(path), extra_like or {}
     tensors.update(
-        {k: torch.empty(meta.size, dtype=meta.properties.dtype) for k, meta in saved.items() if k.startswith("extra/")}
+        {
+            k: like[k.removeprefix("extra/")]
+            if k.removeprefix("extra/") in like
+            else torch.empty(meta.size, dtype=meta.properties.dtype)
+            for k, meta in saved.items()
+            if k.startswith("extra/")
+        }
     )
     missing, unexpected = sorted(set(tensors) - set(saved)), sorted(set(saved) - set(tensors))
     if missing or unexpected:

@@ -1,16 +1,22 @@
-"""The pieces every LoRA training recipe shares, as plain functions over a small ``Run`` record.
+"""The pieces every training recipe shares, as plain functions over a small ``Run`` record.
 
 A recipe keeps what makes it different (its forward pass and loss, extra state such as an EMA teacher) and
 calls these for the rest: accelerator set-up, model + LoRA loading, optimizer and schedule, the resumable data
 source (the offline ``PlannedLoader``, or a recipe's own ``Source``, e.g. stepwise_pref's queue of mined pairs),
 one optimizer step over gradient accumulation with the non-finite-loss stop, logging, validation images, atomic
-checkpoints with exact resume, and the diffusers-format LoRA export. No Trainer class: the
-loop in ``train`` is twenty lines a recipe can copy and change.
+checkpoints with exact resume, and the export. No Trainer class: the loop in ``train`` is twenty lines a recipe can
+copy and change.
+
+What trains is ``cfg.train.mode``: a LoRA (``lora``), or every denoiser weight (``full``, ``models.full``); either
+way the trained parameters are ``lora.trainable_parameters(adapter)`` (the parameters with ``requires_grad``, by
+``<component>.<name>``), which the optimizer, the gradient all-reduce, the checkpoints and the EMA
+(``cfg.ema``, ``training.ema``) all use, and the reference pass is ``adapter.reference()`` in both modes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -33,9 +39,9 @@ from diffalign.data.loader import build_loader
 from diffalign.data.records import too_many_bad
 from diffalign.errors import InterruptedRun, UserError
 from diffalign.fileio import FolderLock, append_jsonl, keep_jsonl, replace_dir
-from diffalign.models import lora
+from diffalign.models import full, lora
 from diffalign.models.base import compile_denoiser
-from diffalign.training import checkpoint, curves, distributed, optim, preflight, rundir, sharding
+from diffalign.training import checkpoint, curves, distributed, ema, optim, preflight, rundir, sharding
 
 
 logger = logging.getLogger("diffalign.train")
@@ -72,6 +78,7 @@ class Run:
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     pending: list[_Pending] = field(default_factory=list)  # steps whose figures are still on the device
+    ema: ema.EMA | None = None  # EMA of the trained weights (``cfg.ema.enabled``), updated after each step
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -165,8 +172,13 @@ def _unlock_output(out: Path) -> None:
         lock.release()
 
 
-def build_adapter(cfg: Any, device: torch.device) -> Any:
-    """Load the base model and add the trained LoRA; the reference is the same model with the LoRA off."""
+def build_adapter(cfg: Any, device: torch.device, *, need_reference: bool = True) -> Any:
+    """Load the base model and set up what trains (``cfg.train.mode``).
+
+    ``lora``: add the LoRA; the reference is the same model with the LoRA off. ``full``: every denoiser weight
+    trains (``models.full.make_full``); with ``need_reference`` (the objective compares with the reference model) a
+    frozen copy of the base is kept for ``adapter.reference()``, else none.
+    """
     m = cfg.model
     kwargs: dict[str, Any] = {}
     if m.family in dconfig.FLOW_FAMILIES:
@@ -197,8 +209,19 @@ def build_adapter(cfg: Any, device: torch.device) -> Any:
             adapter.process.weighting,
             f", guidance {adapter.guidance}" if getattr(adapter, "guidance", None) is not None else "",
         )
-    handle = lora.add_lora(adapter, lora.LoraSpec(**dconfig.to_dict(cfg.lora)))
-    logger.info("LoRA on %s, denoiser targets %s", handle.modules, list(handle.targets))
+    if cfg.train.mode == "full":
+        ref_dtype = (cfg.train.reference_dtype or m.dtype) if need_reference else None
+        handle = full.make_full(adapter, dtype=cfg.train.dtype, reference_dtype=ref_dtype)
+        n = sum(p.numel() for p in adapter.denoiser.parameters())
+        logger.info(
+            "full fine-tuning: %d denoiser parameters in %s; reference %s",
+            n,
+            handle.dtype,
+            f"a frozen copy in {ref_dtype}" if ref_dtype else "none (the objective needs none)",
+        )
+    else:
+        handle = lora.add_lora(adapter, lora.LoraSpec(**dconfig.to_dict(cfg.lora)))
+        logger.info("LoRA on %s, denoiser targets %s", handle.modules, list(handle.targets))
     if m.gradient_checkpointing:
         adapter.denoiser.enable_gradient_checkpointing()
     adapter.denoiser.train()  # LoRA dropout; the SD denoisers have no other dropout by default
@@ -206,9 +229,14 @@ def build_adapter(cfg: Any, device: torch.device) -> Any:
     spec = sharding.plan()
     if spec is not None:
         sharding.shard(adapter.denoiser, adapter.shard_blocks, spec)
-        logger.info("FSDP2: %s sharded over the processes (%s)", adapter.denoiser_name, spec)
+        if adapter.reference_denoiser is not None:  # full mode's frozen copy: sharded the same way
+            sharding.shard(adapter.reference_denoiser, adapter.shard_blocks, spec)
+        ref = " and its frozen reference copy" if adapter.reference_denoiser is not None else ""
+        logger.info("FSDP2: %s%s sharded over the processes (%s)", adapter.denoiser_name, ref, spec)
     if m.compile:
         compile_denoiser(adapter.denoiser)
+        if adapter.reference_denoiser is not None:  # full mode's frozen copy: its own (no-grad) graphs
+            compile_denoiser(adapter.reference_denoiser)
     return adapter
 
 
@@ -217,8 +245,9 @@ def build_run(cfg: Any, accelerator: Accelerator, adapter: Any, loader: Source |
 
     ``loader``: a recipe's own data source; without one, the offline ``PlannedLoader`` over ``cfg.data``.
     """
-    params = lora.trainable_parameters(adapter).values()
-    optimizer = accelerator.prepare(optim.build_optimizer(params, cfg.optim))
+    named = lora.trainable_parameters(adapter)
+    lr = dconfig.effective_lr(cfg.optim, accelerator.num_processes)
+    optimizer = accelerator.prepare(optim.build_optimizer(named.values(), cfg.optim, lr=lr))
     scheduler = optim.build_scheduler(optimizer.optimizer, cfg.optim, cfg.run.max_steps)
     if loader is None:
         if cfg.data.latent_cache:
@@ -230,7 +259,11 @@ def build_run(cfg: Any, accelerator: Accelerator, adapter: Any, loader: Source |
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
-    return Run(cfg, accelerator, adapter, optimizer, scheduler, loader)
+    run = Run(cfg, accelerator, adapter, optimizer, scheduler, loader)
+    if cfg.ema.enabled:
+        spec = ema.EmaSpec(**{k: v for k, v in dconfig.to_dict(cfg.ema).items() if k != "enabled"})
+        run.ema = ema.EMA(named, spec)
+    return run
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
@@ -252,13 +285,15 @@ def save(run: Run, extra: dict[str, torch.Tensor] | None = None) -> Path:
             model=run.trained_modules,
             optimizer=run.optimizer.optimizer,
             state=state,
-            extra=extra,
+            extra={**(extra or {}), **(_ema_tensors(run) if run.ema is not None else {})},
             rank=acc.process_index,
             barrier=acc.wait_for_everyone,
             keep_last=run.cfg.run.keep_last,
         )
     tensors = lora.trainable_state(run.adapter)
     tensors.update({k: v.detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
+    if run.ema is not None:
+        tensors.update(run.ema.state_tensors(EMA_PREFIX))
     return checkpoint.save(
         run.output_dir / "checkpoints",
         run.step,
@@ -271,24 +306,45 @@ def save(run: Run, extra: dict[str, torch.Tensor] | None = None) -> Path:
     )
 
 
+def _ema_tensors(run: Run) -> dict[str, torch.Tensor]:
+    """The EMA's own shadow tensors (``DTensor`` shards in a sharded run) and step, under ``EMA_PREFIX``: what a
+    sharded checkpoint writes, and the templates it loads into in place."""
+    out = {EMA_PREFIX + k: v for k, v in run.ema.shadow.items()}
+    out[EMA_PREFIX + "#step"] = torch.tensor(run.ema.step, dtype=torch.int64)
+    return out
+
+
 def restore(run: Run, path: Path, extra_prefix: str | None = None) -> dict[str, torch.Tensor]:
     """Load checkpoint ``path`` into ``run``; returns the ``extra`` tensors (keys starting ``extra_prefix``).
 
     A sharded run's checkpoint (``checkpoint.save_sharded``) loads into this run whatever its process count, sharded
     or not; a checkpoint of an unsharded run does not load into a sharded one (one line saying so)."""
     if checkpoint.is_sharded(path):
+        templates = _ema_tensors(run) if run.ema is not None else {}
         ckpt = checkpoint.load_sharded(
-            path, model=run.trained_modules, optimizer=run.optimizer.optimizer, rank=run.accelerator.process_index
+            path,
+            model=run.trained_modules,
+            optimizer=run.optimizer.optimizer,
+            rank=run.accelerator.process_index,
+            extra_like=templates,
         )
-        extra = ckpt["extra"]
+        tensors = dict(ckpt["extra"])
     else:
         if run.sharded:
             raise UserError(
                 f"run.resume_from: {path} was written by an unsharded run; resume it without --distributed fsdp"
             )
         ckpt = checkpoint.load(path, rank=run.accelerator.process_index)
-        tensors = ckpt["trainable"]
-        extra = {k: v for k, v in tensors.items() if extra_prefix and k.startswith(extra_prefix)}
+        tensors = dict(ckpt["trainable"])
+    saved_ema = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(EMA_PREFIX)]}
+    if (run.ema is not None) != bool(saved_ema):
+        raise UserError(
+            f"{path}: ema.enabled={run.ema is not None} but the checkpoint {'has no' if not saved_ema else 'has an'} EMA"
+        )
+    if run.ema is not None:
+        run.ema.load_state_tensors(saved_ema, EMA_PREFIX)
+    extra = {k: v for k, v in tensors.items() if extra_prefix and k.startswith(extra_prefix)}
+    if not checkpoint.is_sharded(path):
         lora.load_trainable_state(run.adapter, {k: v for k, v in tensors.items() if k not in extra})
         run.optimizer.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["state"]["scheduler"])
@@ -298,6 +354,9 @@ def restore(run: Run, path: Path, extra_prefix: str | None = None) -> dict[str, 
     run.step = ckpt["state"]["step"]
     logger.info("resumed from %s at step %d", path, run.step)
     return extra
+
+
+EMA_PREFIX = "train_ema."  # the EMA shadows' keys in a checkpoint's trainable tensors
 
 
 def resume_path(cfg: Any) -> Path | None:
@@ -316,6 +375,50 @@ def export_lora(run: Run) -> Path:
     if run.accelerator.is_main_process:
         replace_dir(out, lambda tmp: lora.save_lora(run.adapter, tmp, whole))
     run.accelerator.wait_for_everyone()
+    return out
+
+
+def export(run: Run) -> dict[str, Path]:
+    """The trained weights (the EMA weights when ``ema.enabled``), atomically, by ``train.mode``.
+
+    ``lora``: ``{"lora": output_dir/lora}``. ``full``: ``{"model": output_dir/<unet|transformer>}`` (the denoiser's
+    ``save_pretrained`` folder) and, with ``export.lora_rank``, ``"lora"``: the SVD LoRA of trained - base.
+    """
+    with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext():
+        if run.cfg.train.mode != "full":
+            return {"lora": export_lora(run)}
+        return export_full(run)
+
+
+def export_full(run: Run) -> dict[str, Path]:
+    """Full mode's export (see ``export``): a diffusers folder of the denoiser, and the optional SVD LoRA."""
+    cfg, adapter, acc = run.cfg, run.adapter, run.accelerator
+    out = {"model": run.output_dir / adapter.denoiser_name}
+    if cfg.export.lora_rank:
+        out["lora"] = run.output_dir / "lora"
+    if run.sharded:  # gathered whole on the main process (collectives), written as one safetensors file
+        if "lora" in out:
+            raise UserError("export.lora_rank (the SVD LoRA) is not available for a sharded run; export it afterwards")
+        whole = sharding.full_state_dict(adapter.denoiser, acc.is_main_process)
+        if acc.is_main_process:
+            replace_dir(out["model"], lambda tmp: sharding.save_pretrained(adapter.denoiser, whole, tmp))
+    elif acc.is_main_process:
+        replace_dir(out["model"], lambda tmp: adapter.denoiser.save_pretrained(tmp, safe_serialization=True))
+        if "lora" in out:
+            m = cfg.model
+            base = full.base_state_dict(adapter, m.path, revision=m.revision, variant=m.variant)
+            layers, ranks, kept = full.extract_lora(adapter.denoiser, base, cfg.export.lora_rank, cfg.export.lora_conv)
+            config = full.lora_config(ranks, cfg.export.lora_rank)
+            replace_dir(
+                out["lora"], lambda tmp: lora.save_lora_layers(adapter, tmp, {adapter.denoiser_name: (layers, config)})
+            )
+            logger.info(
+                "SVD LoRA (rank %d, %d layers) keeps %.4f of the squared norm of trained - base",
+                cfg.export.lora_rank,
+                len(ranks),
+                kept,
+            )
+    acc.wait_for_everyone()
     return out
 
 
@@ -435,6 +538,8 @@ def optimizer_step(
             pending.same["grad_norm"] = norm.detach()
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update()
         # replicated weights are updated identically on every process: the same answer everywhere; shards are not
         if sharded:
             weights_bad = sharding.any_nonfinite(params, acc)
@@ -573,7 +678,8 @@ def validation_prompts(cfg: Any) -> list[str]:
 
 @torch.no_grad()
 def validate(run: Run) -> None:
-    """Sample the validation prompts with the current LoRA; PNGs to ``validation/step-N`` and the trackers.
+    """Sample the validation prompts with the trained weights (the EMA weights when ``ema.enabled``); PNGs to
+    ``validation/step-N`` and the trackers.
 
     The denoiser samples in eval mode (no LoRA dropout) and is put back in the mode it was in. A sharded run samples
     on every process (the denoiser's forward gathers shards from all of them); the main process saves.
@@ -581,33 +687,41 @@ def validate(run: Run) -> None:
     cfg, acc = run.cfg, run.accelerator
     prompts = validation_prompts(cfg)
     if prompts and (acc.is_main_process or run.sharded):
-        res = cfg.validation.resolution or cfg.data.resolution
-        pipe = run.adapter.pipeline()
-        training = run.adapter.denoiser.training
-        run.adapter.denoiser.eval()
-        out_dir = run.output_dir / "validation" / f"step-{run.step:08d}"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        images = []
-        extra = {"skip_guidance_layers": list(skip)} if (skip := cfg.validation.skip_guidance_layers) else {}
-        for i, prompt in enumerate(prompts):
-            gen = torch.Generator(device="cpu").manual_seed(cfg.validation.seed + i)
-            image = _eager(pipe)(
-                prompt,
-                num_inference_steps=cfg.validation.num_inference_steps,
-                guidance_scale=cfg.validation.guidance_scale,
-                height=res,
-                width=res,
-                generator=gen,
-                **extra,
-            ).images[0]
-            if acc.is_main_process:
-                image.save(out_dir / f"{i:03d}.png")
-            images.append(np.asarray(image))
-        run.adapter.denoiser.train(training)
-        for tracker in acc.trackers if acc.is_main_process else []:
-            if tracker.name == "tensorboard":
-                tracker.log_images({"validation": np.stack(images)}, step=run.step, dataformats="NHWC")
+        with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext():
+            _validate(run, prompts)
     acc.wait_for_everyone()
+
+
+def _validate(run: Run, prompts: list[str]) -> None:
+    """Sample ``prompts`` with the weights in the model now (main process; every process of a sharded run, the main
+    one saving)."""
+    cfg, acc = run.cfg, run.accelerator
+    res = cfg.validation.resolution or cfg.data.resolution
+    pipe = run.adapter.pipeline()
+    training = run.adapter.denoiser.training
+    run.adapter.denoiser.eval()
+    out_dir = run.output_dir / "validation" / f"step-{run.step:08d}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    extra = {"skip_guidance_layers": list(skip)} if (skip := cfg.validation.skip_guidance_layers) else {}
+    for i, prompt in enumerate(prompts):
+        gen = torch.Generator(device="cpu").manual_seed(cfg.validation.seed + i)
+        image = _eager(pipe)(
+            prompt,
+            num_inference_steps=cfg.validation.num_inference_steps,
+            guidance_scale=cfg.validation.guidance_scale,
+            height=res,
+            width=res,
+            generator=gen,
+            **extra,
+        ).images[0]
+        if acc.is_main_process:
+            image.save(out_dir / f"{i:03d}.png")
+        images.append(np.asarray(image))
+    run.adapter.denoiser.train(training)
+    for tracker in acc.trackers if acc.is_main_process else []:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"validation": np.stack(images)}, step=run.step, dataformats="NHWC")
 
 
 def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -662,13 +776,16 @@ def train(
         raise interrupted(run) from None
     finally:
         bar.close()  # before any error line: a bar redrawn at exit would follow it
-    lora_dir = export_lora(run)
+    exported = export(run)
     if acc.is_main_process:
         logger.info("data: %s", run.loader.stats_summary())
-        finish(run, lora_dir, first_step, time.monotonic() - started)
+        finish(run, exported, first_step, time.monotonic() - started)
     acc.end_training()
     _unlock_output(run.output_dir)
-    return {"step": run.step, "history": run.history, "lora_dir": lora_dir}
+    result = {"step": run.step, "history": run.history, "lora_dir": exported.get("lora")}
+    if "model" in exported:
+        result["model_dir"] = exported["model"]
+    return result
 
 
 # what the end-of-run summary shows of the metrics rows: these keys, and every key of these ``/`` families (the
@@ -677,7 +794,7 @@ SUMMARY_KEYS = ("loss", "loss/implicit_acc", "kl")
 SUMMARY_FAMILIES = ("reward", "guard", "val", "validation")
 
 
-def finish(run: Run, lora_dir: Path, first_step: int, seconds: float) -> str:
+def finish(run: Run, exported: dict[str, Path], first_step: int, seconds: float) -> str:
     """Draw ``curves.png`` from ``metrics.jsonl`` and log the end-of-run summary block (main process); returns it.
 
     The block gives the wall time of the training loop, the steps this invocation ran, the last value of the
@@ -702,7 +819,11 @@ def finish(run: Run, lora_dir: Path, first_step: int, seconds: float) -> str:
     final = final_values(rows)
     if final:
         lines.append(f"  final        {final}")
-    lines.append(f"  LoRA         {lora_dir} (pipe.load_lora_weights)")
+    ema_note = " (EMA weights)" if run.ema is not None else ""
+    if "model" in exported:
+        lines.append(f"  model        {exported['model']} (from_pretrained; the full denoiser){ema_note}")
+    if "lora" in exported:
+        lines.append(f"  LoRA         {exported['lora']} (pipe.load_lora_weights){ema_note}")
     lines.append(f"  metrics      {metrics_file}")
     for tracker in run.accelerator.trackers:
         if tracker.name == "tensorboard":

@@ -1,4 +1,9 @@
-"""Optimizer and learning-rate schedule for the trainable (LoRA) parameters."""
+"""Optimizer and learning-rate schedule for the trainable parameters (a LoRA's, or every denoiser weight in full mode).
+
+Adafactor (transformers) keeps factored second moments (a row and a column vector) for 2-D and larger weights and a
+full one for vectors (biases, norms): its state over a full UNet is ~O(rows + cols) per matrix, which is why the
+Salesforce Diffusion-DPO script forces it for SDXL (``train.py`` lines 667-674).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,20 @@ import torch
 from torch import nn
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[nn.Parameter], cfg: Any, lr: float | None = None) -> torch.optim.Optimizer:
     """AdamW (default), bitsandbytes' 8-bit AdamW, or Adafactor with a fixed learning rate (Salesforce SDXL DPO).
 
-    ``cfg`` is the recipe's ``optim`` section (name, lr, weight_decay, betas, eps).
+    ``cfg`` is the recipe's ``optim`` section (name, lr, weight_decay, betas, eps); ``lr`` replaces ``cfg.lr``
+    (``config.effective_lr``: scaled by the global batch under ``optim.scale_lr``).
     """
     params = list(params)
+    lr = cfg.lr if lr is None else lr
     if not params:
         raise ValueError("no trainable parameters: add a LoRA before building the optimizer")
     if cfg.name == "adamw":
         return torch.optim.AdamW(
             params,
-            lr=cfg.lr,
+            lr=lr,
             betas=tuple(cfg.betas),
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
@@ -32,15 +39,13 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: Any) -> torch.optim.Opt
         except ImportError as e:
             raise ImportError("optim.name=adamw8bit needs bitsandbytes: pip install 'diffalign[memory]'") from e
         # 8-bit block-wise quantized moments (Dettmers et al. 2022); tensors under 4096 values keep fp32 states
-        return bnb.optim.AdamW8bit(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(
             params,
-            lr=cfg.lr,
+            lr=lr,
             weight_decay=cfg.weight_decay,
             scale_parameter=False,
             relative_step=False,

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -116,6 +117,26 @@ def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _is_default(cfg: Any, key: str, value: Any) -> bool:
+    """Whether dotted ``key`` of ``cfg`` holds its schema default (as ``flat`` writes it): a key a checkpoint of an
+    older diffalign does not have (e.g. ``train.mode``) resumes when it is left at what that version did."""
+    obj, *path, last = [cfg, *key.split(".")]
+    for part in path:
+        obj = getattr(obj, part, None)
+    if obj is None or not dataclasses.is_dataclass(obj):
+        return False
+    field = {f.name: f for f in dataclasses.fields(obj)}.get(last)
+    if field is None:
+        return False
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        return False
+    return flat({last: default}).get(last) == value
+
+
 def resume_problem(cfg: Any, path: Path, num_processes: int | None = None) -> str | None:
     """Why ``cfg`` may not resume from checkpoint ``path`` (every changed key outside ``RESUME_MAY_CHANGE``,
     saved -> new), or None. The allowed changes are logged.
@@ -148,7 +169,11 @@ def resume_problem(cfg: Any, path: Path, num_processes: int | None = None) -> st
         logger.info(
             "resuming on %d processes a checkpoint of %d (global batch %d)", num_processes, saved_procs, global_now
         )
-    refused = [diffs[k] for k in changed if not k.startswith(may_change)]
+    refused = [
+        diffs[k]
+        for k in changed
+        if not k.startswith(may_change) and not (k not in before and _is_default(cfg, k, now.get(k)))
+    ]
     if refused:
         return (
             f"cannot resume from {path}: the config differs from the one it was trained with in "

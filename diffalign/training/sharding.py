@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -173,3 +174,24 @@ def any_nonfinite(params: Sequence[nn.Parameter], accelerator: object) -> Tensor
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, reduction="sum")
     return bad > 0
+
+
+def full_state_dict(module: nn.Module, main: bool) -> dict[str, Tensor]:
+    """Every tensor of the sharded ``module`` gathered whole, on the CPU of the main process (``main``); an empty dict
+    on the others. A collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return whole if main else {}
+
+
+def save_pretrained(module: nn.Module, whole: dict[str, Tensor], out_dir: Path) -> Path:
+    """What ``module.save_pretrained(out_dir)`` writes (its config and ``diffusion_pytorch_model.safetensors``), from
+    the gathered tensors ``whole``: ``from_pretrained`` loads it like any diffusers folder."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    module.save_config(out)
+    save_file({k: v.contiguous() for k, v in whole.items()}, str(out / "diffusion_pytorch_model.safetensors"))
+    return out
