@@ -219,3 +219,44 @@ def test_take_over_refuses_fsdp1_and_deepspeed_and_reads_the_plan():
     assert env["ACCELERATE_USE_FSDP"] == "false" and env[sharding.FLAG] == "1"
     assert sharding.plan(env) == sharding.Plan(offload=True, reshard_after_forward=True, wrap_classes=("A", "B"))
     assert sharding.plan({}) is None
+
+
+@pytest.mark.slow  # 125 s on 2 busy cores: a 1-process and a 2-process launch
+def test_full_mode_dpo_under_fsdp_equals_one_process(tiny_dirs, tmp_path):
+    """Full fine-tuning (every UNet weight, a frozen fp32 reference copy, EMA) under FSDP2 on 2 processes x batch 2
+    == the 1-process full-mode run with batch 4, with the reference copy sharded too.
+
+    The same derivation as the LoRA tests: at step 1 the trained UNet equals its reference copy, so every DPO weight
+    is sigmoid(0) and the two runs differ by summation order only (batch 4 in one kernel against 2 + 2 and the
+    reduce-scatter): rel 1e-6 on the step's figures, ``GRAD_RTOL`` norm-wise on the averaged gradient of all 203k
+    weights; step 2 adds DPO's beta amplification, ``BETA_ROUNDING``. The export of the sharded run is one diffusers
+    folder (gathered from the shards, EMA weights) with every weight of the 1-process export."""
+    from diffusers import UNet2DConditionModel
+
+    from diffalign.models import full
+
+    common = {**COMMON, "run.max_steps": 2, "train.mode": "full", "ema.enabled": "true", "optim.lr": 1e-5}
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = run_subprocess(
+        recipe_command("toy/dpo", toy_overrides(tiny_dirs["sd15"], one, **{**common, "optim.batch_size": 4})), ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_subprocess(fsdp_command(toy_overrides(tiny_dirs["sd15"], two, **common)), ROOT, env=CPU)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP2: unet and its frozen reference copy sharded" in done.stderr
+    (o1, o2), (t1, t2) = rows(one), rows(two)
+    for key in ("loss", "loss/policy_err_w", "loss/policy_err_l", "loss/ref_err_w", "loss/ref_err_l"):
+        assert t1[key] == pytest.approx(o1[key], rel=1e-6, abs=1e-9), key
+    for key in ("loss/ref_err_w", "loss/ref_err_l"):  # the frozen copy does not train: the same on both sides
+        assert t2[key] == pytest.approx(o2[key], rel=1e-6), key
+    assert t2["loss"] == pytest.approx(o2["loss"], rel=BETA_ROUNDING)
+    adapter = models.load("sd15", str(tiny_dirs["sd15"]))
+    full.make_full(adapter)
+    names = list(lora.trainable_parameters(adapter))
+    (g1_o, g2_o), (g1_t, g2_t) = gradients(steps(one, 1, 2), names), gradients(steps(two, 1, 2), names)
+    assert g1_o.norm() > 0
+    assert (g1_t - g1_o).norm() <= GRAD_RTOL * g1_o.norm(), float((g1_t - g1_o).norm() / g1_o.norm())
+    tol = GRAD_RTOL + BETA_ROUNDING
+    assert (g2_t - g2_o).norm() <= tol * g2_o.norm(), float((g2_t - g2_o).norm() / g2_o.norm())
+    a, b = (UNet2DConditionModel.from_pretrained(str(d / "unet")).state_dict() for d in (one, two))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
