@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from diffalign.training.sharding import is_sharded, local
+
 
 def reduce_gradients(
     params: Sequence[nn.Parameter], accelerator: object, groups: int, flag: Tensor
@@ -31,8 +33,6 @@ def reduce_gradients(
     reduce-scattered the gradient as the MEAN over processes, so their local shard is multiplied by
     ``num_processes / count`` instead (exact for a power-of-two process count).
     """
-    from diffalign.training.sharding import is_sharded, local
-
     replicated = [p for p in params if not is_sharded([p])]
     sharded = [p for p in params if is_sharded([p])]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in replicated]

@@ -220,7 +220,7 @@ def test_shipped_accelerate_configs_are_valid_for_accelerate():
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.commands.launch import launch_command_parser
 
-    options = {a.dest for a in launch_command_parser()._actions}
+    options = {a.dest for a in launch_command_parser()._actions}  # argparse has no public list of its options
     expected = {
         "ddp": ("MULTI_GPU", {}),
         "fsdp": ("FSDP", {"fsdp_version": 2, "fsdp_offload_params": False}),
@@ -235,5 +235,6 @@ def test_shipped_accelerate_configs_are_valid_for_accelerate():
         kind_type, settings = expected[kind]
         assert raw["distributed_type"] == kind_type and raw["mixed_precision"] == "no", kind
         section = raw.get("fsdp_config") or raw.get("deepspeed_config") or {}
-        assert not set(section) - options, (kind, sorted(set(section) - options))
+        unknown = sorted(set(section) - options)
+        assert not unknown, (kind, unknown)
         assert {k: section[k] for k in settings} == settings, kind
