@@ -11,6 +11,14 @@ What trains is ``cfg.train.mode``: a LoRA (``lora``), or every denoiser weight (
 way the trained parameters are ``lora.trainable_parameters(adapter)`` (the parameters with ``requires_grad``, by
 ``<component>.<name>``), which the optimizer, the gradient all-reduce, the checkpoints and the EMA
 (``cfg.ema``, ``training.ema``) all use, and the reference pass is ``adapter.reference()`` in both modes.
+
+Launched with an FSDP accelerate config (``diffalign run --distributed fsdp``), ``build_adapter`` shards the denoiser
+(and full mode's reference copy) with FSDP2 (``training.sharding``): the trained parameters are then ``DTensor``
+shards, their gradients are reduced by FSDP's reduce-scatter (``distributed.reduce_gradients`` only rescales them),
+clipping and the non-finite checks use collectives over the shards, checkpoints are sharded
+(``checkpoint.save_sharded``) and the export is gathered whole. Every micro-step reduce-scatters (gradients stay
+sharded between micro-steps, the memory-lean choice), and a micro-batch that is empty on any process is skipped on
+all of them.
 """
 
 from __future__ import annotations
