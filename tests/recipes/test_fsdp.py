@@ -221,7 +221,7 @@ def test_take_over_refuses_fsdp1_and_deepspeed_and_reads_the_plan():
     assert sharding.plan({}) is None
 
 
-@pytest.mark.slow  # 125 s on 2 busy cores: a 1-process and a 2-process launch
+@pytest.mark.slow  # 144 s on 2 busy cores: a 1-process and a 2-process launch, then a 1-process resume
 def test_full_mode_dpo_under_fsdp_equals_one_process(tiny_dirs, tmp_path):
     """Full fine-tuning (every UNet weight, a frozen fp32 reference copy, EMA) under FSDP2 on 2 processes x batch 2
     == the 1-process full-mode run with batch 4, with the reference copy sharded too.
@@ -260,3 +260,19 @@ def test_full_mode_dpo_under_fsdp_equals_one_process(tiny_dirs, tmp_path):
     assert (g2_t - g2_o).norm() <= tol * g2_o.norm(), float((g2_t - g2_o).norm() / g2_o.norm())
     a, b = (UNet2DConditionModel.from_pretrained(str(d / "unet")).state_dict() for d in (one, two))
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    # the sharded step-1 checkpoint (weights, AdamW state, EMA shards) resumed on 1 process gives step 2 again
+    start, again = checkpoint.step_dir(two / "checkpoints", 1), tmp_path / "again"
+    overrides = {**common, "optim.batch_size": 4, "run.resume_from": start}
+    done = run_subprocess(recipe_command("toy/dpo", toy_overrides(tiny_dirs["sd15"], again, **overrides)), ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (r2,) = rows(again)
+    assert r2["loss"] == pytest.approx(t2["loss"], rel=BETA_ROUNDING)
+    saved = checkpoint.read_sharded(checkpoint.step_dir(two / "checkpoints", 2))
+    from safetensors.torch import load_file
+
+    ema_one = load_file(str(checkpoint.step_dir(again / "checkpoints", 2) / "trainable.safetensors"))
+    ema_keys = [k for k in ema_one if k.startswith("train_ema.") and not k.endswith("#step")]
+    assert len(ema_keys) == len(names)
+    assert int(ema_one["train_ema.#step"]) == int(saved["extra/train_ema.#step"]) == 2  # the EMA was resumed
+    for k in ema_keys:  # step 2's weights differ by Adam's rounding: at most lr per element on either side
+        torch.testing.assert_close(ema_one[k], saved[f"extra/{k}"], rtol=0, atol=2 * 1e-5)
