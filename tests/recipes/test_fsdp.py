@@ -230,7 +230,9 @@ def test_full_mode_dpo_under_fsdp_equals_one_process(tiny_dirs, tmp_path):
     is sigmoid(0) and the two runs differ by summation order only (batch 4 in one kernel against 2 + 2 and the
     reduce-scatter): rel 1e-6 on the step's figures, ``GRAD_RTOL`` norm-wise on the averaged gradient of all 203k
     weights; step 2 adds DPO's beta amplification, ``BETA_ROUNDING``. The export of the sharded run is one diffusers
-    folder (gathered from the shards, EMA weights) with every weight of the 1-process export."""
+    folder (gathered from the shards, EMA weights) with every weight of the 1-process export. The sharded step-1
+    checkpoint (weights, AdamW state and EMA shards, 2 processes) resumed on 1 process gives step 2 again (loss within
+    ``BETA_ROUNDING``, the EMA's step count carried, its shadows within Adam's lr-per-element rounding)."""
     from diffusers import UNet2DConditionModel
 
     from diffalign.models import full
