@@ -19,6 +19,10 @@ shape on a coloured background, ``toyreward`` = faithfulness x a preference for 
 base, scored by the world's reward, best vs worst as a Pick-a-Pic-schema pair), then train Diffusion-DPO
 (``recipes/offline_pref.py``, ``recipes/configs/duo/dpo.yaml``), then evaluate the same way.
 
+``objective="grpo"``: online RL (``recipes/online_rl.py``, ``recipes/configs/duo/grpo.yaml``): each round the policy
+samples groups of images per prompt with a stochastic sampler, scores them, and makes a group-relative, PPO-clipped
+update (Flow-GRPO); no labels, no reward gradient. Slower than DRaFT (see bench/README.md for its curve).
+
 ``--out`` is the quickstart's own folder: a re-run replaces its ``labels``, ``<objective>`` and ``eval`` subfolders.
 """
 
@@ -36,7 +40,11 @@ from typing import Any
 from diffalign.config import recipes_dir
 
 
-OBJECTIVES = {"draft": "reward_grad", "dpo": "offline_pref"}  # objective -> recipe (dpo trains on labelled pairs)
+OBJECTIVES = {
+    "draft": "reward_grad",
+    "dpo": "offline_pref",
+    "grpo": "online_rl",
+}  # objective -> recipe (dpo: labelled pairs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +53,9 @@ class Settings:
     None: every prompt of the split (duo: 192 / 48). ``overrides``: extra ``a.b=c`` overrides for the training config."""
 
     world: str = "duo"
-    objective: str = "draft"  # "draft" (reward gradient, no labels) or "dpo" (label pairs, then Diffusion-DPO)
+    objective: str = (
+        "draft"  # "draft" (reward gradient), "dpo" (label pairs, then Diffusion-DPO) or "grpo" (online RL)
+    )
     base: str = ""  # empty: the world's shipped base
     config: str = ""  # empty: the world's config for the objective
     label_prompts: int | None = None
@@ -176,7 +186,11 @@ def run(out_dir: str | Path = "runs/quickstart", settings: Settings | None = Non
         times["label"] = time.time() - t0
         print(f"      {labelled['records']} prompts -> {labelled['pair_rows']} pairs in {times['label']:.0f} s")
     t1 = time.time()
-    what = "Diffusion-DPO on the pairs" if s.objective == "dpo" else f"DRaFT-1 on the gradient of {reward}"
+    what = {
+        "dpo": "Diffusion-DPO on the pairs",
+        "draft": f"DRaFT-1 on the gradient of {reward}",
+        "grpo": f"GRPO on groups of its own samples scored by {reward}",
+    }[s.objective]
     print(f"[{n - 1}/{n}] training a LoRA with {what} (config {s.config_name()})")
     trained = train(out / s.objective, labelled["pairs_dir"] if labelled else None, s)
     times["train"] = time.time() - t1
@@ -247,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "--objective",
         choices=tuple(OBJECTIVES),
         default="draft",
-        help="draft (default: reward gradient, no labels) or dpo (label pairs, then Diffusion-DPO)",
+        help="draft (default: reward gradient, no labels), dpo (label pairs, then Diffusion-DPO) or grpo (online RL)",
     )
     parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps (default: the config's)")
     parser.add_argument("--world", choices=("duo", "shapes"), default="duo", help="toy world (default: duo)")

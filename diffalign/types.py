@@ -163,3 +163,8 @@ class PolicyTerms:
     policy_mean: Tensor | None = None
     ref_mean: Tensor | None = None
     kl_scale: Tensor | None = None
+    # GRPO-Guard (diffalign.losses.grpo ratio_norm / grad_reweight): the rollout's transition mean (B, C, h, w), the
+    # transition std (B, 1, 1, 1) and the step's |dt| (B,)
+    old_mean: Tensor | None = None
+    step_std: Tensor | None = None
+    step_dt: Tensor | None = None

@@ -36,3 +36,15 @@ def test_quickstart_dpo_labels_pairs_and_trains_from_them(tmp_path, capsys):
     assert (out / "labels" / "pairs").is_dir() and (
         out / "dpo" / "lora" / "pytorch_lora_weights.safetensors"
     ).is_file()
+
+
+def test_quickstart_grpo_trains_online_on_its_own_samples(tmp_path, capsys):
+    out = tmp_path / "qs"
+    argv = ["quickstart", "--out", str(out), "--objective", "grpo", "--eval-prompts", "4", "--train-steps", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "GRPO on groups of its own samples" in printed and "win grpo>base" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["objective"] == "grpo" and summary["train"]["steps"] == 1
+    assert (out / "grpo" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert summary["headline"]["objective"] == "grpo"

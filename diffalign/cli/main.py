@@ -75,3 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return errors.report(e)
     except KeyboardInterrupt:
         return errors.report(errors.InterruptedRun(f"diffalign {args.command} interrupted"))
+    except BrokenPipeError:  # `diffalign ls configs | head`: the reader left; end quietly as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        return 141  # 128 + SIGPIPE, the shell's status for a process ended by a closed pipe

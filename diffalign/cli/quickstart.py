@@ -19,7 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     p.add_argument("--world", choices=("duo", "shapes"), help="toy world: duo (default) or shapes (assets/toy_base)")
-    p.add_argument("--objective", choices=("draft", "dpo"), help="draft (default, reward gradient) or dpo (labels)")
+    p.add_argument(
+        "--objective",
+        choices=("draft", "dpo", "grpo"),
+        help="draft (default, reward gradient), dpo (labelled pairs) or grpo (online RL on the model's own samples)",
+    )
     p.add_argument("--train-steps", type=int, help="optimizer steps (default: the config's)")
     p.add_argument("--label-prompts", type=int, help="dpo: label only the first N labelling prompts (duo: 192)")
     p.add_argument("--eval-prompts", type=int, help="evaluate only the first N held-out prompts (duo: 48)")

@@ -240,7 +240,17 @@ def run(args: argparse.Namespace) -> int:
     if launch_spec.distributed is not None:
         accelerate_config(launch_spec.distributed)  # an unknown kind: one line with the choices
     kind = launch_spec.distributed
-    for problem in [*launch_spec.problems(), deepspeed_problem(kind), sharding_problem(kind, recipe_path)]:
+    config_problem = None
+    if kind is not None and kind.startswith("fsdp"):
+        from diffalign.training import sharding  # torch: only for a sharded launch
+
+        config_problem = sharding.config_problem(cfg)
+    for problem in [
+        *launch_spec.problems(),
+        deepspeed_problem(kind),
+        sharding_problem(kind, recipe_path),
+        config_problem,
+    ]:
         if problem:
             raise CLIError(problem)
     cmd = build_command(

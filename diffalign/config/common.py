@@ -176,11 +176,13 @@ class TrainConfig:
     ``mode: full``: every denoiser weight trains, in ``dtype`` (fp32 master weights by default; the base loads in
     ``model.dtype``); objectives that compare with a reference get a frozen copy of the base denoiser in
     ``reference_dtype`` (None: ``model.dtype``, the precision it was loaded in), the others none
-    (``diffalign.models.full``). Text encoders stay frozen in full mode."""
+    (``diffalign.models.full``). ``text_encoders: true`` trains the text encoders a text-encoder LoRA would adapt
+    (the CLIP ones) fully too, with frozen copies for the reference pass."""
 
     mode: Literal["lora", "full"] = "lora"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # full mode: dtype of the trained weights
     reference_dtype: Literal["fp32", "fp16", "bf16"] | None = None  # full mode: the frozen copy; None: model.dtype
+    text_encoders: bool = False  # full mode: train the (CLIP) text encoders too
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,6 +191,7 @@ class EmaConfig:
     defaults. When enabled, validation images and the exported weights are the EMA weights."""
 
     enabled: bool = False
+    offload: bool = False  # shadows in CPU memory (diffusers' --offload_ema), for full models
     decay: float = 0.9999
     min_decay: float = 0.0
     update_after_step: int = 0
@@ -314,6 +317,15 @@ def _check_training(cfg: Any, problems: list[str]) -> None:
 FLOW_FAMILIES = ("sd3", "flux")
 
 
+def text_encoders_trained(cfg: Any) -> str | None:
+    """The option that trains the text encoders (``lora.text_encoder=true`` or ``train.text_encoders=true``), or
+    None: recipes that encode prompts once (cached embeddings, online rounds) refuse it by this name."""
+    if cfg.lora.text_encoder:
+        return "lora.text_encoder=true"
+    train = getattr(cfg, "train", None)
+    return "train.text_encoders=true" if train is not None and train.text_encoders else None
+
+
 def training_lines(cfg: Any, num_processes: int, unit: str = "rows (optim.batch_size units)") -> list[str]:
     """``--dry-run`` lines every training recipe shares: the global batch of an optimizer step, the learning rate
     (scaled under ``optim.scale_lr``), what trains (``train``), the EMA and what is exported."""
@@ -350,7 +362,9 @@ def _check_train_mode(cfg: Any, problems: list[str]) -> None:
                 f"train.mode=full trains the denoiser's own weights: model.quantize={m.quantize!r} must be none"
             )
         if cfg.lora.text_encoder:
-            problems.append("train.mode=full trains no LoRA: unset lora.text_encoder (text encoders stay frozen)")
+            problems.append(
+                "train.mode=full trains no LoRA: unset lora.text_encoder (train.text_encoders=true trains them fully)"
+            )
         if train.dtype == "fp16" and cfg.run.mixed_precision == "fp16":
             problems.append(
                 "train.dtype=fp16 with run.mixed_precision=fp16: the loss scaler cannot unscale fp16 gradients; "
@@ -360,6 +374,7 @@ def _check_train_mode(cfg: Any, problems: list[str]) -> None:
         for key, value, default in (
             ("train.dtype", train.dtype, "fp32"),
             ("train.reference_dtype", train.reference_dtype, None),
+            ("train.text_encoders", train.text_encoders, False),
             ("export.lora_rank", export.lora_rank, None),
             ("export.lora_conv", export.lora_conv, False),
         ):
@@ -397,8 +412,8 @@ def _check_model(cfg: Any, problems: list[str]) -> None:
             problems.append(
                 "model.load_text_encoders=false needs data.latent_cache (prompt embeddings from the cache)"
             )
-        if cfg.lora.text_encoder:
-            problems.append("model.load_text_encoders=false cannot train a text-encoder LoRA (lora.text_encoder=true)")
+        if trained := text_encoders_trained(cfg):
+            problems.append(f"model.load_text_encoders=false cannot train the text encoders ({trained})")
         if val.every:
             problems.append("model.load_text_encoders=false: validation sampling needs the text encoders; set every=0")
 

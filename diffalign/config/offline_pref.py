@@ -21,6 +21,7 @@ from diffalign.config.common import (
     _positive,
     _unit_interval,
     terms_kind,
+    text_encoders_trained,
     training_lines,
 )
 from diffalign.config.engine import ConfigError, register_recipe, register_validator
@@ -62,7 +63,7 @@ register_recipe("offline_pref", OfflinePrefConfig)
 @register_validator(OfflinePrefConfig)
 def _check_offline(cfg: OfflinePrefConfig) -> list[str]:
     problems: list[str] = []
-    m, lora, data = cfg.model, cfg.lora, cfg.data
+    m, data = cfg.model, cfg.data
     _check_training(cfg, problems)
     _check_loss_matches_data(cfg, problems)
     _positive(problems, data__max_rows=data.max_rows, model__logit_std=m.logit_std)
@@ -72,8 +73,8 @@ def _check_offline(cfg: OfflinePrefConfig) -> list[str]:
         data__proportion_empty_prompts=data.proportion_empty_prompts,
         data__max_bad_fraction=data.max_bad_fraction,
     )
-    if lora.text_encoder and data.latent_cache:
-        problems.append("lora.text_encoder=true needs prompt embeddings recomputed each step; unset data.latent_cache")
+    if (trained := text_encoders_trained(cfg)) and data.latent_cache:
+        problems.append(f"{trained} needs prompt embeddings recomputed each step; unset data.latent_cache")
     if data.num_workers < 0:
         problems.append("data.num_workers must be >= 0")
     _check_noise(cfg, problems)

@@ -3,6 +3,7 @@ DDPO)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from diffalign.config.common import (
     _check_training,
     _positive,
     terms_kind,
+    text_encoders_trained,
 )
 from diffalign.config.engine import ConfigError, register_launch_check, register_recipe, register_validator
 
@@ -51,23 +53,52 @@ class OnlineSection:
     """
 
     num_steps: int = 10
-    sde_form: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"  # flow models; VP models step DDIM
-    noise_level: float = 0.7  # Flow-GRPO a 0.7; DanceGRPO eta 0.3; DDPO eta 1.0
+    # flow models; VP models step DDIM. cps: Coefficients-Preserving Sampling (arXiv 2509.05952; Flow-GRPO
+    # sde_type="cps", sd3_sde_with_logprob.py:70-86): noise_level in (0, 1] (authors 0.8), unnormalised log-prob
+    # -(x' - mean)^2, so use their clip_range 1e-5 (config/grpo.py geneval_sd3_fast_nocfg)
+    sde_form: Literal["flow_grpo", "dance_grpo", "cps"] = "flow_grpo"
+    noise_level: float = 0.7  # Flow-GRPO a 0.7; DanceGRPO eta 0.3; CPS a 0.8; DDPO eta 1.0
+    # the flow_grpo mean's order: "flow_grpo" = the authors' x (1 + ..) + v (..) dt (sd3_sde_with_logprob.py:50),
+    # where x cancels exactly in the KL's mean difference (more precise in fp32); "diffalign" = this library's order
+    sde_arithmetic: Literal["diffalign", "flow_grpo"] = "diffalign"
     spacing: Literal["diffusers", "linear"] = "diffusers"  # flow grid (linear: DanceGRPO)
-    guidance_scale: float = 4.5  # 1.0: no CFG (FLUX.1-dev uses its guidance embedding, model.guidance)
+    # 1.0: no CFG, in rollout and update: one conditional forward, the empty prompt never encoded (Flow-GRPO's
+    # *_nocfg configs, config/grpo.py:172-174: RL distils CFG away). FLUX.1-dev uses its guidance embedding.
+    guidance_scale: float = 4.5
+    # the held-out evaluation's CFG scale (None: guidance_scale; Flow-GRPO sample.eval_guidance_scale)
+    eval_guidance_scale: float | None = None
     uncond: Literal["empty_prompt", "zeros"] = "empty_prompt"
     detach_uncond: bool = True  # Flow-GRPO; DDPO trains through both branches
     prompts_per_round: int = 2
     group_size: int = 4
+    # one initial noise per group (its SDE step noises still differ): Flow-GRPO sample.same_latent
+    # (scripts/train_sd3.py:170-178, 637-640 at 9745241), DanceGRPO --init_same_noise (train_grpo_flux.py:333-347)
+    same_latent: bool = False
+    # train only bestofn of each group: the bestofn/2 best and bestofn/2 worst by advantage, the others masked out of
+    # the loss (0: all). DanceGRPO --bestofn (fastvideo/train_grpo_hunyuan.py:394-410)
+    bestofn: int = 0
     updates_per_round: int = 1  # Flow-GRPO: 2 (the second sees ratios != 1); checkpoints only between rounds
-    train_steps: Literal["fraction", "window"] = "fraction"
+    # fraction: the first int(N timestep_fraction) steps (or a random set with shuffle_steps); window: MixGRPO's sliding
+    # SDE window (ODE elsewhere); fast: Flow-GRPO-Fast, an SDE window of fast_window_size steps at a random start in
+    # [fast_window_lo, fast_window_hi - size] each round, ODE elsewhere, only the window trained (Flow-GRPO
+    # sd3_pipeline_with_logprob_fast.py:136-142, train_sd3_fast.py:348-351, config/base.py:65-67). With same_latent
+    # the group shares one ODE trajectory up to the window and branches there (the README's Flow-GRPO-Fast).
+    train_steps: Literal["fraction", "window", "fast"] = "fraction"
+    fast_window_size: int = 2
+    fast_window_lo: int = 0
+    fast_window_hi: int = 5  # exclusive end; Flow-GRPO's SD3 Fast configs: range (0, num_steps // 2)
     timestep_fraction: float = 0.99  # Flow-GRPO int(10 * 0.99) = 9; DanceGRPO 0.6 with shuffle_steps
     shuffle_steps: bool = False
     window_size: int = 4  # MixGRPO
     window_stride: int = 1
     window_interval: int = 25
     window_init: int = 0
-    adv_std: Literal["global", "group"] = "global"
+    # group: the group's std; global: the round's (Flow-GRPO); tracker: DDPO's PerPromptStatTracker
+    # (ddpo_pytorch/stat_tracking.py:5-30, config/base.py:104-111): per-prompt buffers of the last tracker_buffer
+    # rewards across rounds, the round's mean/std while a prompt has < tracker_min_count; kept in the checkpoint
+    adv_std: Literal["global", "group", "tracker"] = "global"
+    tracker_buffer: int = 16
+    tracker_min_count: int = 16
     adv_eps: float = 1.0e-4
     adv_unbiased: bool = False
     adv_clip: float = 5.0
@@ -80,6 +111,8 @@ class OnlineSection:
     def trained_steps_per_round(self) -> int:
         if self.train_steps == "window":
             return min(self.window_size, self.num_steps - 1)
+        if self.train_steps == "fast":
+            return self.fast_window_size
         return max(1, min(int(self.num_steps * self.timestep_fraction), self.num_steps - 1))
 
 
@@ -156,8 +189,38 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
         problems.append(f"online.group_size={o.group_size} must be >= 2 (advantages are relative to the group)")
     if o.noise_level <= 0:
         problems.append(f"online.noise_level={o.noise_level} must be > 0 (a deterministic sampler has no log-prob)")
+    if o.bestofn and (o.bestofn % 2 or not 2 <= o.bestofn < o.group_size):
+        problems.append(f"online.bestofn={o.bestofn} must be 0 (all) or even and in [2, online.group_size)")
+    if o.eval_guidance_scale is not None and not (o.eval_guidance_scale > 0 and math.isfinite(o.eval_guidance_scale)):
+        problems.append(f"online.eval_guidance_scale={o.eval_guidance_scale} must be finite and > 0 (1: no CFG)")
+    guard = [k for k in ("ratio_norm", "grad_reweight") if cfg.loss.params.get(k)]
+    if guard and o.sde_form == "cps":
+        problems.append(
+            f"loss.{guard[0]} (GRPO-Guard) needs the Gaussian flow_grpo / dance_grpo SDE, not online.sde_form=cps"
+        )
+    if o.adv_std == "tracker":
+        if not 1 <= o.tracker_min_count <= o.tracker_buffer:
+            problems.append(
+                f"online.tracker_min_count={o.tracker_min_count} must be in [1, online.tracker_buffer="
+                f"{o.tracker_buffer}]"
+            )
+        for key, value in (("per_reward", o.per_reward), ("adv_unbiased", o.adv_unbiased), ("bestofn", o.bestofn)):
+            if value:
+                problems.append(f"online.{key}={value} is not supported with online.adv_std=tracker")
+    if o.sde_form == "cps" and o.noise_level > 1:
+        problems.append(f"online.noise_level={o.noise_level} must be in (0, 1] with online.sde_form=cps (sin(a pi/2))")
+    if o.sde_arithmetic == "flow_grpo" and o.sde_form != "flow_grpo":
+        problems.append(f"online.sde_arithmetic=flow_grpo orders the flow_grpo mean; online.sde_form={o.sde_form!r}")
     if not 0 < o.timestep_fraction <= 1:
         problems.append(f"online.timestep_fraction={o.timestep_fraction} must be in (0, 1]")
+    if o.train_steps == "fast" and not (
+        o.fast_window_size >= 1 and 0 <= o.fast_window_lo <= o.fast_window_hi - o.fast_window_size
+        and o.fast_window_hi <= o.num_steps - 1
+    ):  # fmt: skip
+        problems.append(
+            f"online.fast_window_size={o.fast_window_size} must be >= 1 and fit in [online.fast_window_lo="
+            f"{o.fast_window_lo}, online.fast_window_hi={o.fast_window_hi}), with fast_window_hi <= num_steps - 1"
+        )
     if o.train_steps == "window" and not 0 <= o.window_init <= o.num_steps - 1 - o.window_size:
         problems.append(
             f"online.window_init={o.window_init} must be in [0, online.num_steps - 1 - window_size] (a full window "
@@ -186,8 +249,8 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
             f"lora.dropout={cfg.lora.dropout}: rollout and update must see the same policy for the first ratio to be "
             "exactly 1; use lora.dropout=0"
         )
-    if cfg.lora.text_encoder:
-        problems.append("lora.text_encoder=true is not supported by online_rl (prompts are encoded once per round)")
+    if trained := text_encoders_trained(cfg):
+        problems.append(f"{trained} is not supported by online_rl (prompts are encoded once per round)")
     samples = o.prompts_per_round * o.group_size
     if samples % cfg.optim.batch_size:
         problems.append(

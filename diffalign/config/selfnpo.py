@@ -19,6 +19,7 @@ from diffalign.config.common import (
     _check_training,
     _positive,
     _unit_interval,
+    text_encoders_trained,
 )
 from diffalign.config.engine import register_recipe, register_validator
 
@@ -62,7 +63,7 @@ register_recipe("selfnpo", SelfNPOConfig)
 @register_validator(SelfNPOConfig)
 def _check_selfnpo(cfg: SelfNPOConfig) -> list[str]:
     problems: list[str] = []
-    m, lora, data, s = cfg.model, cfg.lora, cfg.data, cfg.selfnpo
+    m, data, s = cfg.model, cfg.data, cfg.selfnpo
     _check_training(cfg, problems)
     _positive(
         problems,
@@ -84,9 +85,9 @@ def _check_selfnpo(cfg: SelfNPOConfig) -> list[str]:
         )
     if m.timestep_sampling != "uniform":
         problems.append(f"model.timestep_sampling={m.timestep_sampling!r} does not apply to selfnpo; use 'uniform'")
-    if lora.text_encoder:
+    if trained := text_encoders_trained(cfg):
         problems.append(
-            "lora.text_encoder=true is not supported by selfnpo: the negative LoRA is used on the unconditional "
+            f"{trained} is not supported by selfnpo: the negative LoRA is used on the unconditional "
             "CFG branch (diffalign.sampling.npo refuses text-encoder LoRAs)"
         )
     if s.max_teacher_steps < 0:

@@ -22,6 +22,20 @@ variance ``s^2 (-dt)`` (``train_sd3.py:895``); its KL is therefore ``1 / (-dt)``
 transfer from Flow-GRPO) and the DDIM std itself for epsilon / v models, where the KL is the true one. The
 reference means come from the same weights with the LoRA off (``adapter.reference()``), under no grad.
 
+**GRPO-Guard** (Wang et al. 2025, arXiv 2510.22319; Flow-GRPO ``scripts/train_sd3_GRPO_Guard.py:915-919, 931-932``
+and ``config/grpo_guard.py`` at yifan123/flow_grpo@9745241). ``ratio_norm``: with ``d = mean_policy - mean_old``
+(the rollout's stored mean) and ``std`` the transition std (``s sqrt(-dt)``), the log-ratio is
+``d.noise / std - |d|^2 / (2 std^2)``: always shifted negative and scaled by ``1 / std``, which differs from step to
+step. RatioNorm removes the shift and the scale::
+
+    b = mean_CHW(d^2) / (2 std^2)          ratio = exp(std (logp - logp_old + b))
+
+``b`` is per sample (the authors average it over the batch, a bug they confirmed in yifan123/flow_grpo#244).
+``grad_reweight``: the policy term of each row is divided by the step's ``|dt|`` (``:931-932``), so every step
+weighs alike. RatioNorm holds for any Gaussian step (flow_grpo / dance_grpo SDE, DDIM on epsilon / v models);
+the reweighting needs a flow grid (the recipe refuses it elsewhere); neither fits CPS's unnormalised log-prob. The authors' configs use ``clip_range`` 2e-6 (OCR,
+GenEval) or 4e-6 (PickScore), lr 1e-4, ``kl_coef`` 0. The first ratio of a round is still exactly 1 (``d = 0``).
+
 Masked rows (``terms.mask`` False: zero-std groups) count in neither the mean nor the metrics. Advantages are
 used as given (``terms.advantages`` already clipped to ``adv_clip_max``). ``per_sample`` gives the (B,) loss
 for recipes that sum over processes and divide by the global row count. All arithmetic is fp32. Metrics:
@@ -50,6 +64,8 @@ class Config:
 
     clip_range: float = 1e-4
     kl_coef: float = 0.0
+    ratio_norm: bool = False  # GRPO-Guard RatioNorm (module docstring)
+    grad_reweight: bool = False  # GRPO-Guard: the policy term / |dt| of its step
 
     def __post_init__(self) -> None:
         check_finite_config("grpo", clip_range=self.clip_range, kl_coef=self.kl_coef)
@@ -73,6 +89,12 @@ def _check(terms: PolicyTerms, cfg: Config) -> None:
         for name in ("ref_mean", "policy_mean", "kl_scale"):
             if getattr(terms, name) is None:
                 raise ValueError(f"grpo: kl_coef={cfg.kl_coef} needs terms.{name} (the ref pass) but it is None")
+    needs = (("policy_mean", "old_mean", "step_std") if cfg.ratio_norm else ()) + (
+        ("step_dt",) if cfg.grad_reweight else ()
+    )
+    for name in needs:
+        if getattr(terms, name) is None:
+            raise ValueError(f"grpo: ratio_norm / grad_reweight need terms.{name} but it is None")
 
 
 def kl(terms: PolicyTerms) -> Tensor:
@@ -82,13 +104,26 @@ def kl(terms: PolicyTerms) -> Tensor:
     return (diff**2).mean(dim=1) / (2 * scale**2)
 
 
+def guard_log_ratio(terms: PolicyTerms) -> Tensor:
+    """(B,) GRPO-Guard's normalised log-ratio ``std (logp - logp_old + b)`` (module docstring)."""
+    std = terms.step_std.detach().float().reshape(-1)
+    diff = (terms.policy_mean.float() - terms.old_mean.detach().float()).flatten(1)
+    shift = (diff**2).mean(dim=1) / (2 * std**2)
+    return std * (terms.policy.float() - terms.old.detach().float() + shift)
+
+
 def per_sample(terms: PolicyTerms, cfg: Config) -> tuple[Tensor, Tensor]:
     """(B,) fp32 per-row loss (policy term plus ``kl_coef`` KL) and (B,) ratios; masked rows are 0."""
     _check(terms, cfg)
-    ratio = torch.exp(terms.policy.float() - terms.old.detach().float())
+    if cfg.ratio_norm:
+        ratio = torch.exp(guard_log_ratio(terms))
+    else:
+        ratio = torch.exp(terms.policy.float() - terms.old.detach().float())
     adv = terms.advantages.detach().float()
     clipped = torch.clamp(ratio, 1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
     rows = torch.maximum(-adv * ratio, -adv * clipped)
+    if cfg.grad_reweight:
+        rows = rows / terms.step_dt.detach().float().reshape(-1)
     if cfg.kl_coef > 0:
         rows = rows + cfg.kl_coef * kl(terms)
     if terms.mask is not None:

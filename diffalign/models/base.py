@@ -134,6 +134,7 @@ class Adapter:
         self.denoiser.requires_grad_(False).eval()  # recipes call .train() (LoRA dropout) when training
         self.full: Any = None  # models.full.FullHandle once set up for full fine-tuning
         self.reference_denoiser: nn.Module | None = None  # full fine-tuning's frozen base copy, when one is kept
+        self.reference_text_encoders: list[nn.Module] | None = None  # ... and of the text encoders it trains
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -165,6 +166,11 @@ class Adapter:
     def resolve_lora_targets(self, targets: Sequence[str] | None) -> tuple[str, ...]:
         """The denoiser targets actually used for a requested list (``None`` = ``default_lora_targets``)."""
         return tuple(targets) if targets is not None else self.default_lora_targets()
+
+    def trains_text_encoders(self) -> bool:
+        """Whether a text encoder trains (a text-encoder LoRA, or full fine-tuning of it): prompts are then encoded
+        with grad for the policy, and again for the reference pass."""
+        return any(has_adapters(m) or any(p.requires_grad for p in m.parameters()) for m in self.text_encoders)
 
     def require_text_encoders(self) -> None:
         if not self.text_encoders:
@@ -231,8 +237,9 @@ class Adapter:
             module.to(device)
         if not getattr(self.denoiser, "is_quantized", False):  # bitsandbytes weights live where they were loaded
             self.denoiser.to(device)
-        if getattr(self, "reference_denoiser", None) is not None:  # full fine-tuning's frozen copy
-            self.reference_denoiser.to(device)
+        for ref in (self.reference_denoiser, *(self.reference_text_encoders or ())):  # full fine-tuning's copies
+            if ref is not None:
+                ref.to(device)
         if hasattr(self.process, "to"):  # the process's tables next to the model: no copy per step
             self.process = self.process.to(device)
         return self
@@ -288,10 +295,13 @@ class Adapter:
                     "but a reference pass was asked for"
                 )
             trained, self.denoiser = self.denoiser, ref
+            encoders = self.text_encoders
+            if self.reference_text_encoders is not None:
+                self.text_encoders = self.reference_text_encoders
             try:
                 yield
             finally:
-                self.denoiser = trained
+                self.denoiser, self.text_encoders = trained, encoders
             return
         modules = [m for m in self.named_modules().values() if has_adapters(m)]
         for module in modules:

@@ -45,14 +45,20 @@ class FullHandle:
 
 
 def make_full(
-    adapter: Adapter, *, dtype: str | torch.dtype = "fp32", reference_dtype: str | torch.dtype | None = None
+    adapter: Adapter,
+    *,
+    dtype: str | torch.dtype = "fp32",
+    reference_dtype: str | torch.dtype | None = None,
+    text_encoders: bool = False,
 ) -> FullHandle:
     """Make every denoiser parameter trainable in ``dtype``; with ``reference_dtype`` keep a frozen base copy.
 
     The copy is made before the cast, so a bf16-loaded base stays the bf16 reference exactly (and the policy starts
     as its fp32 upcast: policy == reference at step 0 whenever ``reference_dtype`` can hold the loaded weights).
-    Text encoders stay frozen. Call before ``adapter.to(device)`` (which moves the copy too) and before
-    ``torch.compile``.
+    ``text_encoders``: the text encoders a text-encoder LoRA would adapt (``Adapter.lora_text_encoder_names``: the
+    CLIP ones) train too, with frozen copies (``adapter.reference_text_encoders``, the whole list as the reference
+    pass sees it) when there is a reference; the others stay frozen. Call before ``adapter.to(device)`` (which
+    moves the copies too) and before ``torch.compile``.
     """
     if getattr(adapter.denoiser, "is_quantized", False):
         raise ValueError(
@@ -62,12 +68,10 @@ def make_full(
         raise ValueError("the adapter is already set up for full fine-tuning")
     ref_dtype = None if reference_dtype is None else resolve_dtype(reference_dtype)
     if ref_dtype is not None:
-        ref = copy.deepcopy(adapter.denoiser)
-        if adapter.dtype != ref_dtype:
-            ref.to(ref_dtype)
-        ref.requires_grad_(False).eval()
-        adapter.reference_denoiser = ref
+        adapter.reference_denoiser = _frozen_copy(adapter.denoiser, ref_dtype)
     handle = FullHandle(resolve_dtype(dtype), adapter.dtype, ref_dtype)
+    if text_encoders:
+        _train_text_encoders(adapter, handle)
     if handle.dtype != handle.base_dtype:
         adapter.denoiser.to(handle.dtype)
     adapter.denoiser.requires_grad_(True)
@@ -75,10 +79,36 @@ def make_full(
     return handle
 
 
+def _train_text_encoders(adapter: Adapter, handle: FullHandle) -> None:
+    adapter.require_text_encoders()
+    trained = [n for n in adapter.text_encoder_names() if n in adapter.lora_text_encoder_names()]
+    modules = adapter.named_modules()
+    if handle.reference_dtype is not None:
+        adapter.reference_text_encoders = [
+            _frozen_copy(modules[n], handle.reference_dtype) if n in trained else modules[n]
+            for n in adapter.text_encoder_names()
+        ]
+    for name in trained:
+        modules[name].to(handle.dtype).requires_grad_(True)
+
+
+def _frozen_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    ref = copy.deepcopy(module)
+    if next(ref.parameters()).dtype != dtype:
+        ref.to(dtype)
+    return ref.requires_grad_(False).eval()
+
+
 def trained_delta_layers(trained: nn.Module, conv: bool = False) -> dict[str, nn.Module]:
     """Module name -> the Linear (and with ``conv`` the Conv2d) layers of ``trained`` a LoRA can represent."""
     kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d) if conv else (nn.Linear,)
     return {name: m for name, m in trained.named_modules() if type(m) in kinds}
+
+
+def _delta(trained: Tensor, base: Tensor) -> Tensor:
+    """``trained - base`` in fp32 on the trained weight's device (an accelerator's SVD is much faster)."""
+    weight = trained.detach().float()
+    return weight - base.to(weight.device, torch.float32)
 
 
 def _svd_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
@@ -104,12 +134,9 @@ def extract_lora(
     out: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     kept = 0.0
-    total = sum(
-        float((p.detach().float().cpu() - base_state[n].float()).pow(2).sum()) for n, p in trained.named_parameters()
-    )
+    total = sum(float(_delta(p, base_state[n]).pow(2).sum()) for n, p in trained.named_parameters())
     for name, layer in trained_delta_layers(trained, conv).items():
-        weight = layer.weight.detach().float().cpu()
-        delta = weight - base_state[f"{name}.weight"].float()
+        delta = _delta(layer.weight, base_state[f"{name}.weight"])
         if not bool(delta.any()):
             continue
         b, a, norm = _svd_factors(delta.flatten(1), rank)
@@ -117,8 +144,8 @@ def extract_lora(
         if delta.ndim == 4:
             a = a.view(a.shape[0], *delta.shape[1:])
             b = b[:, :, None, None]
-        out[f"{name}.lora_A.weight"] = a.contiguous()
-        out[f"{name}.lora_B.weight"] = b.contiguous()
+        out[f"{name}.lora_A.weight"] = a.cpu().contiguous()
+        out[f"{name}.lora_B.weight"] = b.cpu().contiguous()
         ranks[name] = a.shape[0]
     return out, ranks, (kept / total if total > 0 else 1.0)
 

@@ -22,6 +22,14 @@ process with the same global batch. Checkpoints fall between rounds (the config 
 divides ``run.save_every`` and ``run.max_steps``), so one needs only the round counter next to the LoRA and the
 optimizer: a resumed run reproduces an uninterrupted one.
 
+The peers' options (all off by default; each cited where it lives): ``online.sde_form=cps`` (CPS,
+``diffusion.transition``), ``online.sde_arithmetic=flow_grpo`` (Flow-GRPO's order of the SDE mean, for the KL),
+``online.same_latent`` (one initial noise per group, ``sampling.sde.rollout``), ``online.bestofn`` (DanceGRPO's
+best/worst rows, ``terms.advantages``), ``online.adv_std=tracker`` (DDPO's per-prompt statistics, in the checkpoint),
+``online.guidance_scale=1`` / ``online.eval_guidance_scale`` (no CFG: one conditional forward, no empty-prompt
+encoding), ``online.train_steps=fast`` (Flow-GRPO-Fast's random SDE window), ``loss.ratio_norm`` /
+``loss.grad_reweight`` (GRPO-Guard, ``losses.grpo``).
+
 Launch:
     python recipes/online_rl.py --config recipes/configs/toy/grpo.yaml run.output_dir=runs/toy-grpo
     diffalign run online_rl --config sd3/grpo_pickscore run.output_dir=runs/grpo
@@ -35,6 +43,7 @@ validation prompts), ``curves.png`` (those against rounds, redrawn at every held
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -50,8 +59,9 @@ from diffalign.models.base import Cond
 from diffalign.sampling import seeds
 from diffalign.sampling.guidance import default_info, encode_condition
 from diffalign.sampling.sde import Grid, SDESpec, make_grid, rollout
+from diffalign.sampling.seeds import draw_noise
 from diffalign.terms import online, stepwise
-from diffalign.terms.advantages import AdvantageSpec, gathered_advantages
+from diffalign.terms.advantages import AdvantageSpec, PerPromptStats, gathered_advantages, tracked_advantages
 from diffalign.training import curves, loop
 from diffalign.training.prompts import PromptOrder, read_prompts
 from diffalign.types import PolicyTerms
@@ -72,6 +82,7 @@ class Micro:
     prompts: list[str]
     advantages: Tensor | None = None
     mask: Tensor | None = None
+    means: Tensor | None = None  # (b, N, C, h, w) rollout transition means (GRPO-Guard's RatioNorm)
 
     def __len__(self) -> int:
         return int(self.mask.sum()) if self.mask is not None else self.latents.shape[0]
@@ -88,6 +99,7 @@ class RoundBuffer:
     world_size: int = 1
     round: int = 0
     items: list[tuple[Micro, int]] | None = None
+    tracker: PerPromptStats | None = None  # online.adv_std=tracker: DDPO's per-prompt reward buffers
 
     def __post_init__(self) -> None:
         self.order = PromptOrder(self.prompts, self.seed, seeds.PROMPT_ORDER)
@@ -100,13 +112,19 @@ class RoundBuffer:
             raise RuntimeError("online_rl: the round's work items ran out (optim.grad_accum does not fit the round)")
         return self.items.pop(0)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"round": self.round}
+    def state_dict(self) -> dict[str, Any]:
+        if self.tracker is None:
+            return {"round": self.round}
+        return {"round": self.round, "tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "round" not in state:
             raise KeyError(f"the checkpoint's data state {sorted(state)} has no round counter (not an online_rl run?)")
         self.round = int(state["round"])
+        if self.tracker is not None:
+            if "tracker" not in state and self.round:
+                raise KeyError("online.adv_std=tracker but the checkpoint has no per-prompt reward buffers")
+            self.tracker.load_state_dict(state.get("tracker", {}))
 
     def stats_summary(self) -> str:
         return f"{self.round} rollout rounds"
@@ -156,17 +174,30 @@ def setup(cfg: Any, accelerator: Any) -> State:
     adapter.denoiser.eval()  # rollout and update see the same policy (no LoRA dropout; checked by the config)
     o = cfg.online
     buffer = RoundBuffer(read_prompts(cfg.data), cfg.run.seed, accelerator.process_index, accelerator.num_processes)
+    if o.adv_std == "tracker":
+        buffer.tracker = PerPromptStats(o.tracker_buffer, o.tracker_min_count)
     state = State(
         loop.build_run(cfg, accelerator, adapter, loader=buffer),
         buffer,
         objective,
         loss_cfg,
         make_grid(adapter, o.num_steps, spacing=o.spacing),
-        SDESpec(form=o.sde_form, noise_level=o.noise_level),
-        AdvantageSpec(std=o.adv_std, eps=o.adv_eps, unbiased=o.adv_unbiased, clip=o.adv_clip, per_reward=o.per_reward),
+        SDESpec(form=o.sde_form, noise_level=o.noise_level, arithmetic=o.sde_arithmetic),
+        AdvantageSpec(
+            std=o.adv_std,
+            eps=o.adv_eps,
+            unbiased=o.adv_unbiased,
+            clip=o.adv_clip,
+            per_reward=o.per_reward,
+            bestofn=o.bestofn,
+        ),
         build_scorers(cfg, accelerator.device),
         build_guards(cfg, accelerator.device),
     )
+    if getattr(loss_cfg, "grad_reweight", False) and not state.grid.is_flow:
+        raise ValueError(f"loss.grad_reweight (GRPO-Guard's 1 / |dt|) needs a flow model; {cfg.model.family} is not")
+    if o.sde_form == "cps" and not state.grid.is_flow:
+        raise ValueError(f"online.sde_form=cps needs a flow model; {cfg.model.family} steps DDIM (already CPS-like)")
     path = loop.resume_path(cfg)
     if path is not None:
         loop.restore(state.run, path)
@@ -186,6 +217,13 @@ def round_steps(state: State) -> tuple[Tensor, Tensor]:
         sde[steps] = True  # MixGRPO: SDE inside the window, ODE elsewhere
         return steps, sde
     gen = seeds.generator(state.buffer.seed, k, seeds.ROUND_DRAW)
+    if o.train_steps == "fast":  # Flow-GRPO-Fast: one random SDE window per round, the same on every process
+        lo, size = o.fast_window_lo, o.fast_window_size
+        start = lo + int(torch.randint(o.fast_window_hi - size - lo + 1, (), generator=gen))
+        steps = online.train_steps(n, mode="window", window=(start, size))
+        sde = torch.zeros(n, dtype=torch.bool)
+        sde[steps] = True
+        return steps, sde
     steps = online.train_steps(n, fraction=o.timestep_fraction, shuffle=o.shuffle_steps, generator=gen)
     return steps, torch.ones(n, dtype=torch.bool)
 
@@ -207,19 +245,25 @@ def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[s
         prompts = [buf.prompt_at(int(p)) for p in positions[start : start + b]]
         info = [default_info(adapter, shape[1:])] * len(prompts)
         gens = [seeds.generator(buf.seed, buf.round, int(g), seeds.SAMPLE_NOISE) for g in rows]
+        initial = None
+        if o.same_latent:  # one initial noise per prompt position: a group shares it (its SDE noises differ)
+            group_gens = [seeds.generator(buf.seed, int(p), seeds.GROUP_NOISE) for p in positions[start : start + b]]
+            initial = draw_noise(group_gens, shape, adapter.device)
         with torch.no_grad(), state.run.accelerator.autocast():
-            cond, uncond = encode_condition(adapter, prompts, info, o.uncond)
-            uncond = uncond if o.guidance_scale != 1.0 else None
+            # guidance_scale 1 (no CFG): no unconditional encoding and one conditional forward per step (Flow-GRPO
+            # train.cfg=False, scripts/train_sd3.py:196-203)
+            cond, uncond = encode_condition(adapter, prompts, info, o.uncond, with_uncond=o.guidance_scale != 1.0)
             traj = rollout(
                 adapter, state.grid, state.spec, cond, uncond, generators=gens, latent_shape=shape,
-                guidance_scale=o.guidance_scale, sde_steps=sde,
+                guidance_scale=o.guidance_scale, sde_steps=sde, initial=initial,
+                keep_means=bool(getattr(state.loss_cfg, "ratio_norm", False)),
             )  # fmt: skip
             images = (adapter.decode_latents(traj.final) + 1.0) / 2.0
         t0 = time.perf_counter()
         for name, scorer in state.scorers.items():
             rewards[name].append(scorer(images, prompts).float().cpu())
         scoring += time.perf_counter() - t0
-        micros.append(Micro(traj.latents, traj.log_probs, cond, uncond, prompts))
+        micros.append(Micro(traj.latents, traj.log_probs, cond, uncond, prompts, means=traj.means))
     return micros, positions, {name: torch.cat(v) for name, v in rewards.items()}, scoring
 
 
@@ -250,7 +294,10 @@ def fill_round(state: State) -> dict[str, Tensor]:
     t1 = time.perf_counter()
     check_rollout(state, micros, rewards, sde)
     weights = {name: r.weight for name, r in o.rewards.items()}
-    adv = gathered_advantages(rewards, positions, state.adv_spec, acc, weights)
+    if buf.tracker is not None:
+        adv = tracked_advantages(rewards, positions, state.adv_spec, buf.tracker, buf.prompt_at, acc, weights)
+    else:
+        adv = gathered_advantages(rewards, positions, state.adv_spec, acc, weights)
     offset = 0
     for micro in micros:
         n = micro.latents.shape[0]
@@ -286,6 +333,13 @@ def micro_step(state: State, micro: Micro, step: int) -> dict[str, Tensor]:
         ref_mean=ref.mean if ref is not None else None,
         kl_scale=now.kl_scale,
     )
+    if getattr(state.loss_cfg, "ratio_norm", False) or getattr(state.loss_cfg, "grad_reweight", False):
+        delta = None  # GRPO-Guard: the rollout mean, the step's std and (flow) |dt|
+        if getattr(state.loss_cfg, "grad_reweight", False):
+            levels = state.grid.levels.to(now.mean.device)
+            delta = (levels[step] - levels[step + 1]).expand(now.mean.shape[0])
+        old_mean = micro.means[:, step] if micro.means is not None else None
+        terms = dataclasses.replace(terms, old_mean=old_mean, step_std=now.std, step_dt=delta)
     out = state.objective.loss(terms, state.loss_cfg)
     return {"loss": out.loss, **{f"loss/{k}": v for k, v in out.metrics.items()}}
 
@@ -304,7 +358,7 @@ def train_step(state: State) -> dict[str, float]:
 @torch.no_grad()
 def heldout_scores(state: State) -> dict[str, float]:
     """Mean reward (``heldout/<reward>``) and guard score (``heldout/guard/<name>``) of the policy's samples of the
-    validation prompts: the rollout grid and CFG, sampled as an ODE (no SDE noise), image i from seed
+    validation prompts: the rollout grid and CFG (``online.eval_guidance_scale``; 1: none), sampled as an ODE (no SDE noise), image i from seed
     ``validation.seed + i``. Every process scores the whole set (no collective; the same numbers everywhere)."""
     cfg, adapter = state.cfg, state.run.adapter
     o, prompts = cfg.online, loop.validation_prompts(cfg)
@@ -313,14 +367,16 @@ def heldout_scores(state: State) -> dict[str, float]:
         f"heldout/guard/{k}": v for k, v in state.guards.items()
     }
     scores: dict[str, list[Tensor]] = {k: [] for k in named}
+    scale = o.guidance_scale if o.eval_guidance_scale is None else o.eval_guidance_scale
     for start in range(0, len(prompts), cfg.optim.batch_size):
         batch = prompts[start : start + cfg.optim.batch_size]
         gens = [torch.Generator().manual_seed(cfg.validation.seed + start + i) for i in range(len(batch))]
+        info = [default_info(adapter, shape[1:])] * len(batch)
         with state.run.accelerator.autocast():
-            cond, uncond = encode_condition(adapter, batch, [default_info(adapter, shape[1:])] * len(batch), o.uncond)
+            cond, uncond = encode_condition(adapter, batch, info, o.uncond, with_uncond=scale != 1.0)
             traj = rollout(
-                adapter, state.grid, state.spec, cond, uncond if o.guidance_scale != 1.0 else None, generators=gens,
-                latent_shape=shape, guidance_scale=o.guidance_scale, sde_steps=torch.zeros(state.grid.num_steps),
+                adapter, state.grid, state.spec, cond, uncond, generators=gens,
+                latent_shape=shape, guidance_scale=scale, sde_steps=torch.zeros(state.grid.num_steps),
             )  # fmt: skip
             images = (adapter.decode_latents(traj.final) + 1.0) / 2.0
         for key, scorer in named.items():

@@ -39,12 +39,16 @@ def encode_condition(
     uncond: str,
     *,
     grad: bool = False,
-) -> tuple[Cond, Cond]:
-    """(cond, uncond) for classifier-free guidance; ``uncond`` is the encoded empty prompt or zeros."""
+    with_uncond: bool = True,
+) -> tuple[Cond, Cond | None]:
+    """(cond, uncond) for classifier-free guidance; ``uncond`` is the encoded empty prompt or zeros, or None without
+    ``with_uncond`` (no CFG: the empty prompt is not encoded)."""
     if uncond not in UNCOND_MODES:
         raise ValueError(f"unknown uncond {uncond!r}; choices: {', '.join(UNCOND_MODES)}")
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         cond = adapter.encode_prompts(list(prompts), list(info))
+        if not with_uncond:
+            return cond, None
         if uncond == "zeros":
             empty = {k: (v if k in MICRO_COND_KEYS else torch.zeros_like(v)) for k, v in cond.items()}
         else:

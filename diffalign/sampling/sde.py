@@ -10,7 +10,8 @@ calls it with the stored ``prev_sample``. Everything is fp32 (Flow-GRPO
 with the same reduction.
 
 **Flow models** (SD3, SD3.5, FLUX): the flow SDE step of ``diffalign.diffusion.transition.flow_sde_mean_std``,
-``form="flow_grpo"`` (noise level ``a`` = 0.7) or ``form="dance_grpo"`` (constant ``eta`` = 0.3).
+``form="flow_grpo"`` (noise level ``a`` = 0.7), ``form="dance_grpo"`` (constant ``eta`` = 0.3) or ``form="cps"``
+(Coefficients-Preserving Sampling, ``a`` = 0.8, with the authors' unnormalised log-probability).
 ``noise_level = 0`` (or ``deterministic=True``) is the plain Euler ODE step, with no log-probability (MixGRPO's
 steps outside its SDE window, ``fastvideo/utils/sampling_utils.py:157-210``).
 
@@ -49,7 +50,15 @@ import torch
 from torch import Tensor
 
 from diffalign.diffusion.flow import FlowProcess
-from diffalign.diffusion.transition import FLOW_FORMS, column, ddim_mean_std, flow_sde_mean_std, gaussian_log_prob
+from diffalign.diffusion.transition import (
+    ARITHMETIC,
+    FLOW_FORMS,
+    column,
+    cps_log_prob,
+    ddim_mean_std,
+    flow_sde_mean_std,
+    gaussian_log_prob,
+)
 from diffalign.diffusion.vp import VPProcess
 from diffalign.models.base import Adapter, Cond
 from diffalign.sampling.grids import ddim_alphas, flow_sigmas, scheduler_timesteps
@@ -64,15 +73,21 @@ SPACINGS = ("diffusers", "linear")
 class SDESpec:
     """How the stochastic sampler steps. ``form`` applies to flow models; VP models always step DDIM.
 
-    ``noise_level``: ``a`` of Flow-GRPO (0.7), ``eta`` of DanceGRPO (0.3) or DDIM's eta (DDPO: 1.0).
+    ``noise_level``: ``a`` of Flow-GRPO (0.7), ``eta`` of DanceGRPO (0.3), CPS's ``a`` (0.8, in (0, 1]) or DDIM's
+    eta (DDPO: 1.0). ``arithmetic``: the order of the flow_grpo mean (``diffalign.diffusion.transition``).
     """
 
     form: str = "flow_grpo"
     noise_level: float = 0.7
+    arithmetic: str = "diffalign"
 
     def __post_init__(self) -> None:
         if self.form not in FLOW_FORMS:
             raise ValueError(f"SDESpec.form={self.form!r}; choices: {', '.join(FLOW_FORMS)}")
+        if self.arithmetic not in ARITHMETIC:
+            raise ValueError(f"SDESpec.arithmetic={self.arithmetic!r}; choices: {', '.join(ARITHMETIC)}")
+        if self.form == "cps" and self.noise_level > 1:
+            raise ValueError(f"SDESpec.noise_level={self.noise_level}: CPS needs a noise level in [0, 1]")
         if not (self.noise_level >= 0 and math.isfinite(self.noise_level)):
             raise ValueError(f"SDESpec.noise_level={self.noise_level} must be finite and >= 0")
 
@@ -139,7 +154,10 @@ def _flow_mean_std(
     grid: Grid, spec: SDESpec, v: Tensor, x: Tensor, index: Tensor, noise_level: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     levels = grid.levels.to(x.device)
-    return flow_sde_mean_std(x, v, levels[index], levels[index + 1], noise_level, form=spec.form, sigma_max=levels[1])
+    return flow_sde_mean_std(
+        x, v, levels[index], levels[index + 1], noise_level, form=spec.form, sigma_max=levels[1],
+        arithmetic=spec.arithmetic,
+    )  # fmt: skip
 
 
 def _ddim_mean_std(grid: Grid, out: Tensor, x: Tensor, index: Tensor, eta: float) -> tuple[Tensor, Tensor]:
@@ -187,6 +205,8 @@ def sde_step(
             raise ValueError("sde_step needs noise (rollout) or prev_sample (update)")
         prev_sample = mean + std * noise.float().to(mean.device)
     prev_sample = prev_sample.float()
+    if grid.is_flow and spec.form == "cps":
+        return StepOut(prev_sample, cps_log_prob(prev_sample, mean), mean, std, kl_scale)
     return StepOut(prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std, kl_scale)
 
 
@@ -199,6 +219,7 @@ class Trajectory:
     latents: Tensor
     log_probs: Tensor
     sde: Tensor
+    means: Tensor | None = None  # (B, N, C, h, w) fp32 transition means, with keep_means (GRPO-Guard's mean_old)
 
     @property
     def final(self) -> Tensor:
@@ -217,17 +238,26 @@ def rollout(
     latent_shape: Sequence[int],
     guidance_scale: float = 1.0,
     sde_steps: Tensor | None = None,
+    initial: Tensor | None = None,
+    keep_means: bool = False,
 ) -> Trajectory:
     """Sample B = len(generators) trajectories from ``adapter`` as it is now (the policy, LoRA on).
 
     Each sample's initial noise and step noises come from its own generator, so a sample does not depend on
     which others share its batch or process. ``sde_steps`` (N,) bool: stochastic steps (default all; MixGRPO:
-    a window); the others are ODE steps.
+    a window); the others are ODE steps. ``initial`` (B, *latent_shape): the initial noise instead of the
+    generators' first draw (which is still made, so the step noises are the same with or without it; Flow-GRPO
+    ``sample.same_latent``, DanceGRPO ``init_same_noise``: one initial noise per group). ``keep_means``: also
+    return every step's transition mean (``Trajectory.means``).
     """
     n, device = grid.num_steps, adapter.device
     sde = torch.ones(n, dtype=torch.bool) if sde_steps is None else sde_steps.bool().cpu()
     x = draw_noise(generators, latent_shape, device)
-    latents, log_probs = [x], []
+    if initial is not None:
+        if initial.shape != x.shape:
+            raise ValueError(f"initial noise of shape {tuple(initial.shape)} for latents {tuple(x.shape)}")
+        x = initial.float().to(device)
+    latents, log_probs, means = [x], [], []
     for j in range(n):
         t = grid.timesteps[j].to(device).expand(x.shape[0])
         out = guided_output(adapter, x, t, cond, uncond, guidance_scale)
@@ -235,6 +265,9 @@ def rollout(
         result = sde_step(grid, spec, out, x, j, noise=noise, deterministic=not bool(sde[j]))
         x = result.prev_sample
         latents.append(x)
+        if keep_means:
+            means.append(result.mean)
         lp = result.log_prob if result.log_prob is not None else torch.full((x.shape[0],), math.nan, device=device)
         log_probs.append(lp)
-    return Trajectory(torch.stack(latents, dim=1), torch.stack(log_probs, dim=1), sde)
+    kept = torch.stack(means, dim=1) if keep_means else None
+    return Trajectory(torch.stack(latents, dim=1), torch.stack(log_probs, dim=1), sde, kept)

@@ -20,6 +20,8 @@ PAIR_PROMPT_ORDER, PAIR_NOISE, PAIR_SHUFFLE = 11, 12, 13
 # online_rl and reward_grad: the epoch's prompt order, each sample's noise, and one draw per round / micro-batch
 # (online_rl: the trained steps of a round; reward_grad: the ReFL step, AlignProp truncation and DRaFT-LV noise)
 PROMPT_ORDER, SAMPLE_NOISE, ROUND_DRAW = 21, 22, 23
+# online_rl with online.same_latent: the one initial noise a prompt's group shares (counter: the global prompt position)
+GROUP_NOISE = 24
 
 
 def mixed_seed(*values: int) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffalign.models.base import Adapter, Cond, has_adapters, repeat_cond
+from diffalign.models.base import Adapter, Cond, repeat_cond
 from diffalign.types import ListTerms, PairTerms, SampleInfo
 
 
@@ -113,7 +113,7 @@ def group_errors(
     eps = to_device(noise.repeat_interleave(k, dim=0), device)
     timesteps = to_device(timesteps, device)
     t = timesteps.repeat_interleave(k)
-    text_lora = any(has_adapters(m) for m in adapter.text_encoders)
+    text_lora = adapter.trains_text_encoders()
     if cond is not None and text_lora:
         raise ValueError("cached prompt embeddings cannot be used with a text-encoder LoRA; disable the latent cache")
     if image_prompts is not None:  # per-image captions: encode B*K prompts, no repeat

@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from diffalign.config.reward_grad import spec_problems
-from diffalign.models.base import Adapter, has_adapters
+from diffalign.models.base import Adapter
 from diffalign.sampling.guidance import UNCOND_MODES, default_info, encode_condition, guided_output
 from diffalign.sampling.sampler import Sampler
 from diffalign.sampling.seeds import draw_noise
@@ -148,7 +148,7 @@ class _Model:
     def __init__(self, adapter: Adapter, prompts: Sequence[str], spec: GradSpec, hw: Sequence[int]) -> None:
         self.adapter, self.spec = adapter, spec
         info = [default_info(adapter, hw)] * len(prompts)
-        text_lora = any(has_adapters(m) for m in adapter.text_encoders)
+        text_lora = adapter.trains_text_encoders()
         self.cond, self.uncond = encode_condition(adapter, prompts, info, spec.uncond, grad=text_lora)
         self.kl_sum, self.kl_terms = torch.zeros((), device=adapter.device), 0
 

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from diffalign.diffusion.transition import ddim_log_prob, ddim_mean_std, ddim_std
 from diffalign.diffusion.vp import VPProcess
-from diffalign.models.base import Adapter, has_adapters
+from diffalign.models.base import Adapter
 from diffalign.sampling.grids import scheduler_timesteps
 from diffalign.sampling.guidance import UNCOND_MODES, default_info, encode_condition, guided_output
 from diffalign.sampling.seeds import draw_noise
@@ -518,7 +518,7 @@ def step_terms(
     x_t = pairs.x_t.to(device, torch.float32)
     t = pairs.timesteps.to(device)
     info = pairs.info()
-    text_lora = any(has_adapters(m) for m in adapter.text_encoders)
+    text_lora = adapter.trains_text_encoders()
     cond, empty = encode_condition(adapter, pairs.prompts, info, uncond, grad=text_lora)
     out = guided_output(adapter, x_t, t, cond, empty, guidance_scale)
     policy_w, policy_l = _log_probs(process, out, pairs, x_t, alphas, eta)

@@ -13,8 +13,10 @@ After optimizer step ``n`` (1-based), with ``k = max(0, n - update_after_step - 
     decay_n = max(min(decay_n, decay), min_decay)
     shadow <- shadow - (1 - decay_n) * (shadow - param)
 
-Shadows are fp32 copies on the parameters' device (a bf16 shadow would round away updates of size 1e-4 of the
-weight). ``state_dict`` holds the shadows and the step count, so a resumed run continues bitwise.
+Shadows are fp32 copies (a bf16 shadow would round away updates of size 1e-4 of the weight) on the parameters'
+device, or in CPU memory with ``offload`` (as the script's ``--offload_ema``, lines 1056-1060, for a full model
+whose fp32 shadow would not fit beside it; each update then copies the weights to the CPU). ``state_tensors``
+holds the shadows and the step count, so a resumed run continues bitwise.
 """
 
 from __future__ import annotations
@@ -51,10 +53,12 @@ def decay_at(spec: EmaSpec, step: int) -> float:
 class EMA:
     """fp32 shadows of ``params`` (name -> parameter), updated by ``update`` after each optimizer step."""
 
-    def __init__(self, params: dict[str, nn.Parameter], spec: EmaSpec) -> None:
+    def __init__(self, params: dict[str, nn.Parameter], spec: EmaSpec, offload: bool = False) -> None:
         self.spec = spec
         self.params = params
-        self.shadow = {k: p.detach().float().clone() for k, p in params.items()}
+        self.shadow = {
+            k: p.detach().to("cpu" if offload else p.device, torch.float32, copy=True) for k, p in params.items()
+        }
         self.step = 0
 
     @torch.no_grad()
@@ -64,7 +68,7 @@ class EMA:
         decay = decay_at(self.spec, self.step)
         keys = list(self.shadow)
         shadows = [self.shadow[k] for k in keys]
-        current = [self.params[k].detach().float() for k in keys]
+        current = [self.params[k].detach().to(self.shadow[k].device, torch.float32) for k in keys]
         torch._foreach_sub_(shadows, torch._foreach_sub(shadows, current), alpha=1.0 - decay)
         return decay
 
@@ -74,7 +78,7 @@ class EMA:
         saved = {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()}  # off the device
         with torch.no_grad():
             for k, p in self.params.items():
-                p.copy_(self.shadow[k])
+                p.copy_(self.shadow[k].to(p.device))
         try:
             yield
         finally:

@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -154,6 +155,8 @@ def start(cfg: Any, accelerator: Accelerator, description: str) -> None:
     """
     out = Path(cfg.run.output_dir)
     preflight.check(cfg, accelerator.num_processes)
+    if sharding.plan() is not None and (problem := sharding.config_problem(cfg)):
+        raise dconfig.ConfigError(problem)
     if accelerator.is_main_process:
         _lock_output(out)
         rundir.clear_for_fresh_run(cfg)
@@ -219,7 +222,9 @@ def build_adapter(cfg: Any, device: torch.device, *, need_reference: bool = True
         )
     if cfg.train.mode == "full":
         ref_dtype = (cfg.train.reference_dtype or m.dtype) if need_reference else None
-        handle = full.make_full(adapter, dtype=cfg.train.dtype, reference_dtype=ref_dtype)
+        handle = full.make_full(
+            adapter, dtype=cfg.train.dtype, reference_dtype=ref_dtype, text_encoders=cfg.train.text_encoders
+        )
         n = sum(p.numel() for p in adapter.denoiser.parameters())
         logger.info(
             "full fine-tuning: %d denoiser parameters in %s; reference %s",
@@ -269,8 +274,8 @@ def build_run(cfg: Any, accelerator: Accelerator, adapter: Any, loader: Source |
         )
     run = Run(cfg, accelerator, adapter, optimizer, scheduler, loader)
     if cfg.ema.enabled:
-        spec = ema.EmaSpec(**{k: v for k, v in dconfig.to_dict(cfg.ema).items() if k != "enabled"})
-        run.ema = ema.EMA(named, spec)
+        spec = ema.EmaSpec(**{k: v for k, v in dconfig.to_dict(cfg.ema).items() if k not in ("enabled", "offload")})
+        run.ema = ema.EMA(named, spec, offload=cfg.ema.offload)
     return run
 
 
@@ -399,19 +404,21 @@ def export(run: Run) -> dict[str, Path]:
 
 
 def export_full(run: Run) -> dict[str, Path]:
-    """Full mode's export (see ``export``): a diffusers folder of the denoiser, and the optional SVD LoRA."""
+    """Full mode's export (see ``export``): a diffusers folder of the denoiser (and of each trained text encoder,
+    ``output_dir/text_encoder*``), and the optional SVD LoRA of the denoiser."""
     cfg, adapter, acc = run.cfg, run.adapter, run.accelerator
     out = {"model": run.output_dir / adapter.denoiser_name}
+    trained = {n: m for n, m in adapter.named_modules().items() if any(p.requires_grad for p in m.parameters())}
     if cfg.export.lora_rank:
         out["lora"] = run.output_dir / "lora"
-    if run.sharded:  # gathered whole on the main process (collectives), written as one safetensors file
-        if "lora" in out:
-            raise UserError("export.lora_rank (the SVD LoRA) is not available for a sharded run; export it afterwards")
-        whole = sharding.full_state_dict(adapter.denoiser, acc.is_main_process)
-        if acc.is_main_process:
-            replace_dir(out["model"], lambda tmp: sharding.save_pretrained(adapter.denoiser, whole, tmp))
-    elif acc.is_main_process:
-        replace_dir(out["model"], lambda tmp: adapter.denoiser.save_pretrained(tmp, safe_serialization=True))
+    # a sharded denoiser is gathered whole on the main process (collectives) and written as one safetensors file
+    whole = sharding.full_state_dict(adapter.denoiser, acc.is_main_process) if run.sharded else None
+    if acc.is_main_process:
+        for name, module in trained.items():  # the denoiser, and the text encoders under train.text_encoders
+            if whole is not None and module is adapter.denoiser:
+                replace_dir(run.output_dir / name, partial(sharding.save_pretrained, module, whole))
+            else:
+                replace_dir(run.output_dir / name, partial(_save_pretrained, module))
         if "lora" in out:
             m = cfg.model
             base = full.base_state_dict(adapter, m.path, revision=m.revision, variant=m.variant)
@@ -428,6 +435,10 @@ def export_full(run: Run) -> dict[str, Path]:
             )
     acc.wait_for_everyone()
     return out
+
+
+def _save_pretrained(module: torch.nn.Module, folder: Path) -> None:
+    module.save_pretrained(folder, safe_serialization=True)
 
 
 # ---- one optimizer step -------------------------------------------------------------------------------
@@ -712,17 +723,20 @@ def _validate(run: Run, prompts: list[str]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     images = []
     extra = {"skip_guidance_layers": list(skip)} if (skip := cfg.validation.skip_guidance_layers) else {}
+    # full mode trains fp32 weights beside text encoders loaded in model.dtype: the pipeline runs in that dtype
+    low = next((e.dtype for e in run.adapter.text_encoders if e.dtype != run.adapter.dtype), None)
     for i, prompt in enumerate(prompts):
         gen = torch.Generator(device="cpu").manual_seed(cfg.validation.seed + i)
-        image = _eager(pipe)(
-            prompt,
-            num_inference_steps=cfg.validation.num_inference_steps,
-            guidance_scale=cfg.validation.guidance_scale,
-            height=res,
-            width=res,
-            generator=gen,
-            **extra,
-        ).images[0]
+        with torch.autocast(acc.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+            image = _eager(pipe)(
+                prompt,
+                num_inference_steps=cfg.validation.num_inference_steps,
+                guidance_scale=cfg.validation.guidance_scale,
+                height=res,
+                width=res,
+                generator=gen,
+                **extra,
+            ).images[0]
         if acc.is_main_process:
             image.save(out_dir / f"{i:03d}.png")
         images.append(np.asarray(image))

@@ -79,6 +79,17 @@ def plan(environ: MutableMapping[str, str] = os.environ) -> Plan | None:
     )
 
 
+def config_problem(cfg: object) -> str | None:
+    """What a sharded run of ``cfg`` cannot do, as one line (checked before any model loads), or None."""
+    export = getattr(cfg, "export", None)
+    if export is not None and getattr(export, "lora_rank", None):
+        return (
+            f"export.lora_rank={export.lora_rank}: the SVD LoRA export needs the whole denoiser on one process, not "
+            "available in a sharded run; drop it (the full denoiser folder is exported) and extract the LoRA afterwards"
+        )
+    return None
+
+
 def wrap_units(module: nn.Module, classes: Sequence[str], *, explicit: bool) -> list[nn.Module]:
     """The submodules of ``module`` whose class name is in ``classes`` (outermost first).
 

@@ -90,3 +90,14 @@ def test_overrides_still_reach_validate_anywhere_after_the_subcommand(shipped, c
     assert main(["validate", "toy/dpo", "loss.beta=7", "--recipe", "offline_pref", "optim.lr=3"]) == 0
     out = capsys.readouterr().out
     assert "beta: 7.0" in out and "lr: 3.0" in out
+
+
+def test_a_listing_piped_into_head_ends_quietly(tmp_path):
+    """`diffalign ls configs | head -1`: the reader closes the pipe after one line; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    script = f"{sys.executable} -m diffalign ls configs | head -n 1"
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.count("\n") == 1
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

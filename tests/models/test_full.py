@@ -119,3 +119,21 @@ def test_svd_lora_at_full_rank_gives_the_trained_weights_in_a_stock_pipeline(tin
 def _sample(pipe) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     return pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=gen, output_type="pt").images
+
+
+def test_text_encoders_train_fully_with_frozen_copies_for_the_reference(tiny_dirs):
+    adapter = models.load("sdxl", str(tiny_dirs["sdxl"]))
+    full.make_full(adapter, reference_dtype="fp32", text_encoders=True)
+    assert adapter.trains_text_encoders()
+    names = set(lora.trainable_parameters(adapter))
+    assert any(n.startswith("text_encoder.") for n in names) and any(n.startswith("text_encoder_2.") for n in names)
+    terms = _errors(adapter)
+    assert torch.equal(terms.policy_w, terms.ref_w)  # DPO = log 2 at init, text encoders included
+    with torch.no_grad():
+        for p in adapter.text_encoders[0].parameters():
+            p.add_(0.1)
+    moved = _errors(adapter)
+    assert torch.equal(moved.ref_w, terms.ref_w) and not torch.equal(moved.policy_w, terms.policy_w)
+    with adapter.reference():
+        assert adapter.text_encoders is adapter.reference_text_encoders
+    assert all(not p.requires_grad for m in adapter.reference_text_encoders for p in m.parameters())

@@ -4,6 +4,7 @@ EMA weights in both), Adafactor's factored states over the full parameter set, a
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -16,7 +17,16 @@ from safetensors.torch import load_file
 
 from diffalign import config as dconfig
 from diffalign.training import checkpoint, loop, state_io
-from tests.recipes.conftest import ROOT, child_env, recipe_command, recipe_module, run_subprocess, toy_overrides
+from tests.recipes.conftest import (
+    ROOT,
+    averaged_gradients,
+    child_env,
+    recipe_command,
+    recipe_module,
+    run_subprocess,
+    toy_overrides,
+    two_process_command,
+)
 
 
 FULL = {"train.mode": "full", "run.log_every": 1}
@@ -131,6 +141,18 @@ def test_every_training_recipe_runs_in_full_mode(tiny_dirs, tmp_path, case):
     assert (tmp_path / "run" / ("transformer" if family == "sd3" else "unet") / "config.json").is_file()
 
 
+def test_full_mode_with_text_encoders_exports_them(recipe, tiny_dirs, tmp_path):
+    from transformers import CLIPTextModel
+
+    out = tmp_path / "run"
+    extra = {**FULL, "run.max_steps": 1, "optim.lr": 1e-2, "train.text_encoders": "true"}
+    result = recipe.main(["--config", "toy/dpo", *toy_overrides(tiny_dirs["sd15"], out, **extra)])
+    assert result["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    base = CLIPTextModel.from_pretrained(str(tiny_dirs["sd15"] / "text_encoder")).state_dict()
+    trained = CLIPTextModel.from_pretrained(str(out / "text_encoder")).state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
 def _setup(recipe, tiny_dirs, tmp_path, config, **extra):
     overrides = toy_overrides(tiny_dirs["sd15"], tmp_path / config.replace("/", "-"), **FULL, **extra)
     cfg = dconfig.load(config, overrides)
@@ -165,6 +187,14 @@ def test_adafactor_full_mode_resumes_exactly_with_ema(recipe, tiny_dirs, tmp_pat
     assert {"exp_avg_sq_row", "exp_avg_sq_col", "step", "RMS"} in [set(k) for k in kinds]  # factored, 2-D+
     assert {"exp_avg_sq", "step", "RMS"} in [set(k) for k in kinds]  # biases and norms: full second moment
     assert len(oa["state"]) == sum(1 for k in ta if k.startswith("unet."))  # the full parameter set
+
+
+def test_adamw8bit_trains_the_full_parameter_set(recipe, tiny_dirs, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="optim.name=adamw8bit needs the 'memory' extra (bitsandbytes)")
+    extra = {**FULL, "run.max_steps": 2, "optim.name": "adamw8bit"}
+    result = recipe.main(["--config", "toy/dpo", *toy_overrides(tiny_dirs["sd15"], tmp_path / "r", **extra)])
+    assert result["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(math.isfinite(h["loss"]) for h in result["history"])
 
 
 @pytest.mark.slow
@@ -214,6 +244,8 @@ def _sample(pipe) -> torch.Tensor:
         (["ema.decay=1.5"], "ema.decay=1.5"),
         (["ema.min_decay=0.5", "ema.decay=0.4"], "ema.min_decay=0.5 must be <= ema.decay=0.4"),
         (["train.mode=ful"], "did you mean 'full'"),
+        (["train.text_encoders=true"], "train.text_encoders=True applies to train.mode=full"),
+        (["train.mode=full", "train.text_encoders=true", "data.latent_cache=/x"], "train.text_encoders=true needs"),
     ],
 )
 def test_config_rejects_what_full_mode_cannot_do_in_one_line(tmp_path, override, needle):
@@ -234,3 +266,45 @@ def test_a_checkpoint_from_before_train_mode_resumes_when_the_new_keys_keep_thei
     assert rundir.resume_problem(cfg, tmp_path) is None
     full_cfg = dconfig.load("toy/dpo", [f"run.output_dir={tmp_path}", "train.mode=full"])
     assert "train.mode: '<absent>' -> 'full'" in rundir.resume_problem(full_cfg, tmp_path)
+
+
+def test_validate_dry_run_prints_salesforce_sdxl_global_batch_of_2048_pairs(capsys):
+    from diffalign.cli.main import main
+
+    assert main(["validate", "sdxl/dpo_full", "--dry-run", "--num-processes", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "effective batch: 2048 pairs = 1 per device x 16 processes x 128 accumulation" in out
+    assert "learning rate: 2.048e-05 = 1e-08 x 2048 (optim.scale_lr), adafactor" in out
+    for name, n in (("sd15/dpo_full", 16), ("sd15/kto_full", 4), ("flux/grpo_full", 16)):
+        assert main(["validate", name, "--dry-run", "--num-processes", str(n)]) == 0
+        assert "trains: full denoiser in fp32" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_first_step_in_full_mode(tiny_dirs, tmp_path):
+    """2 gloo processes x batch 2 == 1 process x batch 4 in full mode (plain data parallel: the gradients of every
+    denoiser weight all-reduced by ``distributed.reduce_gradients``). Step 1's policy equals the frozen copy, so every
+    DPO weight is sigmoid(0) and the comparison is the LoRA test's well-conditioned one
+    (``test_offline_pref.test_two_processes_match_one_process_first_step``): loss and reference errors to fp32
+    rounding (rel 1e-6), the averaged step-1 gradient read from AdamW's first moments to 1e-4 norm-wise."""
+    common = {**FULL, "run.max_steps": 1, "run.save_every": 1, "ema.enabled": "true"}
+    one = run_subprocess(
+        recipe_command(
+            "toy/dpo", toy_overrides(tiny_dirs["sd15"], tmp_path / "one", **common, **{"optim.batch_size": 4})
+        ),
+        ROOT,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = two_process_command(
+        "toy/dpo", toy_overrides(tiny_dirs["sd15"], tmp_path / "two", **common, **{"optim.batch_size": 2})
+    )
+    two = run_subprocess(cmd, ROOT, env={"ACCELERATE_USE_CPU": "true"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes" in two.stderr
+    rows = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in ("one", "two")]
+    for key in ("loss", "loss/ref_err_w", "loss/ref_err_l"):
+        assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-6, abs=1e-9), key
+    (g_one,), (g_two,) = (averaged_gradients(tmp_path / d, 1) for d in ("one", "two"))
+    assert g_one.norm() > 0 and (g_two - g_one).norm() <= 1e-4 * g_one.norm()
+    a, b = _trainable(tmp_path / "one", 1), _trainable(tmp_path / "two", 1)
+    assert a.keys() == b.keys() and any(k.startswith(loop.EMA_PREFIX) for k in a)

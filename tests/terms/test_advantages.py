@@ -99,3 +99,63 @@ def test_two_processes_gather_before_normalising(tmp_path) -> None:
     assert two[0]["mask"] + two[1]["mask"] == one["mask"]
     assert two[0]["metrics"] == two[1]["metrics"] == one["metrics"]
     assert one["mask"] == [True] * 4 + [True, True] + [True, True]
+
+
+def test_bestofn_keeps_the_best_and_worst_half_of_each_group() -> None:
+    """DanceGRPO's best-of-n (train_grpo_hunyuan.py:394-410), per group: 2 of 4 rows = the best and the worst."""
+    rewards = torch.tensor([0.1, 0.9, 0.5, 0.4, 3.0, 1.0, 2.0, 0.0])
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    full = group_advantages(rewards, ids, AdvantageSpec(std="group"))
+    out = group_advantages(rewards, ids, AdvantageSpec(std="group", bestofn=2))
+    assert out.mask.tolist() == [True, True, False, False, True, False, False, True]
+    torch.testing.assert_close(out.values[out.mask], full.values[out.mask])
+    assert (out.values[~out.mask] == 0).all() and out.metrics["bestofn_kept_frac"] == 0.5
+    with pytest.raises(ValueError, match="bestofn"):
+        AdvantageSpec(bestofn=3)
+
+
+def _ddpo_reference(history: list[tuple[list[str], list[float]]], buffer_size: int, min_count: int, eps: float):
+    """DDPO's PerPromptStatTracker.update (ddpo_pytorch/stat_tracking.py:11-30) re-stated with numpy, per round."""
+    import collections
+
+    import numpy as np
+
+    stats, out = {}, []
+    for prompts, rewards in history:
+        prompts, rewards = np.array(prompts), np.array(rewards)
+        adv = np.empty_like(rewards)
+        for prompt in np.unique(prompts):
+            pr = rewards[prompts == prompt]
+            stats.setdefault(prompt, collections.deque(maxlen=buffer_size)).extend(pr)
+            if len(stats[prompt]) < min_count:
+                mean, std = np.mean(rewards), np.std(rewards) + eps
+            else:
+                mean, std = np.mean(stats[prompt]), np.std(stats[prompt]) + eps
+            adv[prompts == prompt] = (pr - mean) / std
+        out.append(adv)
+    return out
+
+
+def test_per_prompt_stats_match_ddpo_over_rounds_and_survive_a_state_round_trip() -> None:
+    from diffalign.terms.advantages import PerPromptStats
+
+    g = torch.Generator().manual_seed(0)
+    history = []
+    for k in range(5):
+        prompts = ["a", "b", "a", "b", "c", "c"] if k % 2 else ["a", "a", "d", "d", "b", "b"]
+        history.append((prompts, torch.rand(6, generator=g, dtype=torch.float64).tolist()))
+    want = _ddpo_reference(history, buffer_size=4, min_count=3, eps=1e-6)
+    tracker = PerPromptStats(buffer_size=4, min_count=3)
+    for k, (prompts, rewards) in enumerate(history):
+        if k == 3:  # a checkpoint between rounds: JSON round trip of the buffers
+            state = json.loads(json.dumps(tracker.state_dict()))
+            tracker = PerPromptStats(buffer_size=4, min_count=3)
+            tracker.load_state_dict(state)
+        adv, live = tracker.update(prompts, torch.tensor(rewards, dtype=torch.float64), eps=1e-6)
+        torch.testing.assert_close(adv, torch.from_numpy(want[k]), rtol=1e-12, atol=1e-12)
+        assert live.all()
+    assert len(tracker.stats["a"]) == 4  # the buffer keeps the last buffer_size rewards
+    with pytest.raises(ValueError, match="min_count"):
+        PerPromptStats(buffer_size=4, min_count=5)
+    with pytest.raises(ValueError, match="tracked_advantages"):
+        group_advantages(torch.ones(2), torch.tensor([0, 0]), AdvantageSpec(std="tracker"))

@@ -20,11 +20,13 @@ def test_decay_schedule_by_hand():
     assert decay_at(EmaSpec(decay=0.5, min_decay=0.3), 2) == pytest.approx(0.3)  # 2/11 raised to min_decay
 
 
-def test_shadow_by_hand_and_swap():
+@pytest.mark.parametrize("offload", [False, True])
+def test_shadow_by_hand_and_swap(offload):
     """Weights 1, 2, 4 after steps 1-3: shadow 1 (decay 0 copies), 1 + (9/11)(2 - 1) = 20/11, then
     20/11 + (3/4)(4 - 20/11) = 38/11."""
     p = nn.Parameter(torch.tensor([0.0]))
-    ema = EMA({"w": p}, EmaSpec())
+    ema = EMA({"w": p}, EmaSpec(), offload=offload)
+    assert ema.shadow["w"].device.type == "cpu" and ema.shadow["w"] is not p
     for value in (1.0, 2.0, 4.0):
         p.data.fill_(value)
         ema.update()
