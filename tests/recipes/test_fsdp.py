@@ -278,3 +278,21 @@ def test_full_mode_dpo_under_fsdp_equals_one_process(tiny_dirs, tmp_path):
     assert int(ema_one["train_ema.#step"]) == int(saved["extra/train_ema.#step"]) == 2  # the EMA was resumed
     for k in ema_keys:  # step 2's weights differ by Adam's rounding: at most lr per element on either side
         torch.testing.assert_close(ema_one[k], saved[f"extra/{k}"], rtol=0, atol=2 * 1e-5)
+
+
+def test_every_family_has_its_wrap_units():
+    """``Adapter.shard_blocks`` names classes every family's denoiser has (what ``fsdp_transformer_layer_cls_to_wrap``
+    defaults to); a class the model lacks, named in an accelerate config, is a one-line error listing its classes."""
+    from diffalign.errors import UserError
+    from diffalign.models import tiny
+    from diffalign.training import sharding
+
+    for family in tiny.FAMILIES:
+        components = getattr(tiny, family)(0)
+        adapter_cls = models.get(tiny.adapter_family(family)).Adapter
+        denoiser = components[adapter_cls.denoiser_name]
+        units = sharding.wrap_units(denoiser, adapter_cls.shard_blocks, explicit=False)
+        blocks = [m for m in denoiser.children() if isinstance(m, torch.nn.ModuleList)]  # down/up/transformer blocks
+        assert len(units) >= sum(len(b) for b in blocks) > 0, family
+    with pytest.raises(UserError, match="NoSuchBlock"):
+        sharding.wrap_units(denoiser, ("NoSuchBlock",), explicit=True)
