@@ -29,6 +29,12 @@ Run::
     python bench/memory.py --device cuda --rows flux1-dev:nf4+ckpt sd35-large:bf16 --json rows.json   # some rows
     python bench/memory.py --device cpu --tiny --resolution 64 --rows flux1-dev:bf16+ckpt   # CPU smoke of the step
 
+Full fine-tuning (``--full``, CPU, the meta device; sd15 joins the models): per-GPU bytes of the trained weights,
+gradients, optimizer state (AdamW, 8-bit AdamW, Adafactor), the frozen reference copy and the EMA under DDP, FSDP2,
+ZeRO-2 and ZeRO-3 on 1-8 GPUs, and which of 24/48/80 GB each fits (``full_bytes`` states the accounting)::
+
+    python bench/memory.py --full                       # ~10 s
+
 ``--rows MODEL:OPTION`` / ``--options`` take any ``bf16|nf4|float8`` base with ``+ckpt`` and/or ``+8bit``.
 """
 
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -64,6 +71,7 @@ class Spec:
 
 
 MODELS = {
+    "sd15": Spec("sd15_unet.json", "sd15", 4, 77, 768, 768),
     "sdxl": Spec("sdxl_unet.json", "sdxl", 4, 77, 2048, 1280),
     "sd35-medium": Spec("sd35_medium_transformer.json", "sd3", 16, 77 + 256, 4096, 2048),
     "sd35-large": Spec("sd35_large_transformer.json", "sd3", 16, 77 + 256, 4096, 2048),
@@ -191,6 +199,100 @@ def cpu_table(models: list[str], rank: int, options: list[str] | None = None) ->
     print("\nText encoders kept resident without cached embeddings (bf16):")
     for family, names in FAMILY_ENCODERS.items():
         print(f"  {family}: {' + '.join(names)} = {sum(TEXT_ENCODERS[n] for n in names) * 2 / GB:.1f} GB")
+
+
+# ---- CPU: full fine-tuning, per-GPU bytes under each sharding ------------------------------------------------------
+FULL_OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+STRATEGIES = {"DDP": (1,), "FSDP2": (2, 4, 8), "ZeRO-2": (2, 4, 8), "ZeRO-3": (2, 4, 8)}
+CAPACITIES_GB = (24, 48, 80)
+BNB_BLOCK, BNB_MIN_8BIT = 256, 4096  # bitsandbytes' blockwise 8-bit optimizers: block size, smallest 8-bit tensor
+
+
+def optimizer_bytes(shape: tuple[int, ...], name: str) -> int:
+    """Exact optimizer-state bytes of one fp32 trained tensor of ``shape``.
+
+    AdamW: two fp32 moments. 8-bit AdamW (bitsandbytes): two uint8 moments + one fp32 absmax per 256-element block
+    each; tensors under 4096 elements keep 32-bit moments. Adafactor (transformers, ``beta1=None`` as the recipes use
+    it): a matrix (ndim >= 2) keeps a row factor ``shape[:-1]`` and a column factor ``shape[:-2] + shape[-1:]``, a
+    vector its full second moment, all fp32.
+    """
+    n = math.prod(shape)
+    if name == "adamw":
+        return 8 * n
+    if name == "adamw8bit":
+        return 8 * n if n < BNB_MIN_8BIT else 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK)
+    if len(shape) >= 2:
+        return 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+    return 4 * n
+
+
+def fsdp_shard(shape: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """FSDP2's per-process shard of a parameter: dim 0 split in ``n`` (padded to ``ceil``)."""
+    return (math.ceil(shape[0] / n), *shape[1:]) if shape else shape
+
+
+def full_bytes(shapes: list[tuple[int, ...]], strategy: str, n: int, optimizer: str) -> dict[str, float]:
+    """Per-GPU bytes of full fine-tuning with bf16 mixed precision on ``n`` GPUs: trained weights (with the fp32
+    master copy), gradients, optimizer state, the frozen bf16 reference copy and the fp32 EMA. Activations and the
+    transient all-gather buffers are not included (they depend on batch and resolution, not on the sharding).
+
+    * DDP (diffalign's loop): fp32 weights, fp32 gradients, optimizer state, bf16 reference and fp32 EMA, all
+      replicated.
+    * FSDP2 (``--distributed fsdp``): each of them sharded per parameter (``fsdp_shard``); Adafactor factors the local
+      shard (its row factor is sharded, its column factor is not).
+    * ZeRO-2 / ZeRO-3 (DeepSpeed's bf16 accounting: bf16 parameters, bf16 gradients, the fp32 master copy in the
+      partitioned optimizer state; flat partitions of ``ceil(total / n)``): ZeRO-2 partitions gradients and optimizer
+      state and replicates the bf16 weights, the reference copy (a frozen module outside the engine) and the EMA;
+      ZeRO-3 partitions everything.
+    """
+    p = sum(math.prod(s) for s in shapes)
+    opt_full = sum(optimizer_bytes(s, optimizer) for s in shapes)
+    if strategy == "DDP":
+        return {"weights": 4 * p, "grads": 4 * p, "optim": opt_full, "ref": 2 * p, "ema": 4 * p}
+    if strategy == "FSDP2":
+        local = [fsdp_shard(s, n) for s in shapes]
+        q = sum(math.prod(s) for s in local)
+        opt = sum(optimizer_bytes(s, optimizer) for s in local)
+        return {"weights": 4 * q, "grads": 4 * q, "optim": opt, "ref": 2 * q, "ema": 4 * q}
+    part = math.ceil(p / n)
+    master = 4 * part
+    opt = math.ceil(opt_full / n) + master
+    if strategy == "ZeRO-2":
+        return {"weights": 2 * p, "grads": 2 * part, "optim": opt, "ref": 2 * p, "ema": 4 * p}
+    return {"weights": 2 * part, "grads": 2 * part, "optim": opt, "ref": 2 * part, "ema": 4 * part}
+
+
+def fits(total: float) -> str:
+    """The smallest of ``CAPACITIES_GB`` that holds ``total`` bytes (GB = 2**30 bytes), or ``-``."""
+    return next((f"{c}" for c in CAPACITIES_GB if total <= c * GB), "-")
+
+
+def full_table(models: list[str]) -> None:
+    """The full fine-tuning table: per (model, sharding, GPUs), the per-GPU GB of each part and the totals with
+    AdamW, 8-bit AdamW and Adafactor, and the smallest of 24/48/80 GB each fits in (state only, no activations)."""
+    print("Full fine-tuning, per-GPU state in GB (2^30 bytes), bf16 mixed precision, reference copy + EMA kept;")
+    print("activations and all-gather buffers not included. fits: smallest of 24/48/80 GB that holds the state.\n")
+    print(
+        "| model | params | sharding | GPUs | weights | grads | AdamW | 8-bit AdamW | Adafactor | ref copy | EMA | "
+        "total AdamW | total 8-bit | total Adafactor | fits (AdamW / 8-bit / Adafactor) |"
+    )
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name in models:
+        model = build(MODELS[name], "meta", torch.float32)
+        shapes = [tuple(p.shape) for p in model.parameters()]
+        params = sum(math.prod(s) for s in shapes)
+        for strategy, counts in STRATEGIES.items():
+            for n in counts:
+                parts = {o: full_bytes(shapes, strategy, n, o) for o in FULL_OPTIMIZERS}
+                b = parts["adamw"]
+                totals = {o: sum(parts[o].values()) for o in FULL_OPTIMIZERS}
+                cells = [b["weights"], b["grads"], *(parts[o]["optim"] for o in FULL_OPTIMIZERS), b["ref"], b["ema"]]
+                cells += list(totals.values())
+                print(
+                    f"| {name} | {params / 1e9:.2f} B | {strategy} | {n if strategy != 'DDP' else '1-8'} | "
+                    + " | ".join(f"{c / GB:.1f}" for c in cells)
+                    + f" | {' / '.join(fits(totals[o]) for o in FULL_OPTIMIZERS)} |"
+                )
 
 
 # ---- GPU: one (model, option) per subprocess ----------------------------------------------------------------------
@@ -438,7 +540,8 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--models", nargs="+", choices=list(MODELS), help="default: all but sd15 (LoRA), all (--full)")
+    p.add_argument("--full", action="store_true", help="the full fine-tuning table (CPU, meta device, exact bytes)")
     p.add_argument("--options", nargs="+", type=option_name, help="base[+ckpt][+8bit]; default: the five of OPTIONS")
     p.add_argument("--rows", nargs="+", metavar="MODEL:OPTION", help="explicit (model, option) rows, in this order")
     p.add_argument("--rank", type=int, default=16)
@@ -449,6 +552,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="write the step table's rows to this file, rewritten after each row")
     p.add_argument("--one", nargs=2, metavar=("MODEL", "OPTION"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.full:
+        full_table(args.models or list(MODELS))
+        return
+    args.models = args.models or [m for m in MODELS if m != "sd15"]  # the LoRA step rows start at SDXL
     if args.rows:
         rows = [tuple(r.split(":", 1)) for r in args.rows]
         bad = [r for r in rows if len(r) != 2 or r[0] not in MODELS]

@@ -1,9 +1,13 @@
-"""``diffalign run <recipe> --config <name|path> [k=v ...] [--dry-run] [--num-processes N] [-- accelerate args]``.
+"""``diffalign run <recipe> --config <name|path> [k=v ...] [--dry-run] [--num-processes N] [--distributed KIND]
+[--num-machines M --machine-rank R --main-process-ip IP --main-process-port P] [-- accelerate args]``.
 
 The config (with overrides) is loaded and checked here first, so a typo fails in a second, before any
 process or model starts. Then the recipe script runs as ``python recipe.py --config PATH k=v ...`` for one
-process, or under ``accelerate launch --multi_gpu --num_processes N`` for several. The recipe loads the
-same config again with ``diffalign.config.load(path, overrides)``.
+process, or under ``accelerate launch --multi_gpu --num_processes N`` for several. ``--distributed KIND`` launches
+with the shipped accelerate config ``recipes/accelerate/KIND.yaml`` instead (``accelerate launch --config_file``;
+``DISTRIBUTED`` lists them); the multi-node flags pass through to accelerate (``--num-processes`` counts all
+processes of all machines, as accelerate's ``--num_processes``). The recipe loads the same config again with
+``diffalign.config.load(path, overrides)``.
 
 The child runs in its own process group and the wrapper forwards SIGINT, SIGTERM and SIGHUP to it (once: a
 terminal's Ctrl-C reaches only the wrapper), then waits for it: stopping ``diffalign run`` stops the training.
@@ -20,6 +24,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -42,6 +47,50 @@ def resolve_recipe(recipe: str) -> Path:
     return candidate
 
 
+# ``--distributed`` kinds: the shipped accelerate config files (``accelerate_config``)
+DISTRIBUTED = ("ddp", "fsdp", "fsdp_offload", "zero2", "zero3")
+DEEPSPEED = ("zero2", "zero3")
+
+
+def accelerate_config(kind: str) -> Path:
+    """The shipped accelerate config file of a ``--distributed`` kind."""
+    if kind not in DISTRIBUTED:
+        raise CLIError(f"--distributed {kind!r}: {registry.suggest(kind, DISTRIBUTED)}")
+    return config.recipes_dir() / "accelerate" / f"{kind}.yaml"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How many processes on how many machines, and where they meet (accelerate launch's flags)."""
+
+    num_processes: int = 1  # over all machines
+    distributed: str | None = None  # a DISTRIBUTED kind; None: --multi_gpu for several processes
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+
+    def problems(self) -> list[str]:
+        """One line per inconsistent flag, naming it and the fix."""
+        found = []
+        if self.num_processes < 1:
+            found.append(f"--num-processes must be >= 1, got {self.num_processes}")
+        if self.num_machines < 1:
+            found.append(f"--num-machines must be >= 1, got {self.num_machines}")
+        elif self.num_processes % self.num_machines:
+            found.append(
+                f"--num-processes {self.num_processes} is not a multiple of --num-machines {self.num_machines}: "
+                "it counts the processes of all machines (e.g. 16 for 2 machines of 8 GPUs)"
+            )
+        if not 0 <= self.machine_rank < max(self.num_machines, 1):
+            found.append(f"--machine-rank {self.machine_rank} must be in 0..{self.num_machines - 1} (--num-machines)")
+        if self.num_machines > 1 and not self.main_process_ip:
+            found.append(
+                "--num-machines > 1 needs --main-process-ip (the address of the machine with --machine-rank 0)"
+            )
+        return found
+
+
 def build_command(
     recipe_path: str | Path,
     config_path: str | Path,
@@ -50,25 +99,60 @@ def build_command(
     main_process_port: int | None = None,
     accelerate_args: Sequence[str] = (),
     python: str = sys.executable,
+    launch: Launch | None = None,
 ) -> list[str]:
     """The child command line.
 
     One process without accelerate arguments runs the script directly; otherwise it goes through
     ``accelerate launch`` (as ``python -m accelerate.commands.launch``, so the same environment is used),
-    with ``--multi_gpu`` for more than one process (on a CPU-only machine this gives gloo data parallel).
+    with ``--multi_gpu`` for more than one process (on a CPU-only machine this gives gloo data parallel), or with
+    ``--config_file`` of the ``launch.distributed`` kind. ``launch`` overrides ``num_processes`` and
+    ``main_process_port``.
     """
-    if num_processes < 1:
-        raise CLIError(f"--num-processes must be >= 1, got {num_processes}")
+    launch = launch or Launch(num_processes=num_processes, main_process_port=main_process_port)
+    for problem in launch.problems():
+        raise CLIError(problem)
     script = [str(recipe_path), "--config", str(config_path), *overrides]
-    if num_processes == 1 and not accelerate_args and main_process_port is None:
+    plain = launch.distributed is None and launch.num_machines == 1
+    if plain and launch.num_processes == 1 and not accelerate_args and launch.main_process_port is None:
         return [python, *script]
-    launch = [python, "-m", "accelerate.commands.launch"]
-    if num_processes > 1:
-        launch.append("--multi_gpu")
-    launch += ["--num_processes", str(num_processes), "--num_machines", "1"]
-    if main_process_port is not None:
-        launch += ["--main_process_port", str(main_process_port)]
-    return [*launch, *accelerate_args, *script]
+    cmd = [python, "-m", "accelerate.commands.launch"]
+    if launch.distributed is not None:
+        cmd += ["--config_file", str(accelerate_config(launch.distributed))]
+    elif launch.num_processes > 1:
+        cmd.append("--multi_gpu")
+    cmd += ["--num_processes", str(launch.num_processes), "--num_machines", str(launch.num_machines)]
+    if launch.num_machines > 1:
+        cmd += ["--machine_rank", str(launch.machine_rank), "--main_process_ip", str(launch.main_process_ip)]
+    if launch.main_process_port is not None:
+        cmd += ["--main_process_port", str(launch.main_process_port)]
+    return [*cmd, *accelerate_args, *script]
+
+
+# recipes whose every forward runs on every process in the same order (what FSDP's collectives need), tested sharded
+SHARDED_RECIPES = ("offline_pref",)
+
+
+def sharding_problem(kind: str | None, recipe_path: Path) -> str | None:
+    """Why ``--distributed fsdp*`` cannot run ``recipe_path``, or None."""
+    if kind is None or not kind.startswith("fsdp") or recipe_path.stem in SHARDED_RECIPES:
+        return None
+    return (
+        f"--distributed {kind}: recipe {recipe_path.stem} is not proven under FSDP (its sampling must run the same "
+        f"forwards on every process); sharded recipes: {', '.join(SHARDED_RECIPES)}. Use --distributed ddp"
+    )
+
+
+def deepspeed_problem(kind: str | None) -> str | None:
+    """Why ``--distributed zero2|zero3`` cannot run, or None (other kinds: None)."""
+    if kind not in DEEPSPEED:
+        return None
+    return (
+        f"--distributed {kind}: DeepSpeed ZeRO is not wired into diffalign's training loop (its engine would own the "
+        "gradient reduction, clipping and optimizer step the loop does itself); the shipped config "
+        f"{accelerate_config(kind)} is for reference. Use --distributed fsdp: FSDP2 shards weights, gradients and "
+        "optimizer state as ZeRO-3 does (fsdp_offload: with CPU offload)"
+    )
 
 
 def child_env(
@@ -104,6 +188,16 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="shipped config name (e.g. toy/dpo) or a YAML path")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and derived numbers, then exit")
     p.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (default 1)")
+    p.add_argument(
+        "--distributed",
+        default=None,
+        metavar="{" + ",".join(DISTRIBUTED) + "}",
+        help="launch with a shipped accelerate config: ddp (replicated weights), fsdp (FSDP2 full shard of the "
+        "denoiser), fsdp_offload (the same with CPU offload); zero2/zero3 configs ship but are refused (see README)",
+    )
+    p.add_argument("--num-machines", type=int, default=1, help="machines of a multi-node run (default 1)")
+    p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0..num-machines-1")
+    p.add_argument("--main-process-ip", default=None, help="address of the machine with --machine-rank 0")
     p.add_argument("--main-process-port", type=int, default=None, help="rendezvous port for accelerate")
     p.set_defaults(func=run, takes_overrides=True, takes_passthrough=True)
     from diffalign.cli import document_overrides
@@ -135,15 +229,32 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(getattr(args, "overrides", []))
     recipe_path, cfg = _recipe_and_config(args, overrides)
     config_path = config.resolve_config_path(args.config).resolve()
-    if args.num_processes < 1:
-        raise CLIError(f"--num-processes must be >= 1, got {args.num_processes}")
-    cmd = build_command(
-        recipe_path,
-        config_path,
-        overrides,
+    launch_spec = Launch(
         num_processes=args.num_processes,
+        distributed=getattr(args, "distributed", None),
+        num_machines=getattr(args, "num_machines", 1),
+        machine_rank=getattr(args, "machine_rank", 0),
+        main_process_ip=getattr(args, "main_process_ip", None),
         main_process_port=args.main_process_port,
-        accelerate_args=getattr(args, "passthrough", []),
+    )
+    if launch_spec.distributed is not None:
+        accelerate_config(launch_spec.distributed)  # an unknown kind: one line with the choices
+    kind = launch_spec.distributed
+    config_problem = None
+    if kind is not None and kind.startswith("fsdp"):
+        from diffalign.training import sharding  # torch: only for a sharded launch
+
+        config_problem = sharding.config_problem(cfg)
+    for problem in [
+        *launch_spec.problems(),
+        deepspeed_problem(kind),
+        sharding_problem(kind, recipe_path),
+        config_problem,
+    ]:
+        if problem:
+            raise CLIError(problem)
+    cmd = build_command(
+        recipe_path, config_path, overrides, accelerate_args=getattr(args, "passthrough", []), launch=launch_spec
     )
     if args.dry_run:
         for problem in config.launch_problems(cfg, args.num_processes):
@@ -157,10 +268,14 @@ def run(args: argparse.Namespace) -> int:
     if hasattr(cfg, "run"):
         from diffalign.training import preflight
 
-        preflight.check(cfg, args.num_processes, probe_lock=True)
+        # another machine of the same run may already hold the output folder's lock: only machine 0 probes it
+        preflight.check(cfg, args.num_processes, probe_lock=launch_spec.machine_rank == 0)
     print(f"launching: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     multi = "accelerate.commands.launch" in cmd
-    return _exit_status(launch(cmd, child_env(args.num_processes), quiet_after_error=multi))
+    procs = max(
+        args.num_processes, 2 if launch_spec.distributed else 1
+    )  # an FSDP launch of 1 process is distributed too
+    return _exit_status(launch(cmd, child_env(procs), quiet_after_error=multi))
 
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

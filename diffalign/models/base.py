@@ -97,6 +97,14 @@ class Adapter:
     pipeline_class: ClassVar[str]
     denoiser_name: ClassVar[str] = "unet"
     is_video: ClassVar[bool] = False  # True: pixels (N, 3, F, H, W) and latents (N, C, F', h, w) (``models.wan``)
+    # the denoiser's FSDP2 wrap units (class names; training.sharding): the UNet's down, mid and up blocks
+    shard_blocks: ClassVar[tuple[str, ...]] = (
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+        "UNetMidBlock2DCrossAttn",
+        "CrossAttnUpBlock2D",
+        "UpBlock2D",
+    )
     # transformers class per tokenizer component (the slow CLIP tokenizer loads the shipped tiny vocab exactly)
     tokenizer_classes: ClassVar[dict[str, str]] = {
         "tokenizer": "CLIPTokenizer",

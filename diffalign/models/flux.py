@@ -64,6 +64,7 @@ class Adapter(_Base):
     family = "flux"
     pipeline_class = "FluxPipeline"
     denoiser_name = "transformer"
+    shard_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     tokenizer_classes: ClassVar[dict[str, str]] = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "AutoTokenizer"}
 
     def __init__(self, *, guidance: float | None = None, max_sequence_length: int = 512, **kwargs: Any) -> None:

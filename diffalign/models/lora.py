@@ -145,12 +145,18 @@ def load_trainable_state(adapter: Adapter, state: dict[str, Tensor]) -> None:
             param.copy_(state[key])
 
 
-def save_lora(adapter: Adapter, out_dir: str | Path) -> Path:
-    """Write the LoRA in the diffusers format that ``pipe.load_lora_weights(out_dir)`` reads."""
+def save_lora(adapter: Adapter, out_dir: str | Path, whole: dict[str, Tensor] | None = None) -> Path:
+    """Write the LoRA in the diffusers format that ``pipe.load_lora_weights(out_dir)`` reads.
+
+    ``whole``: the trained tensors by ``trainable_parameters`` name, to write instead of the modules' own (a sharded
+    run passes them gathered whole)."""
     from peft.utils import get_peft_model_state_dict
 
+    def own(name: str) -> dict[str, Tensor] | None:
+        return None if whole is None else {k[len(name) + 1 :]: v for k, v in whole.items() if k.startswith(f"{name}.")}
+
     layers = {
-        name: (get_peft_model_state_dict(module), module.peft_config["default"])
+        name: (get_peft_model_state_dict(module, state_dict=own(name)), module.peft_config["default"])
         for name, module in adapter.named_modules().items()
         if has_adapters(module)
     }

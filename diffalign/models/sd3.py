@@ -43,6 +43,7 @@ class Adapter(_Base):
     family = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_name = "transformer"
+    shard_blocks = ("JointTransformerBlock",)
     max_t5_length = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
     @classmethod

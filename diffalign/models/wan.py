@@ -69,6 +69,7 @@ class Adapter(_Base):
     denoiser_name = "transformer"
     tokenizer_classes: ClassVar[dict[str, str]] = {"tokenizer": "AutoTokenizer"}
     is_video: ClassVar[bool] = True
+    shard_blocks = ("WanTransformerBlock",)  # FSDP2 wrap units (training.sharding)
 
     def __init__(self, *, num_frames: int | None = None, max_sequence_length: int = 512, **kwargs: Any) -> None:
         super().__init__(**kwargs)

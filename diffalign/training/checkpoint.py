@@ -8,6 +8,14 @@ Layout of ``<output_dir>/checkpoints/step-00000500/``::
     rng-rank<R>.{safetensors,json}  every process's torch / numpy / python RNG state
     COMPLETE                     written last: JSON ``{"step", "files": {name: size in bytes}}``
 
+A checkpoint of a sharded (FSDP2) run has ``sharded/`` instead of ``trainable.safetensors`` and ``optimizer.*``: a
+``torch.distributed.checkpoint`` folder in the safetensors format (``HuggingFaceStorageWriter``: each process writes
+its own shards of the trained tensors and of their optimizer state, ``model/<name>``, ``optim/state.<name>.<key>``,
+``extra/<key>``, with their offsets in the safetensors header), plus ``optimizer.json`` with the optimizer's
+non-tensor settings (``save_sharded``). DCP's default format pickles its ``.metadata``; this one pickles nothing.
+``load_sharded`` reads it into a model sharded over any number of processes, or into a plain one-process model
+(DCP reshards), and ``read_sharded`` gives its tensors whole, without a process group.
+
 A checkpoint is assembled in a hidden temporary folder and swapped into place with renames
 (``fileio.swap_dir``), also when a resumed run saves a step that already exists: a crash (even SIGKILL) at any
 point leaves the old ``step-N`` or the new one, never a half-written or half-deleted one. Rotation (``keep_last``)
@@ -19,6 +27,7 @@ there with their recorded sizes; among those, the highest step number wins (not 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -40,6 +49,8 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 DELETING = re.compile(r"^\.step-\d{8}\.deleting$")
 MARKER = "COMPLETE"
 REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "state.json")
+SHARDED = "sharded"
+REQUIRED_SHARDED = ("optimizer.json", "state.json")  # and at least one sharded/*.safetensors
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -50,9 +61,20 @@ def is_complete(path: Path) -> bool:
     """True when ``path/COMPLETE`` lists the required files and every listed file exists with its recorded size."""
     try:
         files = json.loads((path / MARKER).read_text())["files"]
-        return set(REQUIRED) <= set(files) and all((path / n).stat().st_size == size for n, size in files.items())
+        if is_sharded(path):
+            shards = [n for n in files if n.startswith(f"{SHARDED}/") and n.endswith(".safetensors")]
+            if not shards or not set(REQUIRED_SHARDED) <= set(files):
+                return False
+        elif not set(REQUIRED) <= set(files):
+            return False
+        return all((path / n).stat().st_size == size for n, size in files.items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether checkpoint ``path`` was written by a sharded run (``save_sharded``)."""
+    return (path / SHARDED).is_dir()
 
 
 def list_complete(root: Path) -> list[Path]:
@@ -181,17 +203,157 @@ def save(
     if rank == 0:
         save_file(trainable, str(tmp / "trainable.safetensors"))
         state_io.save(optimizer, tmp / "optimizer")
-        (tmp / "state.json").write_text(json.dumps(state_io.encode(state, {}), indent=1))
-        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        swap_dir(tmp, final)
-        for old in list_complete(root)[:-keep_last] if keep_last > 0 else []:
-            _discard(old)
+        _finish(root, tmp, final, step, state, keep_last)
     barrier()
     return final
+
+
+def _finish(root: Path, tmp: Path, final: Path, step: int, state: dict[str, Any], keep_last: int) -> None:
+    """Main process, once every file is in ``tmp``: ``state.json``, then ``COMPLETE`` listing every file (also those
+    in subfolders) with its size, fsync, the swap into ``final`` and the rotation."""
+    (tmp / "state.json").write_text(json.dumps(state_io.encode(state, {}), indent=1))
+    paths = sorted(f for f in tmp.rglob("*") if f.is_file())
+    files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in paths}
+    (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}))
+    for f in [*paths, tmp / MARKER]:
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    swap_dir(tmp, final)
+    for old in list_complete(root)[:-keep_last] if keep_last > 0 else []:
+        _discard(old)
+
+
+def _sharded_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
+
+
+def _sharded_tensors(model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The trained tensors of ``model`` (``DTensor`` shards or plain) and the optimizer's flattened state, as torch's
+    ``get_*_state_dict`` give them by parameter name, and one flat dict of their tensors for DCP."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = _sharded_options()
+    model_sd = get_model_state_dict(model, options=options)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=options)
+    tensors = {f"model/{k}": v for k, v in model_sd.items()}
+    tensors.update({f"optim/{k}": v for k, v in optim_sd.items() if isinstance(v, torch.Tensor)})
+    return model_sd, optim_sd, tensors
+
+
+def save_sharded(
+    root: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any,
+    state: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
+    rank: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+    keep_last: int = 3,
+) -> Path:
+    """``save`` for a sharded run: every process calls it and writes its shards of ``model``'s trained parameters and
+    their optimizer state (``torch.distributed.checkpoint``) into the same hidden folder, then the main process
+    writes ``state.json`` and ``COMPLETE`` and swaps it into place: the atomic rules of ``save``.
+
+    Non-finite trained values on any process are refused (``FloatingPointError``, on every process alike) before
+    anything is written.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from diffalign.training.sharding import local
+
+    _, optim_sd, tensors = _sharded_tensors(model, optimizer)
+    tensors.update({f"extra/{k}": v for k, v in (extra or {}).items()})
+    trained = [k for k in tensors if k.startswith("model/")]
+    bad = torch.tensor([float(not bool(local(tensors[k]).detach().isfinite().all())) for k in trained])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad)
+    if bool((bad > 0).any()):
+        names = [k.removeprefix("model/") for k, b in zip(trained, bad.tolist(), strict=True) if b > 0]
+        raise FloatingPointError(f"not saving step {step}: non-finite trainable tensors {names[:3]}")
+    final = step_dir(root, step)
+    tmp = temp_dir(final)
+    if rank == 0:
+        fresh_temp_dir(final).mkdir()
+    barrier()
+    state_io.save(rng_state(), tmp / f"rng-rank{rank}")
+    writer = dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True)
+    dcp.save(tensors, storage_writer=writer)  # a collective: every process writes its shards
+    barrier()
+    if rank == 0:
+        settings = {k: v for k, v in optim_sd.items() if not isinstance(v, torch.Tensor)}
+        (tmp / "optimizer.json").write_text(json.dumps(state_io.encode(settings, {})))
+        _finish(root, tmp, final, step, state, keep_last)
+    barrier()
+    return final
+
+
+def load_sharded(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any,
+    rank: int = 0,
+    extra_like: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Load a ``save_sharded`` checkpoint into ``model`` and ``optimizer`` (sharded over any number of processes, or
+        plain on one: DCP reads each process's part of every tensor); returns ``{"state", "extra"}`` (``extra`` whole on
+        every process, or loaded in place into the tensors of ``extra_like`` with the same key, e.g. ``DTensor`` shards of
+    an EMA). This process's RNG state is restored when the checkpoint has one for its rank."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    rng_file = path / f"rng-rank{rank}"
+    if rng_file.with_suffix(".json").is_file():
+        set_rng_state(state_io.load(rng_file))
+    model_sd, optim_sd, tensors = _sharded_tensors(model, optimizer)
+    saved, like = _saved_tensors(path), extra_like or {}
+    tensors.update(
+        {
+            k: like[k.removeprefix("extra/")]
+            if k.removeprefix("extra/") in like
+            else torch.empty(meta.size, dtype=meta.properties.dtype)
+            for k, meta in saved.items()
+            if k.startswith("extra/")
+        }
+    )
+    missing, unexpected = sorted(set(tensors) - set(saved)), sorted(set(saved) - set(tensors))
+    if missing or unexpected:
+        raise KeyError(
+            f"{path} does not match the trained parameters: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDED)), no_dist=no_dist)
+    model_sd.update({k: tensors[f"model/{k}"] for k in model_sd})
+    optim_sd.update({k: tensors[f"optim/{k}"] for k, v in optim_sd.items() if isinstance(v, torch.Tensor)})
+    optim_sd.update(state_io.decode(json.loads((path / "optimizer.json").read_text()), {}))
+    options = dataclasses.replace(_sharded_options(), strict=False)  # the frozen weights are not in it
+    set_model_state_dict(model, model_sd, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
+    extra = {k.removeprefix("extra/"): v for k, v in tensors.items() if k.startswith("extra/")}
+    return {"state": saved_state(path), "extra": extra}
+
+
+def _saved_tensors(path: Path) -> dict[str, Any]:
+    """Key -> DCP tensor metadata (``.size``, ``.properties.dtype``) of a sharded checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    return dict(dcp.HuggingFaceStorageReader(str(path / SHARDED)).read_metadata().state_dict_metadata)
+
+
+def read_sharded(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded checkpoint, whole (plain CPU tensors, no process group needed): ``model/<name>``,
+    ``optim/state.<name>.<key>``, ``extra/<key>``. For export, inspection and tests."""
+    import torch.distributed.checkpoint as dcp
+
+    tensors = {k: torch.empty(meta.size, dtype=meta.properties.dtype) for k, meta in _saved_tensors(path).items()}
+    dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDED)), no_dist=True)
+    return tensors
 
 
 def load(path: Path, rank: int = 0) -> dict[str, Any]:

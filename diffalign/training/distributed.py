@@ -2,7 +2,8 @@
 
 The recipes do not wrap the denoiser in DDP: only the LoRA parameters train, so the gradients are reduced
 explicitly once per optimizer step (after local accumulation), which also keeps the adapter's modules
-unwrapped for the reference pass.
+unwrapped for the reference pass. Under FSDP2 (``sharding``) the backward reduces the sharded gradients itself and
+``reduce_gradients`` only rescales them.
 
 Every process calls these in the same order on every step, whatever its data (a micro-batch of bad rows only
 still takes part with zeros): a collective that one process skips aborts gloo and hangs NCCL.
@@ -15,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from diffalign.training.sharding import is_sharded, local
+
 
 def reduce_gradients(
     params: Sequence[nn.Parameter], accelerator: object, groups: int, flag: Tensor
@@ -25,20 +28,32 @@ def reduce_gradients(
     Each process back-propagates the SUM of its per-group losses, so the result is the mean over all groups
     whatever their split over processes and micro-batches. Returns the global count and the summed ``flag``
     (0-d tensors on the device).
+
+    Parameters sharded by FSDP2 (``DTensor``, see ``sharding``) are not all-reduced again: their backward already
+    reduce-scattered the gradient as the MEAN over processes, so their local shard is multiplied by
+    ``num_processes / count`` instead (exact for a power-of-two process count).
     """
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    replicated = [p for p in params if not is_sharded([p])]
+    sharded = [p for p in params if is_sharded([p])]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in replicated]
     device = flag.device
     extra = torch.stack([torch.full((), float(groups), device=device), flag.float().reshape(())])
-    flat = torch.cat([*(g.reshape(-1).float() for g in grads), extra.to(grads[0].device)])
+    flat = torch.cat([*(g.reshape(-1).float() for g in grads), extra.to(grads[0].device if grads else device)])
     if accelerator.num_processes > 1:
         flat = accelerator.reduce(flat, reduction="sum")
     count, total_flag = flat[-2], flat[-1]
     flat = flat[:-2] / count.clamp(min=1.0)
     offset = 0
-    for p, g in zip(params, grads, strict=True):
+    for p, g in zip(replicated, grads, strict=True):
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
+    scale = accelerator.num_processes / count.clamp(min=1.0)
+    for p in sharded:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        shard = local(p.grad)
+        shard.mul_(scale.to(shard.device, shard.dtype))
     return count, total_flag
 
 

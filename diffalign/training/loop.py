@@ -11,6 +11,14 @@ What trains is ``cfg.train.mode``: a LoRA (``lora``), or every denoiser weight (
 way the trained parameters are ``lora.trainable_parameters(adapter)`` (the parameters with ``requires_grad``, by
 ``<component>.<name>``), which the optimizer, the gradient all-reduce, the checkpoints and the EMA
 (``cfg.ema``, ``training.ema``) all use, and the reference pass is ``adapter.reference()`` in both modes.
+
+Launched with an FSDP accelerate config (``diffalign run --distributed fsdp``), ``build_adapter`` shards the denoiser
+(and full mode's reference copy) with FSDP2 (``training.sharding``): the trained parameters are then ``DTensor``
+shards, their gradients are reduced by FSDP's reduce-scatter (``distributed.reduce_gradients`` only rescales them),
+clipping and the non-finite checks use collectives over the shards, checkpoints are sharded
+(``checkpoint.save_sharded``) and the export is gathered whole. Every micro-step reduce-scatters (gradients stay
+sharded between micro-steps, the memory-lean choice), and a micro-batch that is empty on any process is skipped on
+all of them.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from diffalign.errors import InterruptedRun, UserError
 from diffalign.fileio import FolderLock, append_jsonl, keep_jsonl, replace_dir
 from diffalign.models import full, lora
 from diffalign.models.base import compile_denoiser
-from diffalign.training import checkpoint, curves, distributed, ema, optim, preflight, rundir
+from diffalign.training import checkpoint, curves, distributed, ema, optim, preflight, rundir, sharding
 
 
 logger = logging.getLogger("diffalign.train")
@@ -90,6 +98,17 @@ class Run:
     def output_dir(self) -> Path:
         return Path(self.cfg.run.output_dir)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the trained parameters are FSDP2 shards (``sharding``)."""
+        return sharding.is_sharded(self.params)
+
+    @property
+    def trained_modules(self) -> torch.nn.ModuleDict:
+        """The adapter's components that carry trained parameters, by component name (the checkpoint's names)."""
+        modules = self.adapter.named_modules()
+        return torch.nn.ModuleDict({k: m for k, m in modules.items() if any(p.requires_grad for p in m.parameters())})
+
 
 # ---- set-up -------------------------------------------------------------------------------------------
 def parse_config(argv: list[str] | None, schema: type, description: str, example: str) -> Any:
@@ -107,8 +126,12 @@ def parse_config(argv: list[str] | None, schema: type, description: str, example
 
 
 def make_accelerator(cfg: Any) -> Accelerator:
-    """Accelerator for ``cfg.run`` (mixed precision, trackers, logging dir); CPU when there is no CUDA."""
+    """Accelerator for ``cfg.run`` (mixed precision, trackers, logging dir); CPU when there is no CUDA.
+
+    An FSDP launch (``--distributed fsdp``, an accelerate config with ``distributed_type: FSDP``) is taken over by
+    ``sharding``: the denoiser is sharded in ``build_adapter``, accelerate wraps nothing."""
     run = cfg.run
+    sharding.take_over()
     torch.backends.cuda.matmul.allow_tf32 = run.allow_tf32
     torch.backends.cudnn.allow_tf32 = run.allow_tf32
     return Accelerator(
@@ -133,6 +156,8 @@ def start(cfg: Any, accelerator: Accelerator, description: str) -> None:
     """
     out = Path(cfg.run.output_dir)
     preflight.check(cfg, accelerator.num_processes)
+    if sharding.plan() is not None and (problem := sharding.config_problem(cfg)):
+        raise dconfig.ConfigError(problem)
     if accelerator.is_main_process:
         _lock_output(out)
         rundir.clear_for_fresh_run(cfg)
@@ -217,6 +242,13 @@ def build_adapter(cfg: Any, device: torch.device, *, need_reference: bool = True
         adapter.denoiser.enable_gradient_checkpointing()
     adapter.denoiser.train()  # LoRA dropout; the SD denoisers have no other dropout by default
     adapter = adapter.to(device)
+    spec = sharding.plan()
+    if spec is not None:
+        sharding.shard(adapter.denoiser, adapter.shard_blocks, spec)
+        if adapter.reference_denoiser is not None:  # full mode's frozen copy: sharded the same way
+            sharding.shard(adapter.reference_denoiser, adapter.shard_blocks, spec)
+        ref = " and its frozen reference copy" if adapter.reference_denoiser is not None else ""
+        logger.info("FSDP2: %s%s sharded over the processes (%s)", adapter.denoiser_name, ref, spec)
     if m.compile:
         compile_denoiser(adapter.denoiser)
         if adapter.reference_denoiser is not None:  # full mode's frozen copy: its own (no-grad) graphs
@@ -254,6 +286,26 @@ def build_run(cfg: Any, accelerator: Accelerator, adapter: Any, loader: Source |
 def save(run: Run, extra: dict[str, torch.Tensor] | None = None) -> Path:
     """Atomic checkpoint of LoRA (+ ``extra`` tensors, e.g. an EMA), optimizer, schedule, data position, RNG."""
     acc = run.accelerator
+    state = {
+        "step": run.step,
+        "scheduler": run.scheduler.state_dict(),
+        "loader": run.loader.state_dict(),
+        "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+        "config": dconfig.to_dict(run.cfg),
+        "num_processes": acc.num_processes,
+    }
+    if run.sharded:
+        return checkpoint.save_sharded(
+            run.output_dir / "checkpoints",
+            run.step,
+            model=run.trained_modules,
+            optimizer=run.optimizer.optimizer,
+            state=state,
+            extra={**(extra or {}), **(_ema_tensors(run) if run.ema is not None else {})},
+            rank=acc.process_index,
+            barrier=acc.wait_for_everyone,
+            keep_last=run.cfg.run.keep_last,
+        )
     tensors = lora.trainable_state(run.adapter)
     tensors.update({k: v.detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
     if run.ema is not None:
@@ -263,23 +315,43 @@ def save(run: Run, extra: dict[str, torch.Tensor] | None = None) -> Path:
         run.step,
         trainable=tensors,
         optimizer=run.optimizer.optimizer.state_dict(),
-        state={
-            "step": run.step,
-            "scheduler": run.scheduler.state_dict(),
-            "loader": run.loader.state_dict(),
-            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            "config": dconfig.to_dict(run.cfg),
-        },
+        state=state,
         rank=acc.process_index,
         barrier=acc.wait_for_everyone,
         keep_last=run.cfg.run.keep_last,
     )
 
 
+def _ema_tensors(run: Run) -> dict[str, torch.Tensor]:
+    """The EMA's own shadow tensors (``DTensor`` shards in a sharded run) and step, under ``EMA_PREFIX``: what a
+    sharded checkpoint writes, and the templates it loads into in place."""
+    out = {EMA_PREFIX + k: v for k, v in run.ema.shadow.items()}
+    out[EMA_PREFIX + "#step"] = torch.tensor(run.ema.step, dtype=torch.int64)
+    return out
+
+
 def restore(run: Run, path: Path, extra_prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """Load checkpoint ``path`` into ``run``; returns the ``extra`` tensors (keys starting ``extra_prefix``)."""
-    ckpt = checkpoint.load(path, rank=run.accelerator.process_index)
-    tensors = dict(ckpt["trainable"])
+    """Load checkpoint ``path`` into ``run``; returns the ``extra`` tensors (keys starting ``extra_prefix``).
+
+    A sharded run's checkpoint (``checkpoint.save_sharded``) loads into this run whatever its process count, sharded
+    or not; a checkpoint of an unsharded run does not load into a sharded one (one line saying so)."""
+    if checkpoint.is_sharded(path):
+        templates = _ema_tensors(run) if run.ema is not None else {}
+        ckpt = checkpoint.load_sharded(
+            path,
+            model=run.trained_modules,
+            optimizer=run.optimizer.optimizer,
+            rank=run.accelerator.process_index,
+            extra_like=templates,
+        )
+        tensors = dict(ckpt["extra"])
+    else:
+        if run.sharded:
+            raise UserError(
+                f"run.resume_from: {path} was written by an unsharded run; resume it without --distributed fsdp"
+            )
+        ckpt = checkpoint.load(path, rank=run.accelerator.process_index)
+        tensors = dict(ckpt["trainable"])
     saved_ema = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(EMA_PREFIX)]}
     if (run.ema is not None) != bool(saved_ema):
         raise UserError(
@@ -288,8 +360,9 @@ def restore(run: Run, path: Path, extra_prefix: str | None = None) -> dict[str, 
     if run.ema is not None:
         run.ema.load_state_tensors(saved_ema, EMA_PREFIX)
     extra = {k: v for k, v in tensors.items() if extra_prefix and k.startswith(extra_prefix)}
-    lora.load_trainable_state(run.adapter, {k: v for k, v in tensors.items() if k not in extra})
-    run.optimizer.optimizer.load_state_dict(ckpt["optimizer"])
+    if not checkpoint.is_sharded(path):
+        lora.load_trainable_state(run.adapter, {k: v for k, v in tensors.items() if k not in extra})
+        run.optimizer.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["state"]["scheduler"])
     run.loader.load_state_dict(ckpt["state"]["loader"])
     if ckpt["state"]["scaler"] is not None and run.accelerator.scaler is not None:
@@ -313,8 +386,10 @@ def resume_path(cfg: Any) -> Path | None:
 def export_lora(run: Run) -> Path:
     """Write the diffusers-format LoRA to ``output_dir/lora`` atomically (temp folder, then rename)."""
     out = run.output_dir / "lora"
+    params = lora.trainable_parameters(run.adapter)
+    whole = {k: sharding.full(p.detach()) for k, p in params.items()} if run.sharded else None  # collectives
     if run.accelerator.is_main_process:
-        replace_dir(out, lambda tmp: lora.save_lora(run.adapter, tmp))
+        replace_dir(out, lambda tmp: lora.save_lora(run.adapter, tmp, whole))
     run.accelerator.wait_for_everyone()
     return out
 
@@ -339,9 +414,14 @@ def export_full(run: Run) -> dict[str, Path]:
     trained = {n: m for n, m in adapter.named_modules().items() if any(p.requires_grad for p in m.parameters())}
     if cfg.export.lora_rank:
         out["lora"] = run.output_dir / "lora"
+    # a sharded denoiser is gathered whole on the main process (collectives) and written as one safetensors file
+    whole = sharding.full_state_dict(adapter.denoiser, acc.is_main_process) if run.sharded else None
     if acc.is_main_process:
         for name, module in trained.items():  # the denoiser, and the text encoders under train.text_encoders
-            replace_dir(run.output_dir / name, partial(_save_pretrained, module))
+            if whole is not None and module is adapter.denoiser:
+                replace_dir(run.output_dir / name, partial(sharding.save_pretrained, module, whole))
+            else:
+                replace_dir(run.output_dir / name, partial(_save_pretrained, module))
         if "lora" in out:
             m = cfg.model
             base = full.base_state_dict(adapter, m.path, revision=m.revision, variant=m.variant)
@@ -426,9 +506,12 @@ def optimizer_step(
     step, sync = run.step + 1, sync_step(cfg, run.step + 1)
     local: dict[str, torch.Tensor | float] = {f"mean/{k}": v.detach().float() for k, v in (metrics or {}).items()}
     groups, nonfinite = 0, torch.zeros((), device=acc.device)
+    sharded = run.sharded
     for _ in range(cfg.optim.grad_accum):
         args = run.loader.next_batch()
         n = len(args[0])
+        if sharded and _empty_anywhere(acc, n, step):  # FSDP: every process runs the same forwards and backwards
+            continue
         if n == 0:  # every row of this micro-batch was a skipped bad row
             continue
         out = micro_step(*args)
@@ -455,7 +538,13 @@ def optimizer_step(
         run.optimizer.zero_grad(set_to_none=True)
         shown["loss"] = float("nan")
     else:
-        if cfg.optim.max_grad_norm is not None:
+        if sharded:  # DTensor shards: the norm is summed over processes
+            acc.unscale_gradients()
+            if cfg.optim.max_grad_norm is not None:
+                norm = sharding.clip_grad_norm_(params, cfg.optim.max_grad_norm, acc)
+            else:
+                norm = sharding.grad_norm(params, acc)
+        elif cfg.optim.max_grad_norm is not None:
             norm = acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         else:
             acc.unscale_gradients()
@@ -473,8 +562,11 @@ def optimizer_step(
         run.optimizer.zero_grad(set_to_none=True)
         if run.ema is not None:
             run.ema.update()
-        # the weights are replicated and updated identically on every process: the same answer everywhere
-        weights_bad = ~torch.stack([p.detach().isfinite().all() for p in params]).all()
+        # replicated weights are updated identically on every process: the same answer everywhere; shards are not
+        if sharded:
+            weights_bad = sharding.any_nonfinite(params, acc)
+        else:
+            weights_bad = ~torch.stack([p.detach().isfinite().all() for p in params]).all()
         if sync and bool(weights_bad):
             raise non_finite(run, step, f"{_BAD['bad/weights'].format(step=step)} (metrics {shown})")
         pending.same["bad/weights"] = weights_bad
@@ -484,6 +576,16 @@ def optimizer_step(
     run.step = step
     shown["lr"] = run.scheduler.get_last_lr()[0]
     return shown
+
+
+def _empty_anywhere(acc: Accelerator, n: int, step: int) -> bool:
+    """Sharded runs: whether some process's micro-batch has no usable row (one all-reduce). Then every process skips
+    it (its other processes' rows too, warned): FSDP's collectives need the same forwards on every process."""
+    empty = acc.reduce(torch.tensor(float(n == 0), device=acc.device), reduction="sum")
+    if float(empty) == 0:
+        return False
+    logger.warning("step %d: a process's micro-batch had only skipped bad rows; every process skips it (FSDP)", step)
+    return True
 
 
 def _resolve(run: Run) -> None:
@@ -601,18 +703,20 @@ def validate(run: Run) -> None:
     """Sample the validation prompts with the trained weights (the EMA weights when ``ema.enabled``); PNGs to
     ``validation/step-N`` and the trackers.
 
-    The denoiser samples in eval mode (no LoRA dropout) and is put back in the mode it was in.
+    The denoiser samples in eval mode (no LoRA dropout) and is put back in the mode it was in. A sharded run samples
+    on every process (the denoiser's forward gathers shards from all of them); the main process saves.
     """
     cfg, acc = run.cfg, run.accelerator
     prompts = validation_prompts(cfg)
-    if prompts and acc.is_main_process:
+    if prompts and (acc.is_main_process or run.sharded):
         with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext():
             _validate(run, prompts)
     acc.wait_for_everyone()
 
 
 def _validate(run: Run, prompts: list[str]) -> None:
-    """Sample ``prompts`` with the weights in the model now (main process)."""
+    """Sample ``prompts`` with the weights in the model now (main process; every process of a sharded run, the main
+    one saving)."""
     cfg, acc = run.cfg, run.accelerator
     res = cfg.validation.resolution or cfg.data.resolution
     pipe = run.adapter.pipeline()
@@ -638,12 +742,14 @@ def _validate(run: Run, prompts: list[str]) -> None:
                 generator=gen,
                 **extra,
             )
+        if not acc.is_main_process:  # a sharded run's other processes took part in the forwards only
+            continue
         image = _save_video(out.frames[0], out_dir / f"{i:03d}.gif") if run.adapter.is_video else out.images[0]
         if not run.adapter.is_video:
             image.save(out_dir / f"{i:03d}.png")
         images.append(np.asarray(image))
     run.adapter.denoiser.train(training)
-    for tracker in acc.trackers:
+    for tracker in acc.trackers if acc.is_main_process else []:
         if tracker.name == "tensorboard":
             tracker.log_images({"validation": np.stack(images)}, step=run.step, dataformats="NHWC")
 

@@ -47,7 +47,7 @@ def problems(cfg: Any, num_processes: int = 1, *, probe_lock: bool = False) -> l
     found += path_problems(cfg)
     found += tracker_problems(getattr(getattr(cfg, "run", None), "report_to", ()))
     if hasattr(cfg, "run"):
-        found += output_problems(cfg, probe_lock=probe_lock)
+        found += output_problems(cfg, num_processes, probe_lock=probe_lock)
     return found
 
 
@@ -162,7 +162,7 @@ def tracker_problems(names: Any) -> list[str]:
 
 
 # ---- the output folder --------------------------------------------------------------------------------------
-def output_problems(cfg: Any, *, probe_lock: bool = False) -> list[str]:
+def output_problems(cfg: Any, num_processes: int | None = None, *, probe_lock: bool = False) -> list[str]:
     """The output folder can be written, is free, holds no other run, and a resume keeps the training config."""
     out = Path(cfg.run.output_dir).expanduser()
     problem = writable_problem("run.output_dir", out)
@@ -183,7 +183,7 @@ def output_problems(cfg: Any, *, probe_lock: bool = False) -> list[str]:
     except FileNotFoundError as e:
         return [*found, f"{e} (a folder checkpoints/step-N of a run, or latest)"]
     if path is not None:
-        problem = rundir.resume_problem(cfg, path)
+        problem = rundir.resume_problem(cfg, path, num_processes)
         if problem:
             found.append(problem)
     return found

@@ -137,10 +137,15 @@ def _is_default(cfg: Any, key: str, value: Any) -> bool:
     return flat({last: default}).get(last) == value
 
 
-def resume_problem(cfg: Any, path: Path) -> str | None:
+def resume_problem(cfg: Any, path: Path, num_processes: int | None = None) -> str | None:
     """Why ``cfg`` may not resume from checkpoint ``path`` (every changed key outside ``RESUME_MAY_CHANGE``,
-    saved -> new), or None. The allowed changes are logged."""
-    saved = checkpoint.saved_state(path).get("config")
+    saved -> new), or None. The allowed changes are logged.
+
+    ``num_processes`` (this run's): a checkpoint that records its process count may be resumed on another one when
+    ``optim.batch_size`` and ``optim.grad_accum`` change so that the global batch (per-process batch x accumulation x
+    processes) stays the same: the groups of every optimizer step are then the same (e.g. 2 x 2 -> 1 x 4)."""
+    state = checkpoint.saved_state(path)
+    saved = state.get("config")
     if saved is None:
         logger.warning("%s stores no config (written by an older diffalign): resuming without checking it", path)
         return None
@@ -148,10 +153,26 @@ def resume_problem(cfg: Any, path: Path) -> str | None:
     missing = object()
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k, missing) != now.get(k, missing))
     diffs = {k: f"{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in changed}
+    may_change = RESUME_MAY_CHANGE
+    saved_procs = state.get("num_processes")
+    if num_processes is not None and saved_procs is not None and saved_procs != num_processes:
+        batch = ("optim.batch_size", "optim.grad_accum")
+        global_before = before.get(batch[0], 1) * before.get(batch[1], 1) * saved_procs
+        global_now = now.get(batch[0], 1) * now.get(batch[1], 1) * num_processes
+        if global_before != global_now:
+            return (
+                f"cannot resume from {path} on {num_processes} processes: it was trained with a global batch of "
+                f"{global_before} ({before.get(batch[0])} x {before.get(batch[1])} accumulation x {saved_procs} "
+                f"processes); set optim.batch_size x optim.grad_accum to {global_before / num_processes:g} per process"
+            )
+        may_change = (*may_change, *batch)
+        logger.info(
+            "resuming on %d processes a checkpoint of %d (global batch %d)", num_processes, saved_procs, global_now
+        )
     refused = [
         diffs[k]
         for k in changed
-        if not k.startswith(RESUME_MAY_CHANGE) and not (k not in before and _is_default(cfg, k, now.get(k)))
+        if not k.startswith(may_change) and not (k not in before and _is_default(cfg, k, now.get(k)))
     ]
     if refused:
         return (

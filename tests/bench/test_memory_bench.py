@@ -56,3 +56,42 @@ def test_step_code_path_runs_on_cpu_with_tiny_configs(bench, tmp_path, monkeypat
         assert all(result[k] > 0 for k in ("dpo", "plain", "fwd")), name
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         bench.run_one("tiny-flux", "nf4+ckpt+8bit", 4, 1, device="cpu", resolution=128)
+
+
+def test_full_table_bytes_by_hand(bench, capsys):
+    """The full fine-tuning rows: optimizer state by hand for one matrix and one vector, FSDP2 and ZeRO-3 shard what
+    DDP replicates (per-tensor padding vs flat partitions), ZeRO-2 replicates the bf16 weights, reference and EMA."""
+    assert bench.optimizer_bytes((1280, 320), "adamw") == 8 * 1280 * 320
+    assert bench.optimizer_bytes((1280, 320), "adamw8bit") == 2 * 1280 * 320 + 8 * (1280 * 320 // 256)
+    assert bench.optimizer_bytes((320,), "adamw8bit") == 8 * 320  # under 4096 elements: 32-bit moments
+    assert bench.optimizer_bytes((1280, 320), "adafactor") == 4 * (1280 + 320)
+    assert bench.optimizer_bytes((320, 4, 3, 3), "adafactor") == 4 * (320 * 4 * 3 + 320 * 4 * 3)
+    assert bench.optimizer_bytes((320,), "adafactor") == 4 * 320
+    shapes = [(5, 3), (7,)]  # 22 parameters; FSDP2 on 2: (3, 3) + (4,) = 13 per process
+    assert bench.full_bytes(shapes, "DDP", 1, "adamw") == {
+        "weights": 88,
+        "grads": 88,
+        "optim": 176,
+        "ref": 44,
+        "ema": 88,
+    }
+    assert bench.full_bytes(shapes, "FSDP2", 2, "adamw") == {
+        "weights": 52,
+        "grads": 52,
+        "optim": 104,
+        "ref": 26,
+        "ema": 52,
+    }
+    zero2 = bench.full_bytes(shapes, "ZeRO-2", 2, "adamw")
+    assert zero2 == {"weights": 44, "grads": 22, "optim": 88 + 44, "ref": 44, "ema": 88}
+    zero3 = bench.full_bytes(shapes, "ZeRO-3", 2, "adamw")
+    assert zero3 == {"weights": 22, "grads": 22, "optim": 88 + 44, "ref": 22, "ema": 44}
+    assert (
+        bench.fits(24 * bench.GB) == "24"
+        and bench.fits(24 * bench.GB + 1) == "48"
+        and bench.fits(81 * bench.GB) == "-"
+    )
+    bench.main(["--full", "--models", "sd15"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| sd15")]
+    assert len(rows) == 1 + 3 * 3 and all("| 0.86 B |" in r for r in rows)  # SD1.5 UNet: 859.5 M parameters
+    assert rows[0].split(" | ")[11] == "17.6"  # DDP with AdamW: 4 + 4 + 8 + 2 + 4 = 22 bytes per parameter

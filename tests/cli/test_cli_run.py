@@ -168,3 +168,73 @@ def test_stopping_the_wrapper_stops_its_child(shipped, tmp_path, sig):
         wrapper.kill()
         if child is not None and _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_distributed_kind_selects_a_shipped_accelerate_config_and_passes_multi_node_flags():
+    launch = run_cmd.Launch(
+        num_processes=16, distributed="fsdp", num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
+        main_process_port=29500,
+    )  # fmt: skip
+    cmd = run_cmd.build_command("r.py", "c.yaml", ["a.b=1"], python="py", launch=launch)
+    assert cmd == [
+        "py", "-m", "accelerate.commands.launch", "--config_file", str(run_cmd.accelerate_config("fsdp")),
+        "--num_processes", "16", "--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.1",
+        "--main_process_port", "29500", "r.py", "--config", "c.yaml", "a.b=1",
+    ]  # fmt: skip
+    for kind in run_cmd.DISTRIBUTED:
+        assert run_cmd.accelerate_config(kind).is_file(), kind
+    one = run_cmd.build_command("r.py", "c.yaml", python="py", launch=run_cmd.Launch(distributed="fsdp_offload"))
+    assert "--config_file" in one and "--multi_gpu" not in one  # FSDP (offload) on one GPU still launches
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--distributed", "fsdpp"], "did you mean 'fsdp'"),
+        (["--distributed", "zero3"], "--distributed zero3: DeepSpeed ZeRO is not wired"),
+        (["--num-processes", "3", "--num-machines", "2"], "not a multiple of --num-machines 2"),
+        (["--num-processes", "4", "--num-machines", "2"], "needs --main-process-ip"),
+        (["--num-processes", "4", "--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "h"],
+         "--machine-rank 2 must be in 0..1"),
+    ],
+)  # fmt: skip
+def test_bad_launch_flags_fail_in_one_line_before_launch(shipped, capsys, no_launch, flags, needle):
+    assert main(["run", "offline_pref", "--config", "toy/dpo", "--dry-run", *flags]) == 1
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_fsdp_is_refused_for_recipes_not_proven_sharded():
+    from pathlib import Path
+
+    assert run_cmd.sharding_problem("fsdp", Path("recipes/offline_pref.py")) is None
+    assert run_cmd.sharding_problem("ddp", Path("recipes/online_rl.py")) is None
+    assert "recipe online_rl is not proven under FSDP" in run_cmd.sharding_problem("fsdp", Path("x/online_rl.py"))
+
+
+def test_shipped_accelerate_configs_are_valid_for_accelerate():
+    """Every shipped accelerate config loads as accelerate's ``ClusterConfig`` (unknown keys are its error), and every
+    key of its ``fsdp_config`` / ``deepspeed_config`` is an ``accelerate launch`` option it turns into that option.
+    DeepSpeed cannot run here (no CUDA, and the loop refuses it), so this is what checks zero2.yaml / zero3.yaml."""
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    options = {a.dest for a in launch_command_parser()._actions}  # argparse has no public list of its options
+    expected = {
+        "ddp": ("MULTI_GPU", {}),
+        "fsdp": ("FSDP", {"fsdp_version": 2, "fsdp_offload_params": False}),
+        "fsdp_offload": ("FSDP", {"fsdp_version": 2, "fsdp_offload_params": True}),
+        "zero2": ("DEEPSPEED", {"zero_stage": 2}),
+        "zero3": ("DEEPSPEED", {"zero_stage": 3}),
+    }
+    for kind in run_cmd.DISTRIBUTED:
+        path = run_cmd.accelerate_config(kind)
+        ClusterConfig.from_yaml_file(str(path))
+        raw = yaml.safe_load(path.read_text())
+        kind_type, settings = expected[kind]
+        assert raw["distributed_type"] == kind_type and raw["mixed_precision"] == "no", kind
+        section = raw.get("fsdp_config") or raw.get("deepspeed_config") or {}
+        unknown = sorted(set(section) - options)
+        assert not unknown, (kind, unknown)
+        assert {k: section[k] for k in settings} == settings, kind
