@@ -7,15 +7,19 @@ from dataclasses import dataclass, field
 from diffalign.config.common import (
     FLOW_FAMILIES,
     DataConfig,
+    EmaConfig,
+    ExportConfig,
     LoraConfig,
     LossSection,
     ModelConfig,
     OptimConfig,
     RunConfig,
+    TrainConfig,
     ValidationConfig,
     _check_training,
     _positive,
     _unit_interval,
+    text_encoders_trained,
 )
 from diffalign.config.engine import ConfigError, register_recipe, register_validator
 
@@ -29,9 +33,11 @@ class DROSection:
     offset in ``[0, T // num_steps)`` per trajectory added to its grid (``--buffer_perturb_timesteps``, on);
     ``buffer_size``: trajectories the replay buffer keeps (``--buffer_size`` 4; every micro-step commits one per
     group of the micro-batch, ``--buffer_sample_steps`` 1); ``snapshot_every``: micro-steps between refreshes of
-    the sampling policy snapshot (``--buffer_update_steps`` 16); ``ema_decay``: the exported EMA's decay cap
-    (``--use_ema``, diffusers ``EMAModel`` default 0.9999 with its warm-up ``(1 + s) / (10 + s)``); ``use_ema``
-    false exports the trained LoRA itself.
+    the sampling policy snapshot (``--buffer_update_steps`` 16), always from the trained weights (never the EMA).
+
+    The authors' ``--use_ema`` is the shared ``ema:`` section (``diffalign.training.ema``, diffusers ``EMAModel``):
+    the DRO configs set ``ema: {enabled: true, decay: 0.9999}`` (``EMAModel``'s default decay, with its warm-up
+    ``(1 + s) / (10 + s)``); ``ema.enabled: false`` exports the trained weights themselves.
     """
 
     num_steps: int = 20
@@ -39,8 +45,6 @@ class DROSection:
     perturb_timesteps: bool = True
     buffer_size: int = 4
     snapshot_every: int = 16
-    use_ema: bool = True
-    ema_decay: float = 0.9999
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +52,7 @@ class DROConfig:
     """Schema of ``recipes/dro.py``: expert images (each group's first image) + the policy's own samples."""
 
     model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig
     loss: LossSection  # ``{name: dro, margin: 0.001}``
@@ -55,6 +60,8 @@ class DROConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)  # the authors' --use_ema: the DRO configs enable it
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 register_recipe("dro", DROConfig)
@@ -81,7 +88,6 @@ def _check_dro(cfg: DROConfig) -> list[str]:
     )
     _unit_interval(
         problems,
-        dro__ema_decay=d.ema_decay,
         data__hflip_prob=data.hflip_prob,
         data__proportion_empty_prompts=data.proportion_empty_prompts,
         data__max_bad_fraction=data.max_bad_fraction,
@@ -91,8 +97,8 @@ def _check_dro(cfg: DROConfig) -> list[str]:
             f"model.family={m.family!r} is not supported by dro: its buffer sampler steps DDIM on the "
             "variance-preserving process of sd15/sdxl"
         )
-    if cfg.lora.text_encoder:
-        problems.append("lora.text_encoder=true is not supported by dro: the buffer stores the prompt embeddings")
+    if trained := text_encoders_trained(cfg):
+        problems.append(f"{trained} is not supported by dro: the buffer stores the prompt embeddings")
     if data.format not in ("pickapic", "ranked", "scored_pairs"):
         problems.append(f"data.format={data.format!r}: dro reads each group's first (preferred) image as the expert")
     if data.num_workers < 0:

@@ -4,7 +4,7 @@ Diffusion-DRO (Denoising Ranking Optimization; Wu, Ruan, Tseng, Shuai, NeurIPS 2
 basiclab/DiffusionDRO@b0693ec ``train.py`` trains it. Data: expert images with captions only, no pairs (each
 group's FIRST image: a Pick-a-Pic winner, a ranked list's best). Each micro-step, per group (L654-714, L730-768):
 
-1. the **policy snapshot** (the LoRA tensors as of the last refresh, swapped into the one denoiser: no second
+1. the **policy snapshot** (the trained tensors as of the last refresh, swapped into the one denoiser: no second
    UNet) samples a trajectory for the group's prompt: ``dro.num_steps`` deterministic DDIM steps
    (``diffalign.sampling.sde.rollout``, the shared kernel) at CFG ``dro.guidance_scale``, on a grid shifted by a
    random offset per trajectory (``dro.perturb_timesteps``; ``sampling.grids.perturbed_timesteps``), keeping each
@@ -15,24 +15,28 @@ group's FIRST image: a Pick-a-Pic winner, a ranked list's best). Each micro-step
    step's timestep vs the buffered latent whose target is the snapshot's prediction (``terms.dro.dro_terms``);
 4. ``loss.name: dro`` (``diffalign.losses.dro``): ``mean(relu(delta + margin))``, backward;
 
-after each optimizer step the **EMA** of the LoRA tensors is updated (diffusers ``EMAModel`` decay
-``min(ema_decay, k / (9 + k))`` after update k, L391-393 + L797-803); the snapshot is refreshed from the trained
-LoRA every ``dro.snapshot_every`` micro-steps (L805-807). The prompt dropout ``data.proportion_empty_prompts``
-(authors 0.2) empties a prompt for both its sample and its pair, as theirs does (L666, one embedding for both).
+after each optimizer step the shared **EMA** of the trained weights is updated (the ``ema:`` section,
+``diffalign.training.ema``: the authors' ``--use_ema``, diffusers ``EMAModel`` with its default decay 0.9999, i.e.
+``min(0.9999, k / (9 + k))`` after update k, L391-393 + L797-803; the DRO configs enable it); the snapshot is
+refreshed from the trained weights (never the EMA) every ``dro.snapshot_every`` micro-steps (L805-807). The
+prompt dropout ``data.proportion_empty_prompts`` (authors 0.2) empties a prompt for both its sample and its pair,
+as theirs does (L666, one embedding for both).
 
-Deviations (the authors' options in brackets): a LoRA instead of the full UNet, the EMA over the LoRA factors
-(``terms.selfnpo.ema_update``); the buffer sampler is deterministic DDIM [DPMSolver++ 20 steps, default; DDIM is
-one of their ``--buffer_scheduler`` choices]; one trajectory per group and micro-step [``--buffer_batch_size``
-/ ``--buffer_batch_accumulation`` decouple them]. Each process keeps its own buffer (their ``--buffer_sync`` off).
+Deviations (the authors' options in brackets): a LoRA instead of the full UNet by default, the EMA then over the
+LoRA factors (``train.mode: full`` trains the full UNet as theirs; the snapshot is then a full copy of it); the
+buffer sampler is deterministic DDIM [DPMSolver++ 20 steps, default; DDIM is one of their ``--buffer_scheduler``
+choices]; one trajectory per group and micro-step [``--buffer_batch_size`` / ``--buffer_batch_accumulation``
+decouple them]. Each process keeps its own buffer (their ``--buffer_sync`` off).
 
 Launch:
     python recipes/dro.py --config recipes/configs/duo/dro.yaml data.path=runs/quickstart/labels/pairs
     diffalign run dro --config sd15/dro data.path=/data/pickapic_v2_top500 run.output_dir=runs/x
 
-Outputs in ``run.output_dir``: ``config.yaml``, ``checkpoints/step-*`` (LoRA; the EMA, the snapshot and the replay
-buffer under ``dro.*``; optimizer, schedule, data position; resume with ``run.resume_from=latest``),
-``lora/pytorch_lora_weights.safetensors`` (diffusers format: the EMA when ``dro.use_ema``, the authors' released
-weights; the trained LoRA itself stays in the last checkpoint), ``metrics.jsonl``.
+Outputs in ``run.output_dir``: ``config.yaml``, ``checkpoints/step-*`` (the trained weights and, with
+``ema.enabled``, their EMA; the snapshot and the replay buffer under ``dro.*``; optimizer, schedule, data position;
+resume with ``run.resume_from=latest``), ``lora/pytorch_lora_weights.safetensors`` (``train.mode: full``: ``unet/``;
+the EMA weights when ``ema.enabled``, the authors' released weights; the trained weights themselves stay in the
+last checkpoint), ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -52,21 +56,20 @@ from diffalign.sampling import seeds as seedlib
 from diffalign.sampling.guidance import encode_condition
 from diffalign.sampling.sde import SDESpec, make_grid, rollout
 from diffalign.terms import dro as dro_terms
-from diffalign.terms.selfnpo import ema_update, swapped_in
+from diffalign.terms.selfnpo import swapped_in
 from diffalign.training import loop
 from diffalign.types import Batch
 
 
 logger = logging.getLogger("diffalign.dro")
 EXTRA = "dro."  # checkpoint prefix of everything besides the trained LoRA
-EMA, SNAPSHOT, BUFFER = "ema.", "snapshot.", "buffer."
+SNAPSHOT, BUFFER = "snapshot.", "buffer."
 
 
 @dataclass
 class State:
     run: loop.Run
     params: dict[str, torch.nn.Parameter]
-    ema: dict[str, torch.Tensor]
     snapshot: dict[str, torch.Tensor]
     buffer: dro_terms.ReplayBuffer
     objective: Any
@@ -85,13 +88,11 @@ def setup(cfg: Any, accelerator: Any) -> State:
         raise dconfig.ConfigError(f"dro needs a DDPM-family (VP) scheduler; {cfg.model.path} has a flow one")
     objective, loss_cfg = dconfig.loss_config(cfg.loss)
     run = loop.build_run(cfg, accelerator, adapter)
-    params = lora.trainable_parameters(adapter)
-    clone = {k: p.detach().clone() for k, p in params.items()}
+    params = lora.trainable_parameters(adapter)  # the LoRA tensors, or every denoiser weight (train.mode: full)
     state = State(
         run,
         params,
-        clone,
-        {k: v.clone() for k, v in clone.items()},
+        {k: p.detach().clone() for k, p in params.items()},
         dro_terms.ReplayBuffer(cfg.dro.buffer_size),
         objective,
         loss_cfg,
@@ -103,29 +104,19 @@ def setup(cfg: Any, accelerator: Any) -> State:
 
 
 def extra_tensors(state: State) -> dict[str, torch.Tensor]:
-    """EMA, snapshot and replay buffer, stored in checkpoints under ``dro.``."""
-    out = {EXTRA + EMA + k: v for k, v in state.ema.items()}
-    out |= {EXTRA + SNAPSHOT + k: v for k, v in state.snapshot.items()}
+    """Snapshot and replay buffer, stored in checkpoints under ``dro.`` (the EMA is ``loop.save``'s)."""
+    out = {EXTRA + SNAPSHOT + k: v for k, v in state.snapshot.items()}
     return out | state.buffer.state_dict(EXTRA + BUFFER)
 
 
 def restore_extra(state: State, extra: dict[str, torch.Tensor], path: Any) -> None:
-    for prefix, target in ((EMA, state.ema), (SNAPSHOT, state.snapshot)):
-        saved = {k.removeprefix(EXTRA + prefix): v for k, v in extra.items() if k.startswith(EXTRA + prefix)}
-        if saved.keys() != target.keys():
-            raise KeyError(
-                f"{path}: the checkpoint's {prefix[:-1]} tensors do not match the LoRA layout (not a dro run?)"
-            )
-        with torch.no_grad():
-            for key, value in saved.items():
-                target[key].copy_(value)
+    saved = {k.removeprefix(EXTRA + SNAPSHOT): v for k, v in extra.items() if k.startswith(EXTRA + SNAPSHOT)}
+    if saved.keys() != state.snapshot.keys():
+        raise KeyError(f"{path}: the checkpoint's snapshot tensors do not match the trained weights (not a dro run?)")
+    with torch.no_grad():
+        for key, value in saved.items():
+            state.snapshot[key].copy_(value)
     state.buffer.load_state_dict(extra, EXTRA + BUFFER)
-
-
-def ema_decay(update: int, cap: float) -> float:
-    """diffusers ``EMAModel.get_decay`` (no warm-up power, ``update_after_step`` 0) after optimizer update
-    ``update`` (1-based): 0 at the first (the EMA starts as the weights), then ``min(cap, update / (9 + update))``."""
-    return 0.0 if update <= 1 else min(cap, update / (9 + update))
 
 
 # ---- one step -----------------------------------------------------------------------------------------
@@ -169,6 +160,7 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
     """Loss and metrics of one micro-batch; backward is done by the caller."""
     adapter, d = state.run.adapter, state.cfg.dro
     if state.micro > 0 and state.micro % d.snapshot_every == 0:  # the authors refresh after micro-step `micro`
+        # from the trained weights: the shared EMA is only swapped in for validation and the export, never here
         with torch.no_grad():
             for key, param in state.params.items():
                 state.snapshot[key].copy_(param.detach())
@@ -191,12 +183,9 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
 
 
 def train_step(state: State) -> dict[str, float]:
-    """One optimizer step over ``grad_accum`` micro-batches, then the EMA update."""
+    """One optimizer step over ``grad_accum`` micro-batches (``loop.optimizer_step`` updates the EMA)."""
     state.micro = state.run.step * state.cfg.optim.grad_accum
-    metrics = loop.optimizer_step(state.run, partial(micro_step, state))
-    if state.cfg.dro.use_ema:
-        ema_update(state.ema, state.params, ema_decay(state.run.step, state.cfg.dro.ema_decay))
-    return metrics
+    return loop.optimizer_step(state.run, partial(micro_step, state))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -204,14 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     acc = loop.make_accelerator(cfg)
     loop.start(cfg, acc, f"dro on {acc.num_processes} processes: {dconfig.to_dict(cfg.dro)}")
     state = setup(cfg, acc)
-    result = loop.train(state.run, partial(train_step, state), save_extra=partial(extra_tensors, state), desc="dro")
-    if cfg.dro.use_ema:
-        with torch.no_grad(), swapped_in(state.params, state.ema):
-            loop.export_lora(state.run)
-        logger.info(
-            "exported the EMA of the LoRA to %s (the trained LoRA is in the last checkpoint)", result["lora_dir"]
-        )
-    return result
+    # loop.train exports the EMA weights when ema.enabled (the trained ones stay in the last checkpoint)
+    return loop.train(state.run, partial(train_step, state), save_extra=partial(extra_tensors, state), desc="dro")
 
 
 if __name__ == "__main__":

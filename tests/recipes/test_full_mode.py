@@ -111,6 +111,7 @@ OTHER = {  # case -> (recipe, config, overrides, a reference copy expected); fam
     ),
     "spo": ("stepwise_pref", "toy/spo", {}, True),
     "selfnpo": ("selfnpo", "toy/selfnpo", {}, False),
+    "dro": ("dro", "toy/dro", {}, True),  # its hinge reads the reference; the snapshot is a full copy
 }
 
 
@@ -121,7 +122,7 @@ def test_every_training_recipe_runs_in_full_mode(tiny_dirs, tmp_path, case):
     over = {**FULL, "run.max_steps": 1, "data.resolution": 32, **extra}
     family = "sd3" if name == "online_rl" else "sd15"
     over.update({"model.path": tiny_dirs[family], "run.output_dir": tmp_path / "run", "run.report_to": "[]"})
-    if name == "selfnpo":
+    if name in ("selfnpo", "dro"):
         over["data.path"] = ROOT / "assets" / "pickapic_tiny"
     cfg = dconfig.load(config, [f"{k}={v}" for k, v in over.items()])
     acc = loop.make_accelerator(cfg)
@@ -129,6 +130,8 @@ def test_every_training_recipe_runs_in_full_mode(tiny_dirs, tmp_path, case):
     state = module.setup(cfg, acc)
     adapter = state.run.adapter
     assert (adapter.reference_denoiser is not None) == needs_ref
+    if name == "dro":  # the policy snapshot copies every trained weight
+        assert state.snapshot.keys() == state.params.keys() and len(state.params) > 100
     before = {k: v.detach().clone() for k, v in adapter.denoiser.state_dict().items()}
     if hasattr(module, "train_step"):
         step = partial(module.train_step, state)
