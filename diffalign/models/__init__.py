@@ -1,4 +1,4 @@
-"""Model adapters by family (``sd15``, ``sdxl``, ``sd3`` (SD3 and SD3.5), ``flux`` (FLUX.1)).
+"""Model adapters by family (``sd15``, ``sdxl``, ``sd3`` (SD3 and SD3.5), ``flux`` (FLUX.1), ``qwenimage`` (Qwen-Image)).
 
 The adapters are the only code that knows denoiser signatures."""
 
@@ -10,8 +10,8 @@ from typing import Any
 from diffalign import registry
 
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux")
-FLOW_FAMILIES = ("sd3", "flux")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "qwenimage")
+FLOW_FAMILIES = ("sd3", "flux", "qwenimage")
 
 
 def get(family: str) -> ModuleType:

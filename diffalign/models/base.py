@@ -226,6 +226,11 @@ class Adapter:
 
     # ---- latent geometry ----------------------------------------------------------------------
     @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE's latents (``latent_channels``; the 3-D VAEs of Qwen-Image/Wan call it ``z_dim``)."""
+        return int(self.vae.config.latent_channels)
+
+    @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell, ``2 ** (len(block_out_channels) - 1)`` as the diffusers pipelines (8 for SD/FLUX)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -239,7 +244,7 @@ class Adapter:
         f, width = self.vae_scale_factor, height if width is None else width
         if height % f or width % f:
             raise ValueError(f"{self.family}: image size {height}x{width} is not a multiple of the VAE factor {f}")
-        return (int(self.vae.config.latent_channels), height // f, width // f)
+        return (self.latent_channels, height // f, width // f)
 
     def resolution_shift(self, resolution: int) -> float:
         """The shift a flow pipeline samples with at ``resolution`` px (``flow.resolution_shift``)."""
@@ -287,12 +292,16 @@ class Adapter:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (dist.mean - shift) * self.vae.config.scaling_factor
 
+    def decode_pixels(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> the VAE decoder's raw output (N, 3, H, W), fp32 and differentiable (reward gradients)."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents.to(self.vae.device, torch.float32) / self.vae.config.scaling_factor + shift
+        return self.vae.decode(z).sample
+
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Scaled latents -> pixels (N, 3, H, W) in [-1, 1]."""
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latents.to(self.vae.device, torch.float32) / self.vae.config.scaling_factor + shift
-        return self.vae.decode(z).sample.clamp(-1, 1)
+        return self.decode_pixels(latents).clamp(-1, 1)
 
     # ---- family-specific ----------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str], info: Sequence[SampleInfo] | None = None) -> Cond:
@@ -320,6 +329,13 @@ class Adapter:
 
     def extra_pipeline_components(self) -> dict[str, Any]:
         return {}
+
+    # the prompt of the unconditional branch (``sampling.guidance.encode_condition``'s "empty_prompt")
+    negative_prompt: ClassVar[str] = ""
+
+    def combine_guidance(self, uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+        """Classifier-free guidance ``u + w (c - u)`` of fp32 outputs (N, C, h, w); Qwen-Image renormalises it."""
+        return uncond + scale * (cond - uncond)
 
     def default_image_size(self, pipe: Any) -> int:
         """The pipeline's default height/width in pixels (``sample_size`` x VAE factor; FLUX: 1024)."""

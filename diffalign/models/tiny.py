@@ -24,7 +24,7 @@ from diffalign import resources
 ASSETS = resources.ASSETS
 CLIP_TOKENIZER = ASSETS / "tokenizers" / "clip"
 T5_TOKENIZER = ASSETS / "tokenizers" / "t5"
-FAMILIES = ("sd15", "sdxl", "sd3", "sd35", "flux")
+FAMILIES = ("sd15", "sdxl", "sd3", "sd35", "flux", "qwenimage")
 ADAPTER_FAMILY = {"sd35": "sd3"}  # tiny builder name -> model family (adapter) that loads it
 
 
@@ -252,7 +252,94 @@ def flux(seed: int = 0, guidance_embeds: bool = True) -> dict[str, Any]:
     }
 
 
+# ---- Qwen-Image, Z-Image, FLUX.2 (issue 24): LLM text encoders with a byte-level BPE tokenizer ----------------
+def byte_tokenizer(chat_template: str | None = None) -> Any:
+    """A real ``Qwen2Tokenizer`` over the 256 byte symbols of byte-level BPE (no merges) plus the chat specials
+    ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>``: 259 ids, built in-process. ``chat_template``: a
+    Jinja template for the pipelines that call ``apply_chat_template``."""
+    from transformers import Qwen2Tokenizer
+
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    cs, extra = bs[:], 0
+    for b in range(256):  # GPT-2's bytes_to_unicode: every byte a printable symbol
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    tok = Qwen2Tokenizer(vocab={chr(c): i for i, c in enumerate(cs)}, merges=[])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+BYTE_VOCAB = 259
+
+
+def qwenimage(seed: int = 0) -> dict[str, Any]:
+    """Qwen-Image-shaped ``QwenImagePipeline`` components: one dual-stream block on 2x2-packed 4-channel latents, a
+    Qwen2.5-VL text encoder (16 wide, 2 layers, a one-block vision tower it never uses), the 3-D causal VAE with one
+    spatial downsampling and the hub scheduler's dynamic exponential shift (base/max 0.5/0.9, 256..8192 tokens,
+    ``shift_terminal`` 0.02)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": BYTE_VOCAB,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+            "bos_token_id": 256,
+            "eos_token_id": 258,
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 16},
+    )
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels x 2 x 2 packed
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,  # = sum(axes_dims_rope)
+        num_attention_heads=2,
+        joint_attention_dim=16,  # the text encoder's width
+        axes_dims_rope=(2, 2, 4),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.05, 0.0],
+        latents_std=[1.5, 2.0, 1.2, 0.9],
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen/Qwen-Image scheduler_config.json
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": Qwen2_5_VLForConditionalGeneration(text),
+        "tokenizer": byte_tokenizer(),
+        "scheduler": scheduler,
+    }
+
+
 BUILDERS = {"sd15": sd15, "sdxl": sdxl, "sd3": sd3, "sd35": sd35, "flux": flux}
+BUILDERS.update(qwenimage=qwenimage)
 PIPELINES = {
     "sd15": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
@@ -260,6 +347,7 @@ PIPELINES = {
     "sd35": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
 }
+PIPELINES.update(qwenimage="QwenImagePipeline")
 
 
 def pipeline(family: str, seed: int = 0, **kwargs: Any) -> Any:
