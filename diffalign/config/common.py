@@ -23,7 +23,7 @@ class ModelConfig:
     embeddings from ``data.latent_cache``), and ``optim.name: adamw8bit``.
     """
 
-    family: Literal["sd15", "sdxl", "sd3", "flux", "qwenimage"]  # sd3 covers SD3.5 (Medium, Large)
+    family: Literal["sd15", "sdxl", "sd3", "flux", "qwenimage", "zimage"]  # sd3 covers SD3.5 (Medium, Large)
     path: str  # hub id or local diffusers folder
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files on the hub
@@ -264,7 +264,7 @@ def _check_training(cfg: Any, problems: list[str]) -> None:
         problems.append(f"validation.every={val.every} needs validation.prompts or validation.prompts_file")
 
 
-FLOW_FAMILIES = ("sd3", "flux", "qwenimage")
+FLOW_FAMILIES = ("sd3", "flux", "qwenimage", "zimage")
 
 
 def _check_model(cfg: Any, problems: list[str]) -> None:

@@ -24,7 +24,7 @@ from diffalign import resources
 ASSETS = resources.ASSETS
 CLIP_TOKENIZER = ASSETS / "tokenizers" / "clip"
 T5_TOKENIZER = ASSETS / "tokenizers" / "t5"
-FAMILIES = ("sd15", "sdxl", "sd3", "sd35", "flux", "qwenimage")
+FAMILIES = ("sd15", "sdxl", "sd3", "sd35", "flux", "qwenimage", "zimage")
 ADAPTER_FAMILY = {"sd35": "sd3"}  # tiny builder name -> model family (adapter) that loads it
 
 
@@ -338,8 +338,59 @@ def qwenimage(seed: int = 0) -> dict[str, Any]:
     }
 
 
+# Qwen3's chat template reduced to what ZImagePipeline asks of it: user/system turns, the assistant header, and the
+# empty think block that enable_thinking=False adds (ZImagePipeline passes True: no think block)
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- if enable_thinking is "
+    "defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+def zimage(seed: int = 0) -> dict[str, Any]:
+    """Z-Image-shaped ``ZImagePipeline`` components: one main, one noise-refiner and one context-refiner block (16
+    wide) on 4-channel latents patchified 2x2 by the transformer, a Qwen3 text encoder (16 wide, 3 layers: the
+    pipeline takes the second-to-last) with a Qwen3-style chat template, FLUX.1's VAE scaling, and a static shift
+    3.0 scheduler (Z-Image-Turbo's, as reported in Tencent-Hunyuan/UniRL#41; the hub file was not read)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    text = Qwen3Config(
+        vocab_size=BYTE_VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        bos_token_id=256,
+        eos_token_id=258,
+    )
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=16,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,  # the text encoder's width
+        axes_dims=[2, 2, 4],  # = head dim 8
+        axes_lens=[1024, 64, 64],
+    )
+    return {
+        "transformer": transformer,
+        "vae": _vae(scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        "text_encoder": Qwen3Model(text),
+        "tokenizer": byte_tokenizer(QWEN3_CHAT_TEMPLATE),
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    }
+
+
 BUILDERS = {"sd15": sd15, "sdxl": sdxl, "sd3": sd3, "sd35": sd35, "flux": flux}
-BUILDERS.update(qwenimage=qwenimage)
+BUILDERS.update(qwenimage=qwenimage, zimage=zimage)
 PIPELINES = {
     "sd15": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
@@ -347,7 +398,7 @@ PIPELINES = {
     "sd35": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
 }
-PIPELINES.update(qwenimage="QwenImagePipeline")
+PIPELINES.update(qwenimage="QwenImagePipeline", zimage="ZImagePipeline")
 
 
 def pipeline(family: str, seed: int = 0, **kwargs: Any) -> Any:

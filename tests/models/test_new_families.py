@@ -60,7 +60,24 @@ def test_qwenimage_geometry_vae_and_guidance(qwen):
     assert adapter.pipeline_guidance(4.0, None, 2) == {"true_cfg_scale": 4.0, "negative_prompt": [" ", " "]}
 
 
-@pytest.mark.parametrize("name", ["qwenimage/dpo_lora", "qwenimage/grpo_geneval"])
+def test_zimage_prompt_encoding_and_forward_match_the_pipeline():
+    pipe = tiny.pipeline("zimage")
+    adapter = models.from_components("zimage", pipe.components)
+    prompts = ["a red circle", "dog"]
+    cond = adapter.encode_prompts(prompts)
+    embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+    mask = cond["cap_mask"].bool()
+    assert all(torch.equal(cond["cap_feats"][i][mask[i]], embeds[i]) for i in range(2))
+    x = torch.randn(2, *adapter.latent_shape(32))
+    with torch.no_grad():  # the model takes 1 - sigma and predicts -(eps - x0)
+        out = adapter.predict(x, torch.tensor([700.0, 300.0]), cond)
+        ref = pipe.transformer(list(x.unsqueeze(2).unbind(0)), torch.tensor([0.3, 0.7]), embeds, return_dict=False)[0]
+    assert torch.equal(out, -torch.stack(ref).squeeze(2))
+    assert adapter.pipeline_guidance(6.0, None, 1) == {"guidance_scale": 5.0}  # pos + 5 (pos - neg) = u + 6 (c - u)
+    assert adapter.pipeline_guidance(1.0, None, 1) == {"guidance_scale": 0.0}
+
+
+@pytest.mark.parametrize("name", ["qwenimage/dpo_lora", "qwenimage/grpo_geneval", "zimage/dpo_lora"])
 def test_new_family_configs_are_listed_and_validate(capsys, name):
     from diffalign.cli.main import main
 

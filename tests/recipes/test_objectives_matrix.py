@@ -13,8 +13,8 @@ import torch
 from tests.recipes.conftest import ROOT, toy_overrides
 
 
-FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux", "qwenimage"]
-FLOW = {"sd3", "sd35", "flux", "qwenimage"}
+FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux", "qwenimage", "zimage"]
+FLOW = {"sd3", "sd35", "flux", "qwenimage", "zimage"}
 OBJECTIVES = ["dpo", "mapo", "sdpo", "npo", "rankdpo", "kto", "dspo", "dmpo", "inpo", "smpo", "dcpo", "curriculum_dpo"]
 NOT_LOSSES = {"inpo", "curriculum_dpo"}  # dpo + noise.kind=inversion; dpo + data.curriculum
 VP_ONLY = {"inpo", "smpo"}  # DDIM-inversion noise: not for flow models

@@ -16,7 +16,7 @@ import torch
 from tests.recipes.conftest import recipe_module
 
 
-FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux", "qwenimage"]
+FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux", "qwenimage", "zimage"]
 COMMON = {"data.resolution": 32, "run.max_steps": 1, "run.log_every": 1, "run.report_to": "[]"}
 # 2 prompts x 2 samples in one micro-batch of 4, on a 3-step grid: 2 trained steps (the last is never trained)
 ONLINE = {
