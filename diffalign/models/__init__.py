@@ -10,8 +10,8 @@ from typing import Any
 from diffalign import registry
 
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux", "qwenimage", "zimage")
-FLOW_FAMILIES = ("sd3", "flux", "qwenimage", "zimage")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "qwenimage", "zimage", "flux2")
+FLOW_FAMILIES = ("sd3", "flux", "qwenimage", "zimage", "flux2")
 
 
 def get(family: str) -> ModuleType:

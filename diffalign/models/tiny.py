@@ -24,7 +24,7 @@ from diffalign import resources
 ASSETS = resources.ASSETS
 CLIP_TOKENIZER = ASSETS / "tokenizers" / "clip"
 T5_TOKENIZER = ASSETS / "tokenizers" / "t5"
-FAMILIES = ("sd15", "sdxl", "sd3", "sd35", "flux", "qwenimage", "zimage")
+FAMILIES = ("sd15", "sdxl", "sd3", "sd35", "flux", "qwenimage", "zimage", "flux2")
 ADAPTER_FAMILY = {"sd35": "sd3"}  # tiny builder name -> model family (adapter) that loads it
 
 
@@ -389,8 +389,87 @@ def zimage(seed: int = 0) -> dict[str, Any]:
     }
 
 
+# Mistral's [SYSTEM_PROMPT]/[INST] turns over content given as text parts (what Flux2Pipeline's format_input builds)
+MISTRAL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{%- set text = message['content'] if message['content'] is string else "
+    "message['content'] | map(attribute='text') | join('') %}{%- if message['role'] == 'system' %}"
+    "{{ '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}{%- else %}{{ '[INST]' + text + '[/INST]' }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def flux2(seed: int = 0) -> dict[str, Any]:
+    """FLUX.2-dev-shaped ``Flux2Pipeline`` components: one double- and one single-stream block on 2x2-patchified
+    4-channel latents (in_channels 16), a Mistral-3 text encoder of 30 layers 8 wide (the pipeline stacks layers 10,
+    20 and 30: joint_attention_dim 24) with a Mistral-style chat template, ``AutoencoderKLFlux2`` (BatchNorm
+    statistics over the patchified channels) and FLUX.2's dynamic-shifting scheduler."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = Mistral3Config(
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": BYTE_VOCAB,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 4,
+            "bos_token_id": 256,
+            "eos_token_id": 258,
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "head_dim": 4,
+            "patch_size": 4,
+            "image_size": 16,
+        },
+        text_config_hidden_size=8,
+        spatial_merge_size=1,
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x 2 x 2 patchified
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,  # = sum(axes_dims_rope)
+        num_attention_heads=2,
+        joint_attention_dim=24,  # 3 stacked text layers x 8
+        timestep_guidance_channels=16,
+        axes_dims_rope=(2, 2, 2, 2),
+    )
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    with torch.no_grad():  # trained statistics, not the init's 0 / 1
+        vae.bn.running_mean.uniform_(-0.2, 0.2)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": Mistral3ForConditionalGeneration(text),
+        "tokenizer": byte_tokenizer(MISTRAL_CHAT_TEMPLATE),
+        "scheduler": scheduler,
+    }
+
+
 BUILDERS = {"sd15": sd15, "sdxl": sdxl, "sd3": sd3, "sd35": sd35, "flux": flux}
-BUILDERS.update(qwenimage=qwenimage, zimage=zimage)
+BUILDERS.update(qwenimage=qwenimage, zimage=zimage, flux2=flux2)
 PIPELINES = {
     "sd15": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
@@ -398,7 +477,7 @@ PIPELINES = {
     "sd35": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
 }
-PIPELINES.update(qwenimage="QwenImagePipeline", zimage="ZImagePipeline")
+PIPELINES.update(qwenimage="QwenImagePipeline", zimage="ZImagePipeline", flux2="Flux2Pipeline")
 
 
 def pipeline(family: str, seed: int = 0, **kwargs: Any) -> Any:

@@ -159,7 +159,7 @@ def build_adapter(cfg: Any, device: torch.device) -> Any:
         kwargs["mode_scale"] = m.mode_scale
         if isinstance(m.flow_shift, float):
             kwargs["shift"] = m.flow_shift
-    if m.family == "flux":
+    if m.family in dconfig.GUIDANCE_EMBEDDED:
         kwargs["adapter_kwargs"] = {"guidance": m.guidance}
     adapter = models.load(
         m.family,
@@ -521,7 +521,7 @@ def validate(run: Run) -> None:
         for i, prompt in enumerate(prompts):
             gen = torch.Generator(device="cpu").manual_seed(cfg.validation.seed + i)
             image = _eager(pipe)(
-                prompt,
+                prompt=prompt,  # by keyword: Flux2Pipeline's first parameter is the reference image
                 num_inference_steps=cfg.validation.num_inference_steps,
                 **run.adapter.pipeline_guidance(cfg.validation.guidance_scale, None, 1),
                 height=res,

@@ -77,7 +77,40 @@ def test_zimage_prompt_encoding_and_forward_match_the_pipeline():
     assert adapter.pipeline_guidance(1.0, None, 1) == {"guidance_scale": 0.0}
 
 
-@pytest.mark.parametrize("name", ["qwenimage/dpo_lora", "qwenimage/grpo_geneval", "zimage/dpo_lora"])
+def test_flux2_prompt_encoding_latents_and_forward_match_the_pipeline():
+    from diffalign.models.flux2 import patchify, unpatchify
+
+    pipe = tiny.pipeline("flux2")
+    adapter = models.from_components("flux2", pipe.components)
+    prompts = ["a red circle", "dog"]
+    cond = adapter.encode_prompts(prompts)
+    embeds, text_ids = pipe.encode_prompt(prompts)
+    assert torch.equal(cond["encoder_hidden_states"], embeds)  # layers 10, 20, 30 stacked on features
+    x = torch.randn(2, *adapter.latent_shape(32))
+    assert torch.equal(unpatchify(patchify(x)), x)
+    with torch.no_grad():
+        out = adapter.predict(x, torch.tensor([700.0, 300.0]), cond)
+        ids = pipe._prepare_latent_ids(patchify(x))
+        ref = pipe.transformer(
+            hidden_states=pipe._pack_latents(patchify(x)),
+            encoder_hidden_states=embeds,
+            timestep=torch.tensor([0.7, 0.3]),
+            img_ids=ids,
+            txt_ids=text_ids,
+            guidance=torch.full((2,), 4.0),
+            return_dict=False,
+        )[0]
+    assert torch.equal(out, unpatchify(pipe._unpack_latents_with_ids(ref, ids)))
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1  # the pipeline's BatchNorm-normalised patchified latents, un-patchified
+    z = pipe._encode_vae_image(pixels, generator=None)
+    assert torch.allclose(adapter.encode_images(pixels), unpatchify(z), atol=1e-6)
+    assert adapter.decode_latents(unpatchify(z)).shape == (1, 3, 32, 32)
+    assert "single_transformer_blocks.0.attn.to_out" in adapter.default_lora_targets()
+
+
+@pytest.mark.parametrize(
+    "name", ["qwenimage/dpo_lora", "qwenimage/grpo_geneval", "zimage/dpo_lora", "flux2/dpo_lora"]
+)
 def test_new_family_configs_are_listed_and_validate(capsys, name):
     from diffalign.cli.main import main
 
