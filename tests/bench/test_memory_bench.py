@@ -56,3 +56,15 @@ def test_step_code_path_runs_on_cpu_with_tiny_configs(bench, tmp_path, monkeypat
         assert all(result[k] > 0 for k in ("dpo", "plain", "fwd")), name
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         bench.run_one("tiny-flux", "nf4+ckpt+8bit", 4, 1, device="cpu", resolution=128)
+
+
+def test_cpu_table_counts_the_issue_24_models(bench, capsys):
+    """Qwen-Image 20.4 B (38.05 GiB of bf16 = the release's 40.86 GB of safetensors), FLUX.2-dev 32.2 B, Z-Image 6.2 B;
+    their text encoders' resident bf16 sizes are listed, and every row names the smallest GPU its static state fits."""
+    bench.main(["--device", "cpu", "--models", "qwen-image", "flux2-dev", "z-image-turbo", "--rank", "4"])
+    out = capsys.readouterr().out
+    rows = {name: [ln for ln in out.splitlines() if ln.startswith(f"| {name} ")] for name in bench.MODELS}
+    assert "| 20.43 B |" in rows["qwen-image"][0] and "| 38.05 |" in rows["qwen-image"][0]
+    assert "| 32.22 B |" in rows["flux2-dev"][0] and "| 6.15 B |" in rows["z-image-turbo"][0]
+    assert all(row.rstrip(" |").endswith("GB") for name in ("qwen-image", "flux2-dev") for row in rows[name])
+    assert "flux2: Mistral-Small-3.1-24B = 44.7 GB" in out
