@@ -185,6 +185,7 @@ def smallest_gpu(static: float) -> str:
     fits = [g for g in GPU_SIZES if static * 1.25 <= g * 1e9]
     return f"{fits[0]} GB" if fits else f"> {GPU_SIZES[-1]} GB"
 
+
 def cpu_table(models: list[str], rank: int, options: list[str] | None = None) -> None:
     print(f"CPU: byte counts at rank {rank}; peak memory and step times need a CUDA GPU (--device cuda).\n")
     print("| model | base params | LoRA params | option | base GB | LoRA+grad GB | optimizer GB | static GB | "

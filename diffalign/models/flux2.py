@@ -103,7 +103,9 @@ class Adapter(_Base):
     def _bn(self, like: Tensor) -> tuple[Tensor, Tensor]:
         bn = self.vae.bn
         mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, torch.float32)
-        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like.device, torch.float32)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
+            like.device, torch.float32
+        )
         return mean, std
 
     @torch.no_grad()

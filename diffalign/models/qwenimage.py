@@ -119,7 +119,9 @@ class Adapter(_Base):
         shape = super().latent_shape(height, width)
         if shape[1] % 2 or shape[2] % 2:
             f = self.vae_scale_factor
-            raise ValueError(f"qwenimage: image size must be a multiple of {2 * f} px (2x2-packed latents); got {shape}")
+            raise ValueError(
+                f"qwenimage: image size must be a multiple of {2 * f} px (2x2-packed latents); got {shape}"
+            )
         return shape
 
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:

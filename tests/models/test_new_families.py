@@ -108,9 +108,7 @@ def test_flux2_prompt_encoding_latents_and_forward_match_the_pipeline():
     assert "single_transformer_blocks.0.attn.to_out" in adapter.default_lora_targets()
 
 
-@pytest.mark.parametrize(
-    "name", ["qwenimage/dpo_lora", "qwenimage/grpo_geneval", "zimage/dpo_lora", "flux2/dpo_lora"]
-)
+@pytest.mark.parametrize("name", ["qwenimage/dpo_lora", "qwenimage/grpo_geneval", "zimage/dpo_lora", "flux2/dpo_lora"])
 def test_new_family_configs_are_listed_and_validate(capsys, name):
     from diffalign.cli.main import main
 

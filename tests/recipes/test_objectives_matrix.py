@@ -76,7 +76,9 @@ def test_objective_runs_on_family(recipe, tiny_dirs, stock_pipes, tmp_path, fami
 
 def sample(pipe) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
-    return pipe(prompt="a red circle", num_inference_steps=2, height=32, width=32, generator=gen, output_type="pt").images
+    return pipe(  # prompt by keyword: Flux2Pipeline's first parameter is the reference image
+        prompt="a red circle", num_inference_steps=2, height=32, width=32, generator=gen, output_type="pt"
+    ).images
 
 
 def test_inpo_with_inversion_switched_off_is_exactly_dpo(recipe, tiny_dirs, tmp_path):

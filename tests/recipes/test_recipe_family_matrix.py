@@ -59,7 +59,9 @@ def recipes():
 
 def sample(pipe) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
-    return pipe(prompt="a red circle", num_inference_steps=2, height=32, width=32, generator=gen, output_type="pt").images
+    return pipe(  # prompt by keyword: Flux2Pipeline's first parameter is the reference image
+        prompt="a red circle", num_inference_steps=2, height=32, width=32, generator=gen, output_type="pt"
+    ).images
 
 
 @pytest.mark.parametrize("family", FAMILIES)
