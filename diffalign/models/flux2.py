@@ -91,6 +91,14 @@ class Adapter(_Base):
         plain = [t for t in LORA_TARGETS if "*" not in t]
         return (*plain, *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(singles)))
 
+    def resolution_shift(self, resolution: int) -> float:
+        """Refused: ``Flux2Pipeline``'s ``mu = compute_empirical_mu(tokens, num_steps)`` depends on the step count as
+        well (1024 px: 2.02 at 50 steps; 512 px: 1.70 at 50, 1.99 at 10), so no one shift belongs to a resolution."""
+        raise ValueError(
+            "model.flow_shift=resolution: FLUX.2's shift depends on the step count too (compute_empirical_mu); set "
+            "model.flow_shift to a number, e.g. 7.54 = exp(2.02) for 1024 px at 50 steps"
+        )
+
     # ---- latents ------------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
         """The VAE's latents (C, h, w); their sides must be even (2x2 patches)."""

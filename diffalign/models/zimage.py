@@ -73,6 +73,13 @@ class Adapter(_Base):
             raise ValueError(f"zimage: image size must be a multiple of {2 * f} px (2x2 patches); got {shape}")
         return shape
 
+    def resolution_shift(self, resolution: int) -> float:
+        """The shift ``ZImagePipeline`` samples with: ``exp(mu)`` for a dynamic-shifting scheduler, else the
+        scheduler's static ``shift`` (the pipeline passes ``mu``, which a static scheduler ignores)."""
+        if not self.scheduler.config.get("use_dynamic_shifting"):
+            return float(self.scheduler.config.get("shift", 1.0))
+        return super().resolution_shift(resolution)
+
     def encode_prompts(self, prompts: Sequence[str], info: Sequence[SampleInfo] | None = None) -> Cond:
         self.require_text_encoders()
         (encoder,), (tokenizer,) = self.text_encoders, self.tokenizers

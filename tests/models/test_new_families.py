@@ -4,11 +4,13 @@ round trip and latent geometry use the VAE's channel count, and the shipped conf
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from diffalign import models
-from diffalign.models import tiny
+from diffalign.models import lora, tiny
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,10 @@ def test_qwenimage_geometry_vae_and_guidance(qwen):
     expect = expect * pack(c).norm(dim=-1, keepdim=True) / expect.norm(dim=-1, keepdim=True)
     assert torch.allclose(pack(guided), expect)
     assert adapter.pipeline_guidance(4.0, None, 2) == {"true_cfg_scale": 4.0, "negative_prompt": [" ", " "]}
+    tokens = (64 // 4) ** 2  # 2x2-packed tokens of the tiny VAE's x2 latents; the hub scheduler's 0.5..0.9 over 256..8192
+    assert adapter.resolution_shift(64) == pytest.approx(math.exp(0.5 + 0.4 * (tokens - 256) / (8192 - 256)))
+    with pytest.raises(ValueError, match="lora.text_encoder"):  # QwenImagePipeline exports transformer LoRA only
+        lora.add_lora(adapter, lora.LoraSpec(text_encoder=True))
 
 
 def test_zimage_prompt_encoding_and_forward_match_the_pipeline():
@@ -75,6 +81,7 @@ def test_zimage_prompt_encoding_and_forward_match_the_pipeline():
     assert torch.equal(out, -torch.stack(ref).squeeze(2))
     assert adapter.pipeline_guidance(6.0, None, 1) == {"guidance_scale": 5.0}  # pos + 5 (pos - neg) = u + 6 (c - u)
     assert adapter.pipeline_guidance(1.0, None, 1) == {"guidance_scale": 0.0}
+    assert adapter.resolution_shift(1024) == 3.0  # a static scheduler ignores the pipeline's mu
 
 
 def test_flux2_prompt_encoding_latents_and_forward_match_the_pipeline():
@@ -106,6 +113,8 @@ def test_flux2_prompt_encoding_latents_and_forward_match_the_pipeline():
     assert torch.allclose(adapter.encode_images(pixels), unpatchify(z), atol=1e-6)
     assert adapter.decode_latents(unpatchify(z)).shape == (1, 3, 32, 32)
     assert "single_transformer_blocks.0.attn.to_out" in adapter.default_lora_targets()
+    with pytest.raises(ValueError, match="model.flow_shift"):  # FLUX.2's mu depends on the step count
+        adapter.resolution_shift(1024)
 
 
 @pytest.mark.parametrize("name", ["qwenimage/dpo_lora", "qwenimage/grpo_geneval", "zimage/dpo_lora", "flux2/dpo_lora"])
