@@ -60,9 +60,11 @@ def test_qwenimage_geometry_vae_and_guidance(qwen):
     expect = expect * pack(c).norm(dim=-1, keepdim=True) / expect.norm(dim=-1, keepdim=True)
     assert torch.allclose(pack(guided), expect)
     assert adapter.pipeline_guidance(4.0, None, 2) == {"true_cfg_scale": 4.0, "negative_prompt": [" ", " "]}
-    tokens = (64 // 4) ** 2  # 2x2-packed tokens of the tiny VAE's x2 latents; the hub scheduler's 0.5..0.9 over 256..8192
+    tokens = (
+        64 // 4
+    ) ** 2  # 2x2-packed tokens of the tiny VAE's x2 latents; the hub scheduler's 0.5..0.9 over 256..8192
     assert adapter.resolution_shift(64) == pytest.approx(math.exp(0.5 + 0.4 * (tokens - 256) / (8192 - 256)))
-    with pytest.raises(ValueError, match="lora.text_encoder"):  # QwenImagePipeline exports transformer LoRA only
+    with pytest.raises(ValueError, match=r"lora\.text_encoder"):  # QwenImagePipeline exports transformer LoRA only
         lora.add_lora(adapter, lora.LoraSpec(text_encoder=True))
 
 
@@ -113,7 +115,7 @@ def test_flux2_prompt_encoding_latents_and_forward_match_the_pipeline():
     assert torch.allclose(adapter.encode_images(pixels), unpatchify(z), atol=1e-6)
     assert adapter.decode_latents(unpatchify(z)).shape == (1, 3, 32, 32)
     assert "single_transformer_blocks.0.attn.to_out" in adapter.default_lora_targets()
-    with pytest.raises(ValueError, match="model.flow_shift"):  # FLUX.2's mu depends on the step count
+    with pytest.raises(ValueError, match=r"model\.flow_shift"):  # FLUX.2's mu depends on the step count
         adapter.resolution_shift(1024)
 
 
