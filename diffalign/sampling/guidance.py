@@ -22,7 +22,9 @@ from diffalign.types import SampleInfo
 
 
 UNCOND_MODES = ("empty_prompt", "zeros")
-MICRO_COND_KEYS = ("time_ids",)  # SDXL size/crop conditioning: kept in the unconditional branch
+# kept as they are in a "zeros" unconditional branch: SDXL's size/crop conditioning, and the text masks of Qwen-Image and
+# Z-Image (zero embeddings at the prompt's valid positions; an all-zero Z-Image mask would leave no caption token)
+MICRO_COND_KEYS = ("time_ids", "encoder_hidden_states_mask", "cap_mask")
 
 
 def default_info(adapter: Adapter, latent_hw: Sequence[int]) -> SampleInfo:

@@ -138,8 +138,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dirs, family):
         x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
         cond = adapter.encode_prompts(["a", "b"], [SampleInfo((32, 32), (0, 0), (32, 32))] * 2)
         adapter.predict(x, torch.tensor([100.0, 700.0]), cond).pow(2).mean().backward()
-        grads.append({k: p.grad.clone() for k, p in lora.trainable_parameters(adapter).items()})
-    assert grads[0].keys() == grads[1].keys()
+        # Qwen-Image's last block's text-stream outputs are discarded: its to_add_out / txt_mlp LoRA get no gradient
+        grads.append({k: p.grad.clone() for k, p in lora.trainable_parameters(adapter).items() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-5, atol=1e-7)
 

@@ -127,3 +127,16 @@ def test_new_family_configs_are_listed_and_validate(capsys, name):
     assert name in capsys.readouterr().out
     extra = ["--num-processes", "32"] if "grpo" in name else []
     assert main(["validate", name, "--no-paths", *extra]) == 0, name
+
+
+@pytest.mark.parametrize(("family", "mask"), [("qwenimage", "encoder_hidden_states_mask"), ("zimage", "cap_mask")])
+def test_zeros_unconditional_branch_keeps_the_text_mask(family, mask):
+    """uncond "zeros": zero embeddings at the prompt's valid positions (an all-zero Z-Image mask leaves no caption)."""
+    from diffalign.sampling import guidance
+
+    adapter = models.from_components(family, getattr(tiny, family)(0))
+    info = [guidance.default_info(adapter, (16, 16))] * 2
+    cond, uncond = guidance.encode_condition(adapter, ["a cat", "dog"], info, "zeros")
+    assert torch.equal(uncond[mask], cond[mask]) and not any(v.any() for k, v in uncond.items() if k != mask)
+    out = guidance.guided_output(adapter, torch.randn(2, 4, 16, 16), torch.tensor([500.0, 500.0]), cond, uncond, 4.0)
+    assert torch.isfinite(out).all()
