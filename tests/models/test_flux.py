@@ -255,12 +255,14 @@ def test_latent_shape_is_the_vaes_and_matches_the_stock_pipeline(family):
     adapter = models.from_components(tiny.adapter_family(family), components)
     pipe = getattr(diffusers, tiny.PIPELINES[family])(**components)
     assert adapter.vae_scale_factor == pipe.vae_scale_factor
-    channels = components["vae"].config.latent_channels
+    vae = components["vae"].config
+    channels = vae.get("latent_channels") or vae["z_dim"]  # Qwen-Image's 3-D VAE calls it z_dim
     f = adapter.vae_scale_factor
     assert adapter.latent_shape(32) == (channels, 32 // f, 32 // f)
     assert adapter.latent_shape(32, 64) == (channels, 32 // f, 64 // f)
-    if family == "flux":
+    if family in ("flux", "qwenimage", "flux2"):
         assert adapter.denoiser.config.in_channels == 4 * channels  # the packed input is not the latent shape
+    if family in ("flux", "qwenimage", "zimage", "flux2"):
         with pytest.raises(ValueError, match="multiple of"):
             adapter.latent_shape(3 * f)  # an odd latent side cannot be packed 2x2
     with pytest.raises(ValueError, match="VAE factor"):
