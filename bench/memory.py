@@ -81,6 +81,15 @@ MODELS = {
 WAN_VIDEO = (81, 480, 832)
 MODELS["wan21-1.3b"] = Spec("wan21_t2v_1_3b_transformer.json", "wan", 16, 512, 4096, 0, WAN_VIDEO)
 MODELS["wan21-14b"] = Spec("wan21_t2v_14b_transformer.json", "wan", 16, 512, 4096, 0, WAN_VIDEO)
+# issue 24: prompt tokens as their pipelines pass them (Qwen-Image: the template-stripped prompt, ~64 tokens at most
+# for typical prompts, padded to the batch's longest; FLUX.2 and Z-Image: 512); no pooled embedding (0)
+MODELS.update(
+    {
+        "qwen-image": Spec("qwen_image_transformer.json", "qwenimage", 16, 64, 3584, 0),
+        "flux2-dev": Spec("flux2_dev_transformer.json", "flux2", 32, 512, 15360, 0),
+        "z-image-turbo": Spec("z_image_transformer.json", "zimage", 16, 512, 2560, 0),
+    }
+)
 # option name -> (base, gradient checkpointing, optimizer)
 OPTIONS = {
     "bf16": ("bf16", False, "adamw"),
@@ -112,6 +121,9 @@ FAMILY_ENCODERS["flux"] = ["CLIP-L", "T5-XXL encoder"]
 # UMT5-XXL encoder of Wan (vocab 256384, d_model 4096, d_ff 10240, 64 heads, 24 layers): counted on the meta device
 TEXT_ENCODERS["UMT5-XXL encoder"] = 5_680_910_336
 FAMILY_ENCODERS["wan"] = ["UMT5-XXL encoder"]
+# Qwen2.5-VL-7B-Instruct 8.29 B, Mistral-Small-3.1-24B 24.0 B, Qwen3-4B 4.02 B (the releases' model cards)
+TEXT_ENCODERS.update({"Qwen2.5-VL-7B": 8.29e9, "Mistral-Small-3.1-24B": 24.0e9, "Qwen3-4B": 4.02e9})
+FAMILY_ENCODERS.update(qwenimage=["Qwen2.5-VL-7B"], flux2=["Mistral-Small-3.1-24B"], zimage=["Qwen3-4B"])
 
 
 # ---- model construction ---------------------------------------------------------------------------------------
@@ -132,12 +144,15 @@ def build(spec: Spec, device: str, dtype: torch.dtype) -> torch.nn.Module:
 
 def lora_targets(spec: Spec, model: torch.nn.Module) -> list[str]:
     """The family's default LoRA targets (as ``models.<family>.Adapter.default_lora_targets``)."""
-    from diffalign.models import flux, sd3, wan
+    from types import SimpleNamespace
+
+    from diffalign import models
+    from diffalign.models import sd3, wan
 
     if spec.family == "wan":
         return list(wan.LORA_TARGETS)
-    if spec.family == "flux":
-        return list(flux.Adapter.default_lora_targets(None))  # type: ignore[arg-type]
+    if spec.family in ("flux", "qwenimage", "zimage", "flux2"):  # FLUX.2's list names each single block
+        return list(models.get(spec.family).Adapter.default_lora_targets(SimpleNamespace(denoiser=model)))
     if spec.family == "sd3":
         dual = getattr(model.config, "dual_attention_layers", None)
         return [*sd3.JOINT_TARGETS, *sd3.CONTEXT_TARGETS, *(sd3.DUAL_TARGETS if dual else ())]
@@ -180,10 +195,21 @@ def static_bytes(counts: dict[str, int], option: str) -> dict[str, float]:
 
 
 # ---- CPU: byte table --------------------------------------------------------------------------------------------
+GPU_SIZES = (24, 40, 48, 80, 141)  # GB: RTX 4090 / A100-40G / L40S, A6000 / A100-80G, H100 / H200
+
+
+def smallest_gpu(static: float) -> str:
+    """The smallest common GPU whose memory (GB, as marketed: 1e9 bytes) holds ``static`` bytes with a quarter to
+    spare for activations, the CUDA context and the allocator; the measured peak (``--device cuda``) decides."""
+    fits = [g for g in GPU_SIZES if static * 1.25 <= g * 1e9]
+    return f"{fits[0]} GB" if fits else f"> {GPU_SIZES[-1]} GB"
+
+
 def cpu_table(models: list[str], rank: int, options: list[str] | None = None) -> None:
     print(f"CPU: byte counts at rank {rank}; peak memory and step times need a CUDA GPU (--device cuda).\n")
-    print("| model | base params | LoRA params | option | base GB | LoRA+grad GB | optimizer GB | static GB |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| model | base params | LoRA params | option | base GB | LoRA+grad GB | optimizer GB | static GB | "
+          "static fits |")  # fmt: skip
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |")
     for name in models:
         spec = MODELS[name]
         model = build(spec, "meta", torch.float32)
@@ -194,10 +220,11 @@ def cpu_table(models: list[str], rank: int, options: list[str] | None = None) ->
             print(
                 f"| {name} | {(counts['linear'] + counts['other']) / 1e9:.2f} B | {counts['lora'] / 1e6:.1f} M | "
                 f"{option} | {b['base'] / GB:.2f} | {b['lora+grad'] / GB:.3f} | {b['optim'] / GB:.3f} | "
-                f"{sum(b.values()) / GB:.2f} |"
+                f"{sum(b.values()) / GB:.2f} | {smallest_gpu(sum(b.values()))} |"
             )
     print("\nText encoders kept resident without cached embeddings (bf16):")
-    for family, names in FAMILY_ENCODERS.items():
+    for family in FAMILY_ENCODERS:
+        names = FAMILY_ENCODERS[family]
         print(f"  {family}: {' + '.join(names)} = {sum(TEXT_ENCODERS[n] for n in names) * 2 / GB:.1f} GB")
 
 
@@ -332,7 +359,7 @@ class Shim:
 
         self.denoiser, self.dtype = model, torch.bfloat16
         self.process = FlowProcess(shift=1.0)
-        self.guidance = 3.5 if spec.family == "flux" else None
+        self.guidance = {"flux": 3.5, "flux2": 4.0}.get(spec.family)
         self.max_sequence_length = spec.text_len
 
 
@@ -352,6 +379,15 @@ def inputs(
         "encoder_hidden_states": torch.randn(n, spec.text_len, spec.text_dim, device=device),
         "pooled_projections": torch.randn(n, spec.pooled_dim, device=device),
     }
+    if spec.family in ("qwenimage", "flux2"):
+        cond = {"encoder_hidden_states": cond["encoder_hidden_states"]}
+        if spec.family == "qwenimage":
+            cond["encoder_hidden_states_mask"] = torch.ones(n, spec.text_len, dtype=torch.long, device=device)
+    if spec.family == "zimage":
+        cond = {
+            "cap_feats": cond["encoder_hidden_states"],
+            "cap_mask": torch.ones(n, spec.text_len, dtype=torch.long, device=device),
+        }
     if spec.family == "sdxl":
         size = [resolution, resolution, 0, 0, resolution, resolution]
         cond = {
@@ -466,6 +502,9 @@ def tiny_specs(names: list[str], workdir: Path) -> dict[str, Spec]:
         "flux1-dev": ("flux", "transformer", ("flux", 4, 8, 32, 16)),
         "wan21-1.3b": ("wan", "transformer", ("wan", 4, 8, 32, 0, (5, 16, 16))),
         "wan21-14b": ("wan", "transformer", ("wan", 4, 8, 32, 0, (5, 16, 16))),
+        "qwen-image": ("qwenimage", "transformer", ("qwenimage", 4, 8, 16, 0)),
+        "flux2-dev": ("flux2", "transformer", ("flux2", 4, 8, 24, 0)),
+        "z-image-turbo": ("zimage", "transformer", ("zimage", 4, 8, 16, 0)),
     }
     specs = {}
     for name in names:

@@ -10,6 +10,7 @@ checks with the engine. A new recipe adds one module here and one import below. 
 
 from diffalign.config.common import (
     FLOW_FAMILIES,
+    GUIDANCE_EMBEDDED,
     VIDEO_FAMILIES,
     CurriculumConfig,
     DataConfig,

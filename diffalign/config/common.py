@@ -23,7 +23,8 @@ class ModelConfig:
     embeddings from ``data.latent_cache``), and ``optim.name: adamw8bit``.
     """
 
-    family: Literal["sd15", "sdxl", "sd3", "flux", "wan"]  # sd3 covers SD3.5 (Medium, Large); wan: Wan 2.1 T2V video
+    # sd3 covers SD3.5 (Medium, Large); wan: Wan 2.1 T2V video
+    family: Literal["sd15", "sdxl", "sd3", "flux", "qwenimage", "zimage", "flux2", "wan"]
     path: str  # hub id or local diffusers folder
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files on the hub
@@ -41,7 +42,7 @@ class ModelConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     flow_shift: float | Literal["scheduler", "resolution"] = "scheduler"
-    guidance: float | None = None  # flux, guidance-distilled (FLUX.1-dev): the guidance-embedding input; None -> 3.5
+    guidance: float | None = None  # flux / flux2 (guidance-distilled): the guidance-embedding input; None -> 3.5 / 4.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,7 +316,8 @@ def _check_training(cfg: Any, problems: list[str]) -> None:
         problems.append(f"validation.every={val.every} needs validation.prompts or validation.prompts_file")
 
 
-FLOW_FAMILIES = ("sd3", "flux")
+FLOW_FAMILIES = ("sd3", "flux", "qwenimage", "zimage", "flux2")
+GUIDANCE_EMBEDDED = ("flux", "flux2")  # families whose guidance is a model input (model.guidance), not CFG
 VIDEO_FAMILIES = ("wan",)  # models.VIDEO_FAMILIES (config validates without importing models)
 FLOW_FAMILIES += VIDEO_FAMILIES
 
@@ -406,8 +408,11 @@ def _check_model(cfg: Any, problems: list[str]) -> None:
         problems.append(f"model.flow_shift={m.flow_shift} must be > 0")
     if val.skip_guidance_layers and m.family != "sd3":
         problems.append(f"validation.skip_guidance_layers is an SD3/SD3.5 sampling option, not {m.family!r}")
-    if m.guidance is not None and m.family != "flux":
-        problems.append(f"model.guidance applies to guidance-distilled FLUX.1 (model.family='flux'), not {m.family!r}")
+    if m.guidance is not None and m.family not in GUIDANCE_EMBEDDED:
+        problems.append(
+            f"model.guidance applies to guidance-distilled FLUX.1 / FLUX.2 (model.family in {GUIDANCE_EMBEDDED}), "
+            f"not {m.family!r}"
+        )
     _check_video(cfg, problems)
     if m.quantize != "none" and m.dtype == "fp32":
         problems.append(f"model.quantize={m.quantize!r} computes in model.dtype: set model.dtype to bf16 (or fp16)")

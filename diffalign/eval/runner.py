@@ -490,9 +490,12 @@ def generate(
             seeds = [protocol.image_seed(i, k) for i, k, _ in chunk]
             latents = pipe(
                 prompt=[rec.prompt for _, _, rec in chunk],
-                negative_prompt=[protocol.negative_prompt] * len(chunk) if protocol.negative_prompt else None,
                 num_inference_steps=protocol.steps,
-                guidance_scale=protocol.guidance_scale,
+                **adapter.pipeline_guidance(
+                    protocol.guidance_scale,
+                    [protocol.negative_prompt] * len(chunk) if protocol.negative_prompt else None,
+                    len(chunk),
+                ),
                 height=height,
                 width=width,
                 generator=[torch.Generator().manual_seed(s) for s in seeds],

@@ -106,9 +106,12 @@ class GeneratorPool:
             chunk_seeds = seeds[lo : lo + self.batch_size]
             latents = base.pipe(
                 prompt=chunk_prompts,
-                negative_prompt=[protocol.negative_prompt] * len(chunk_prompts) if protocol.negative_prompt else None,
                 num_inference_steps=protocol.steps,
-                guidance_scale=protocol.guidance_scale,
+                **base.adapter.pipeline_guidance(
+                    protocol.guidance_scale,
+                    [protocol.negative_prompt] * len(chunk_prompts) if protocol.negative_prompt else None,
+                    len(chunk_prompts),
+                ),
                 height=height,
                 width=width,
                 generator=[torch.Generator().manual_seed(int(s)) for s in chunk_seeds],

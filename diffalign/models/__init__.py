@@ -1,4 +1,5 @@
-"""Model adapters by family (``sd15``, ``sdxl``, ``sd3`` (SD3 and SD3.5), ``flux`` (FLUX.1), ``wan`` (Wan 2.1 T2V)).
+"""Model adapters by family (``sd15``, ``sdxl``, ``sd3`` (SD3 and SD3.5), ``flux`` (FLUX.1), ``qwenimage`` (Qwen-Image),
+``zimage`` (Z-Image), ``flux2`` (FLUX.2), ``wan`` (Wan 2.1 T2V)).
 
 The adapters are the only code that knows denoiser signatures."""
 
@@ -10,8 +11,8 @@ from typing import Any
 from diffalign import registry
 
 
-FAMILIES = ("sd15", "sdxl", "sd3", "flux")
-FLOW_FAMILIES = ("sd3", "flux")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux", "qwenimage", "zimage", "flux2")
+FLOW_FAMILIES = ("sd3", "flux", "qwenimage", "zimage", "flux2")
 # video families (5-D latents (N, C, F', h, w); ``Adapter.is_video``): Wan 2.1 T2V
 VIDEO_FAMILIES = ("wan",)
 FAMILIES += VIDEO_FAMILIES

@@ -253,6 +253,11 @@ class Adapter:
 
     # ---- latent geometry ----------------------------------------------------------------------
     @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE's latents (``latent_channels``; the 3-D VAEs of Qwen-Image/Wan call it ``z_dim``)."""
+        return int(self.vae.config.latent_channels)
+
+    @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell, ``2 ** (len(block_out_channels) - 1)`` as the diffusers pipelines (8 for SD/FLUX)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -266,7 +271,7 @@ class Adapter:
         f, width = self.vae_scale_factor, height if width is None else width
         if height % f or width % f:
             raise ValueError(f"{self.family}: image size {height}x{width} is not a multiple of the VAE factor {f}")
-        return (int(self.vae.config.latent_channels), height // f, width // f)
+        return (self.latent_channels, height // f, width // f)
 
     def resolution_shift(self, resolution: int) -> float:
         """The shift a flow pipeline samples with at ``resolution`` px (``flow.resolution_shift``)."""
@@ -336,11 +341,15 @@ class Adapter:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return latents / self.vae.config.scaling_factor + shift
 
+    def decode_pixels(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> the VAE decoder's raw output (N, 3, H, W) (videos: (N, 3, F, H, W)), fp32 and
+        differentiable (reward gradients)."""
+        return self.vae.decode(self.unscale_latents(latents.to(self.vae.device, torch.float32))).sample
+
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Scaled latents -> pixels (N, 3, H, W) in [-1, 1]."""
-        z = self.unscale_latents(latents.to(self.vae.device, torch.float32))
-        return self.vae.decode(z).sample.clamp(-1, 1)
+        return self.decode_pixels(latents).clamp(-1, 1)
 
     # ---- family-specific ----------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str], info: Sequence[SampleInfo] | None = None) -> Cond:
@@ -368,6 +377,19 @@ class Adapter:
 
     def extra_pipeline_components(self) -> dict[str, Any]:
         return {}
+
+    # the prompt of the unconditional branch (``sampling.guidance.encode_condition``'s "empty_prompt")
+    negative_prompt: ClassVar[str] = ""
+
+    def combine_guidance(self, uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
+        """Classifier-free guidance ``u + w (c - u)`` of fp32 outputs (N, C, h, w); Qwen-Image renormalises it."""
+        return uncond + scale * (cond - uncond)
+
+    def pipeline_guidance(self, scale: float, negative_prompt: list[str] | None, batch: int) -> dict[str, Any]:
+        """The family pipeline's call keywords for diffalign's guidance scale ``scale`` (``u + w (c - u)``) and an
+        optional negative prompt per image (``batch`` images): ``guidance_scale`` for SD/SDXL/SD3/FLUX.1."""
+        extra = {"negative_prompt": negative_prompt} if negative_prompt else {}
+        return {"guidance_scale": scale, **extra}
 
     def default_image_size(self, pipe: Any) -> int:
         """The pipeline's default height/width in pixels (``sample_size`` x VAE factor; FLUX: 1024)."""

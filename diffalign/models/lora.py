@@ -78,6 +78,11 @@ def add_lora(adapter: Adapter, spec: LoraSpec) -> LoraHandle:
     targets = {adapter.denoiser_name: adapter.resolve_lora_targets(spec.targets)}
     if spec.text_encoder:
         adapter.require_text_encoders()
+        if not adapter.lora_text_encoder_names():
+            raise ValueError(
+                f"lora.text_encoder=true: {adapter.pipeline_class} saves and loads transformer LoRA only, so a "
+                f"{adapter.family} text-encoder LoRA could not be exported; set lora.text_encoder=false"
+            )
         targets.update(dict.fromkeys(adapter.lora_text_encoder_names(), spec.text_encoder_targets))
     handle.targets = tuple(targets[adapter.denoiser_name])
     modules = adapter.named_modules()

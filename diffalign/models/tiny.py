@@ -25,7 +25,7 @@ from diffalign import resources
 ASSETS = resources.ASSETS
 CLIP_TOKENIZER = ASSETS / "tokenizers" / "clip"
 T5_TOKENIZER = ASSETS / "tokenizers" / "t5"
-FAMILIES = ("sd15", "sdxl", "sd3", "sd35", "flux")
+FAMILIES = ("sd15", "sdxl", "sd3", "sd35", "flux", "qwenimage", "zimage", "flux2")
 ADAPTER_FAMILY = {"sd35": "sd3"}  # tiny builder name -> model family (adapter) that loads it
 
 
@@ -253,6 +253,222 @@ def flux(seed: int = 0, guidance_embeds: bool = True) -> dict[str, Any]:
     }
 
 
+# ---- Qwen-Image, Z-Image, FLUX.2 (issue 24): LLM text encoders with a byte-level BPE tokenizer ----------------
+def byte_tokenizer(chat_template: str | None = None) -> Any:
+    """A real ``Qwen2Tokenizer`` over the 256 byte symbols of byte-level BPE (no merges) plus the chat specials
+    ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>``: 259 ids, built in-process. ``chat_template``: a
+    Jinja template for the pipelines that call ``apply_chat_template``."""
+    from transformers import Qwen2Tokenizer
+
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    cs, extra = bs[:], 0
+    for b in range(256):  # GPT-2's bytes_to_unicode: every byte a printable symbol
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    tok = Qwen2Tokenizer(vocab={chr(c): i for i, c in enumerate(cs)}, merges=[])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+BYTE_VOCAB = 259
+
+
+def qwenimage(seed: int = 0) -> dict[str, Any]:
+    """Qwen-Image-shaped ``QwenImagePipeline`` components: one dual-stream block on 2x2-packed 4-channel latents, a
+    Qwen2.5-VL text encoder (16 wide, 2 layers, a one-block vision tower it never uses), the 3-D causal VAE with one
+    spatial downsampling and the hub scheduler's dynamic exponential shift (base/max 0.5/0.9, 256..8192 tokens,
+    ``shift_terminal`` 0.02)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": BYTE_VOCAB,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+            "bos_token_id": 256,
+            "eos_token_id": 258,
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 16},
+    )
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels x 2 x 2 packed
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,  # = sum(axes_dims_rope)
+        num_attention_heads=2,
+        joint_attention_dim=16,  # the text encoder's width
+        axes_dims_rope=(2, 2, 4),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.05, 0.0],
+        latents_std=[1.5, 2.0, 1.2, 0.9],
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen/Qwen-Image scheduler_config.json
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": Qwen2_5_VLForConditionalGeneration(text),
+        "tokenizer": byte_tokenizer(),
+        "scheduler": scheduler,
+    }
+
+
+# Qwen3's chat template reduced to what ZImagePipeline asks of it: user/system turns, the assistant header, and the
+# empty think block that enable_thinking=False adds (ZImagePipeline passes True: no think block)
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- if enable_thinking is "
+    "defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+def zimage(seed: int = 0) -> dict[str, Any]:
+    """Z-Image-shaped ``ZImagePipeline`` components: one main, one noise-refiner and one context-refiner block (16
+    wide) on 4-channel latents patchified 2x2 by the transformer, a Qwen3 text encoder (16 wide, 3 layers: the
+    pipeline takes the second-to-last) with a Qwen3-style chat template, FLUX.1's VAE scaling, and a static shift
+    3.0 scheduler (Z-Image-Turbo's, as reported in Tencent-Hunyuan/UniRL#41; the hub file was not read)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    text = Qwen3Config(
+        vocab_size=BYTE_VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        bos_token_id=256,
+        eos_token_id=258,
+    )
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=16,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,  # the text encoder's width
+        axes_dims=[2, 2, 4],  # = head dim 8
+        axes_lens=[1024, 64, 64],
+    )
+    return {
+        "transformer": transformer,
+        "vae": _vae(scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        "text_encoder": Qwen3Model(text),
+        "tokenizer": byte_tokenizer(QWEN3_CHAT_TEMPLATE),
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    }
+
+
+# Mistral's [SYSTEM_PROMPT]/[INST] turns over content given as text parts (what Flux2Pipeline's format_input builds)
+MISTRAL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{%- set text = message['content'] if message['content'] is string else "
+    "message['content'] | map(attribute='text') | join('') %}{%- if message['role'] == 'system' %}"
+    "{{ '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}{%- else %}{{ '[INST]' + text + '[/INST]' }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def flux2(seed: int = 0) -> dict[str, Any]:
+    """FLUX.2-dev-shaped ``Flux2Pipeline`` components: one double- and one single-stream block on 2x2-patchified
+    4-channel latents (in_channels 16), a Mistral-3 text encoder of 30 layers 8 wide (the pipeline stacks layers 10,
+    20 and 30: joint_attention_dim 24) with a Mistral-style chat template, ``AutoencoderKLFlux2`` (BatchNorm
+    statistics over the patchified channels) and FLUX.2's dynamic-shifting scheduler."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = Mistral3Config(
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": BYTE_VOCAB,
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 4,
+            "bos_token_id": 256,
+            "eos_token_id": 258,
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 8,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "head_dim": 4,
+            "patch_size": 4,
+            "image_size": 16,
+        },
+        text_config_hidden_size=8,
+        spatial_merge_size=1,
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x 2 x 2 patchified
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,  # = sum(axes_dims_rope)
+        num_attention_heads=2,
+        joint_attention_dim=24,  # 3 stacked text layers x 8
+        timestep_guidance_channels=16,
+        axes_dims_rope=(2, 2, 2, 2),
+    )
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    with torch.no_grad():  # trained statistics, not the init's 0 / 1
+        vae.bn.running_mean.uniform_(-0.2, 0.2)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": Mistral3ForConditionalGeneration(text),
+        "tokenizer": byte_tokenizer(MISTRAL_CHAT_TEMPLATE),
+        "scheduler": scheduler,
+    }
+
+
 # ---- video: Wan 2.1 T2V ----------------------------------------------------------------------------------
 def wan(seed: int = 0) -> dict[str, Any]:
     """Wan2.1-T2V-shaped ``WanPipeline`` components: a 2-block ``WanTransformer3DModel`` ((1, 2, 2) patches, RMS q/k
@@ -315,6 +531,7 @@ def wan(seed: int = 0) -> dict[str, Any]:
 
 
 BUILDERS = {"sd15": sd15, "sdxl": sdxl, "sd3": sd3, "sd35": sd35, "flux": flux}
+BUILDERS.update(qwenimage=qwenimage, zimage=zimage, flux2=flux2)
 PIPELINES = {
     "sd15": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
@@ -322,6 +539,7 @@ PIPELINES = {
     "sd35": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
 }
+PIPELINES.update(qwenimage="QwenImagePipeline", zimage="ZImagePipeline", flux2="Flux2Pipeline")
 FAMILIES += ("wan",)
 BUILDERS["wan"] = wan
 PIPELINES["wan"] = "WanPipeline"

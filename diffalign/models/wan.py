@@ -161,12 +161,6 @@ class Adapter(_Base):
         mean, std = self._stats(latents)
         return latents * std + mean
 
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Normalised latents (N, C, F', h, w) -> videos (N, 3, F, H, W) in [-1, 1]."""
-        z = self.unscale_latents(latents.to(self.vae.device, torch.float32))
-        return self.vae.decode(z).sample.clamp(-1, 1)
-
     # ---- conditioning and the denoiser ----------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str], info: Sequence[SampleInfo] | None = None) -> Cond:
         """UMT5 last hidden states (B, max_sequence_length, D), zeroed past each prompt's length."""

@@ -1,9 +1,9 @@
 """Conditioning and classifier-free guidance for the sampler loops: one helper each.
 
 ``encode_condition`` gives the (cond, uncond) pair a sampler guides with: the unconditional branch is the encoded
-empty prompt, or zeros (the SDXL pipeline's ``force_zeros_for_empty_prompt``: every embedding zero, the size/crop
+empty prompt (the family's ``negative_prompt``: Qwen-Image's pipelines document ``" "``), or zeros (the SDXL pipeline's ``force_zeros_for_empty_prompt``: every embedding zero, the size/crop
 ``time_ids`` kept). ``guided_output`` is classifier-free guidance (Ho & Salimans 2022) on the raw model output,
-``u + w (c - u)``, from ONE concatenated [uncond, cond] forward, as the diffusers pipelines batch it; with
+``u + w (c - u)`` (``Adapter.combine_guidance``; Qwen-Image renormalises it as its pipeline does), from ONE concatenated [uncond, cond] forward, as the diffusers pipelines batch it; with
 ``detach_uncond`` no gradient flows through the unconditional branch (Flow-GRPO ``scripts/train_sd3.py:180-195``),
 which changes no value.
 
@@ -22,7 +22,9 @@ from diffalign.types import SampleInfo
 
 
 UNCOND_MODES = ("empty_prompt", "zeros")
-MICRO_COND_KEYS = ("time_ids",)  # SDXL size/crop conditioning: kept in the unconditional branch
+# kept as they are in a "zeros" unconditional branch: SDXL's size/crop conditioning, and the text masks of Qwen-Image and
+# Z-Image (zero embeddings at the prompt's valid positions; an all-zero Z-Image mask would leave no caption token)
+MICRO_COND_KEYS = ("time_ids", "encoder_hidden_states_mask", "cap_mask")
 
 
 def default_info(adapter: Adapter, latent_hw: Sequence[int]) -> SampleInfo:
@@ -52,7 +54,7 @@ def encode_condition(
         if uncond == "zeros":
             empty = {k: (v if k in MICRO_COND_KEYS else torch.zeros_like(v)) for k, v in cond.items()}
         else:
-            empty = adapter.encode_prompts([""] * len(prompts), list(info))
+            empty = adapter.encode_prompts([adapter.negative_prompt] * len(prompts), list(info))
     return cond, empty
 
 
@@ -76,4 +78,4 @@ def guided_output(
     u, c = out.chunk(2)
     if detach_uncond:
         u = u.detach()
-    return u + guidance_scale * (c - u)
+    return adapter.combine_guidance(u, c, guidance_scale)

@@ -91,13 +91,10 @@ class GradSpec:
 # ---- decode and rollouts ------------------------------------------------------------------------------
 def decode(adapter: Adapter, latents: Tensor, *, use_checkpoint: bool = False) -> Tensor:
     """Differentiable VAE decode: scaled latents -> images (B, 3, H, W) (videos: (B, 3, F, H, W)) in [0, 1]
-    (``(x / 2 + 0.5).clamp(0, 1)`` as ReFL.py line 741), fp32, through ``Adapter.unscale_latents``."""
-    vae = adapter.vae
-
-    def run(z: Tensor) -> Tensor:
-        return vae.decode(adapter.unscale_latents(z)).sample
-
-    z = latents.to(vae.device, torch.float32)
+    (``(x / 2 + 0.5).clamp(0, 1)`` as ReFL.py line 741), fp32; ``Adapter.decode_pixels``, the inverse of
+    ``Adapter.encode_images``."""
+    run = adapter.decode_pixels
+    z = latents.to(adapter.vae.device, torch.float32)
     pixels = checkpoint(run, z, use_reentrant=False) if use_checkpoint and z.requires_grad else run(z)
     return (pixels.float() / 2 + 0.5).clamp(0, 1)
 

@@ -198,7 +198,7 @@ def build_adapter(cfg: Any, device: torch.device, *, need_reference: bool = True
         kwargs["mode_scale"] = m.mode_scale
         if isinstance(m.flow_shift, float):
             kwargs["shift"] = m.flow_shift
-    if m.family == "flux":
+    if m.family in dconfig.GUIDANCE_EMBEDDED:
         kwargs["adapter_kwargs"] = {"guidance": m.guidance}
     if m.family in dconfig.VIDEO_FAMILIES:  # frames per video: the data's (None: the pipeline's default)
         kwargs["adapter_kwargs"] = {"num_frames": cfg.data.num_frames}
@@ -734,9 +734,9 @@ def _validate(run: Run, prompts: list[str]) -> None:
         gen = torch.Generator(device="cpu").manual_seed(cfg.validation.seed + i)
         with torch.autocast(acc.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
             out = _eager(pipe)(
-                prompt,
+                prompt=prompt,  # by keyword: Flux2Pipeline's first parameter is the reference image
                 num_inference_steps=cfg.validation.num_inference_steps,
-                guidance_scale=cfg.validation.guidance_scale,
+                **run.adapter.pipeline_guidance(cfg.validation.guidance_scale, None, 1),
                 height=res,
                 width=res,
                 generator=gen,

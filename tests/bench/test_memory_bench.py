@@ -95,3 +95,15 @@ def test_full_table_bytes_by_hand(bench, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| sd15")]
     assert len(rows) == 1 + 3 * 3 and all("| 0.86 B |" in r for r in rows)  # SD1.5 UNet: 859.5 M parameters
     assert rows[0].split(" | ")[11] == "17.6"  # DDP with AdamW: 4 + 4 + 8 + 2 + 4 = 22 bytes per parameter
+
+
+def test_cpu_table_counts_the_issue_24_models(bench, capsys):
+    """Qwen-Image 20.4 B (38.05 GiB of bf16 = the release's 40.86 GB of safetensors), FLUX.2-dev 32.2 B, Z-Image 6.2 B;
+    their text encoders' resident bf16 sizes are listed, and every row names the smallest GPU its static state fits."""
+    bench.main(["--device", "cpu", "--models", "qwen-image", "flux2-dev", "z-image-turbo", "--rank", "4"])
+    out = capsys.readouterr().out
+    rows = {name: [ln for ln in out.splitlines() if ln.startswith(f"| {name} ")] for name in bench.MODELS}
+    assert "| 20.43 B |" in rows["qwen-image"][0] and "| 38.05 |" in rows["qwen-image"][0]
+    assert "| 32.22 B |" in rows["flux2-dev"][0] and "| 6.15 B |" in rows["z-image-turbo"][0]
+    assert all(row.rstrip(" |").endswith("GB") for name in ("qwen-image", "flux2-dev") for row in rows[name])
+    assert "flux2: Mistral-Small-3.1-24B = 44.7 GB" in out

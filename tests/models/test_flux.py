@@ -142,8 +142,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dirs, family):
         x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
         cond = adapter.encode_prompts(["a", "b"], [SampleInfo((32, 32), (0, 0), (32, 32))] * 2)
         adapter.predict(x, torch.tensor([100.0, 700.0]), cond).pow(2).mean().backward()
-        grads.append({k: p.grad.clone() for k, p in lora.trainable_parameters(adapter).items()})
-    assert grads[0].keys() == grads[1].keys()
+        # Qwen-Image's last block's text-stream outputs are discarded: its to_add_out / txt_mlp LoRA get no gradient
+        grads.append({k: p.grad.clone() for k, p in lora.trainable_parameters(adapter).items() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-5, atol=1e-7)
 
@@ -258,12 +259,14 @@ def test_latent_shape_is_the_vaes_and_matches_the_stock_pipeline(family):
     adapter = models.from_components(tiny.adapter_family(family), components)
     pipe = getattr(diffusers, tiny.PIPELINES[family])(**components)
     assert adapter.vae_scale_factor == pipe.vae_scale_factor
-    channels = components["vae"].config.latent_channels
+    vae = components["vae"].config
+    channels = vae.get("latent_channels") or vae["z_dim"]  # Qwen-Image's 3-D VAE calls it z_dim
     f = adapter.vae_scale_factor
     assert adapter.latent_shape(32) == (channels, 32 // f, 32 // f)
     assert adapter.latent_shape(32, 64) == (channels, 32 // f, 64 // f)
-    if family == "flux":
+    if family in ("flux", "qwenimage", "flux2"):
         assert adapter.denoiser.config.in_channels == 4 * channels  # the packed input is not the latent shape
+    if family in ("flux", "qwenimage", "zimage", "flux2"):
         with pytest.raises(ValueError, match="multiple of"):
             adapter.latent_shape(3 * f)  # an odd latent side cannot be packed 2x2
     with pytest.raises(ValueError, match="VAE factor"):

@@ -1,5 +1,6 @@
-"""The recipe's validation sampling on FLUX.1 (FluxPipeline, guidance embedding) and SD3.5 with skip-layer
-guidance, which is a sampling option only: the training forwards never skip a layer."""
+"""The recipe's validation sampling on FLUX.1 (FluxPipeline, guidance embedding), Qwen-Image (true CFG), Z-Image,
+FLUX.2, and SD3.5 with skip-layer guidance, which is a sampling option only: the training forwards never skip a
+layer."""
 
 from __future__ import annotations
 
@@ -12,14 +13,25 @@ from tests.recipes.conftest import toy_overrides
 SLG = {"validation.skip_guidance_layers": "[1]", "validation.num_inference_steps": 10}  # SLG runs at 1% - 20% of steps
 
 
-@pytest.mark.parametrize(("family", "extra"), [("flux", {}), ("sd35", SLG)])
+TRANSFORMERS = {
+    "flux": "FluxTransformer2DModel",
+    "sd35": "SD3Transformer2DModel",
+    "qwenimage": "QwenImageTransformer2DModel",  # validation: true CFG (true_cfg_scale + negative prompt " ")
+    "zimage": "ZImageTransformer2DModel",
+    "flux2": "Flux2Transformer2DModel",
+}
+
+
+@pytest.mark.parametrize(
+    ("family", "extra"), [("flux", {}), ("sd35", SLG), ("qwenimage", {}), ("zimage", {}), ("flux2", {})]
+)
 def test_validation_images_on_flow_families(recipe, tiny_dirs, tmp_path, monkeypatch, family, extra):
     from diffalign.models import tiny
 
     calls = []
     import diffusers
 
-    cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.SD3Transformer2DModel
+    cls = getattr(diffusers, TRANSFORMERS[family])
     inner = cls.forward
 
     def spy(self, *args, **kwargs):
@@ -44,6 +56,8 @@ def test_validation_images_on_flow_families(recipe, tiny_dirs, tmp_path, monkeyp
     assert len(training) == 2 * result["step"] and all(skip is None for skip in training)  # policy + reference
     if family == "sd35":
         assert [1] in sampling
+    if family == "qwenimage":  # two passes per step: QwenImagePipeline ran true CFG
+        assert len(sampling) == 2 * 2
 
 
 def test_skip_layer_guidance_is_an_sd3_option(tiny_dirs, tmp_path):

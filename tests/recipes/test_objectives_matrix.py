@@ -13,8 +13,8 @@ import torch
 from tests.recipes.conftest import ROOT, toy_overrides
 
 
-FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux"]
-FLOW = {"sd3", "sd35", "flux"}
+FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux", "qwenimage", "zimage", "flux2"]
+FLOW = {"sd3", "sd35", "flux", "qwenimage", "zimage", "flux2"}
 OBJECTIVES = ["dpo", "mapo", "sdpo", "npo", "rankdpo", "kto", "dspo", "dmpo", "inpo", "smpo", "dcpo", "curriculum_dpo"]
 NOT_LOSSES = {"inpo", "curriculum_dpo"}  # dpo + noise.kind=inversion; dpo + data.curriculum
 VP_ONLY = {"inpo", "smpo"}  # DDIM-inversion noise: not for flow models
@@ -104,7 +104,9 @@ def test_objective_runs_on_family(recipe, tiny_dirs, stock_pipes, tmp_path, fami
 
 def sample(pipe) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
-    return pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=gen, output_type="pt").images
+    return pipe(  # prompt by keyword: Flux2Pipeline's first parameter is the reference image
+        prompt="a red circle", num_inference_steps=2, height=32, width=32, generator=gen, output_type="pt"
+    ).images
 
 
 def test_inpo_with_inversion_switched_off_is_exactly_dpo(recipe, tiny_dirs, tmp_path):

@@ -16,7 +16,7 @@ import torch
 from tests.recipes.conftest import recipe_module
 
 
-FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux"]
+FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux", "qwenimage", "zimage", "flux2"]
 COMMON = {"data.resolution": 32, "run.max_steps": 1, "run.log_every": 1, "run.report_to": "[]"}
 # 2 prompts x 2 samples in one micro-batch of 4, on a 3-step grid: 2 trained steps (the last is never trained)
 ONLINE = {
@@ -70,7 +70,9 @@ def recipes():
 
 def sample(pipe) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
-    return pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=gen, output_type="pt").images
+    return pipe(  # prompt by keyword: Flux2Pipeline's first parameter is the reference image
+        prompt="a red circle", num_inference_steps=2, height=32, width=32, generator=gen, output_type="pt"
+    ).images
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -81,7 +83,7 @@ def test_recipe_runs_on_family_and_exports_a_working_lora(recipes, tiny_dirs, st
     name, config, extra = CASES[case]
     overrides = {**COMMON, **extra, "model.family": tiny.adapter_family(family), "model.path": tiny_dirs[family]}
     overrides["run.output_dir"] = tmp_path / "run"
-    if family == "flux":  # FLUX.1-dev is guidance-distilled: its guidance embedding, no CFG
+    if family in {"flux", "flux2"}:  # FLUX.1-dev / FLUX.2-dev are guidance-distilled: their guidance embedding, no CFG
         overrides["online.guidance_scale" if name == "online_rl" else "reward_grad.guidance_scale"] = 1.0
     if family == "wan":
         overrides |= VIDEO

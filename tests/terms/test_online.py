@@ -169,17 +169,17 @@ def _policy(family: str):
     return adapter
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux", "qwenimage", "zimage", "flux2"])
 def test_update_log_prob_equals_rollout_log_prob(family: str) -> None:
     adapter = _policy(family)
-    is_flow = family in ("sd3", "flux")
+    is_flow = family not in ("sd15", "sdxl")
     spec = SDESpec(noise_level=0.7 if is_flow else 1.0)
     grid = sde.make_grid(adapter, 3)
-    shape = (adapter.vae.config.latent_channels, 8, 8)
+    shape = (adapter.latent_channels, 8, 8)
     info = [guidance.default_info(adapter, shape[1:])] * len(PROMPTS)
     with torch.no_grad():
         cond, uncond = guidance.encode_condition(adapter, PROMPTS, info, "empty_prompt")
-    scale = 1.0 if family == "flux" else 4.5  # FLUX.1-dev: guidance embedding instead of CFG
+    scale = 1.0 if family in ("flux", "flux2") else 4.5  # FLUX.1-dev / FLUX.2: guidance embedding instead of CFG
     gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
     traj = sde.rollout(adapter, grid, spec, cond, uncond, generators=gens, latent_shape=shape, guidance_scale=scale)
     assert traj.latents.shape == (3, 4, *shape) and traj.log_probs.shape == (3, 3)
