@@ -69,6 +69,7 @@ class Adapter(_Base):
     family = "flux2"
     pipeline_class = "Flux2Pipeline"
     denoiser_name = "transformer"
+    shard_blocks = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")  # FSDP2 wrap units (training.sharding)
     tokenizer_classes: ClassVar[dict[str, str]] = {"tokenizer": "AutoProcessor"}
 
     def __init__(self, *, guidance: float | None = None, max_sequence_length: int = 512, **kwargs: Any) -> None:

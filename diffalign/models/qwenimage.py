@@ -84,6 +84,7 @@ class Adapter(_Base):
     family = "qwenimage"
     pipeline_class = "QwenImagePipeline"
     denoiser_name = "transformer"
+    shard_blocks = ("QwenImageTransformerBlock",)  # FSDP2 wrap units (training.sharding)
     tokenizer_classes: ClassVar[dict[str, str]] = {"tokenizer": "Qwen2Tokenizer"}
     negative_prompt: ClassVar[str] = " "
 

@@ -48,6 +48,7 @@ class Adapter(_Base):
     family = "zimage"
     pipeline_class = "ZImagePipeline"
     denoiser_name = "transformer"
+    shard_blocks = ("ZImageTransformerBlock",)  # FSDP2 wrap units (training.sharding)
     tokenizer_classes: ClassVar[dict[str, str]] = {"tokenizer": "AutoTokenizer"}
 
     def __init__(self, *, max_sequence_length: int = 512, **kwargs: Any) -> None:
