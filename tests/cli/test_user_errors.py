@@ -122,12 +122,12 @@ def test_missing_model_data_column_prompts_tracker_and_folder_are_one_line_befor
 def test_online_rl_batch_arithmetic_is_checked_for_the_process_count(capsys):
     assert main(["run", "--config", "duo/grpo", "--num-processes", "3", "--dry-run"]) == 1
     line = one_error_line(capsys.readouterr().err)
-    assert "optim.grad_accum=40 does not fit one round on 3 processes" in line
+    assert "optim.grad_accum=8 does not fit one round on 3 processes" in line
     assert main(["validate", "duo/grpo", "--num-processes", "3"]) == 1
     assert "does not fit one round on 3 processes" in one_error_line(capsys.readouterr().err)
     assert main(["run", "--config", "duo/grpo", "--num-processes", "2", "--dry-run"]) == 1
-    assert "set optim.grad_accum=20" in one_error_line(capsys.readouterr().err)  # the fix, computed
-    assert main(["run", "--config", "duo/grpo", "--num-processes", "2", "optim.grad_accum=20", "--dry-run"]) == 0
+    assert "set optim.grad_accum=4" in one_error_line(capsys.readouterr().err)  # the fix, computed
+    assert main(["run", "--config", "duo/grpo", "--num-processes", "2", "optim.grad_accum=4", "--dry-run"]) == 0
 
 
 def test_shipped_configs_name_the_command_that_prepares_them(tmp_path, monkeypatch, capsys):
