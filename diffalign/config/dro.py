@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from diffalign.config.common import (
     FLOW_FAMILIES,
+    VIDEO_FAMILIES,
     DataConfig,
     EmaConfig,
     ExportConfig,
@@ -30,7 +31,8 @@ class DROSection:
 
     ``num_steps``: sampler steps of a buffer trajectory (``--buffer_num_inference_steps`` 20); ``guidance_scale``:
     its CFG (``--buffer_guidance_scale`` 1.0: the conditional prediction alone); ``perturb_timesteps``: one random
-    offset in ``[0, T // num_steps)`` per trajectory added to its grid (``--buffer_perturb_timesteps``, on);
+    offset in ``[0, T // num_steps)`` per trajectory added to its grid (``--buffer_perturb_timesteps``, on; sd15/sdxl
+    only: the flow families need ``false``);
     ``buffer_size``: trajectories the replay buffer keeps (``--buffer_size`` 4; every micro-step commits one per
     group of the micro-batch, ``--buffer_sample_steps`` 1); ``snapshot_every``: micro-steps between refreshes of
     the sampling policy snapshot (``--buffer_update_steps`` 16), always from the trained weights (never the EMA).
@@ -92,10 +94,12 @@ def _check_dro(cfg: DROConfig) -> list[str]:
         data__proportion_empty_prompts=data.proportion_empty_prompts,
         data__max_bad_fraction=data.max_bad_fraction,
     )
-    if m.family in FLOW_FAMILIES:
+    if m.family in VIDEO_FAMILIES:
+        problems.append(f"model.family={m.family!r} is not supported by dro: its experts and buffer are images")
+    elif m.family in FLOW_FAMILIES and d.perturb_timesteps:
         problems.append(
-            f"model.family={m.family!r} is not supported by dro: its buffer sampler steps DDIM on the "
-            "variance-preserving process of sd15/sdxl"
+            f"dro.perturb_timesteps=true is not supported on model.family={m.family!r}: the per-trajectory grid "
+            "offsets are DDPM timesteps (sd15/sdxl); set dro.perturb_timesteps=false"
         )
     if trained := text_encoders_trained(cfg):
         problems.append(f"{trained} is not supported by dro: the buffer stores the prompt embeddings")

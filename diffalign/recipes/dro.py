@@ -5,10 +5,11 @@ basiclab/DiffusionDRO@b0693ec ``train.py`` trains it. Data: expert images with c
 group's FIRST image: a Pick-a-Pic winner, a ranked list's best). Each micro-step, per group (L654-714, L730-768):
 
 1. the **policy snapshot** (the trained tensors as of the last refresh, swapped into the one denoiser: no second
-   UNet) samples a trajectory for the group's prompt: ``dro.num_steps`` deterministic DDIM steps
-   (``diffalign.sampling.sde.rollout``, the shared kernel) at CFG ``dro.guidance_scale``, on a grid shifted by a
-   random offset per trajectory (``dro.perturb_timesteps``; ``sampling.grids.perturbed_timesteps``), keeping each
-   step's input latent and the snapshot's prediction there;
+   UNet) samples a trajectory for the group's prompt: ``dro.num_steps`` deterministic steps of the shared
+   sampler (``diffalign.sampling.sde.rollout`` at noise level 0: DDIM on sd15/sdxl, the Euler ODE step on the flow
+   grid of sd3/sd35/flux/qwenimage/zimage/flux2) at CFG ``dro.guidance_scale``, on a grid shifted by a random
+   offset per trajectory (``dro.perturb_timesteps``, VP families only: ``sampling.grids.perturbed_timesteps``),
+   keeping each step's input latent and the snapshot's prediction (noise, v or velocity) there;
 2. the trajectory and the group's expert latent and prompt embedding go into the **replay buffer**
    (``diffalign.terms.dro.ReplayBuffer``, the newest ``dro.buffer_size`` trajectories);
 3. a micro-batch of pairs is drawn from the buffer (a slot and a step each): expert latent + fresh noise at the
@@ -25,7 +26,8 @@ as theirs does (L666, one embedding for both).
 Deviations (the authors' options in brackets): a LoRA instead of the full UNet by default, the EMA then over the
 LoRA factors (``train.mode: full`` trains the full UNet as theirs; the snapshot is then a full copy of it); the
 buffer sampler is deterministic DDIM [DPMSolver++ 20 steps, default; DDIM is one of their ``--buffer_scheduler``
-choices]; one trajectory per group and micro-step [``--buffer_batch_size`` / ``--buffer_batch_accumulation``
+choices]; the flow families (not in the paper, which trains SD1.5 / SDXL) sample on the adapter's shifted flow
+grid, the same for every trajectory (``dro.perturb_timesteps: false``: no per-trajectory grid is defined there); one trajectory per group and micro-step [``--buffer_batch_size`` / ``--buffer_batch_accumulation``
 decouple them]. Each process keeps its own buffer (their ``--buffer_sync`` off).
 
 Launch:
@@ -50,7 +52,6 @@ import torch
 
 from diffalign import config as dconfig
 from diffalign import errors
-from diffalign.diffusion import VPProcess
 from diffalign.models import lora
 from diffalign.sampling import seeds as seedlib
 from diffalign.sampling.guidance import encode_condition
@@ -84,8 +85,6 @@ class State:
 # ---- setup and checkpoints ----------------------------------------------------------------------------
 def setup(cfg: Any, accelerator: Any) -> State:
     adapter = loop.build_adapter(cfg, accelerator.device)
-    if not isinstance(adapter.process, VPProcess):
-        raise dconfig.ConfigError(f"dro needs a DDPM-family (VP) scheduler; {cfg.model.path} has a flow one")
     objective, loss_cfg = dconfig.loss_config(cfg.loss)
     run = loop.build_run(cfg, accelerator, adapter)
     params = lora.trainable_parameters(adapter)  # the LoRA tensors, or every denoiser weight (train.mode: full)

@@ -15,8 +15,9 @@ image with a latent from the policy's own sampling trajectory. What follows read
   pass (LoRA off, no grad) then the policy pass, per-sample mean-over-C,H,W squared errors in fp32.
 
 The targets are in the model's output space: the noise for epsilon-prediction (the authors' SD1.5 / SDXL), the
-velocity for v-prediction (the process's training target on the expert side, the snapshot's raw output on the
-sample side). Shapes: latents ``(B, C, h, w)``; buffer tensors slot-first; timesteps ``(B,)`` long.
+velocity for v-prediction and for the flow families (SD3, FLUX, ...: ``eps - x0``) (the process's training target
+on the expert side, the snapshot's raw output on the sample side). Shapes: latents ``(B, C, h, w)``; buffer tensors
+slot-first; timesteps ``(B,)``, long (VP) or fp32 model units ``sigma * T`` (flow).
 """
 
 from __future__ import annotations
@@ -62,14 +63,16 @@ class ReplayBuffer:
 
     def commit(self, x0: Tensor, cond: Mapping[str, Tensor], x: Tensor, target: Tensor, t: Tensor) -> None:
         """Append B trajectories: ``x0`` (B, C, h, w), ``cond`` entries (B, ...), ``x`` / ``target`` (B, T, C, h, w)
-        (the latent before each step and the sampler's output there), ``t`` (B, T); keep the newest ``size``."""
+        (the latent before each step and the sampler's output there), ``t`` (B, T) (long, or fp32 on a flow grid);
+        keep the newest ``size``."""
         b, steps = x.shape[:2]
         if target.shape != x.shape or tuple(t.shape) != (b, steps) or x0.shape[0] != b:
             raise ValueError(
                 f"buffer commit: x {tuple(x.shape)}, target {tuple(target.shape)}, t {tuple(t.shape)}, "
                 f"x0 {tuple(x0.shape)} do not describe {b} trajectories of {steps} steps"
             )
-        new = {"x0": x0, "x": x, "target": target, "t": t.long(), **{f"cond.{k}": v for k, v in cond.items()}}
+        t = t if t.is_floating_point() else t.long()  # flow grids: fp32 model-unit timesteps ``sigma * T``
+        new = {"x0": x0, "x": x, "target": target, "t": t, **{f"cond.{k}": v for k, v in cond.items()}}
         if self.tensors and new.keys() != self.tensors.keys():
             raise ValueError(f"buffer commit: keys {sorted(new)} differ from the buffer's {sorted(self.tensors)}")
         for key, value in new.items():

@@ -90,7 +90,8 @@ def test_trains_and_resumes_bitwise_with_buffer_snapshot_and_ema(dro_recipe, tin
         ("dro.use_ema=false", "unknown key 'dro.use_ema'"),  # the shared ema: section replaced it
         ("dro.ema_decay=0.999", "unknown key 'dro.ema_decay'"),
         ("ema.decay=1.5", "ema.decay=1.5 must be in [0, 1]"),
-        ("model.family=sd3", "model.family='sd3' is not supported by dro"),
+        ("model.family=sd3", "dro.perturb_timesteps=true is not supported on model.family='sd3'"),
+        ("model.family=wan", "model.family='wan' is not supported by dro"),
         ("lora.text_encoder=true", "lora.text_encoder=true is not supported by dro"),
         ("train.text_encoders=true", "train.text_encoders=true is not supported by dro"),
     ],
@@ -101,7 +102,7 @@ def test_config_mistakes_are_one_line_naming_the_key(override, message):
 
 
 def test_shipped_dro_configs_bind():
-    for name in ("toy/dro", "duo/dro", "sd15/dro"):
+    for name in ("toy/dro", "duo/dro", "sd15/dro", "sd3/dro_lora"):
         cfg = config.load(name, [], schema=config.DROConfig)
         assert cfg.loss.name == "dro" and cfg.loss.params == {"margin": 0.001}
         assert cfg.ema.enabled and cfg.ema.decay == 0.9999 and cfg.train.mode == "lora"  # the authors' --use_ema
@@ -114,3 +115,5 @@ def test_shipped_dro_configs_bind():
         4,
         0.2,
     )
+    sd3 = config.load("sd3/dro_lora", [], schema=config.DROConfig)
+    assert sd3.model.family == "sd3" and not sd3.dro.perturb_timesteps  # the flow grid has no DDPM offsets

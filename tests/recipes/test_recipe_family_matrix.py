@@ -1,6 +1,6 @@
-"""Every sampling recipe on every family: one round of ``online_rl`` (the GRPO and DDPO presets) and one step of
-``reward_grad`` (ReFL, DRaFT-K, AlignProp) on tiny SD1.5, SDXL, SD3, SD3.5-Medium-shaped, FLUX.1-dev-shaped and
-Wan2.1-T2V-shaped (video) models. Each run must end in a LoRA that a stock diffusers pipeline loads and that changes
+"""Every sampling recipe on every family: one round of ``online_rl`` (the GRPO and DDPO presets), one step of
+``reward_grad`` (ReFL, DRaFT-K, AlignProp) and one of ``dro`` (Diffusion-DRO; images only, so not on Wan) on tiny
+SD1.5, SDXL, SD3, SD3.5-Medium-shaped, FLUX.1-dev-shaped and Wan2.1-T2V-shaped (video) models. Each run must end in a LoRA that a stock diffusers pipeline loads and that changes
 its images, while with the LoRA disabled the pipeline gives the base's images exactly.
 
 The FLUX online_rl case is the regression test of the rollout that took its latent channel count from the
@@ -49,6 +49,9 @@ CASES = {  # name -> (recipe, shipped toy config, overrides)
             "reward_grad.checkpointing": "true",
         },
     ),
+    # Diffusion-DRO: the Pick-a-Pic fixture's winners as experts, the buffer sampled on each family's own grid
+    # (the flow families: the shared flow grid, no per-trajectory timestep offsets)
+    "dro": ("dro", "toy/dro", {"data.path": "diffalign://assets/pickapic_tiny", "dro.num_steps": 3}),
 }
 
 
@@ -65,7 +68,7 @@ def sample_video(pipe) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def recipes():
-    return {name: recipe_module(name) for name in ("online_rl", "reward_grad")}
+    return {name: recipe_module(name) for name in ("online_rl", "reward_grad", "dro")}
 
 
 def sample(pipe) -> torch.Tensor:
@@ -81,12 +84,16 @@ def test_recipe_runs_on_family_and_exports_a_working_lora(recipes, tiny_dirs, st
     from diffalign.models import tiny
 
     name, config, extra = CASES[case]
+    if name == "dro" and family == "wan":
+        pytest.skip("dro trains on expert images (pickapic / ranked / scored_pairs): no video family")
     overrides = {**COMMON, **extra, "model.family": tiny.adapter_family(family), "model.path": tiny_dirs[family]}
     overrides["run.output_dir"] = tmp_path / "run"
-    if family in {"flux", "flux2"}:  # FLUX.1-dev / FLUX.2-dev are guidance-distilled: their guidance embedding, no CFG
+    if family in {"flux", "flux2"} and name != "dro":  # FLUX.1/.2-dev are guidance-distilled: no CFG (dro's is 1)
         overrides["online.guidance_scale" if name == "online_rl" else "reward_grad.guidance_scale"] = 1.0
     if family == "wan":
         overrides |= VIDEO
+    if name == "dro" and family not in {"sd15", "sdxl"}:  # the per-trajectory grid offsets are DDPM timesteps
+        overrides["dro.perturb_timesteps"] = "false"
     result = recipes[name].main(["--config", config, *(f"{k}={v}" for k, v in overrides.items())])
     first = result["history"][0]
     assert len(result["history"]) == 1 and math.isfinite(first["loss"])

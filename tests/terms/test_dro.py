@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from diffalign import models
+from diffalign.diffusion.flow import FlowProcess
 from diffalign.diffusion.vp import VPProcess
 from diffalign.models import lora, tiny
 from diffalign.sampling import grids, guidance, sde
@@ -123,9 +124,9 @@ class _LinearAdapter:
 
     device = torch.device("cpu")
 
-    def __init__(self) -> None:
+    def __init__(self, process=None) -> None:
         cfg = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
-        self.process = VPProcess.from_scheduler_config(cfg | {"prediction_type": "epsilon"})
+        self.process = process or VPProcess.from_scheduler_config(cfg | {"prediction_type": "epsilon"})
         self.w = torch.tensor(0.5, requires_grad=True)
         self.ref = False
 
@@ -157,3 +158,22 @@ def test_dro_terms_hand_computed():
     torch.testing.assert_close(terms.ref_l, torch.zeros(2))  # 0.25 * 4 - 1
     assert terms.policy_w.requires_grad and not terms.ref_w.requires_grad
     assert terms.timesteps.tolist() == [10, 500]
+
+
+def test_flow_buffer_keeps_fp32_timesteps_and_terms_target_the_velocity():
+    """A flow grid's model-unit timesteps ``sigma * T`` stay fp32 in the buffer (not truncated to long); the expert
+    side is ``(1 - sigma) x0 + sigma eps`` against the velocity ``eps - x0``."""
+    buf = dro_terms.ReplayBuffer(2)
+    t = torch.tensor([[1000.0, 937.5, 312.25]])
+    buf.commit(torch.full((1, 1, 2, 2), 2.0), {"prompt_embeds": torch.zeros(1, 3, 4)},
+               torch.full((1, 3, 1, 2, 2), 4.0), torch.full((1, 3, 1, 2, 2), 1.0), t)  # fmt: skip
+    sample = buf.sample(3, torch.Generator().manual_seed(0), "cpu")
+    assert sample.t.dtype == torch.float32 and set(sample.t.tolist()) <= set(t[0].tolist())
+    adapter = _LinearAdapter(FlowProcess(num_train_timesteps=1000, shift=3.0))
+    eps = torch.full((3, 1, 2, 2), -1.0)
+    terms = dro_terms.dro_terms(adapter, sample, eps)
+    sigma = sample.t / 1000
+    xw = (1 - sigma) * 2.0 - sigma  # target eps - x0 = -3
+    torch.testing.assert_close(terms.policy_w, (0.5 * xw + 3.0) ** 2)
+    torch.testing.assert_close(terms.ref_w, (0.25 * xw + 3.0) ** 2)
+    torch.testing.assert_close(terms.policy_l, torch.full((3,), 1.0))  # 0.5 * 4 - 1
