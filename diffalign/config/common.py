@@ -233,13 +233,39 @@ def terms_kind(module: types.ModuleType) -> str:
     raise ConfigError(f"loss module {module.__name__} has no TERMS")
 
 
-def _positive(problems: list[str], **values: float | int | None) -> None:
+def check_loss_kind(
+    cfg: Any, problems: list[str], recipe: str, *, kind: str | None = None, examples: str = "", own: bool = False
+) -> tuple[types.ModuleType, str] | None:
+    """The loss module of ``cfg.loss.name`` and its terms kind if ``recipe`` can train it, else None with the reason
+    appended to ``problems``: a loss that does not resolve, one of another terms ``kind`` than the recipe needs
+    (``examples``: losses of that kind), one another recipe builds the terms of (its ``RECIPE``), or, with ``own``,
+    one that is not ``recipe``'s own (``RECIPE = recipe``)."""
+    name = cfg.loss.name
+    try:
+        module = cfg.loss.resolve(name)
+        found = terms_kind(module)
+    except ConfigError as e:
+        problems.append(f"loss.name: {e}")
+        return None
+    builder = getattr(module, "RECIPE", None)
+    if kind is not None and found != kind:
+        problems.append(f"loss.name={name!r} is a {found} loss; {recipe} needs a {kind} loss ({examples})")
+    elif own and builder != recipe:
+        problems.append(f"loss.name={name!r}: the {recipe} recipe trains the {recipe} loss only")
+    elif builder not in (None, recipe):
+        problems.append(f"loss.name={name!r} builds its own pairs: train it with the {builder} recipe")
+    else:
+        return module, found
+    return None
+
+
+def check_positive(problems: list[str], **values: float | int | None) -> None:
     for key, value in values.items():
         if value is not None and value <= 0:
             problems.append(f"{key.replace('__', '.')}={value} must be > 0")
 
 
-def _unit_interval(problems: list[str], closed: bool = True, **values: float) -> None:
+def check_unit_interval(problems: list[str], closed: bool = True, **values: float) -> None:
     for key, value in values.items():
         if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
             problems.append(f"{key.replace('__', '.')}={value} must be in [0, 1{']' if closed else ')'}")
@@ -259,7 +285,7 @@ def _nonfinite(value: Any, key: str = "") -> list[str]:
 _MAX_SEED = 2**32 - 1  # numpy's seed range; accelerate's set_seed seeds numpy too
 
 
-def _check_training(cfg: Any, problems: list[str]) -> None:
+def check_training(cfg: Any, problems: list[str]) -> None:
     """Checks every LoRA training recipe shares: run, optim, lora, model dtype, resolutions and validation."""
     m, lora, data, optim, run, val = cfg.model, cfg.lora, cfg.data, cfg.optim, cfg.run, cfg.validation
     problems.extend(_nonfinite(to_dict(cfg)))
@@ -273,7 +299,7 @@ def _check_training(cfg: Any, problems: list[str]) -> None:
     for key, seed in (("run.seed", run.seed), ("validation.seed", val.seed)):
         if not 0 <= seed <= _MAX_SEED:
             problems.append(f"{key}={seed} must be in [0, 2**32 - 1]")
-    _positive(
+    check_positive(
         problems,
         run__max_steps=run.max_steps,
         run__save_every=run.save_every,
@@ -289,7 +315,7 @@ def _check_training(cfg: Any, problems: list[str]) -> None:
         data__resolution=data.resolution,
         validation__num_inference_steps=val.num_inference_steps,
     )
-    _unit_interval(
+    check_unit_interval(
         problems,
         closed=False,
         lora__dropout=lora.dropout,
@@ -385,8 +411,8 @@ def _check_train_mode(cfg: Any, problems: list[str]) -> None:
         ):
             if value != default:
                 problems.append(f"{key}={value!r} applies to train.mode=full (this run trains a LoRA)")
-    _positive(problems, export__lora_rank=export.lora_rank, ema__inv_gamma=ema.inv_gamma, ema__power=ema.power)
-    _unit_interval(problems, ema__decay=ema.decay, ema__min_decay=ema.min_decay)
+    check_positive(problems, export__lora_rank=export.lora_rank, ema__inv_gamma=ema.inv_gamma, ema__power=ema.power)
+    check_unit_interval(problems, ema__decay=ema.decay, ema__min_decay=ema.min_decay)
     if ema.min_decay > ema.decay:
         problems.append(f"ema.min_decay={ema.min_decay} must be <= ema.decay={ema.decay}")
     if ema.update_after_step < 0:

@@ -17,12 +17,13 @@ from diffalign.config.common import (
     RunConfig,
     TrainConfig,
     ValidationConfig,
-    _check_training,
-    _positive,
-    _unit_interval,
+    check_loss_kind,
+    check_positive,
+    check_training,
+    check_unit_interval,
     text_encoders_trained,
 )
-from diffalign.config.engine import ConfigError, register_recipe, register_validator
+from diffalign.config.engine import register_recipe, register_validator
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,14 +74,9 @@ register_recipe("dro", DROConfig)
 def _check_dro(cfg: DROConfig) -> list[str]:
     problems: list[str] = []
     m, data, d = cfg.model, cfg.data, cfg.dro
-    _check_training(cfg, problems)
-    try:
-        module = cfg.loss.resolve(cfg.loss.name)
-        if getattr(module, "RECIPE", None) != "dro":
-            problems.append(f"loss.name={cfg.loss.name!r}: the dro recipe trains the dro loss only")
-    except ConfigError as e:
-        problems.append(f"loss.name: {e}")
-    _positive(
+    check_training(cfg, problems)
+    check_loss_kind(cfg, problems, "dro", own=True)
+    check_positive(
         problems,
         dro__num_steps=d.num_steps,
         dro__guidance_scale=d.guidance_scale,
@@ -88,7 +84,7 @@ def _check_dro(cfg: DROConfig) -> list[str]:
         dro__snapshot_every=d.snapshot_every,
         data__max_rows=data.max_rows,
     )
-    _unit_interval(
+    check_unit_interval(
         problems,
         data__hflip_prob=data.hflip_prob,
         data__proportion_empty_prompts=data.proportion_empty_prompts,

@@ -17,9 +17,10 @@ from diffalign.config.common import (
     RunConfig,
     TrainConfig,
     ValidationConfig,
-    _check_training,
-    _positive,
-    _unit_interval,
+    check_loss_kind,
+    check_positive,
+    check_training,
+    check_unit_interval,
     terms_kind,
     text_encoders_trained,
     training_lines,
@@ -64,10 +65,10 @@ register_recipe("offline_pref", OfflinePrefConfig)
 def _check_offline(cfg: OfflinePrefConfig) -> list[str]:
     problems: list[str] = []
     m, data = cfg.model, cfg.data
-    _check_training(cfg, problems)
+    check_training(cfg, problems)
     _check_loss_matches_data(cfg, problems)
-    _positive(problems, data__max_rows=data.max_rows, model__logit_std=m.logit_std)
-    _unit_interval(
+    check_positive(problems, data__max_rows=data.max_rows, model__logit_std=m.logit_std)
+    check_unit_interval(
         problems,
         data__hflip_prob=data.hflip_prob,
         data__proportion_empty_prompts=data.proportion_empty_prompts,
@@ -87,8 +88,8 @@ def _check_curriculum(cfg: OfflinePrefConfig, problems: list[str]) -> None:
     c, data = cfg.data.curriculum, cfg.data
     if c.chunks == 0:
         return
-    _positive(problems, data__curriculum__chunks=c.chunks, data__curriculum__steps_per_chunk=c.steps_per_chunk)
-    _positive(problems, data__curriculum__max_groups=c.max_groups)
+    check_positive(problems, data__curriculum__chunks=c.chunks, data__curriculum__steps_per_chunk=c.steps_per_chunk)
+    check_positive(problems, data__curriculum__max_groups=c.max_groups)
     pickapic = data.format == "pickapic" and c.score_columns is not None
     if (data.format not in ("ranked", "scored_pairs") and not pickapic) or data.latent_cache or data.streaming:
         problems.append(
@@ -136,7 +137,7 @@ def _check_noise(cfg: OfflinePrefConfig, problems: list[str]) -> None:
     n = cfg.noise
     if n.kind == "random":
         return
-    _positive(problems, noise__num_steps=n.num_steps)
+    check_positive(problems, noise__num_steps=n.num_steps)
     if n.eta < 0 or n.steps_offset < 0:
         problems.append(f"noise.eta={n.eta} and noise.steps_offset={n.steps_offset} must be >= 0")
     if cfg.model.family == "sd3":
@@ -149,16 +150,10 @@ def _check_noise(cfg: OfflinePrefConfig, problems: list[str]) -> None:
 
 
 def _check_loss_matches_data(cfg: OfflinePrefConfig, problems: list[str]) -> None:
-    try:
-        module = cfg.loss.resolve(cfg.loss.name)
-        kind = terms_kind(module)
-    except ConfigError as e:
-        problems.append(f"loss.name: {e}")
+    resolved = check_loss_kind(cfg, problems, "offline_pref")
+    if resolved is None:
         return
-    own = getattr(module, "RECIPE", None)
-    if own is not None:
-        problems.append(f"loss.name={cfg.loss.name!r} builds its own pairs: train it with the {own} recipe")
-        return
+    kind = resolved[1]
     if kind == "unpaired":
         _check_unpaired_data(cfg, problems)
         return
@@ -189,7 +184,7 @@ def _check_unpaired_data(cfg: OfflinePrefConfig, problems: list[str]) -> None:
             f"loss.name={cfg.loss.name!r} reads map-style images: unset data.streaming / data.latent_cache"
         )
     if data.positive_ratio is not None:
-        _unit_interval(problems, data__positive_ratio=data.positive_ratio)
+        check_unit_interval(problems, data__positive_ratio=data.positive_ratio)
     if cfg.loss.params.get("reference_point") == "mismatched" and cfg.optim.batch_size < 2:
         problems.append(
             "loss.reference_point='mismatched' pairs each image with the previous row's prompt in the micro-batch: "

@@ -20,12 +20,12 @@ from diffalign.config.common import (
     RunConfig,
     TrainConfig,
     ValidationConfig,
-    _check_training,
-    _positive,
-    terms_kind,
+    check_loss_kind,
+    check_positive,
+    check_training,
     text_encoders_trained,
 )
-from diffalign.config.engine import ConfigError, register_launch_check, register_recipe, register_validator
+from diffalign.config.engine import register_launch_check, register_recipe, register_validator
 
 
 TOY_REWARDS = ("toy_pixel",)
@@ -171,14 +171,9 @@ def check_launch(cfg: OnlineRLConfig, num_processes: int) -> list[str]:
 def _check_online(cfg: OnlineRLConfig) -> list[str]:
     problems: list[str] = []
     o = cfg.online
-    _check_training(cfg, problems)
-    try:
-        kind = terms_kind(cfg.loss.resolve(cfg.loss.name))
-        if kind != "policy":
-            problems.append(f"loss.name={cfg.loss.name!r} is a {kind} loss; online_rl needs a policy loss (grpo)")
-    except ConfigError as e:
-        problems.append(f"loss.name: {e}")
-    _positive(
+    check_training(cfg, problems)
+    check_loss_kind(cfg, problems, "online_rl", kind="policy", examples="grpo")
+    check_positive(
         problems,
         online__prompts_per_round=o.prompts_per_round,
         online__window_size=o.window_size,

@@ -18,8 +18,8 @@ from diffalign.config.common import (
     RunConfig,
     TrainConfig,
     ValidationConfig,
-    _check_training,
-    _positive,
+    check_positive,
+    check_training,
 )
 from diffalign.config.engine import register_recipe, register_validator
 
@@ -83,8 +83,8 @@ def _check_reward_grad(cfg: RewardGradConfig) -> list[str]:
 
     problems: list[str] = []
     r = cfg.reward_grad
-    _check_training(cfg, problems)
-    _positive(problems, data__max_prompts=cfg.data.max_prompts, reward_grad__loss_scale=r.loss_scale)
+    check_training(cfg, problems)
+    check_positive(problems, data__max_prompts=cfg.data.max_prompts, reward_grad__loss_scale=r.loss_scale)
     if r.kl_coeff < 0:
         problems.append(f"reward_grad.kl_coeff={r.kl_coeff} must be >= 0")
     for key, name in [("scorer", r.scorer), *(("guard_scorers", g) for g in r.guard_scorers)]:

@@ -16,9 +16,9 @@ from diffalign.config.common import (
     RunConfig,
     TrainConfig,
     ValidationConfig,
-    _check_training,
-    _positive,
-    _unit_interval,
+    check_positive,
+    check_training,
+    check_unit_interval,
     text_encoders_trained,
 )
 from diffalign.config.engine import register_recipe, register_validator
@@ -64,14 +64,14 @@ register_recipe("selfnpo", SelfNPOConfig)
 def _check_selfnpo(cfg: SelfNPOConfig) -> list[str]:
     problems: list[str] = []
     m, data, s = cfg.model, cfg.data, cfg.selfnpo
-    _check_training(cfg, problems)
-    _positive(
+    check_training(cfg, problems)
+    check_positive(
         problems,
         data__max_rows=data.max_rows,
         selfnpo__num_ddim_steps=s.num_ddim_steps,
         selfnpo__huber_c=s.huber_c,
     )
-    _unit_interval(
+    check_unit_interval(
         problems,
         data__hflip_prob=data.hflip_prob,
         data__proportion_empty_prompts=data.proportion_empty_prompts,

@@ -18,12 +18,12 @@ from diffalign.config.common import (
     RunConfig,
     TrainConfig,
     ValidationConfig,
-    _check_training,
-    _positive,
-    _unit_interval,
-    terms_kind,
+    check_loss_kind,
+    check_positive,
+    check_training,
+    check_unit_interval,
 )
-from diffalign.config.engine import ConfigError, register_recipe, register_validator
+from diffalign.config.engine import register_recipe, register_validator
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,16 +90,9 @@ _BUILTIN_STEP_SCORERS = ("spm", "lrm", "decoded", "toy_latent", "toy_decoded")
 def _check_stepwise(cfg: StepwisePrefConfig) -> list[str]:
     problems: list[str] = []
     m, data, s = cfg.model, cfg.data, cfg.stepwise
-    _check_training(cfg, problems)
-    try:
-        kind = terms_kind(cfg.loss.resolve(cfg.loss.name))
-        if kind != "step":
-            problems.append(
-                f"loss.name={cfg.loss.name!r} is a {kind} loss; stepwise_pref needs a step loss (spo, lpo)"
-            )
-    except ConfigError as e:
-        problems.append(f"loss.name: {e}")
-    _positive(
+    check_training(cfg, problems)
+    check_loss_kind(cfg, problems, "stepwise_pref", kind="step", examples="spo, lpo")
+    check_positive(
         problems,
         data__max_prompts=data.max_prompts,
         stepwise__num_steps=s.num_steps,
@@ -107,7 +100,7 @@ def _check_stepwise(cfg: StepwisePrefConfig) -> list[str]:
         stepwise__sample_batch_size=s.sample_batch_size,
         stepwise__max_empty_rounds=s.max_empty_rounds,
     )
-    _unit_interval(
+    check_unit_interval(
         problems,
         closed=False,
         stepwise__threshold=s.threshold,
