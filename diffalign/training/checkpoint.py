@@ -193,12 +193,7 @@ def save(
     bad = [k for k, v in trainable.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise FloatingPointError(f"not saving step {step}: non-finite trainable tensors {bad[:3]}")
-    final = step_dir(root, step)
-    tmp = temp_dir(final)
-    if rank == 0:
-        fresh_temp_dir(final).mkdir()
-    barrier()
-    state_io.save(rng_state(), tmp / f"rng-rank{rank}")
+    final, tmp = _begin(root, step, rank, barrier)
     barrier()
     if rank == 0:
         save_file(trainable, str(tmp / "trainable.safetensors"))
@@ -206,6 +201,18 @@ def save(
         _finish(root, tmp, final, step, state, keep_last)
     barrier()
     return final
+
+
+def _begin(root: Path, step: int, rank: int, barrier: Callable[[], None]) -> tuple[Path, Path]:
+    """Every process: checkpoint ``step``'s final folder and its hidden temp folder, made fresh by the main process
+    (a stale one from a crashed save removed) before the barrier, with this process's RNG state written into it."""
+    final = step_dir(root, step)
+    tmp = temp_dir(final)
+    if rank == 0:
+        fresh_temp_dir(final).mkdir()
+    barrier()
+    state_io.save(rng_state(), tmp / f"rng-rank{rank}")
+    return final, tmp
 
 
 def _finish(root: Path, tmp: Path, final: Path, step: int, state: dict[str, Any], keep_last: int) -> None:
@@ -275,12 +282,7 @@ def save_sharded(
     if bool((bad > 0).any()):
         names = [k.removeprefix("model/") for k, b in zip(trained, bad.tolist(), strict=True) if b > 0]
         raise FloatingPointError(f"not saving step {step}: non-finite trainable tensors {names[:3]}")
-    final = step_dir(root, step)
-    tmp = temp_dir(final)
-    if rank == 0:
-        fresh_temp_dir(final).mkdir()
-    barrier()
-    state_io.save(rng_state(), tmp / f"rng-rank{rank}")
+    final, tmp = _begin(root, step, rank, barrier)
     writer = dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True)
     dcp.save(tensors, storage_writer=writer)  # a collective: every process writes its shards
     barrier()
