@@ -19,7 +19,6 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -31,16 +30,11 @@ from diffalign.data.ranked import RankedDataset, RankedSource
 from diffalign.data.records import BadRowTally, Group, LoadStats, SkippedRow, check_bad_fraction
 from diffalign.data.sampler import GroupSampler
 from diffalign.data.transforms import JointTransform, TransformedDataset, TransformedIterable
+from diffalign.sampling.seeds import mixed_seed
 
 
 logger = logging.getLogger("diffalign.data")
-NOISE_SALT, PROMPT_SALT = 1, 2
-
-
-def derived_seed(seed: int, epoch: int, index: int, salt: int) -> int:
-    """A 63-bit seed mixed from (run seed, epoch, row index, purpose) with numpy's SeedSequence."""
-    state = np.random.SeedSequence([seed, epoch, index, salt]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
+NOISE_SALT, PROMPT_SALT = 1, 2  # a group's seeds: mixed_seed(run seed, epoch, row index, salt)
 
 
 def record_source(cfg: Any) -> Any:
@@ -87,7 +81,7 @@ class _Collate:
         indices = [g.index for g in groups if isinstance(g, Group)]
         if self.p_empty > 0:
             for i, index in enumerate(indices):
-                gen = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index, PROMPT_SALT))
+                gen = torch.Generator().manual_seed(mixed_seed(self.seed, epoch, index, PROMPT_SALT))
                 if torch.rand((), generator=gen).item() < self.p_empty:
                     batch.prompts[i] = ""
                     if batch.image_prompts is not None:
@@ -274,7 +268,7 @@ class PlannedLoader:
                     self._bad += len(batch.skipped)
                     for index, reason in batch.skipped:
                         self._tally.add(index, reason)
-                seeds = [derived_seed(self.seed, epoch, i, NOISE_SALT) for i in indices]
+                seeds = [mixed_seed(self.seed, epoch, i, NOISE_SALT) for i in indices]
                 return batch, seeds
             if self.streaming:  # the next pass starts new stats
                 counts, tally = self.row_counts(), self.bad_row_tally()

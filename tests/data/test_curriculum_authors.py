@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 
 from diffalign.config.common import CurriculumConfig, DataConfig
 from diffalign.data.curriculum import CurriculumSampler, RankedPairs, threshold_sizes
-from diffalign.data.loader import NOISE_SALT, build_loader, derived_seed
+from diffalign.data.loader import NOISE_SALT, build_loader
 from diffalign.data.ranked import RankedDataset, RankedSource
+from diffalign.sampling.seeds import mixed_seed
 
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -93,7 +94,7 @@ def test_pickapic_order_chunks_and_human_winner_by_hand(tmp_path):
 
 def _rows_of(seeds, stages, num_rows):
     """Which (stage, row) each noise seed belongs to: the loader derives it from (run seed 0, epoch = stage, row)."""
-    table = {derived_seed(0, e, r, NOISE_SALT): (e, r) for e in range(stages) for r in range(num_rows)}
+    table = {mixed_seed(0, e, r, NOISE_SALT): (e, r) for e in range(stages) for r in range(num_rows)}
     return [table[s] for s in seeds]
 
 
