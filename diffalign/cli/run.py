@@ -110,8 +110,8 @@ def build_command(
     ``main_process_port``.
     """
     launch = launch or Launch(num_processes=num_processes, main_process_port=main_process_port)
-    for problem in launch.problems():
-        raise CLIError(problem)
+    if found := launch.problems():
+        raise CLIError(config.problems_message(found))
     script = [str(recipe_path), "--config", str(config_path), *overrides]
     plain = launch.distributed is None and launch.num_machines == 1
     if plain and launch.num_processes == 1 and not accelerate_args and launch.main_process_port is None:
@@ -245,20 +245,18 @@ def run(args: argparse.Namespace) -> int:
         from diffalign.training import sharding  # torch: only for a sharded launch
 
         config_problem = sharding.config_problem(cfg)
-    for problem in [
+    found = [
         *launch_spec.problems(),
-        deepspeed_problem(kind),
-        sharding_problem(kind, recipe_path),
-        config_problem,
-    ]:
-        if problem:
-            raise CLIError(problem)
+        *filter(None, [deepspeed_problem(kind), sharding_problem(kind, recipe_path), config_problem]),
+    ]
+    if args.dry_run:  # a launch runs them in preflight.check, with the other checks
+        found += config.launch_problems(cfg, args.num_processes)
+    if found:  # every launch problem at once
+        raise CLIError(config.problems_message(found))
     cmd = build_command(
         recipe_path, config_path, overrides, accelerate_args=getattr(args, "passthrough", []), launch=launch_spec
     )
     if args.dry_run:
-        for problem in config.launch_problems(cfg, args.num_processes):
-            raise config.ConfigError(problem)
         print(f"# recipe: {recipe_path}\n# config: {config_path}")
         print(config.dumps(cfg), end="")
         if described := config.describe(cfg, args.num_processes):

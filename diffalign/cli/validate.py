@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     schema = config.schema_for_recipe(args.recipe) if args.recipe else None
     cfg = config.load(args.config, overrides, schema=schema)
     if args.no_paths or args.dry_run:
-        preflight.raise_all(config.launch_problems(cfg, args.num_processes))
+        config.raise_problems(config.launch_problems(cfg, args.num_processes))
     else:
         preflight.check(cfg, args.num_processes, probe_lock=True)
     print(config.dumps(cfg), end="")

@@ -44,6 +44,8 @@ from diffalign.config.engine import (
     load,
     loss_config,
     parse_override,
+    problems_message,
+    raise_problems,
     recipe_name,
     recipe_names,
     recipe_of,

@@ -504,11 +504,20 @@ def _bind_module_config(module: types.ModuleType, params: dict[str, Any], key: s
     return _build(config_cls, params, key, ctx, label=f"{module.__name__}.Config")
 
 
+def problems_message(problems: Sequence[str]) -> str:
+    """Several one-line problems as one line, ``N problems: a | b``; one as itself. Every report of several
+    problems (config loading, cross-field and launch checks, ``training.preflight``) uses it."""
+    return problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + " | ".join(problems)
+
+
+def raise_problems(problems: Sequence[str]) -> None:
+    """Raise ``ConfigError`` with ``problems_message(problems)``; return when there are none."""
+    if problems:
+        raise ConfigError(problems_message(problems))
+
+
 def _raise_collected(ctx: _Context) -> None:
-    if ctx.errors:
-        if len(ctx.errors) == 1:
-            raise ConfigError(ctx.errors[0])
-        raise ConfigError(f"{len(ctx.errors)} problems:\n  " + "\n  ".join(ctx.errors))
+    raise_problems(ctx.errors)
 
 
 def build(schema: type, data: Mapping[str, Any], file: str = "<dict>", origins: Mapping[str, str] = ()) -> Any:
@@ -651,8 +660,4 @@ def launch_problems(cfg: Any, num_processes: int) -> list[str]:
 def validate(cfg: Any) -> None:
     """Run the cross-field checks registered for ``type(cfg)``; raises ``ConfigError`` listing every problem."""
     check = _VALIDATORS.get(type(cfg))
-    problems = check(cfg) if check else []
-    if problems:
-        raise ConfigError(
-            problems[0] if len(problems) == 1 else "\n  ".join([f"{len(problems)} problems:", *problems])
-        )
+    raise_problems(check(cfg) if check else [])

@@ -30,15 +30,7 @@ from diffalign.training import checkpoint, rundir
 
 def check(cfg: Any, num_processes: int = 1, *, probe_lock: bool = False) -> None:
     """Raise ``ConfigError`` with every problem of ``problems`` on one line; return when there is none."""
-    raise_all(problems(cfg, num_processes, probe_lock=probe_lock))
-
-
-def raise_all(found: list[str]) -> None:
-    """One ``ConfigError`` line for ``found`` (``N problems: a | b``); nothing when it is empty."""
-    if len(found) == 1:
-        raise dconfig.ConfigError(found[0])
-    if found:
-        raise dconfig.ConfigError(f"{len(found)} problems: " + " | ".join(found))
+    dconfig.raise_problems(problems(cfg, num_processes, probe_lock=probe_lock))
 
 
 def problems(cfg: Any, num_processes: int = 1, *, probe_lock: bool = False) -> list[str]:

@@ -130,6 +130,19 @@ def test_online_rl_batch_arithmetic_is_checked_for_the_process_count(capsys):
     assert main(["run", "--config", "duo/grpo", "--num-processes", "2", "optim.grad_accum=4", "--dry-run"]) == 0
 
 
+def test_dry_run_reports_every_launch_problem_in_one_line(capsys):
+    """The flags' problems and the recipe's launch checks (``register_launch_check``) together, in the one
+    ``N problems: a | b`` format that config loading and ``diffalign validate`` use too."""
+    argv = ["run", "--config", "duo/grpo", "--num-processes", "3", "--num-machines", "2", "--dry-run"]
+    assert main(argv) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: 3 problems: --num-processes 3 is not a multiple of --num-machines 2")
+    assert " | --num-machines > 1 needs --main-process-ip" in line
+    assert " | optim.grad_accum=8 does not fit one round on 3 processes" in line
+    assert main(["validate", "toy/dpo", "optim.lrr=1", "loss.bta=2"]) == 1
+    assert one_error_line(capsys.readouterr().err).startswith("error: 2 problems: ")
+
+
 def test_shipped_configs_name_the_command_that_prepares_them(tmp_path, monkeypatch, capsys):
     """From an empty folder: the toy configs' tiny model and the world configs' labels are named with the command
     that writes them."""
