@@ -98,6 +98,9 @@ class OnlineSection:
     window_stride: int = 1
     window_interval: int = 25
     window_init: int = 0
+    # MixGRPO's walk into the shortened windows at the end of the grid (grpo_states.py:138-148) before rolling back;
+    # false: only full windows. A shortened window's update is the mean over its steps (train_grpo_flux.py:582)
+    window_partial: bool = False
     # group: the group's std; global: the round's (Flow-GRPO); tracker: DDPO's PerPromptStatTracker
     # (ddpo_pytorch/stat_tracking.py:5-30, config/base.py:104-111): per-prompt buffers of the last tracker_buffer
     # rewards across rounds, the round's mean/std while a prompt has < tracker_min_count; kept in the checkpoint
@@ -221,10 +224,19 @@ def _check_online(cfg: OnlineRLConfig) -> list[str]:
             f"online.fast_window_size={o.fast_window_size} must be >= 1 and fit in [online.fast_window_lo="
             f"{o.fast_window_lo}, online.fast_window_hi={o.fast_window_hi}), with fast_window_hi <= num_steps - 1"
         )
-    if o.train_steps == "window" and not 0 <= o.window_init <= o.num_steps - 1 - o.window_size:
+    if o.train_steps == "window" and o.window_partial and not 0 <= o.window_init <= o.num_steps - 2:
+        problems.append(
+            f"online.window_init={o.window_init} must be in [0, online.num_steps - 2] (at least one trainable step "
+            "in the window)"
+        )
+    elif (
+        o.train_steps == "window"
+        and not o.window_partial
+        and not 0 <= o.window_init <= o.num_steps - 1 - o.window_size
+    ):
         problems.append(
             f"online.window_init={o.window_init} must be in [0, online.num_steps - 1 - window_size] (a full window "
-            "inside the trainable steps)"
+            "inside the trainable steps), or set online.window_partial=true"
         )
     u = o.updates_per_round
     if u < 1 or cfg.run.max_steps % u or cfg.run.save_every % u:

@@ -27,7 +27,8 @@ The peers' options (all off by default; each cited where it lives): ``online.sde
 ``online.same_latent`` (one initial noise per group, ``sampling.sde.rollout``), ``online.bestofn`` (DanceGRPO's
 best/worst rows, ``terms.advantages``), ``online.adv_std=tracker`` (DDPO's per-prompt statistics, in the checkpoint),
 ``online.guidance_scale=1`` / ``online.eval_guidance_scale`` (no CFG: one conditional forward, no empty-prompt
-encoding), ``online.train_steps=fast`` (Flow-GRPO-Fast's random SDE window), ``loss.ratio_norm`` /
+encoding), ``online.train_steps=fast`` (Flow-GRPO-Fast's random SDE window), ``online.window_partial`` (MixGRPO's shortened
+windows at the end of the grid, each update the mean over its steps), ``loss.ratio_norm`` /
 ``loss.grad_reweight`` (GRPO-Guard, ``losses.grpo``).
 
 Launch:
@@ -218,7 +219,13 @@ def round_steps(state: State) -> tuple[Tensor, Tensor]:
     o, n, k = state.cfg.online, state.grid.num_steps, state.buffer.round
     if o.train_steps == "window":
         start = online.window_start(
-            k, num_steps=n, stride=o.window_stride, interval=o.window_interval, init=o.window_init, size=o.window_size
+            k,
+            num_steps=n,
+            stride=o.window_stride,
+            interval=o.window_interval,
+            init=o.window_init,
+            size=o.window_size,
+            partial=o.window_partial,
         )
         steps = online.train_steps(n, mode="window", window=(start, o.window_size))
         sde = torch.zeros(n, dtype=torch.bool)
@@ -313,6 +320,10 @@ def fill_round(state: State) -> dict[str, Tensor]:
         micro.mask = adv.mask[offset : offset + n].to(micro.latents.device)
         offset += n
     buf.items = [(micro, int(j)) for micro in micros for j in steps]
+    if len(steps) < o.trained_steps_per_round():  # MixGRPO's shortened end window: its update is the mean over its
+        # steps, so the missing items are empty (no forward; optimizer_step averages over the rows it saw)
+        empty = [dataclasses.replace(m, mask=torch.zeros_like(m.mask)) for m in micros]
+        buf.items += [(m, int(steps[-1])) for m in empty for _ in range(o.trained_steps_per_round() - len(steps))]
     buf.round += 1
     stats = {k: torch.tensor(v) for k, v in adv.metrics.items()}
     stats["time/rollout"] = torch.tensor(t1 - t0 - scoring)

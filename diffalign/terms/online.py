@@ -75,15 +75,21 @@ def train_steps(
     return torch.randperm(last, generator=generator)[:k]
 
 
-def window_start(iteration: int, *, num_steps: int, stride: int, interval: int, init: int = 0, size: int = 1) -> int:
+def window_start(
+    iteration: int, *, num_steps: int, stride: int, interval: int, init: int = 0, size: int = 1, partial: bool = False
+) -> int:
     """MixGRPO's progressive window (``fastvideo/utils/grpo_states.py:85-148``) as a function of the iteration.
 
-    The start moves by ``stride`` every ``interval`` iterations and rolls back to ``init`` once the window of ``size``
-    steps would pass the last trainable step (N - 2), so every window is full (MixGRPO also trains the shortened
-    windows at the end of the grid before rolling back). Stateless, so a resumed run finds the same window.
+    The start moves by ``stride`` every ``interval`` iterations and rolls back to ``init`` once it passes its last
+    position. ``partial=False``: the last position is the last start of a FULL window of ``size`` steps inside the
+    trainable steps (0 .. N - 2), so every window is full. ``partial=True``: MixGRPO's own walk, which goes on into
+    the shortened windows at the end of the grid (``get_current_timesteps``, ``grpo_states.py:138-148``:
+    ``range(cur, min(cur + size, max))``, and the roll-back only once ``cur > max``, ``:92-97``) while at least one
+    step is left: the last start is N - 2. (Their walk also visits ``cur = max``, a window with no step, whose
+    optimizer step has no gradient; that one is skipped here.) Stateless, so a resumed run finds the same window.
     """
-    last = num_steps - 1 - size  # the largest start of a full window
+    last = num_steps - 2 if partial else num_steps - 1 - size  # the largest start
     if stride < 1 or interval < 1 or size < 1 or not 0 <= init <= last:
-        raise ValueError(f"need stride, interval, size >= 1 and 0 <= init <= {last} (N - 1 - size)")
+        raise ValueError(f"need stride, interval, size >= 1 and 0 <= init <= {last}")
     positions = (last - init) // stride + 1
     return init + ((iteration // interval) % positions) * stride

@@ -180,3 +180,21 @@ def test_grpo_guard_ratio_norm_on_ddim_and_flow_only_options_refuse_a_vp_model(r
     for key, value in (("loss.grad_reweight", True), ("online.sde_form", "cps")):
         with pytest.raises(ValueError, match="needs a flow model"):
             run(recipe, tiny_dirs, tmp_path / "b", config="toy/ddpo", family="sd15", **{key: value})
+
+
+def test_mixgrpo_shortened_end_window_is_the_mean_over_its_steps(recipe, tiny_dirs, tmp_path):
+    """online.window_partial: a window of 2 starting at the last trainable step (4-step grid: steps 0-2 trainable)
+    trains that 1 step, as MixGRPO's ``range(cur, min(cur + size, max))`` does, and its update is the mean over
+    that step (the missing items are empty): the same LoRA as a full window of size 1 at the same start."""
+    window = {"online.train_steps": "window", "online.window_init": 2, "run.max_steps": 1}
+    partial = run(recipe, tiny_dirs, tmp_path / "partial", **window, **{
+        "online.window_size": 2, "online.window_partial": True, "optim.grad_accum": 4})  # fmt: skip
+    full = run(recipe, tiny_dirs, tmp_path / "full", **window, **{"online.window_size": 1, "optim.grad_accum": 2})
+    assert partial["history"][0]["groups"] == full["history"][0]["groups"] == 8 * 1
+    assert partial["history"][0]["round/trained_steps"] == 1.0
+    got = load_file(str(tmp_path / "partial" / "run" / "lora" / "pytorch_lora_weights.safetensors"))
+    want = load_file(str(tmp_path / "full" / "run" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in got.items() if "lora_B" in k)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    with pytest.raises(dconfig.ConfigError, match=r"online\.window_partial=true"):
+        dconfig.load("toy/grpo", ["run.output_dir=x", "online.train_steps=window", "online.window_init=2"])

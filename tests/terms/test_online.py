@@ -156,6 +156,41 @@ def test_train_steps_never_include_the_last_step() -> None:
     assert starts == [0, 1, 2, 3, 0]  # windows [s, s + 4) stay inside the 7 trainable steps
 
 
+def _mixgrpo_windows(iterations: int, *, max_t: int, size: int, stride: int, interval: int, init: int) -> list:
+    """MixGRPO's progressive walk with roll-back, transcribed (``fastvideo/utils/grpo_states.py:85-97, 129-148``):
+    the window of each iteration, ``range(cur, min(cur + size, max_t))``."""
+    cur, in_group, windows = init, 0, []
+    for _ in range(iterations):
+        windows.append(list(range(cur, min(cur + size, max_t))))
+        in_group += 1
+        if in_group >= interval:
+            in_group, cur = 0, cur + stride
+        if cur > max_t:
+            cur, in_group = init, 0
+    return windows
+
+
+@pytest.mark.parametrize("stride,interval,init", [(1, 1, 0), (1, 3, 2), (2, 2, 1)])
+def test_partial_windows_walk_as_mixgrpo(stride, interval, init):
+    """online.window_partial: the windows are MixGRPO's, their empty one (cur = max) left out. Their max_t is the
+    exclusive end of the trainable steps, N - 1 here."""
+    n, size = 9, 3
+    theirs = [
+        w for w in _mixgrpo_windows(200, max_t=n - 1, size=size, stride=stride, interval=interval, init=init) if w
+    ]
+    ours = []
+    for i in range(10_000):
+        if len(ours) == len(theirs):
+            break
+        start = online.window_start(
+            i, num_steps=n, stride=stride, interval=interval, init=init, size=size, partial=True
+        )
+        ours.append(online.train_steps(n, mode="window", window=(start, size)).tolist())
+    # MixGRPO spends `interval` iterations on each window; the walk without the empty window is theirs
+    assert ours == theirs
+    assert any(len(w) < size for w in ours) and all(w for w in ours)
+
+
 # ---- rollout / update parity on the tiny families ----------------------------------------------------------
 PROMPTS = ["a red circle", "a blue square", "a cat"]
 
