@@ -545,39 +545,6 @@ BUILDERS["wan"] = wan
 PIPELINES["wan"] = "WanPipeline"
 
 
-def pipeline(family: str, seed: int = 0, **kwargs: Any) -> Any:
-    """A stock diffusers pipeline of ``family`` made of tiny random-init components."""
-    import diffusers
-
-    if family not in BUILDERS:
-        raise KeyError(f"unknown model family {family!r}; choices: {', '.join(FAMILIES)}")
-    components = BUILDERS[family](seed, **kwargs)
-    for module in components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval()  # as from_pretrained returns them (T5 has dropout)
-    return getattr(diffusers, PIPELINES[family])(**components)
-
-
-def save(family: str, out_dir: str | Path, seed: int = 0, **kwargs: Any) -> Path:
-    """Write a tiny pipeline as a diffusers folder (safetensors), loadable with ``from_pretrained``."""
-    out = Path(out_dir)
-    pipeline(family, seed, **kwargs).save_pretrained(out, safe_serialization=True)
-    return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a tiny random-init diffusers pipeline folder.")
-    parser.add_argument("family", choices=FAMILIES)
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(save(args.family, args.out_dir, args.seed))
-
-
-if __name__ == "__main__":
-    main()
-
-
 # ---- instruction editing (issue 24): FLUX.1-Kontext, Qwen-Image-Edit --------------------------------------------
 def fluxkontext(seed: int = 0) -> dict[str, Any]:
     """FLUX.1-Kontext-dev-shaped ``FluxKontextPipeline`` components: the same classes and shapes as ``flux`` (Kontext is
@@ -634,3 +601,37 @@ def qwenimageedit(seed: int = 0) -> dict[str, Any]:
 FAMILIES += ("fluxkontext", "qwenimageedit")
 BUILDERS.update(fluxkontext=fluxkontext, qwenimageedit=qwenimageedit)
 PIPELINES.update(fluxkontext="FluxKontextPipeline", qwenimageedit="QwenImageEditPipeline")
+
+
+def pipeline(family: str, seed: int = 0, **kwargs: Any) -> Any:
+    """A stock diffusers pipeline of ``family`` made of tiny random-init components."""
+    import diffusers
+
+    if family not in BUILDERS:
+        raise KeyError(f"unknown model family {family!r}; choices: {', '.join(FAMILIES)}")
+    components = BUILDERS[family](seed, **kwargs)
+    for module in components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()  # as from_pretrained returns them (T5 has dropout)
+    return getattr(diffusers, PIPELINES[family])(**components)
+
+
+def save(family: str, out_dir: str | Path, seed: int = 0, **kwargs: Any) -> Path:
+    """Write a tiny pipeline as a diffusers folder (safetensors), loadable with ``from_pretrained``."""
+    out = Path(out_dir)
+    pipeline(family, seed, **kwargs).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a tiny random-init diffusers pipeline folder.")
+    parser.add_argument("family", choices=FAMILIES)
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(save(args.family, args.out_dir, args.seed))
+
+
+if __name__ == "__main__":
+    main()
+
