@@ -462,6 +462,11 @@ def _check_editing(cfg: Any, problems: list[str]) -> None:
         )
     if getattr(data, "latent_cache", None):
         problems.append(f"data.latent_cache: the cache holds no source latents ({m.family}); unset it")
+    if getattr(cfg.validation, "every", 0):
+        problems.append(
+            f"validation.every={cfg.validation.every}: validation samples from prompts alone and {m.family} needs a "
+            "source image per prompt; set validation.every=0"
+        )
     if m.source_resolution is not None and m.family != "qwenimageedit":
         problems.append("model.source_resolution applies to qwenimageedit (fluxkontext edits at the data resolution)")
 
