@@ -327,6 +327,7 @@ VIDEO_FAMILIES = ("wan",)  # models.VIDEO_FAMILIES (config validates without imp
 FLOW_FAMILIES += VIDEO_FAMILIES
 EDITING_FAMILIES = ("fluxkontext", "qwenimageedit")  # models.EDITING_FAMILIES: a source image per prompt
 FLOW_FAMILIES += EDITING_FAMILIES
+EDITING_RECIPES = ("OfflinePrefConfig", "OnlineRLConfig")  # the schemas whose recipes pass source images through
 
 
 def text_encoders_trained(cfg: Any) -> str | None:
@@ -449,6 +450,8 @@ def _check_editing(cfg: Any, problems: list[str]) -> None:
         if m.source_resolution is not None:
             problems.append(f"model.source_resolution applies to editing families {EDITING_FAMILIES}; unset it")
         return
+    if type(cfg).__name__ not in EDITING_RECIPES:
+        problems.append(f"model.family={m.family!r}: editing families run offline_pref and online_rl only (for now)")
     if column is None:
         problems.append(
             f"model.family={m.family!r} edits a source image: set data.source_image_column to the column (JSONL key) "
