@@ -40,7 +40,7 @@ class Adapter(EditingMixin, flux.Adapter):
     pipeline_class = "FluxKontextPipeline"
 
     def default_lora_targets(self) -> tuple[str, ...]:
-        return (*super().default_lora_targets(), "proj_mlp")
+        return (*flux.Adapter.default_lora_targets(self), "proj_mlp")  # explicit: bench/memory.py calls it unbound
 
     def encode_prompts(
         self, prompts: Sequence[str], info: Sequence[SampleInfo] | None = None, sources: Tensor | None = None
@@ -51,7 +51,7 @@ class Adapter(EditingMixin, flux.Adapter):
 
     def image_tokens(self, x_t: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
         """Target tokens then source tokens (N, h/2 * w/2 + h'/2 * w'/2, 4C); source ids (1, row, column)."""
-        tokens, ids = super().image_tokens(x_t, cond)
+        tokens, ids = flux.Adapter.image_tokens(self, x_t, cond)  # explicit: bench/memory.py binds it to a shim
         source = cond[SOURCE].to(x_t.device, x_t.dtype)
         hs, ws = source.shape[-2:]
         source_ids = flux.image_ids(hs, ws, x_t.device, x_t.dtype)

@@ -112,7 +112,7 @@ class Adapter(EditingMixin, qwenimage.Adapter):
 
     def image_tokens(self, x_t: Tensor, cond: Cond) -> tuple[Tensor, list[tuple[int, int, int]]]:
         """Target tokens then source tokens; ``img_shapes`` lists both, target first."""
-        tokens, shapes = super().image_tokens(x_t, cond)
+        tokens, shapes = qwenimage.Adapter.image_tokens(self, x_t, cond)  # explicit: bench/memory.py binds it
         source = cond[SOURCE].to(x_t.device, x_t.dtype)
         hs, ws = source.shape[-2:]
         return torch.cat([tokens, pack(source)], dim=1), [*shapes, (1, hs // 2, ws // 2)]
