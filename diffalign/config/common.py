@@ -25,7 +25,9 @@ class ModelConfig:
 
     # sd3 covers SD3.5 (Medium, Large); wan: Wan 2.1 T2V video
     # fluxkontext, qwenimageedit: instruction editing (a source image per row: data.source_image_column)
-    family: Literal["sd15", "sdxl", "sd3", "flux", "qwenimage", "zimage", "flux2", "wan", "fluxkontext", "qwenimageedit"]
+    family: Literal[
+        "sd15", "sdxl", "sd3", "flux", "qwenimage", "zimage", "flux2", "wan", "fluxkontext", "qwenimageedit"
+    ]
     path: str  # hub id or local diffusers folder
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files on the hub
@@ -322,7 +324,11 @@ def _check_training(cfg: Any, problems: list[str]) -> None:
 
 
 FLOW_FAMILIES = ("sd3", "flux", "qwenimage", "zimage", "flux2")
-GUIDANCE_EMBEDDED = ("flux", "flux2", "fluxkontext")  # families whose guidance is a model input (model.guidance), not CFG
+GUIDANCE_EMBEDDED = (
+    "flux",
+    "flux2",
+    "fluxkontext",
+)  # families whose guidance is a model input (model.guidance), not CFG
 VIDEO_FAMILIES = ("wan",)  # models.VIDEO_FAMILIES (config validates without importing models)
 FLOW_FAMILIES += VIDEO_FAMILIES
 EDITING_FAMILIES = ("fluxkontext", "qwenimageedit")  # models.EDITING_FAMILIES: a source image per prompt

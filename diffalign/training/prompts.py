@@ -65,7 +65,9 @@ def read_edit_prompts(data: Any) -> tuple[list[str], list[torch.Tensor]]:
     path = Path(resources.resolve(data.prompts))
     column, key = data.source_image_column, data.key or "prompt"
     if path.suffix != ".jsonl" or not path.is_file():
-        raise ConfigError(f"data.prompts={data.prompts!r}: editing prompts are a .jsonl file with {key!r} and {column!r}")
+        raise ConfigError(
+            f"data.prompts={data.prompts!r}: editing prompts are a .jsonl file with {key!r} and {column!r}"
+        )
     transform = JointTransform(resolution=data.resolution, hflip_prob=0.0)
     prompts, sources = [], []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):

@@ -66,7 +66,7 @@ def test_qwen_edit_text_encoding_sees_the_image():
 
 
 def test_editing_needs_sources_and_t2i_takes_none(edit):
-    family, adapter, _ = edit
+    _, adapter, _ = edit
     with pytest.raises(ValueError, match="source_image_column"):
         adapter.encode_prompts(["x"], None)
     flux = models.from_components("flux", tiny.flux(0))

@@ -94,7 +94,11 @@ def test_recipe_runs_on_family_and_exports_a_working_lora(recipes, tiny_dirs, st
     overrides["run.output_dir"] = tmp_path / "run"
     if family in EDITING:
         overrides |= EDIT | ({"model.source_resolution": 32} if family == "qwenimageedit" else {})
-    if family in {"flux", "flux2", "fluxkontext"}:  # FLUX.1-dev / FLUX.2-dev are guidance-distilled: their guidance embedding, no CFG
+    if family in {
+        "flux",
+        "flux2",
+        "fluxkontext",
+    }:  # FLUX.1-dev / FLUX.2-dev are guidance-distilled: their guidance embedding, no CFG
         overrides["online.guidance_scale" if name == "online_rl" else "reward_grad.guidance_scale"] = 1.0
     if family == "wan":
         overrides |= VIDEO
