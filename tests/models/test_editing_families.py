@@ -82,3 +82,53 @@ def test_editing_config_errors_name_the_key():
         dconfig.load("toy/dpo", ["model.family=fluxkontext", *base])
     with pytest.raises(dconfig.ConfigError, match=r"data\.source_image_column='s' applies to editing families"):
         dconfig.load("toy/dpo", ["model.family=flux", "data.source_image_column=s", *base])
+
+
+@pytest.mark.parametrize("name", ["fluxkontext/grpo_edit", "qwenimageedit/dpo_lora"])
+def test_editing_configs_are_listed_and_validate(capsys, name):
+    from diffalign.cli.main import main
+
+    assert main(["ls", "configs"]) == 0
+    assert name in capsys.readouterr().out
+    extra = ["--num-processes", "28"] if "grpo" in name else []
+    assert main(["validate", name, "--no-paths", *extra]) == 0, name
+
+
+def test_edit_rows_carry_their_source_and_bad_rows_name_the_key(tmp_path):
+    from diffalign.data.ranked import RankedDataset, RankedSource
+    from diffalign.data.records import BadRowError
+    from diffalign.data.transforms import JointTransform, to_group
+    from diffalign.resources import PACKAGE_ROOT
+
+    fixture = PACKAGE_ROOT / "assets" / "edit_tiny" / "train.jsonl"
+    ds = RankedDataset(RankedSource(path=str(fixture), source_image_column="source_image"))
+    record = ds[0]
+    group = to_group(record, JointTransform(resolution=32, hflip_prob=0.0), None)
+    assert group.pixels.shape == (2, 3, 32, 32) and group.source.shape == (3, 32, 32)
+    assert not torch.equal(group.source, group.pixels[0])  # the winner edits the source: they differ
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(fixture.read_text().splitlines()[0].replace('"source_image"', '"src"') + "\n")
+    (tmp_path / "images").symlink_to(fixture.parent / "images")
+    with pytest.raises(BadRowError, match="missing key 'source_image'"):
+        RankedDataset(RankedSource(path=str(bad), source_image_column="source_image", on_bad_row="raise"))
+
+
+def test_online_prompts_with_sources(tmp_path):
+    from types import SimpleNamespace
+
+    from diffalign.config.engine import ConfigError
+    from diffalign.resources import PACKAGE_ROOT
+    from diffalign.training.prompts import read_edit_prompts
+
+    data = SimpleNamespace(
+        prompts=str(PACKAGE_ROOT / "assets" / "edit_tiny" / "prompts.jsonl"), key=None,
+        source_image_column="source_image", resolution=32, max_prompts=3,
+    )  # fmt: skip
+    prompts, sources = read_edit_prompts(data)
+    assert len(prompts) == len(sources) == 3 and sources[0].shape == (3, 32, 32)
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "make it red"}\n')
+    with pytest.raises(
+        ConfigError, match=r"p\.jsonl:1: need a string 'prompt' and a source image path 'source_image'"
+    ):
+        read_edit_prompts(SimpleNamespace(**{**vars(data), "prompts": str(bad)}))
