@@ -1,5 +1,5 @@
-"""Tiny random-init SD1.5, SDXL, SD3, SD3.5-Medium-shaped, FLUX.1-dev-shaped and Wan2.1-T2V-shaped component sets,
-built in-process.
+"""Tiny random-init SD1.5, SDXL, SD3, SD3.5-Medium-shaped, FLUX.1-dev-shaped and Wan2.1-T2V-shaped component sets
+(and Qwen-Image, Z-Image, FLUX.2, FLUX.1-Kontext and Qwen-Image-Edit shapes), built in-process.
 
 They use the same diffusers/transformers classes as the real checkpoints (``UNet2DConditionModel``,
 ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``AutoencoderKL``, CLIP and T5 encoders), so adapters,
