@@ -49,6 +49,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import torch
@@ -90,6 +91,16 @@ MODELS.update(
         "z-image-turbo": Spec("z_image_transformer.json", "zimage", 16, 512, 2560, 0),
     }
 )
+# instruction editing: the released transformers have their base's configs (FLUX.1-Kontext-dev = FLUX.1-dev's
+# FluxTransformer2DModel, 12B; Qwen-Image-Edit = Qwen-Image's QwenImageTransformer2DModel, 20B); the step adds the
+# source's tokens to the sequence: Kontext's at the target size, Qwen-Image-Edit's at ~1024^2 area (SOURCE_SIDE)
+MODELS.update(
+    {
+        "flux1-kontext-dev": Spec("flux1_dev_transformer.json", "fluxkontext", 16, 512, 4096, 768),
+        "qwen-image-edit": Spec("qwen_image_transformer.json", "qwenimageedit", 16, 64, 3584, 0),
+    }
+)
+SOURCE_SIDE = {"qwenimageedit": 1024}  # source px side per editing family (others: the target's)
 # option name -> (base, gradient checkpointing, optimizer)
 OPTIONS = {
     "bf16": ("bf16", False, "adamw"),
@@ -124,6 +135,7 @@ FAMILY_ENCODERS["wan"] = ["UMT5-XXL encoder"]
 # Qwen2.5-VL-7B-Instruct 8.29 B, Mistral-Small-3.1-24B 24.0 B, Qwen3-4B 4.02 B (the releases' model cards)
 TEXT_ENCODERS.update({"Qwen2.5-VL-7B": 8.29e9, "Mistral-Small-3.1-24B": 24.0e9, "Qwen3-4B": 4.02e9})
 FAMILY_ENCODERS.update(qwenimage=["Qwen2.5-VL-7B"], flux2=["Mistral-Small-3.1-24B"], zimage=["Qwen3-4B"])
+FAMILY_ENCODERS.update(fluxkontext=FAMILY_ENCODERS["flux"], qwenimageedit=FAMILY_ENCODERS["qwenimage"])
 
 
 # ---- model construction ---------------------------------------------------------------------------------------
@@ -151,7 +163,7 @@ def lora_targets(spec: Spec, model: torch.nn.Module) -> list[str]:
 
     if spec.family == "wan":
         return list(wan.LORA_TARGETS)
-    if spec.family in ("flux", "qwenimage", "zimage", "flux2"):  # FLUX.2's list names each single block
+    if spec.family in ("flux", "qwenimage", "zimage", "flux2", "fluxkontext", "qwenimageedit"):  # FLUX.2: per block
         return list(models.get(spec.family).Adapter.default_lora_targets(SimpleNamespace(denoiser=model)))
     if spec.family == "sd3":
         dual = getattr(model.config, "dual_attention_layers", None)
@@ -359,7 +371,7 @@ class Shim:
 
         self.denoiser, self.dtype = model, torch.bfloat16
         self.process = FlowProcess(shift=1.0)
-        self.guidance = {"flux": 3.5, "flux2": 4.0}.get(spec.family)
+        self.guidance = {"flux": 3.5, "flux2": 4.0, "fluxkontext": 3.5}.get(spec.family)
         self.max_sequence_length = spec.text_len
 
 
@@ -379,15 +391,18 @@ def inputs(
         "encoder_hidden_states": torch.randn(n, spec.text_len, spec.text_dim, device=device),
         "pooled_projections": torch.randn(n, spec.pooled_dim, device=device),
     }
-    if spec.family in ("qwenimage", "flux2"):
+    if spec.family in ("qwenimage", "flux2", "qwenimageedit"):
         cond = {"encoder_hidden_states": cond["encoder_hidden_states"]}
-        if spec.family == "qwenimage":
+        if spec.family in ("qwenimage", "qwenimageedit"):
             cond["encoder_hidden_states_mask"] = torch.ones(n, spec.text_len, dtype=torch.long, device=device)
     if spec.family == "zimage":
         cond = {
             "cap_feats": cond["encoder_hidden_states"],
             "cap_mask": torch.ones(n, spec.text_len, dtype=torch.long, device=device),
         }
+    if spec.family in ("fluxkontext", "qwenimageedit"):  # the source image's latents (models.editing.SOURCE)
+        side = SOURCE_SIDE.get(spec.family, resolution) * h // resolution
+        cond["source_latents"] = torch.randn(n, spec.latent_channels, side, side, device=device)
     if spec.family == "sdxl":
         size = [resolution, resolution, 0, 0, resolution, resolution]
         cond = {
@@ -423,8 +438,11 @@ def run_one(
     model.train()
     cfg = argparse.Namespace(name=optim_name, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
     opt = optim.build_optimizer(params, cfg)
-    predict = models.get(spec.family).Adapter.predict
+    adapter_cls = models.get(spec.family).Adapter
+    predict = adapter_cls.predict
     shim = Shim(spec, model)
+    if hasattr(adapter_cls, "image_tokens"):  # FLUX.1 / Qwen-Image and their editing variants build the sequence
+        shim.image_tokens = MethodType(adapter_cls.image_tokens, shim)
     x, t, cond = inputs(spec, 2, resolution, device)
     target = torch.randn_like(x)
 
@@ -503,6 +521,8 @@ def tiny_specs(names: list[str], workdir: Path) -> dict[str, Spec]:
         "wan21-1.3b": ("wan", "transformer", ("wan", 4, 8, 32, 0, (5, 16, 16))),
         "wan21-14b": ("wan", "transformer", ("wan", 4, 8, 32, 0, (5, 16, 16))),
         "qwen-image": ("qwenimage", "transformer", ("qwenimage", 4, 8, 16, 0)),
+        "flux1-kontext-dev": ("fluxkontext", "transformer", ("fluxkontext", 4, 8, 32, 16)),
+        "qwen-image-edit": ("qwenimageedit", "transformer", ("qwenimageedit", 4, 8, 16, 0)),
         "flux2-dev": ("flux2", "transformer", ("flux2", 4, 8, 24, 0)),
         "z-image-turbo": ("zimage", "transformer", ("zimage", 4, 8, 16, 0)),
     }

@@ -112,6 +112,7 @@ class Batch:
     latent cache; ``scores`` (B, K) or None (pairs are ordered winner-first and need no scores).
     ``prompt_embeds`` holds cached prompt embeddings keyed by the adapter's names, or None.
     ``image_prompts``: one caption per image, (B lists of K), when each image has its own (DCPO); else None.
+    ``source_pixels``: the source image each group's K images edit (editing families), else None.
     """
 
     prompts: list[str]
@@ -121,6 +122,7 @@ class Batch:
     scores: Tensor | None = None
     prompt_embeds: dict[str, Tensor] | None = None
     image_prompts: list[list[str]] | None = None
+    source_pixels: Tensor | None = None  # editing: one source image per group (B, 3, H, W) in [-1, 1]
 
     def __len__(self) -> int:
         return len(self.prompts)

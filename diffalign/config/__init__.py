@@ -9,6 +9,7 @@ checks with the engine. A new recipe adds one module here and one import below. 
 """
 
 from diffalign.config.common import (
+    EDITING_FAMILIES,
     FLOW_FAMILIES,
     GUIDANCE_EMBEDDED,
     VIDEO_FAMILIES,

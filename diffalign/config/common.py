@@ -24,7 +24,10 @@ class ModelConfig:
     """
 
     # sd3 covers SD3.5 (Medium, Large); wan: Wan 2.1 T2V video
-    family: Literal["sd15", "sdxl", "sd3", "flux", "qwenimage", "zimage", "flux2", "wan"]
+    # fluxkontext, qwenimageedit: instruction editing (a source image per row: data.source_image_column)
+    family: Literal[
+        "sd15", "sdxl", "sd3", "flux", "qwenimage", "zimage", "flux2", "wan", "fluxkontext", "qwenimageedit"
+    ]
     path: str  # hub id or local diffusers folder
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16" weight files on the hub
@@ -43,6 +46,8 @@ class ModelConfig:
     mode_scale: float = 1.29
     flow_shift: float | Literal["scheduler", "resolution"] = "scheduler"
     guidance: float | None = None  # flux / flux2 (guidance-distilled): the guidance-embedding input; None -> 3.5 / 4.0
+    # qwenimageedit: the side of the pixel area the source image is conditioned at (None: the pipeline's 1024)
+    source_resolution: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +114,8 @@ class DataConfig:
     positive_ratio: float | None = None
     caption_columns: list[str] | None = None  # pickapic: one caption column per image, e.g. [caption_0, caption_1]
     num_frames: int | None = None  # video families (wan): frames per video, 4k + 1 (None: the pipeline's 81)
+    # editing families (fluxkontext, qwenimageedit): the column (ranked JSONL key) holding each row's source image
+    source_image_column: str | None = None
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
 
@@ -343,9 +350,16 @@ def check_training(cfg: Any, problems: list[str]) -> None:
 
 
 FLOW_FAMILIES = ("sd3", "flux", "qwenimage", "zimage", "flux2")
-GUIDANCE_EMBEDDED = ("flux", "flux2")  # families whose guidance is a model input (model.guidance), not CFG
+GUIDANCE_EMBEDDED = (
+    "flux",
+    "flux2",
+    "fluxkontext",
+)  # families whose guidance is a model input (model.guidance), not CFG
 VIDEO_FAMILIES = ("wan",)  # models.VIDEO_FAMILIES (config validates without importing models)
 FLOW_FAMILIES += VIDEO_FAMILIES
+EDITING_FAMILIES = ("fluxkontext", "qwenimageedit")  # models.EDITING_FAMILIES: a source image per prompt
+FLOW_FAMILIES += EDITING_FAMILIES
+EDITING_RECIPES = ("OfflinePrefConfig", "OnlineRLConfig")  # the schemas whose recipes pass source images through
 
 
 def text_encoders_trained(cfg: Any) -> str | None:
@@ -440,6 +454,7 @@ def _check_model(cfg: Any, problems: list[str]) -> None:
             f"not {m.family!r}"
         )
     _check_video(cfg, problems)
+    _check_editing(cfg, problems)
     if m.quantize != "none" and m.dtype == "fp32":
         problems.append(f"model.quantize={m.quantize!r} computes in model.dtype: set model.dtype to bf16 (or fp16)")
     if not m.load_text_encoders:
@@ -451,6 +466,44 @@ def _check_model(cfg: Any, problems: list[str]) -> None:
             problems.append(f"model.load_text_encoders=false cannot train the text encoders ({trained})")
         if val.every:
             problems.append("model.load_text_encoders=false: validation sampling needs the text encoders; set every=0")
+
+
+def _check_editing(cfg: Any, problems: list[str]) -> None:
+    """Editing families need ``data.source_image_column`` (and no latent cache: it holds no source latents); the
+    others take none. One line each, naming the key and the fix."""
+    m, data = cfg.model, cfg.data
+    column = getattr(data, "source_image_column", None)
+    if m.family not in EDITING_FAMILIES:
+        if column is not None:
+            problems.append(
+                f"data.source_image_column={column!r} applies to editing families {EDITING_FAMILIES}, not "
+                f"{m.family!r}; unset it"
+            )
+        if m.source_resolution is not None:
+            problems.append(f"model.source_resolution applies to editing families {EDITING_FAMILIES}; unset it")
+        return
+    if type(cfg).__name__ not in EDITING_RECIPES:
+        problems.append(f"model.family={m.family!r}: editing families run offline_pref and online_rl only (for now)")
+    if column is None:
+        problems.append(
+            f"model.family={m.family!r} edits a source image: set data.source_image_column to the column (JSONL key) "
+            "that holds each row's source image, e.g. data.source_image_column=source_image"
+        )
+    fmt = getattr(data, "format", None)  # prompt data (online RL) has none
+    if fmt is not None and fmt not in ("ranked", "scored_pairs"):
+        problems.append(
+            f"data.format={data.format!r}: editing rows (source image + edits) are read from ranked JSONL; use "
+            "data.format=ranked or scored_pairs"
+        )
+    if getattr(data, "latent_cache", None):
+        problems.append(f"data.latent_cache: the cache holds no source latents ({m.family}); unset it")
+    if getattr(cfg.validation, "every", 0):
+        problems.append(
+            f"validation.every={cfg.validation.every}: validation samples from prompts alone and {m.family} needs a "
+            "source image per prompt; set validation.every=0"
+        )
+    if m.source_resolution is not None and m.family != "qwenimageedit":
+        problems.append("model.source_resolution applies to qwenimageedit (fluxkontext edits at the data resolution)")
 
 
 def _check_video(cfg: Any, problems: list[str]) -> None:
@@ -484,6 +537,8 @@ class PromptDataConfig:
 
     prompts: str
     key: str | None = None
+    # editing families: the key of each prompt's source image (a path relative to the prompts file) in a .jsonl
+    source_image_column: str | None = None
     max_prompts: int | None = None
     resolution: int = 512
     num_frames: int | None = None  # video families (wan): frames per sampled video, 4k + 1 (None: the pipeline's 81)

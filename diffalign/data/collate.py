@@ -51,6 +51,7 @@ def collate_groups(items: Sequence[Group | SkippedRow | None]) -> GroupBatch:
         skipped=skipped,
         flagged=[(g.index, kind, detail) for g in groups for kind, detail in g.flags],
         image_prompts=[list(g.image_prompts) for g in groups] if groups[0].image_prompts is not None else None,
+        source_pixels=torch.stack([g.source for g in groups]) if groups[0].source is not None else None,
     )
 
 

@@ -55,7 +55,13 @@ def record_source(cfg: Any) -> Any:
         from diffalign.data.video import video_source
 
         return video_source(cfg)
-    return RankedSource(path=cfg.path, split=cfg.split, on_bad_row=cfg.on_bad_row, max_rows=cfg.max_rows)
+    return RankedSource(
+        path=cfg.path,
+        split=cfg.split,
+        on_bad_row=cfg.on_bad_row,
+        max_rows=cfg.max_rows,
+        source_image_column=getattr(cfg, "source_image_column", None),
+    )
 
 
 def transform_for(cfg: Any) -> JointTransform:

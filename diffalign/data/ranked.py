@@ -51,6 +51,7 @@ class RankedSource:
     prompt_column: str = "prompt"
     images_column: str = "images"
     scores_column: str = "scores"
+    source_image_column: str | None = None  # editing rows: the JSONL key of the source image (path)
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -70,6 +71,7 @@ class _Entry:
     order: tuple[int, ...]
     scores: tuple[float, ...]
     image_refs: tuple[str, ...] | None = None  # JSONL paths; None when images live in the table
+    source_ref: str | None = None  # editing rows: the source image's JSONL path
 
 
 def jsonl_path(path: str, split: str) -> str | None:
@@ -137,11 +139,9 @@ class RankedDataset(Dataset):
             return handle_bad_row(policy, self.stats, self.name, index, f"line {index + 1}: invalid JSON ({e})")
         if not isinstance(row, dict):
             return handle_bad_row(policy, self.stats, self.name, index, f"line {index + 1}: not a JSON object")
-        missing = [
-            c
-            for c in (self.source.prompt_column, self.source.images_column, self.source.scores_column)
-            if c not in row
-        ]
+        src = self.source
+        wanted = (src.prompt_column, src.images_column, src.scores_column, *filter(None, [src.source_image_column]))
+        missing = [c for c in wanted if c not in row]
         if missing:
             reason = f"line {index + 1}: missing key {missing[0]!r}; keys present: {', '.join(row)}"
             return handle_bad_row(policy, self.stats, self.name, index, reason)
@@ -149,14 +149,23 @@ class RankedDataset(Dataset):
         if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
             reason = f"{self.source.images_column!r} must be a list of image paths"
             return handle_bad_row(policy, self.stats, self.name, index, reason)
+        source_ref = row[src.source_image_column] if src.source_image_column else None
+        if src.source_image_column and not (isinstance(source_ref, str) and source_ref):
+            reason = f"line {index + 1}: {src.source_image_column!r} must be the source image's path"
+            return handle_bad_row(policy, self.stats, self.name, index, reason)
         entry = self._check(index, row[self.source.prompt_column], len(images), row[self.source.scores_column])
         if isinstance(entry, _Entry):
-            entry = _Entry(entry.index, entry.prompt, entry.order, entry.scores, tuple(images))
+            entry = _Entry(entry.index, entry.prompt, entry.order, entry.scores, tuple(images), source_ref)
         return entry
 
     def _read_table(self) -> list[_Entry]:
         src = self.source
         ds, self.name = open_tabular(src.path, src.split, streaming=False, cache_dir=src.cache_dir)
+        if src.source_image_column:
+            raise ValueError(
+                f"{self.name}: data.source_image_column reads ranked JSONL rows (prompt, source image path, images, "
+                "scores); convert this table to JSONL"
+            )
         require_columns(column_names(ds), [src.prompt_column, src.images_column, src.scores_column], self.name)
         num_rows = len(ds) if src.max_rows is None else min(len(ds), src.max_rows)
         self._table = ds.select_columns([src.images_column])
@@ -202,7 +211,18 @@ class RankedDataset(Dataset):
                 self._known_bad[entry.index] = item
                 return item
         scores = [entry.scores[r] for r in ranks]
-        return PreferenceRecord(prompt=entry.prompt, images=images, scores=scores, index=entry.index)
+        source = None
+        if entry.source_ref is not None:
+            try:
+                source = self.decode(entry.source_ref, self._base_dir)
+            except ValueError as e:
+                where = f"{self.source.source_image_column} ({entry.source_ref})"
+                item = handle_bad_row(
+                    self.source.on_bad_row, self.stats, self.name, entry.index, f"{where}: {e}", cause=e
+                )
+                self._known_bad[entry.index] = item
+                return item
+        return PreferenceRecord(prompt=entry.prompt, images=images, scores=scores, index=entry.index, source=source)
 
     def decode(self, cell: Any, base_dir: str | None) -> Any:
         """One image cell (a path relative to ``base_dir``, the JSONL's folder) -> an RGB PIL image

@@ -51,6 +51,7 @@ class PreferenceRecord:
     scores: list[float] | None
     index: int
     image_prompts: list[str] | None = None  # one caption per image (DCPO), in the images' order
+    source: Image.Image | None = None  # editing rows: the source image the K images edit
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class Group:
     index: int
     flags: tuple[tuple[str, str], ...] = ()
     image_prompts: list[str] | None = None
+    source: Tensor | None = None  # editing rows: the source image (3, H, W), transformed with the group
 
 
 EMPTY_CAPTION, DEGENERATE_IMAGE = "empty captions", "degenerate images"

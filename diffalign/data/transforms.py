@@ -142,7 +142,10 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 def to_group(record: PreferenceRecord, transform: JointTransform, generator: torch.Generator | None) -> Group:
-    pixels, info = transform(record.images, generator)
+    images = record.images if record.source is None else [*record.images, record.source]
+    pixels, info = transform(images, generator)  # the source is resized, flipped and cropped with its edits
+    source = None if record.source is None else pixels[-1]
+    pixels = pixels if record.source is None else pixels[:-1]
     flags = quality_flags(record, transform.hflip_prob)
     return Group(
         prompt=record.prompt,
@@ -152,6 +155,7 @@ def to_group(record: PreferenceRecord, transform: JointTransform, generator: tor
         index=record.index,
         flags=flags,
         image_prompts=record.image_prompts,
+        source=source,
     )
 
 

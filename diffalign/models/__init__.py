@@ -1,5 +1,6 @@
 """Model adapters by family (``sd15``, ``sdxl``, ``sd3`` (SD3 and SD3.5), ``flux`` (FLUX.1), ``qwenimage`` (Qwen-Image),
-``zimage`` (Z-Image), ``flux2`` (FLUX.2), ``wan`` (Wan 2.1 T2V)).
+``zimage`` (Z-Image), ``flux2`` (FLUX.2), ``wan`` (Wan 2.1 T2V), the editing ``fluxkontext`` (FLUX.1-Kontext) and
+``qwenimageedit`` (Qwen-Image-Edit)).
 
 The adapters are the only code that knows denoiser signatures."""
 
@@ -17,6 +18,10 @@ FLOW_FAMILIES = ("sd3", "flux", "qwenimage", "zimage", "flux2")
 VIDEO_FAMILIES = ("wan",)
 FAMILIES += VIDEO_FAMILIES
 FLOW_FAMILIES += VIDEO_FAMILIES
+# instruction-editing families (a source image per prompt; ``Adapter.is_editing``, ``models.editing``)
+EDITING_FAMILIES = ("fluxkontext", "qwenimageedit")
+FAMILIES += EDITING_FAMILIES
+FLOW_FAMILIES += EDITING_FAMILIES
 
 
 def get(family: str) -> ModuleType:

@@ -97,6 +97,9 @@ class Adapter:
     pipeline_class: ClassVar[str]
     denoiser_name: ClassVar[str] = "unet"
     is_video: ClassVar[bool] = False  # True: pixels (N, 3, F, H, W) and latents (N, C, F', h, w) (``models.wan``)
+    is_editing: ClassVar[bool] = False  # True: conditioned on a source image per prompt (``models.editing``)
+    # pipeline components beside the text encoders and tokenizers that prompt encoding needs (Qwen-Image-Edit: processor)
+    extra_component_names: ClassVar[tuple[str, ...]] = ()
     # the denoiser's FSDP2 wrap units (class names; training.sharding): the UNet's down, mid and up blocks
     shard_blocks: ClassVar[tuple[str, ...]] = (
         "CrossAttnDownBlock2D",

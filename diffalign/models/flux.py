@@ -123,17 +123,24 @@ class Adapter(_Base):
         guidance = None
         if self.guidance is not None:
             guidance = torch.full((n,), self.guidance, device=device, dtype=torch.float32)
+        tokens, ids = self.image_tokens(x_t.to(dtype), cond)
         out = self.denoiser(
-            hidden_states=pack(x_t.to(dtype)),
+            hidden_states=tokens,
             timestep=sigma.to(dtype),
             guidance=guidance,
             pooled_projections=cond["pooled_projections"].to(device, dtype),
             encoder_hidden_states=hidden,
             txt_ids=torch.zeros(hidden.shape[1], 3, device=device, dtype=dtype),
-            img_ids=image_ids(h, w, device, dtype),
+            img_ids=ids,
             return_dict=False,
         )[0]
-        return unpack(out, h, w)
+        return unpack(out[:, : (h // 2) * (w // 2)], h, w)  # editing (Kontext): drop the condition tokens' output
+
+    def image_tokens(self, x_t: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
+        """The transformer's image sequence and its ids: the packed noisy latents (N, h/2 * w/2, 4C) and
+        ``image_ids`` (h/2 * w/2, 3). ``models.fluxkontext`` appends the source image's tokens after them."""
+        h, w = x_t.shape[-2:]
+        return pack(x_t), image_ids(h, w, x_t.device, x_t.dtype)
 
     def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
         """The VAE's unpacked latents (``models.base.Adapter.latent_shape``); their sides must be even, as

@@ -94,6 +94,7 @@ def load_components(
     if load_text_encoders:
         names += adapter_cls.text_encoder_names()
         names += [n.replace("text_encoder", "tokenizer") for n in adapter_cls.text_encoder_names()]
+        names += list(adapter_cls.extra_component_names)
     for name in names:
         if name not in index or index[name][0] is None:
             raise ValueError(f"{path!r} has no {name!r} component (model_index.json lists {sorted(index)})")
@@ -102,7 +103,7 @@ def load_components(
         if library == "transformers":
             class_name = adapter_cls.tokenizer_classes.get(name, class_name)
         cls = getattr(module, class_name)
-        if name.startswith("tokenizer") or name == "scheduler":
+        if name.startswith("tokenizer") or name == "scheduler" or name in adapter_cls.extra_component_names:
             out[name] = cls.from_pretrained(path, subfolder=name, **common)
         elif name == "vae" and vae_path:
             out[name] = diffusers.AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32)

@@ -78,6 +78,20 @@ def trim_text(hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
     return hidden, (None if bool(mask.all()) else mask)
 
 
+def template_embeddings(hidden: Tensor, attention_mask: Tensor, drop: int, max_length: int) -> Cond:
+    """The last hidden layer (B, L, D) -> ``cond``: each row's valid tokens (by ``attention_mask``) without the first
+    ``drop`` template tokens, truncated and zero-padded to ``max_length``, with a 0/1 mask (``_extract_masked_hidden``
+    then ``[drop:]`` of the Qwen-Image pipelines)."""
+    n = hidden.shape[0]
+    embeds = hidden.new_zeros(n, max_length, hidden.shape[-1])
+    mask = torch.zeros(n, max_length, dtype=torch.long, device=hidden.device)
+    for i in range(n):
+        valid = hidden[i][attention_mask[i].bool()][drop:][:max_length]
+        embeds[i, : len(valid)] = valid
+        mask[i, : len(valid)] = 1
+    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+
+
 class Adapter(_Base):
     """Qwen-Image adapter. ``max_sequence_length``: prompt tokens kept after the template (pipeline default 512)."""
 
@@ -157,15 +171,7 @@ class Adapter(_Base):
             return_tensors="pt",
         ).to(encoder.device)
         out = encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True)
-        hidden = out.hidden_states[-1]
-        n, big_l = len(prompts), self.max_sequence_length
-        embeds = hidden.new_zeros(n, big_l, hidden.shape[-1])
-        mask = torch.zeros(n, big_l, dtype=torch.long, device=hidden.device)
-        for i in range(n):
-            valid = hidden[i][tokens.attention_mask[i].bool()][DROP:][:big_l]
-            embeds[i, : len(valid)] = valid
-            mask[i, : len(valid)] = 1
-        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+        return template_embeddings(out.hidden_states[-1], tokens.attention_mask, DROP, self.max_sequence_length)
 
     def predict(self, x_t: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:
         """Velocity for latents (N, C, h, w) at model-unit ``timesteps`` (N,) = sigma * T."""
@@ -173,15 +179,22 @@ class Adapter(_Base):
         dtype, device = self.dtype, x_t.device
         hidden, mask = trim_text(cond["encoder_hidden_states"].to(device, dtype), cond["encoder_hidden_states_mask"])
         sigma = torch.as_tensor(timesteps, device=device).float().expand(n) / self.process.num_train_timesteps
+        tokens, shapes = self.image_tokens(x_t.to(dtype), cond)
         out = self.denoiser(
-            hidden_states=pack(x_t.to(dtype)),
+            hidden_states=tokens,
             timestep=sigma.to(dtype),
             encoder_hidden_states=hidden,
             encoder_hidden_states_mask=None if mask is None else mask.to(device),
-            img_shapes=[[(1, h // 2, w // 2)]] * n,
+            img_shapes=[shapes] * n,
             return_dict=False,
         )[0]
-        return unpack(out, h, w)
+        return unpack(out[:, : (h // 2) * (w // 2)], h, w)  # editing: drop the source tokens' output
+
+    def image_tokens(self, x_t: Tensor, cond: Cond) -> tuple[Tensor, list[tuple[int, int, int]]]:
+        """The transformer's image sequence (N, h/2 * w/2, 4C) and one sample's ``img_shapes`` entry
+        ``[(1, h/2, w/2)]``; ``models.qwenimageedit`` appends the source image's tokens and shape."""
+        h, w = x_t.shape[-2:]
+        return pack(x_t), [(1, h // 2, w // 2)]
 
     def combine_guidance(self, uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
         """``QwenImagePipeline``'s true CFG: ``u + w (c - u)``, rescaled per packed token to ``||c||`` (norms over

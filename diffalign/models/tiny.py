@@ -1,5 +1,5 @@
-"""Tiny random-init SD1.5, SDXL, SD3, SD3.5-Medium-shaped, FLUX.1-dev-shaped and Wan2.1-T2V-shaped component sets,
-built in-process.
+"""Tiny random-init SD1.5, SDXL, SD3, SD3.5-Medium-shaped, FLUX.1-dev-shaped and Wan2.1-T2V-shaped component sets
+(and Qwen-Image, Z-Image, FLUX.2, FLUX.1-Kontext and Qwen-Image-Edit shapes), built in-process.
 
 They use the same diffusers/transformers classes as the real checkpoints (``UNet2DConditionModel``,
 ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``AutoencoderKL``, CLIP and T5 encoders), so adapters,
@@ -543,6 +543,64 @@ PIPELINES.update(qwenimage="QwenImagePipeline", zimage="ZImagePipeline", flux2="
 FAMILIES += ("wan",)
 BUILDERS["wan"] = wan
 PIPELINES["wan"] = "WanPipeline"
+
+
+# ---- instruction editing (issue 24): FLUX.1-Kontext, Qwen-Image-Edit --------------------------------------------
+def fluxkontext(seed: int = 0) -> dict[str, Any]:
+    """FLUX.1-Kontext-dev-shaped ``FluxKontextPipeline`` components: the same classes and shapes as ``flux`` (Kontext is
+    a FLUX.1-dev transformer that reads the source image's tokens beside the target's)."""
+    return flux(seed, guidance_embeds=True)
+
+
+VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+
+
+def qwenimageedit(seed: int = 0) -> dict[str, Any]:
+    """Qwen-Image-Edit-shaped ``QwenImageEditPipeline`` components: ``qwenimage``'s transformer and text encoder, whose
+    one-block vision tower now reads the source image through a real ``Qwen2VLProcessor`` (the byte tokenizer plus
+    Qwen's vision specials; images resized to at most 56^2 px, so 4 patches of 14 px -> 1 merged token), and a 3-D VAE
+    with three spatial downsamplings (the pipeline conditions on a ~1024^2 source: 64^2 packed tokens here)."""
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    components = qwenimage(seed)
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *VISION_TOKENS]})
+    start, pad, end, video = tok.convert_tokens_to_ids(list(VISION_TOKENS))
+    torch.manual_seed(seed + 1)
+    text_cfg = components["text_encoder"].config.text_config.to_dict()
+    text = Qwen2_5_VLConfig(
+        text_config={**text_cfg, "vocab_size": len(tok)},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 16},
+        image_token_id=pad,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+        video_token_id=video,
+    )
+    images = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56)
+    processor = Qwen2VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen2VLVideoProcessor())
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, False, False],
+        latents_mean=[0.1, -0.2, 0.05, 0.0],
+        latents_std=[1.5, 2.0, 1.2, 0.9],
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(text)
+    return {**components, "vae": vae, "text_encoder": text_encoder, "tokenizer": tok, "processor": processor}
+
+
+FAMILIES += ("fluxkontext", "qwenimageedit")
+BUILDERS.update(fluxkontext=fluxkontext, qwenimageedit=qwenimageedit)
+PIPELINES.update(fluxkontext="FluxKontextPipeline", qwenimageedit="QwenImageEditPipeline")
 
 
 def pipeline(family: str, seed: int = 0, **kwargs: Any) -> Any:

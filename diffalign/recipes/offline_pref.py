@@ -105,6 +105,7 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
             need_ref_pred="ref_pred" in needs,
             noise_fn=state.noise_fn,
             image_prompts=batch.image_prompts,
+            sources=batch.source_pixels,
         )
     num_t = adapter.process.num_train_timesteps
     if objective.TERMS == "pair":

@@ -61,10 +61,11 @@ from diffalign.sampling import seeds
 from diffalign.sampling.guidance import default_info, encode_condition
 from diffalign.sampling.sde import Grid, SDESpec, make_grid, rollout
 from diffalign.sampling.seeds import draw_noise
+from diffalign.scorers.base import score
 from diffalign.terms import online, stepwise
 from diffalign.terms.advantages import AdvantageSpec, PerPromptStats, gathered_advantages, tracked_advantages
 from diffalign.training import curves, loop
-from diffalign.training.prompts import PromptOrder, read_prompts
+from diffalign.training.prompts import PromptOrder, read_edit_prompts, read_prompts
 from diffalign.types import PolicyTerms
 
 
@@ -101,12 +102,19 @@ class RoundBuffer:
     round: int = 0
     items: list[tuple[Micro, int]] | None = None
     tracker: PerPromptStats | None = None  # online.adv_std=tracker: DDPO's per-prompt reward buffers
+    sources: list[Tensor] | None = None  # editing families: each prompt's source image (3, R, R) in [-1, 1]
 
     def __post_init__(self) -> None:
         self.order = PromptOrder(self.prompts, self.seed, seeds.PROMPT_ORDER)
 
     def prompt_at(self, position: int) -> str:
         return self.order[position]
+
+    def sources_at(self, positions: Tensor) -> Tensor | None:
+        """The source images (n, 3, R, R) of the prompts at ``positions``; None for text-to-image prompts."""
+        if self.sources is None:
+            return None
+        return torch.stack([self.sources[self.order.index(int(p))] for p in positions])
 
     def next_batch(self) -> tuple[Micro, int]:
         if not self.items:
@@ -182,7 +190,12 @@ def setup(cfg: Any, accelerator: Any) -> State:
     adapter = loop.build_adapter(cfg, accelerator.device, need_reference=loss_cfg.kl_coef > 0)
     adapter.denoiser.eval()  # rollout and update see the same policy (no LoRA dropout; checked by the config)
     o = cfg.online
-    buffer = RoundBuffer(read_prompts(cfg.data), cfg.run.seed, accelerator.process_index, accelerator.num_processes)
+    if getattr(cfg.data, "source_image_column", None):  # editing: a source image per prompt
+        prompts, sources = read_edit_prompts(cfg.data)
+    else:
+        prompts, sources = read_prompts(cfg.data), None
+    buffer = RoundBuffer(prompts, cfg.run.seed, accelerator.process_index, accelerator.num_processes)
+    buffer.sources = sources
     if o.adv_std == "tracker":
         buffer.tracker = PerPromptStats(o.tracker_buffer, o.tracker_min_count)
     state = State(
@@ -267,7 +280,10 @@ def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[s
         with torch.no_grad(), state.run.accelerator.autocast():
             # guidance_scale 1 (no CFG): no unconditional encoding and one conditional forward per step (Flow-GRPO
             # train.cfg=False, scripts/train_sd3.py:196-203)
-            cond, uncond = encode_condition(adapter, prompts, info, o.uncond, with_uncond=o.guidance_scale != 1.0)
+            sources = buf.sources_at(positions[start : start + b])
+            cond, uncond = encode_condition(
+                adapter, prompts, info, o.uncond, with_uncond=o.guidance_scale != 1.0, sources=sources
+            )
             traj = rollout(
                 adapter, state.grid, state.spec, cond, uncond, generators=gens, latent_shape=shape,
                 guidance_scale=o.guidance_scale, sde_steps=sde, initial=initial,
@@ -276,7 +292,7 @@ def sample_round(state: State, sde: Tensor) -> tuple[list[Micro], Tensor, dict[s
             images = (adapter.decode_latents(traj.final) + 1.0) / 2.0
         t0 = time.perf_counter()
         for name, scorer in state.scorers.items():
-            rewards[name].append(scorer(images, prompts).float().cpu())
+            rewards[name].append(score(scorer, images, prompts, sources).float().cpu())
         scoring += time.perf_counter() - t0
         micros.append(Micro(traj.latents, traj.log_probs, cond, uncond, prompts, means=traj.means))
     return micros, positions, {name: torch.cat(v) for name, v in rewards.items()}, scoring

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from diffalign.models import editing
 from diffalign.models.base import Adapter, Cond
 from diffalign.types import SampleInfo
 
@@ -24,7 +25,7 @@ from diffalign.types import SampleInfo
 UNCOND_MODES = ("empty_prompt", "zeros")
 # kept as they are in a "zeros" unconditional branch: SDXL's size/crop conditioning, and the text masks of Qwen-Image and
 # Z-Image (zero embeddings at the prompt's valid positions; an all-zero Z-Image mask would leave no caption token)
-MICRO_COND_KEYS = ("time_ids", "encoder_hidden_states_mask", "cap_mask")
+MICRO_COND_KEYS = ("time_ids", "encoder_hidden_states_mask", "cap_mask", editing.SOURCE)
 
 
 def default_info(adapter: Adapter, latent_hw: Sequence[int]) -> SampleInfo:
@@ -42,19 +43,21 @@ def encode_condition(
     *,
     grad: bool = False,
     with_uncond: bool = True,
+    sources: Tensor | None = None,
 ) -> tuple[Cond, Cond | None]:
     """(cond, uncond) for classifier-free guidance; ``uncond`` is the encoded empty prompt or zeros, or None without
-    ``with_uncond`` (no CFG: the empty prompt is not encoded)."""
+    ``with_uncond`` (no CFG: the empty prompt is not encoded). ``sources``: editing families' source images
+    (B, 3, H, W) in [-1, 1]; both branches see them (the edit pipelines encode the negative prompt with the image)."""
     if uncond not in UNCOND_MODES:
         raise ValueError(f"unknown uncond {uncond!r}; choices: {', '.join(UNCOND_MODES)}")
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        cond = adapter.encode_prompts(list(prompts), list(info))
+        cond = editing.encode(adapter, prompts, info, sources)
         if not with_uncond:
             return cond, None
         if uncond == "zeros":
             empty = {k: (v if k in MICRO_COND_KEYS else torch.zeros_like(v)) for k, v in cond.items()}
         else:
-            empty = adapter.encode_prompts([adapter.negative_prompt] * len(prompts), list(info))
+            empty = editing.encode(adapter, [adapter.negative_prompt] * len(prompts), info, sources)
     return cond, empty
 
 

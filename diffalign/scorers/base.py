@@ -431,3 +431,15 @@ class PerFrame:
 
     def __repr__(self) -> str:
         return f"PerFrame({self.scorer!r}, reduction={self.reduction!r}, stride={self.stride})"
+
+
+def score(
+    scorer: Any, images: Any, prompts: Sequence[str] | None, sources: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``scorer(images, prompts)``, plus the source images (B, 3, H, W) in [-1, 1] for a scorer that compares an
+    edit with its source (``needs_sources``: ``source_similarity``); a source-free scorer ignores them."""
+    if not getattr(scorer, "needs_sources", False):
+        return scorer(images, prompts)
+    if sources is None:
+        raise ValueError(f"reward {scorer.name!r} compares edits with their sources: set data.source_image_column")
+    return scorer(images, prompts, sources=(sources.float() + 1.0) / 2.0)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffalign.models import editing
 from diffalign.models.base import Adapter, Cond, repeat_cond
 from diffalign.types import ListTerms, PairTerms, SampleInfo
 
@@ -85,6 +86,7 @@ def group_errors(
     need_ref_pred: bool = False,
     noise_fn: NoiseFn | None = None,
     image_prompts: Sequence[Sequence[str]] | None = None,
+    sources: Tensor | None = None,
 ) -> GroupErrors:
     """Policy (and reference) denoising errors of K latents per group under shared noise and timestep.
 
@@ -102,6 +104,8 @@ def group_errors(
             no_grad (``diffalign.terms.inversion``: InPO / SmPO's DDIM-inversion noise); None keeps the draw.
         image_prompts: one caption per image (B lists of K), each image conditioned on its own (DCPO); replaces
             ``prompts`` for the denoiser (``info`` is shared by the group's images).
+        sources: editing families: each group's source image (B, 3, H, W) in [-1, 1], encoded with the prompts (the
+            source latents join the conditioning, the same for policy and reference).
     """
     b, k = latents.shape[:2]
     if len(seeds) != b:
@@ -128,7 +132,9 @@ def group_errors(
     def expand(c: Cond) -> Cond:
         return c if per_image else repeat_cond(c, k)
 
-    policy_cond = cond if cond is not None else _encode(adapter, prompts, info, grad=text_lora)
+    if sources is not None and (cond is not None or image_prompts is not None):
+        raise ValueError("source images (editing) cannot use cached prompt embeddings or per-image captions")
+    policy_cond = cond if cond is not None else _encode(adapter, prompts, info, grad=text_lora, sources=sources)
     if noise_fn is not None:
         with torch.no_grad():
             eps = noise_fn(x0, t, expand(policy_cond), _image_seeds(seeds, k)).to(device, torch.float32)
@@ -140,7 +146,7 @@ def group_errors(
     ref = ref_pred = None
     if need_ref:  # before the policy pass: no policy activations are held while it runs (see bench/step_cost.py)
         with torch.no_grad(), adapter.reference():
-            ref_cond = _encode(adapter, prompts, info, grad=False) if text_lora else policy_cond
+            ref_cond = _encode(adapter, prompts, info, grad=False, sources=sources) if text_lora else policy_cond
             ref_pred = adapter.predict(x_t, t, expand(ref_cond))
             ref = per_sample_error(ref_pred, target).view(b, k)
         if not (need_gap or need_ref_pred):
@@ -165,11 +171,17 @@ def _image_seeds(group_seeds: Sequence[int], k: int) -> list[int]:
     return [(int(s) * 1_000_003 + 7919 * (j + 1)) % (2**63 - 1) for s in group_seeds for j in range(k)]
 
 
-def _encode(adapter: Adapter, prompts: Sequence[str] | None, info: Sequence[SampleInfo] | None, grad: bool) -> Cond:
+def _encode(
+    adapter: Adapter,
+    prompts: Sequence[str] | None,
+    info: Sequence[SampleInfo] | None,
+    grad: bool,
+    sources: Tensor | None = None,
+) -> Cond:
     if prompts is None:
         raise ValueError("pass either prompts (to encode) or cond (cached prompt embeddings)")
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        return adapter.encode_prompts(prompts, info)
+        return editing.encode(adapter, prompts, info, sources)
 
 
 def pair_terms(errors: GroupErrors, num_train_timesteps: int) -> PairTerms:

@@ -202,6 +202,8 @@ def build_adapter(cfg: Any, device: torch.device, *, need_reference: bool = True
         kwargs["adapter_kwargs"] = {"guidance": m.guidance}
     if m.family in dconfig.VIDEO_FAMILIES:  # frames per video: the data's (None: the pipeline's default)
         kwargs["adapter_kwargs"] = {"num_frames": cfg.data.num_frames}
+    if m.family == "qwenimageedit":  # the side of the area the source is conditioned at (None: the pipeline's)
+        kwargs["adapter_kwargs"] = {"source_resolution": m.source_resolution}
     adapter = models.load(
         m.family,
         m.path,

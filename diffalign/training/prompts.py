@@ -48,3 +48,42 @@ class PromptOrder:
 
     def __getitem__(self, position: int) -> str:
         return self.prompts[self.index(position)]
+
+
+def read_edit_prompts(data: Any) -> tuple[list[str], list[torch.Tensor]]:
+    """Editing families: the prompts of a ``.jsonl`` prompts file and each one's source image, the path under
+    ``data.source_image_column`` (relative to the file), as (3, R, R) pixels in [-1, 1] at ``data.resolution``
+    (shortest side resized, centre crop, no flip: ``data.transforms.JointTransform``). A bad line is a ``ConfigError``
+    naming the file, the line and the fix."""
+    import json
+    from pathlib import Path
+
+    from diffalign import resources
+    from diffalign.data.records import decode_image
+    from diffalign.data.transforms import JointTransform
+
+    path = Path(resources.resolve(data.prompts))
+    column, key = data.source_image_column, data.key or "prompt"
+    if path.suffix != ".jsonl" or not path.is_file():
+        raise ConfigError(
+            f"data.prompts={data.prompts!r}: editing prompts are a .jsonl file with {key!r} and {column!r}"
+        )
+    transform = JointTransform(resolution=data.resolution, hflip_prob=0.0)
+    prompts, sources = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not isinstance(row, dict) or not isinstance(row.get(key), str) or not isinstance(row.get(column), str):
+            raise ConfigError(f"{path}:{n}: need a string {key!r} and a source image path {column!r} on every line")
+        try:
+            image = decode_image(row[column], base_dir=str(path.parent))
+        except ValueError as e:
+            raise ConfigError(f"{path}:{n}: {column}={row[column]!r}: {e}") from e
+        prompts.append(row[key])
+        sources.append(transform([image])[0][0])
+        if data.max_prompts is not None and len(prompts) >= data.max_prompts:
+            break
+    if not prompts:
+        raise ConfigError(f"data.prompts={data.prompts!r} holds no prompts")
+    return prompts, sources

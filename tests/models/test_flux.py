@@ -9,7 +9,7 @@ import torch
 
 from diffalign import models
 from diffalign.diffusion import flow
-from diffalign.models import flux, lora, tiny
+from diffalign.models import editing, flux, lora, tiny
 from diffalign.types import SampleInfo
 
 
@@ -129,7 +129,8 @@ def test_flux_default_lora_targets_follow_the_diffusers_script(tiny_dirs):
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_dirs, family):
     grads = []
     for checkpointing in (False, True):
-        adapter = models.load(tiny.adapter_family(family), str(tiny_dirs[family]))
+        small_source = {"adapter_kwargs": {"source_resolution": 32}} if family == "qwenimageedit" else {}
+        adapter = models.load(tiny.adapter_family(family), str(tiny_dirs[family]), **small_source)
         torch.manual_seed(0)
         lora.add_lora(adapter, lora.LoraSpec(rank=4, init="default"))
         with torch.no_grad():
@@ -140,7 +141,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_dirs, family):
         assert adapter.denoiser.is_gradient_checkpointing == checkpointing
         adapter.denoiser.train()
         x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-        cond = adapter.encode_prompts(["a", "b"], [SampleInfo((32, 32), (0, 0), (32, 32))] * 2)
+        sources = torch.zeros(2, 3, 32, 32) if adapter.is_editing else None  # editing families: a source each
+        cond = editing.encode(adapter, ["a", "b"], [SampleInfo((32, 32), (0, 0), (32, 32))] * 2, sources)
         adapter.predict(x, torch.tensor([100.0, 700.0]), cond).pow(2).mean().backward()
         # Qwen-Image's last block's text-stream outputs are discarded: its to_add_out / txt_mlp LoRA get no gradient
         grads.append({k: p.grad.clone() for k, p in lora.trainable_parameters(adapter).items() if p.grad is not None})

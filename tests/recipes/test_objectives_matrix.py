@@ -1,5 +1,6 @@
 """Every offline objective runs through recipes/offline_pref.py on tiny SD1.5, SDXL, SD3, SD3.5-Medium-shaped,
-FLUX.1-dev-shaped and Wan2.1-T2V-shaped models (flow target for the last four; Wan on video pairs), starts at its analytic LoRA-init value, and exports a
+FLUX.1-dev-shaped and Wan2.1-T2V-shaped models (flow target for the last four; Wan on video pairs), and the
+editing FLUX.1-Kontext and Qwen-Image-Edit shapes on pairs of edits of a source image,, starts at its analytic LoRA-init value, and exports a
 LoRA that a stock diffusers pipeline loads: the images change, and with the LoRA disabled they are the base's
 exactly (the reference is the base)."""
 
@@ -27,6 +28,37 @@ NOT_ON_VIDEO = {  # objectives whose data format has no video form yet
     "kto": "unpaired single images (format: unpaired)",
     "curriculum_dpo": "score-gap curriculum over format: scored_pairs / ranked",
 }
+
+
+# ---- instruction editing (fluxkontext, qwenimageedit): pairs of edits of a source image from assets/edit_tiny
+EDITING = ("fluxkontext", "qwenimageedit")
+FAMILIES += EDITING
+FLOW.update(EDITING)
+NOT_ON_EDITS = {  # objectives whose data format has no editing form yet
+    "dcpo": "one caption per image (pickapic caption_columns)",
+    "kto": "unpaired single images (format: unpaired)",
+}
+
+
+def edit_overrides(name: str, family: str) -> list[str]:
+    """Source image + winner/loser edits (ranked JSONL; rankdpo reads them as K=2 lists); the Qwen edit source at 32 px
+    (the pipeline conditions at ~1024^2 area)."""
+    extra = {"data.format": "ranked" if name == "rankdpo" else "scored_pairs", "data.split": "train"}
+    extra |= {"data.path": ROOT / "assets" / "edit_tiny", "data.source_image_column": "source_image"}
+    if family == "qwenimageedit":
+        extra["model.source_resolution"] = 32
+    return [f"{k}={v}" for k, v in extra.items()]
+
+
+def sample_edit(pipe) -> torch.Tensor:
+    """The stock editing pipeline on the fixture's first source (Kontext: no auto-resize, a 32^2 target area)."""
+    from PIL import Image
+
+    source = Image.open(ROOT / "assets" / "edit_tiny" / "images" / "s0.png")
+    kontext = {"_auto_resize": False, "max_area": 32 * 32} if "Kontext" in type(pipe).__name__ else {}
+    gen = torch.Generator().manual_seed(0)
+    return pipe(image=source, prompt="make the circle red", num_inference_steps=2, height=32, width=32, generator=gen,
+                output_type="pt", **kontext).images  # fmt: skip
 
 
 def video_overrides(name: str) -> list[str]:
@@ -67,6 +99,8 @@ def test_objective_runs_on_family(recipe, tiny_dirs, stock_pipes, tmp_path, fami
         pytest.skip("inversion noise needs a DDIM (variance-preserving) model")
     if family == "wan" and name in NOT_ON_VIDEO:
         pytest.skip(f"no video data for {name}: {NOT_ON_VIDEO[name]}")
+    if family in EDITING and name in NOT_ON_EDITS:
+        pytest.skip(f"no editing data for {name}: {NOT_ON_EDITS[name]}")
     extra = {"run.max_steps": 2, "run.log_every": 1, "model.family": tiny.adapter_family(family)}
     if family in FLOW:
         extra["model.timestep_sampling"] = "logit_normal"
@@ -79,6 +113,8 @@ def test_objective_runs_on_family(recipe, tiny_dirs, stock_pipes, tmp_path, fami
         overrides += [f"data.path={ROOT / 'assets' / 'ranked_tiny'}", "data.split=pairs"]
     if family == "wan":
         overrides += video_overrides(name)
+    if family in EDITING:
+        overrides += edit_overrides(name, family)
     result = recipe.main(["--config", f"toy/{name}", *overrides])
     first = result["history"][0]
     expected = init_loss(name, first)
@@ -89,7 +125,7 @@ def test_objective_runs_on_family(recipe, tiny_dirs, stock_pipes, tmp_path, fami
         assert 0.0 <= first["loss/lambda"] <= 1.0
 
     pipe = stock_pipes[family]
-    draw = sample_video if family == "wan" else sample
+    draw = sample_video if family == "wan" else sample_edit if family in EDITING else sample
     before = draw(pipe)
     pipe.load_lora_weights(str(result["lora_dir"]), adapter_name="trained")
     try:

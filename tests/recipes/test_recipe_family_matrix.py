@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from tests.recipes.conftest import recipe_module
+from tests.recipes.conftest import ROOT, recipe_module
+from tests.recipes.test_objectives_matrix import sample_edit
 
 
 FAMILIES = ["sd15", "sdxl", "sd3", "sd35", "flux", "qwenimage", "zimage", "flux2"]
@@ -66,6 +67,12 @@ def sample_video(pipe) -> torch.Tensor:
                 output_type="pt").frames  # fmt: skip
 
 
+# ---- instruction editing (fluxkontext, qwenimageedit): online RL on prompts with a source image each
+EDITING = ("fluxkontext", "qwenimageedit")
+FAMILIES += EDITING
+EDIT = {"data.prompts": ROOT / "assets" / "edit_tiny" / "prompts.jsonl", "data.source_image_column": "source_image"}
+
+
 @pytest.fixture(scope="module")
 def recipes():
     return {name: recipe_module(name) for name in ("online_rl", "reward_grad", "dro")}
@@ -86,9 +93,14 @@ def test_recipe_runs_on_family_and_exports_a_working_lora(recipes, tiny_dirs, st
     name, config, extra = CASES[case]
     if name == "dro" and family == "wan":
         pytest.skip("dro trains on expert images (pickapic / ranked / scored_pairs): no video family")
+    if family in EDITING and name != "online_rl":
+        pytest.skip("reward_grad and dro pass no source images yet (editing families run offline_pref and online_rl)")
     overrides = {**COMMON, **extra, "model.family": tiny.adapter_family(family), "model.path": tiny_dirs[family]}
     overrides["run.output_dir"] = tmp_path / "run"
-    if family in {"flux", "flux2"} and name != "dro":  # FLUX.1/.2-dev are guidance-distilled: no CFG (dro's is 1)
+    if family in EDITING:
+        overrides |= EDIT | ({"model.source_resolution": 32} if family == "qwenimageedit" else {})
+    # FLUX.1-dev / FLUX.2-dev / Kontext are guidance-distilled: their guidance embedding, no CFG (dro's is 1)
+    if family in {"flux", "flux2", "fluxkontext"} and name != "dro":
         overrides["online.guidance_scale" if name == "online_rl" else "reward_grad.guidance_scale"] = 1.0
     if family == "wan":
         overrides |= VIDEO
@@ -101,7 +113,7 @@ def test_recipe_runs_on_family_and_exports_a_working_lora(recipes, tiny_dirs, st
         assert result["rounds"] == 1 and first["loss/ratio_min"] == first["loss/ratio_max"] == 1.0
 
     pipe = stock_pipes[family]
-    draw = sample_video if family == "wan" else sample
+    draw = sample_video if family == "wan" else sample_edit if family in EDITING else sample
     before = draw(pipe)
     pipe.load_lora_weights(str(result["lora_dir"]), adapter_name="trained")
     try:

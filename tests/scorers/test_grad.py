@@ -21,6 +21,7 @@ TOY_CAPTIONS = [world.caption(sc.fg, sc.shape, sc.bg) for sc in SCENES]
 DUO_SCENES = duo.sample_scenes(2, torch.Generator().manual_seed(3))
 DUO_CAPTIONS = [duo.caption(*sc.objects) for sc in DUO_SCENES]
 NO_GRAD = {"duocorrect"}  # a 0/1 score: grad=True raises (tests/toy/test_duo.py)
+NEEDS_SOURCES = {"source_similarity"}  # scores edits against sources: its grad path is in test_source_similarity.py
 SPECS = {
     "pickscore": lambda d: {"path": d["clip"]},
     "clipscore-torchmetrics": lambda d: {"path": d["clip"]},
@@ -56,7 +57,7 @@ def load(key: str, dirs, **kwargs):
 
 
 def test_every_scorer_is_covered():
-    assert {k.split("-")[0] for k in SPECS} | NO_GRAD == set(scorers.available())
+    assert {k.split("-")[0] for k in SPECS} | NO_GRAD | NEEDS_SOURCES == set(scorers.available())
 
 
 @pytest.mark.parametrize("key", list(SPECS))

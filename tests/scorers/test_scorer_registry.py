@@ -12,6 +12,7 @@ from diffalign import scorers
 
 def test_available_lists_the_scorers_only():
     published = ["aesthetic", "clipscore", "hpsv2", "imagereward", "pickscore"]
+    published += ["source_similarity"]  # edits vs their sources (CLIP image-image), for the editing families
     toy = ["toyfaithfulness", "toyprominence", "toyreward"]  # diffalign.toy's analytic rewards
     toy += ["duocolor", "duocorrect", "duofaithfulness", "duoposition", "duoshape"]  # and the duo world's detectors
     assert scorers.available() == sorted(published + toy)
@@ -28,7 +29,8 @@ def test_listing_and_importing_scorer_modules_is_lazy():
     """transformers and open_clip are imported by ``load``, not by importing or listing the scorers."""
     code = (
         "import sys, diffalign.scorers as s\n"
-        "from diffalign.scorers import aesthetic, clipscore, hpsv2, imagereward, pickscore, toyreward\n"
+        "from diffalign.scorers import aesthetic, clipscore, hpsv2, imagereward, pickscore, source_similarity\n"
+        "from diffalign.scorers import toyreward\n"
         "s.available()\n"
         "print(sorted(m for m in ('transformers', 'open_clip', 'huggingface_hub') if m in sys.modules))\n"
     )
