@@ -1,0 +1,179 @@
+"""online_rl (Flow-GRPO) and reward_grad (ReFL) sharded with FSDP2 on 2 CPU processes (gloo), launched as
+``diffalign run --distributed fsdp`` does (``accelerate launch --config_file fsdp.yaml``), against the same 2 x batch
+runs under DDP, and resumed on one process and on two.
+
+Both recipes sample with the policy before they train: under FSDP2 every process runs the same denoiser calls in the
+same order (same per-process rollout size, same grid, the same method draws from seeds shared by all processes), the
+no-grad sampling gathers the shards like the training forward, and the rollout's log-probs come from the same
+function as the update's (the first ratio is exactly 1). The forwards see the same whole weights as DDP's (FSDP's
+all-gather copies them), so round 1's samples and rewards are bitwise DDP's; what differs is the order of the
+gradient sums (the reduce-scatter against DDP's one flat all-reduce). Tolerances as in
+test_online_rl.py::test_two_processes_train_like_one and test_offline_pref.py (fp32 rounding, u = 6e-8): the first
+step's averaged gradient (read back from the AdamW first moments, linear in the gradient) rel 1e-5 norm-wise; the
+second step samples with weights one Adam update apart, whose rounding the advantages (GRPO) divide by the reward
+std: rel 1e-4. Weights after Adam steps are compared only between runs with the same process count and shards
+(bitwise), never across layouts (an element whose gradient is near 0 moves by up to lr on either side).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffalign import config as dconfig
+from diffalign import models
+from diffalign.models import lora
+from diffalign.training import checkpoint
+from tests.recipes.conftest import ROOT, recipe_module, run_subprocess, two_process_command
+from tests.recipes.test_fsdp import CPU, fsdp_command, gradients, rows, steps
+
+
+STEP1_RTOL = 1e-5  # the same weights, sums in another order
+STEP2_RTOL = 1e-4  # weights one Adam update apart (rounding), scaled by the advantage normalisation
+
+
+def overrides(tiny_dir: Path, out_dir: Path, **extra: object) -> list[str]:
+    base = {"model.path": str(tiny_dir), "run.output_dir": str(out_dir), "run.report_to": "[]", **extra}
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def lora_names(family: str, path: Path, config: str) -> list[str]:
+    """The trained parameters' names in the optimizer's order (what an unsharded checkpoint's ids count)."""
+    cfg = dconfig.load(config, [f"model.path={path}", "run.output_dir=x"])
+    adapter = models.load(family, str(path))
+    lora.add_lora(adapter, lora.LoraSpec(**dconfig.to_dict(cfg.lora)))
+    return list(lora.trainable_parameters(adapter))
+
+
+def launch(kind: str, config: str, recipe: str, args: list[str]) -> None:
+    cmd = fsdp_command(args, config, recipe) if kind == "fsdp" else two_process_command(config, args, recipe)
+    done = run_subprocess(cmd, ROOT, env=CPU)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on 2 processes" in done.stderr
+    assert ("sharded over the processes" in done.stderr) == (kind == "fsdp")
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---- online_rl: toy Flow-GRPO on tiny SD3, 2 rounds ----------------------------------------------------------------
+GRPO = {"run.max_steps": 2, "run.save_every": 1, "run.keep_last": 10, "optim.grad_accum": 3}
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
+    """2 processes x 4 samples per round (2 prompts x group 4), 2 rounds, under FSDP2 and under DDP."""
+    root = tmp_path_factory.mktemp("grpo_fsdp")
+    for kind in ("fsdp", "ddp"):
+        launch(kind, "toy/grpo", "online_rl", overrides(tiny_dirs["sd3"], root / kind, **GRPO))
+    return {kind: root / kind for kind in ("fsdp", "ddp")}
+
+
+@pytest.mark.slow  # 63 s on 2 busy cores: an FSDP2 and a DDP launch (the fixture, shared with the next test)
+def test_grpo_under_fsdp_equals_ddp(grpo_runs, tiny_dirs):
+    """Rollouts with sharded weights == DDP's bitwise (round 1); the ratio of the first update is exactly 1 (rollout
+    and update log-probs are one function over the gathered weights); the averaged gradients agree to rounding."""
+    (f1, f2), (d1, d2) = rows(grpo_runs["fsdp"]), rows(grpo_runs["ddp"])
+    assert f1["reward/toy_pixel/mean"] == d1["reward/toy_pixel/mean"]
+    assert f1["reward/toy_pixel/std"] == d1["reward/toy_pixel/std"]
+    assert f1["loss/ratio_min"] == f1["loss/ratio_max"] == 1.0 and f1["groups"] == d1["groups"] == 24
+    assert f1["grad_norm"] == pytest.approx(d1["grad_norm"], rel=STEP1_RTOL)
+    assert f2["reward/toy_pixel/mean"] == pytest.approx(d2["reward/toy_pixel/mean"], rel=STEP1_RTOL)
+    assert f2["loss/kl"] > 0  # the sharded reference pass (LoRA off) sees the moved policy's base weights
+    names = lora_names("sd3", tiny_dirs["sd3"], "toy/grpo")
+    (g1_f, g2_f), (g1_d, g2_d) = (gradients(steps(grpo_runs[k], 1, 2), names) for k in ("fsdp", "ddp"))
+    assert g1_d.norm() > 0 and g2_d.norm() > 0
+    assert relative(g1_f, g1_d) <= STEP1_RTOL, relative(g1_f, g1_d)
+    assert relative(g2_f, g2_d) <= STEP2_RTOL, relative(g2_f, g2_d)
+
+
+@pytest.mark.slow  # 8 s after the fixture of the test above (70 s alone)
+def test_grpo_sharded_checkpoint_resumes_on_one_process(grpo_runs, tiny_dirs, tmp_path):
+    """Round 1's sharded checkpoint (2 processes) resumed on ONE unsharded process with the same global batch (one
+    process, 2 micro-batches x 3 steps): round 2 samples the same rewards and applies the same gradient as the sharded
+    run's round 2 (DCP reassembles the shards; the sums then run in another order: ``STEP2_RTOL``)."""
+    start, one = checkpoint.step_dir(grpo_runs["fsdp"] / "checkpoints", 1), tmp_path / "one"
+    args = overrides(tiny_dirs["sd3"], one, **{**GRPO, "optim.grad_accum": 6, "run.resume_from": start})
+    result = recipe_module("online_rl").main(["--config", "toy/grpo", *args])
+    assert result["step"] == 2 and result["rounds"] == 2
+    (r2,), (_, s2) = rows(one), rows(grpo_runs["fsdp"])
+    assert r2["reward/toy_pixel/mean"] == pytest.approx(s2["reward/toy_pixel/mean"], rel=STEP1_RTOL)
+    names = lora_names("sd3", tiny_dirs["sd3"], "toy/grpo")
+    g2_one = gradients([start, *steps(one, 2)], names)[-1]
+    g2_two = gradients(steps(grpo_runs["fsdp"], 1, 2), names)[-1]
+    assert relative(g2_one, g2_two) <= STEP2_RTOL, relative(g2_one, g2_two)
+
+
+# ---- reward_grad: ReFL on tiny SD1.5, the reward's gradient through the sampler's last step -------------------------
+REFL = {
+    "data.resolution": 32,
+    "data.max_prompts": 8,
+    "optim.batch_size": 2,
+    "optim.lr": 0.01,
+    "reward_grad.num_steps": 4,
+    "reward_grad.refl_steps": "[2,3]",
+    "run.log_every": 1,
+    "run.save_every": 1,
+    "run.keep_last": 10,
+    "run.max_steps": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def refl_runs(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
+    """2 processes x 2 prompts, 3 steps under FSDP2, 2 under DDP."""
+    root = tmp_path_factory.mktemp("refl_fsdp")
+    launch("fsdp", "toy/refl_world", "reward_grad", overrides(tiny_dirs["sd15"], root / "fsdp", **REFL))
+    ddp = overrides(tiny_dirs["sd15"], root / "ddp", **{**REFL, "run.max_steps": 2})
+    launch("ddp", "toy/refl_world", "reward_grad", ddp)
+    return {kind: root / kind for kind in ("fsdp", "ddp")}
+
+
+@pytest.mark.slow  # 61 s on 2 busy cores: an FSDP2 and a DDP launch (the fixture, shared with the next test)
+def test_refl_under_fsdp_equals_ddp(refl_runs, tiny_dirs):
+    """ReFL's no-grad steps with sharded weights, then the grad-enabled step and the reward's backward through the
+    decoded x0 into the shards: the rewards of step 1 are DDP's bitwise, the averaged gradients agree to rounding."""
+    (f1, f2, _), (d1, d2) = rows(refl_runs["fsdp"]), rows(refl_runs["ddp"])
+    for key in ("reward/toyreward", "guard/toyfaithfulness", "loss", "rollout/grad_start"):
+        assert f1[key] == d1[key], key
+    assert f2["rollout/grad_start"] == d2["rollout/grad_start"]
+    assert f2["reward/toyreward"] == pytest.approx(d2["reward/toyreward"], rel=STEP1_RTOL)
+    names = lora_names("sd15", tiny_dirs["sd15"], "toy/refl_world")
+    (g1_f, g2_f), (g1_d, g2_d) = (gradients(steps(refl_runs[k], 1, 2), names) for k in ("fsdp", "ddp"))
+    assert g1_d.norm() > 0 and g2_d.norm() > 0
+    assert relative(g1_f, g1_d) <= STEP1_RTOL, relative(g1_f, g1_d)
+    assert relative(g2_f, g2_d) <= STEP2_RTOL, relative(g2_f, g2_d)
+
+
+@pytest.mark.slow  # 46 s after the fixture of the test above (105 s alone): a resumed launch, a 1-process resume
+def test_refl_sharded_resume_equals_uninterrupted(refl_runs, tiny_dirs, tmp_path):
+    """Step 1's sharded checkpoint resumed on 2 processes (FSDP2) to step 3: the sharded weights, AdamW state and the
+    exported LoRA equal the uninterrupted run's bitwise (same shards, same order of every sum); resumed on ONE
+    process with batch 4 (the same global batch), step 3's gradient agrees to rounding (``STEP2_RTOL``)."""
+    start = checkpoint.step_dir(refl_runs["fsdp"] / "checkpoints", 1)
+    two = tmp_path / "two"
+    resumed = overrides(tiny_dirs["sd15"], two, **{**REFL, "run.resume_from": start})
+    launch("fsdp", "toy/refl_world", "reward_grad", resumed)
+    a, b = (checkpoint.read_sharded(checkpoint.step_dir(d / "checkpoints", 3)) for d in (refl_runs["fsdp"], two))
+    assert a.keys() == b.keys() and any(k.endswith(".exp_avg") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    from safetensors.torch import load_file
+
+    want, got = (load_file(str(d / "lora" / "pytorch_lora_weights.safetensors")) for d in (refl_runs["fsdp"], two))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    one = tmp_path / "one"
+    start2 = checkpoint.step_dir(refl_runs["fsdp"] / "checkpoints", 2)
+    args = overrides(tiny_dirs["sd15"], one, **{**REFL, "optim.batch_size": 4, "run.resume_from": start2})
+    result = recipe_module("reward_grad").main(["--config", "toy/refl_world", *args])
+    assert result["step"] == 3
+    (r3,), s3 = rows(one), rows(refl_runs["fsdp"])[2]
+    assert r3["rollout/grad_start"] == s3["rollout/grad_start"]
+    assert r3["reward/toyreward"] == pytest.approx(s3["reward/toyreward"], rel=STEP1_RTOL)
+    names = lora_names("sd15", tiny_dirs["sd15"], "toy/refl_world")
+    (g3_one,) = gradients([start2, *steps(one, 3)], names)
+    g3_two = gradients(steps(refl_runs["fsdp"], 2, 3), names)[-1]
+    assert relative(g3_one, g3_two) <= STEP2_RTOL, relative(g3_one, g3_two)
