@@ -177,3 +177,38 @@ def test_refl_sharded_resume_equals_uninterrupted(refl_runs, tiny_dirs, tmp_path
     (g3_one,) = gradients([start2, *steps(one, 3)], names)
     g3_two = gradients(steps(refl_runs["fsdp"], 2, 3), names)[-1]
     assert relative(g3_one, g3_two) <= STEP2_RTOL, relative(g3_one, g3_two)
+
+
+# 46 s on 2 busy cores (a 2-process FSDP2 launch and a 1-process run): not slow
+def test_full_mode_draft_with_kl_under_fsdp_equals_one_process(tiny_dirs, tmp_path):
+    """Full mode (every SD3 transformer weight, a frozen fp32 reference copy for the KL, both sharded) with DRaFT-K:
+    the reward's gradient flows back through the last 2 sampler steps, recomputed under gradient checkpointing (a
+    second gathered forward per block). 2 processes x 2 prompts == 1 process x 4: step 1 has the same weights on both
+    sides (``STEP1_RTOL`` on the averaged gradient of all weights, the rewards equal to fp32 rounding); the KL to the
+    sharded copy is 0 at step 1 and positive at step 2."""
+    from diffalign.models import full
+
+    extra = {
+        **REFL,
+        "model.family": "sd3",
+        "train.mode": "full",
+        "train.reference_dtype": "fp32",
+        "optim.lr": 1e-5,
+        "run.max_steps": 2,
+        "reward_grad.k": 2,
+        "reward_grad.guidance_scale": 1.0,
+        "reward_grad.kl_coeff": 10.0,
+        "reward_grad.checkpointing": "true",
+    }
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch("fsdp", "toy/draft_world", "reward_grad", overrides(tiny_dirs["sd3"], two, **extra))
+    args = overrides(tiny_dirs["sd3"], one, **{**extra, "optim.batch_size": 4})
+    recipe_module("reward_grad").main(["--config", "toy/draft_world", *args])
+    (t1, t2), (o1, _) = rows(two), rows(one)
+    assert t1["kl"] == 0.0 and t2["kl"] > 0
+    assert t1["reward/toyreward"] == pytest.approx(o1["reward/toyreward"], rel=STEP1_RTOL)
+    adapter = models.load("sd3", str(tiny_dirs["sd3"]))
+    full.make_full(adapter)
+    names = list(lora.trainable_parameters(adapter))
+    (g1_two,), (g1_one,) = (gradients(steps(d, 1), names) for d in (two, one))
+    assert g1_one.norm() > 0 and relative(g1_two, g1_one) <= STEP1_RTOL, relative(g1_two, g1_one)
