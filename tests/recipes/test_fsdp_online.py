@@ -1,4 +1,4 @@
-"""online_rl (Flow-GRPO) and reward_grad (ReFL) sharded with FSDP2 on 2 CPU processes (gloo), launched as
+"""online_rl (Flow-GRPO), reward_grad (ReFL, DRaFT-K) and stepwise_pref (LPO) sharded with FSDP2 on 2 CPU processes (gloo), launched as
 ``diffalign run --distributed fsdp`` does (``accelerate launch --config_file fsdp.yaml``), against the same 2 x batch
 runs under DDP, and resumed on one process and on two.
 
@@ -212,3 +212,43 @@ def test_full_mode_draft_with_kl_under_fsdp_equals_one_process(tiny_dirs, tmp_pa
     names = list(lora.trainable_parameters(adapter))
     (g1_two,), (g1_one,) = (gradients(steps(d, 1), names) for d in (two, one))
     assert g1_one.norm() > 0 and relative(g1_two, g1_one) <= STEP1_RTOL, relative(g1_two, g1_one)
+
+
+# ---- stepwise_pref: LPO on tiny SD1.5, mining rounds sampled with the sharded policy -------------------------------
+@pytest.mark.slow  # 66 s on 2 busy cores: two FSDP2 launches and a 1-process run
+def test_lpo_under_fsdp_mines_and_trains_like_one_process_and_resumes_there(tiny_dirs, tmp_path):
+    """2 processes x 2 prompts / 2 pairs under FSDP2 == 1 process x 4 / 4 (DDP == 1 process is
+    test_stepwise_pref.py::test_two_processes_mine_and_train_like_one): the mining round sampled with the sharded
+    policy gives the same pairs (rel 1e-6, as there), step 1's loss is -logsigmoid(0) exactly on both, and step 2's
+    loss agrees to rel 1e-3 (LPO's beta 500 amplifies the rounding of one update). The sharded step-2 checkpoint
+    (with the pair queue) resumed on 2 processes gives the uninterrupted step 3 bitwise (weights, AdamW state, queue).
+    (Another process count changes ``stepwise.sample_batch_size``, a per-process setting a resume refuses.)"""
+    from diffalign.terms.stepwise import MinedPairs
+
+    common = {"run.max_steps": 3, "run.log_every": 1, "run.save_every": 1, "run.keep_last": 10}
+    common["stepwise.save_pairs"] = "true"
+    two, one, again = tmp_path / "two", tmp_path / "one", tmp_path / "again"
+    per_two = {"stepwise.sample_batch_size": 2, "optim.batch_size": 2}
+    launch("fsdp", "toy/lpo", "stepwise_pref", overrides(tiny_dirs["sd15"], two, **common, **per_two))
+    recipe = recipe_module("stepwise_pref")
+    per_one = {"stepwise.sample_batch_size": 4, "optim.batch_size": 4}
+    recipe.main(["--config", "toy/lpo", *overrides(tiny_dirs["sd15"], one, **common, **per_one)])
+    a = MinedPairs.load(one / "pairs" / "round-00000000.safetensors")
+    b = MinedPairs.load(two / "pairs" / "round-00000000.safetensors")
+    assert a.prompts == b.prompts and torch.equal(a.step_index, b.step_index)
+    for key, value in a.tensors().items():
+        torch.testing.assert_close(b.tensors()[key], value, rtol=1e-6, atol=1e-6, msg=key)
+    (o1, o2, _), (t1, t2, t3) = rows(one), rows(two)
+    assert o1["loss"] == t1["loss"] == torch.tensor(2.0).log().item()
+    assert t2["loss"] == pytest.approx(o2["loss"], rel=1e-3)
+    start = checkpoint.step_dir(two / "checkpoints", 2)
+    launch(
+        "fsdp",
+        "toy/lpo",
+        "stepwise_pref",
+        overrides(tiny_dirs["sd15"], again, **common, **per_two, **{"run.resume_from": start}),
+    )
+    x, y = (checkpoint.read_sharded(checkpoint.step_dir(d / "checkpoints", 3)) for d in (two, again))
+    assert x.keys() == y.keys() and any(k.startswith("extra/queue.") for k in x)
+    assert all(torch.equal(x[k], y[k]) for k in x), [k for k in x if not torch.equal(x[k], y[k])][:3]
+    assert rows(again)[-1]["loss"] == t3["loss"]
