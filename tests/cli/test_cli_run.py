@@ -211,7 +211,7 @@ def test_fsdp_is_refused_for_recipes_not_proven_sharded():
     assert run_cmd.sharding_problem("ddp", Path("recipes/online_rl.py")) is None
     assert run_cmd.sharding_problem("fsdp", Path("recipes/online_rl.py")) is None
     assert run_cmd.sharding_problem("fsdp", Path("recipes/reward_grad.py")) is None
-    assert "recipe selfnpo is not proven under FSDP" in run_cmd.sharding_problem("fsdp", Path("x/selfnpo.py"))
+    assert "recipe dro is not proven under FSDP" in run_cmd.sharding_problem("fsdp", Path("x/dro.py"))
 
 
 def test_shipped_accelerate_configs_are_valid_for_accelerate():

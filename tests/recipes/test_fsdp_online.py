@@ -1,4 +1,4 @@
-"""online_rl (Flow-GRPO), reward_grad (ReFL, DRaFT-K) and stepwise_pref (LPO) sharded with FSDP2 on 2 CPU processes (gloo), launched as
+"""online_rl (Flow-GRPO), reward_grad (ReFL, DRaFT-K), stepwise_pref (LPO) and selfnpo sharded with FSDP2 on 2 CPU processes (gloo), launched as
 ``diffalign run --distributed fsdp`` does (``accelerate launch --config_file fsdp.yaml``), against the same 2 x batch
 runs under DDP, and resumed on one process and on two.
 
@@ -252,3 +252,46 @@ def test_lpo_under_fsdp_mines_and_trains_like_one_process_and_resumes_there(tiny
     assert x.keys() == y.keys() and any(k.startswith("extra/queue.") for k in x)
     assert all(torch.equal(x[k], y[k]) for k in x), [k for k in x if not torch.equal(x[k], y[k])][:3]
     assert rows(again)[-1]["loss"] == t3["loss"]
+
+
+# ---- selfnpo: the EMA teacher's per-sample number of DDIM steps, in lockstep ---------------------------------------
+@pytest.mark.slow  # 74 s on 2 busy cores: three 2-process launches
+def test_selfnpo_under_fsdp_equals_ddp_with_unequal_teacher_steps(tiny_dirs, tmp_path):
+    """Self-NPO's teacher runs ``min(max_teacher_steps, k + 1)`` DDIM steps for a sample drawn at grid index k, so
+    with 1 sample per process the processes need different numbers of teacher forwards (the logged mean of 2 integers
+    is not one). Under FSDP2 each makes the maximum over processes (``sharding.max_over_processes``; the spare calls
+    are discarded) and the EMA teacher swapped into the sharded LoRA: 3 steps equal DDP's. Step 1: the same weights,
+    the loss and the gradient norm to summation-order rounding (rel 1e-6 and ``STEP1_RTOL``); steps 2-3 sample the
+    teacher and student with weights an Adam update apart (lr 1e-5 per element at most): rel 1e-4 (measured 2e-7 and
+    1e-5 on loss and norm). The sharded step-2 checkpoint resumed on 2 processes gives step 3 bitwise (the teacher's
+    EMA shards loaded in place)."""
+    extra = {
+        "data.path": ROOT / "assets" / "pickapic_tiny",
+        "run.max_steps": 3,
+        "run.save_every": 1,
+        "run.keep_last": 10,
+        "run.log_every": 1,
+        "optim.batch_size": 1,
+        "optim.lr": 1e-5,
+        "selfnpo.num_ddim_steps": 8,
+        "selfnpo.max_teacher_steps": 8,
+        "selfnpo.ema_decay": 0.5,
+    }
+    for kind in ("fsdp", "ddp"):
+        launch(kind, "toy/selfnpo", "selfnpo", overrides(tiny_dirs["sd15"], tmp_path / kind, **extra))
+    sharded, ddp = rows(tmp_path / "fsdp"), rows(tmp_path / "ddp")
+    assert any(r["teacher/steps"] != int(r["teacher/steps"]) for r in sharded)  # the processes' counts differed
+    assert [r["teacher/steps"] for r in sharded] == [r["teacher/steps"] for r in ddp]
+    assert sharded[0]["loss"] == pytest.approx(ddp[0]["loss"], rel=1e-6)
+    assert sharded[0]["grad_norm"] == pytest.approx(ddp[0]["grad_norm"], rel=STEP1_RTOL)
+    for s, d in zip(sharded[1:], ddp[1:], strict=True):
+        assert s["loss"] == pytest.approx(d["loss"], rel=STEP2_RTOL) and s["grad_norm"] == pytest.approx(
+            d["grad_norm"], rel=STEP2_RTOL
+        )
+    # the sharded step-2 checkpoint (LoRA, AdamW state and the teacher's EMA shards) resumed on 2 processes: step 3 bitwise
+    start = checkpoint.step_dir(tmp_path / "fsdp" / "checkpoints", 2)
+    again = overrides(tiny_dirs["sd15"], tmp_path / "again", **{**extra, "run.resume_from": start})
+    launch("fsdp", "toy/selfnpo", "selfnpo", again)
+    x, y = (checkpoint.read_sharded(checkpoint.step_dir(tmp_path / d / "checkpoints", 3)) for d in ("fsdp", "again"))
+    assert x.keys() == y.keys() and any(k.startswith("extra/ema.") for k in x)
+    assert all(torch.equal(x[k], y[k]) for k in x), [k for k in x if not torch.equal(x[k], y[k])][:3]
