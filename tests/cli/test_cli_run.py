@@ -211,7 +211,8 @@ def test_fsdp_is_refused_for_recipes_not_proven_sharded():
     assert run_cmd.sharding_problem("ddp", Path("recipes/online_rl.py")) is None
     assert run_cmd.sharding_problem("fsdp", Path("recipes/online_rl.py")) is None
     assert run_cmd.sharding_problem("fsdp", Path("recipes/reward_grad.py")) is None
-    assert "recipe dro is not proven under FSDP" in run_cmd.sharding_problem("fsdp", Path("x/dro.py"))
+    assert run_cmd.sharding_problem("fsdp", Path("recipes/dro.py")) is None
+    assert "recipe my_recipe is not proven under FSDP" in run_cmd.sharding_problem("fsdp", Path("x/my_recipe.py"))
 
 
 def test_shipped_accelerate_configs_are_valid_for_accelerate():

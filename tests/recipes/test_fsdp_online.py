@@ -295,3 +295,43 @@ def test_selfnpo_under_fsdp_equals_ddp_with_unequal_teacher_steps(tiny_dirs, tmp
     x, y = (checkpoint.read_sharded(checkpoint.step_dir(tmp_path / d / "checkpoints", 3)) for d in ("fsdp", "again"))
     assert x.keys() == y.keys() and any(k.startswith("extra/ema.") for k in x)
     assert all(torch.equal(x[k], y[k]) for k in x), [k for k in x if not torch.equal(x[k], y[k])][:3]
+
+
+# ---- dro: snapshot rollouts into per-process replay buffers -------------------------------------------------------
+@pytest.mark.slow  # about 75 s on 2 busy cores: three 2-process launches
+def test_dro_under_fsdp_equals_ddp_and_resumes_sharded(tiny_dirs, tmp_path):
+    """Diffusion-DRO: the policy snapshot (the trained LoRA's shards, swapped in) samples each group's trajectory,
+    the same DDIM steps on every process, into each process's buffer; then one ranking forward. 3 steps under FSDP2
+    equal DDP's: step 1 the same weights (loss rel 1e-6, gradient norm ``STEP1_RTOL``); later steps weights an Adam
+    update apart (lr 1e-5): the loss is margin + a difference of O(1) errors, so its rounding is absolute: 1e-6
+    (measured 3e-8), the gradient norm ``STEP2_RTOL`` (measured 2e-5). The sharded step-2 checkpoint resumed on 2
+    processes loads the weights and the snapshot shards in place (the step-3 snapshot, refreshed from them, is the
+    uninterrupted one bitwise). Not bitwise after that: a checkpoint holds ONE replay buffer (the main process's, as
+    under DDP), while each process trained with its own, so the other processes resume with the main one's."""
+    extra = {
+        "data.path": ROOT / "assets" / "pickapic_tiny",
+        "run.max_steps": 3,
+        "run.save_every": 1,
+        "run.keep_last": 10,
+        "run.log_every": 1,
+        "optim.lr": 1e-5,
+    }
+    for kind in ("fsdp", "ddp"):
+        launch(kind, "toy/dro", "dro", overrides(tiny_dirs["sd15"], tmp_path / kind, **extra))
+    sharded, ddp = rows(tmp_path / "fsdp"), rows(tmp_path / "ddp")
+    assert sharded[0]["loss"] == pytest.approx(ddp[0]["loss"], rel=1e-6)
+    assert sharded[0]["grad_norm"] == pytest.approx(ddp[0]["grad_norm"], rel=STEP1_RTOL)
+    for s, d in zip(sharded[1:], ddp[1:], strict=True):
+        assert s["loss"] == pytest.approx(d["loss"], abs=1e-6)
+        assert s["grad_norm"] == pytest.approx(d["grad_norm"], rel=STEP2_RTOL)
+    start = checkpoint.step_dir(tmp_path / "fsdp" / "checkpoints", 2)
+    launch(
+        "fsdp",
+        "toy/dro",
+        "dro",
+        overrides(tiny_dirs["sd15"], tmp_path / "again", **{**extra, "run.resume_from": start}),
+    )
+    x, y = (checkpoint.read_sharded(checkpoint.step_dir(tmp_path / d / "checkpoints", 3)) for d in ("fsdp", "again"))
+    snapshot = [k for k in x if k.startswith("extra/dro.snapshot.")]
+    assert x.keys() == y.keys() and snapshot and any(k.startswith("extra/dro.buffer.") for k in x)
+    assert all(torch.equal(x[k], y[k]) for k in snapshot)  # refreshed at step 3 from the resumed weights of step 2
