@@ -298,7 +298,7 @@ def test_selfnpo_under_fsdp_equals_ddp_with_unequal_teacher_steps(tiny_dirs, tmp
 
 
 # ---- dro: snapshot rollouts into per-process replay buffers -------------------------------------------------------
-@pytest.mark.slow  # about 75 s on 2 busy cores: three 2-process launches
+@pytest.mark.slow  # 76 s on 2 busy cores: three 2-process launches
 def test_dro_under_fsdp_equals_ddp_and_resumes_sharded(tiny_dirs, tmp_path):
     """Diffusion-DRO: the policy snapshot (the trained LoRA's shards, swapped in) samples each group's trajectory,
     the same DDIM steps on every process, into each process's buffer; then one ranking forward. 3 steps under FSDP2
