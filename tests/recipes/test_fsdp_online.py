@@ -185,7 +185,7 @@ def test_full_mode_draft_with_kl_under_fsdp_equals_one_process(tiny_dirs, tmp_pa
     the reward's gradient flows back through the last 2 sampler steps, recomputed under gradient checkpointing (a
     second gathered forward per block). 2 processes x 2 prompts == 1 process x 4: step 1 has the same weights on both
     sides (``STEP1_RTOL`` on the averaged gradient of all weights, the rewards equal to fp32 rounding); the KL to the
-    sharded copy is 0 at step 1 and positive at step 2."""
+    sharded copy is 0 at step 1 and positive at step 2; the export is one diffusers folder with every weight."""
     from diffalign.models import full
 
     extra = {
@@ -212,6 +212,10 @@ def test_full_mode_draft_with_kl_under_fsdp_equals_one_process(tiny_dirs, tmp_pa
     names = list(lora.trainable_parameters(adapter))
     (g1_two,), (g1_one,) = (gradients(steps(d, 1), names) for d in (two, one))
     assert g1_one.norm() > 0 and relative(g1_two, g1_one) <= STEP1_RTOL, relative(g1_two, g1_one)
+    from diffusers import SD3Transformer2DModel  # the export: one diffusers folder gathered from the shards
+
+    a, b = (SD3Transformer2DModel.from_pretrained(str(d / "transformer")).state_dict() for d in (one, two))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
 
 
 # ---- stepwise_pref: LPO on tiny SD1.5, mining rounds sampled with the sharded policy -------------------------------
