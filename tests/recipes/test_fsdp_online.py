@@ -72,7 +72,7 @@ def grpo_runs(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     return {kind: root / kind for kind in ("fsdp", "ddp")}
 
 
-@pytest.mark.slow  # 63 s on 2 busy cores: an FSDP2 and a DDP launch (the fixture, shared with the next test)
+# 40 s (63 s on 2 busy cores): an FSDP2 and a DDP launch, the fixture shared with the next test
 def test_grpo_under_fsdp_equals_ddp(grpo_runs, tiny_dirs):
     """Rollouts with sharded weights == DDP's bitwise (round 1); the ratio of the first update is exactly 1 (rollout
     and update log-probs are one function over the gathered weights); the averaged gradients agree to rounding."""
@@ -90,7 +90,7 @@ def test_grpo_under_fsdp_equals_ddp(grpo_runs, tiny_dirs):
     assert relative(g2_f, g2_d) <= STEP2_RTOL, relative(g2_f, g2_d)
 
 
-@pytest.mark.slow  # 8 s after the fixture of the test above (70 s alone)
+# 4 s after the fixture of the test above (44 s alone)
 def test_grpo_sharded_checkpoint_resumes_on_one_process(grpo_runs, tiny_dirs, tmp_path):
     """Round 1's sharded checkpoint (2 processes) resumed on ONE unsharded process with the same global batch (one
     process, 2 micro-batches x 3 steps): round 2 samples the same rewards and applies the same gradient as the sharded
@@ -132,7 +132,7 @@ def refl_runs(tiny_dirs, tmp_path_factory) -> dict[str, Path]:
     return {kind: root / kind for kind in ("fsdp", "ddp")}
 
 
-@pytest.mark.slow  # 61 s on 2 busy cores: an FSDP2 and a DDP launch (the fixture, shared with the next test)
+# 38 s (61 s on 2 busy cores): an FSDP2 and a DDP launch, the fixture shared with the next test
 def test_refl_under_fsdp_equals_ddp(refl_runs, tiny_dirs):
     """ReFL's no-grad steps with sharded weights, then the grad-enabled step and the reward's backward through the
     decoded x0 into the shards: the rewards of step 1 are DDP's bitwise, the averaged gradients agree to rounding."""
@@ -148,7 +148,7 @@ def test_refl_under_fsdp_equals_ddp(refl_runs, tiny_dirs):
     assert relative(g2_f, g2_d) <= STEP2_RTOL, relative(g2_f, g2_d)
 
 
-@pytest.mark.slow  # 46 s after the fixture of the test above (105 s alone): a resumed launch, a 1-process resume
+# 22 s after the fixture of the test above (60 s alone): a resumed launch and a 1-process resume
 def test_refl_sharded_resume_equals_uninterrupted(refl_runs, tiny_dirs, tmp_path):
     """Step 1's sharded checkpoint resumed on 2 processes (FSDP2) to step 3: the sharded weights, AdamW state and the
     exported LoRA equal the uninterrupted run's bitwise (same shards, same order of every sum); resumed on ONE
@@ -179,7 +179,7 @@ def test_refl_sharded_resume_equals_uninterrupted(refl_runs, tiny_dirs, tmp_path
     assert relative(g3_one, g3_two) <= STEP2_RTOL, relative(g3_one, g3_two)
 
 
-# 46 s on 2 busy cores (a 2-process FSDP2 launch and a 1-process run): not slow
+# 21 s: a 2-process FSDP2 launch and a 1-process run
 def test_full_mode_draft_with_kl_under_fsdp_equals_one_process(tiny_dirs, tmp_path):
     """Full mode (every SD3 transformer weight, a frozen fp32 reference copy for the KL, both sharded) with DRaFT-K:
     the reward's gradient flows back through the last 2 sampler steps, recomputed under gradient checkpointing (a
@@ -219,7 +219,7 @@ def test_full_mode_draft_with_kl_under_fsdp_equals_one_process(tiny_dirs, tmp_pa
 
 
 # ---- stepwise_pref: LPO on tiny SD1.5, mining rounds sampled with the sharded policy -------------------------------
-@pytest.mark.slow  # 66 s on 2 busy cores: two FSDP2 launches and a 1-process run
+# 39 s (66 s on 2 busy cores): two FSDP2 launches and a 1-process run
 def test_lpo_under_fsdp_mines_and_trains_like_one_process_and_resumes_there(tiny_dirs, tmp_path):
     """2 processes x 2 prompts / 2 pairs under FSDP2 == 1 process x 4 / 4 (DDP == 1 process is
     test_stepwise_pref.py::test_two_processes_mine_and_train_like_one): the mining round sampled with the sharded
@@ -259,7 +259,7 @@ def test_lpo_under_fsdp_mines_and_trains_like_one_process_and_resumes_there(tiny
 
 
 # ---- selfnpo: the EMA teacher's per-sample number of DDIM steps, in lockstep ---------------------------------------
-@pytest.mark.slow  # 74 s on 2 busy cores: three 2-process launches
+# 53 s (74 s on 2 busy cores): three 2-process launches
 def test_selfnpo_under_fsdp_equals_ddp_with_unequal_teacher_steps(tiny_dirs, tmp_path):
     """Self-NPO's teacher runs ``min(max_teacher_steps, k + 1)`` DDIM steps for a sample drawn at grid index k, so
     with 1 sample per process the processes need different numbers of teacher forwards (the logged mean of 2 integers
@@ -302,7 +302,7 @@ def test_selfnpo_under_fsdp_equals_ddp_with_unequal_teacher_steps(tiny_dirs, tmp
 
 
 # ---- dro: snapshot rollouts into per-process replay buffers -------------------------------------------------------
-@pytest.mark.slow  # 76 s on 2 busy cores: three 2-process launches
+@pytest.mark.slow  # 65 s (76 s on 2 busy cores): three 2-process launches
 def test_dro_under_fsdp_equals_ddp_and_resumes_sharded(tiny_dirs, tmp_path):
     """Diffusion-DRO: the policy snapshot (the trained LoRA's shards, swapped in) samples each group's trajectory,
     the same DDIM steps on every process, into each process's buffer; then one ranking forward. 3 steps under FSDP2
