@@ -130,7 +130,8 @@ def build_command(
 
 
 # recipes whose every forward runs on every process in the same order (what FSDP's collectives need), tested sharded
-SHARDED_RECIPES = ("offline_pref",)
+# (tests/recipes/test_fsdp*.py)
+SHARDED_RECIPES = ("offline_pref", "online_rl", "reward_grad", "stepwise_pref", "selfnpo", "dro")
 
 
 def sharding_problem(kind: str | None, recipe_path: Path) -> str | None:

@@ -98,7 +98,7 @@ def setup(cfg: Any, accelerator: Any) -> State:
     )
     path = loop.resume_path(cfg)
     if path is not None:
-        restore_extra(state, loop.restore(run, path, extra_prefix=EXTRA), path)
+        restore_extra(state, loop.restore(run, path, extra_prefix=EXTRA, extra_like=extra_tensors(state)), path)
     return state
 
 

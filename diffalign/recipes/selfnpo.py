@@ -37,7 +37,7 @@ from diffalign import errors
 from diffalign.diffusion import VPProcess
 from diffalign.models import lora
 from diffalign.terms import selfnpo
-from diffalign.training import loop
+from diffalign.training import loop, sharding
 from diffalign.types import Batch, SampleInfo
 
 
@@ -80,7 +80,7 @@ def setup(cfg: Any, accelerator: Any) -> State:
     state = State(run, params, ema, empty_prompt(cfg, adapter), grid)
     path = loop.resume_path(cfg)
     if path is not None:
-        restore_ema(state, loop.restore(run, path, extra_prefix=EMA_PREFIX), path)
+        restore_ema(state, loop.restore(run, path, extra_prefix=EMA_PREFIX, extra_like=ema_tensors(state)), path)
     return state
 
 
@@ -127,6 +127,9 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
             max_teacher_steps=s.max_teacher_steps,
             grid=state.grid,
             teacher=lambda: selfnpo.swapped_in(state.params, state.ema),
+            teacher_calls=partial(sharding.max_over_processes, accelerator=state.run.accelerator)
+            if state.run.sharded
+            else None,
         )
     per_sample = selfnpo.x0_loss(terms.student_x0, terms.target_x0, s.loss_type, s.huber_c)
     mse = (terms.student_x0.detach() - terms.target_x0).pow(2).mean()

@@ -192,19 +192,25 @@ def teacher_rollout(
     uncond: Cond | None,
     w: float,
     max_steps: int,
+    calls: Callable[[int], int] | None = None,
 ) -> Rollout:
     """Up to ``max_steps`` guided DDIM steps from ``grid[position]`` down the grid, then the guided x0 there.
 
     Each sample takes ``min(max_steps, position)`` steps; only samples with steps left are evaluated.
-    ``position`` (B,) long in ``[0, N]`` indexes ``grid`` (``ddim_grid``).
+    ``position`` (B,) long in ``[0, N]`` indexes ``grid`` (``ddim_grid``). ``calls`` maps the step forwards this
+    batch needs to the number to make (a sharded run: the maximum over processes, so that every process makes the
+    same denoiser calls); a call with no sample left evaluates the first sample and discards the result.
     """
     x, pos = x_start.float().clone(), position.clone()
     steps = position.clamp(max=max_steps)
     left = steps.clone()
-    for _ in range(max_steps):
+    need = int(steps.max()) if steps.numel() else 0
+    for _ in range(calls(need) if calls is not None else need):
         idx = (left > 0).nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
+        if idx.numel() == 0:  # only to keep the processes' forwards in step
+            first = torch.zeros(1, dtype=torch.long, device=x.device)
+            guided_output(denoise, x[first], grid[pos[first]], _take(cond, first), _take(uncond, first), w)
+            continue
         t, t_prev = grid[pos[idx]], grid[pos[idx] - 1]
         out = guided_output(denoise, x[idx], t, _take(cond, idx), _take(uncond, idx), w)
         x = x.index_copy(0, idx, ddim_step(process, x[idx], out, t, t_prev))
@@ -266,11 +272,13 @@ def selfnpo_terms(
     grid: Tensor,
     teacher: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     u: Tensor | None = None,
+    teacher_calls: Callable[[int], int] | None = None,
 ) -> SelfNPOTerms:
     """Steps 1-4 of the module docstring for clean latents ``x0`` (B, C, h, w).
 
     ``teacher()`` is entered around the rollout (the recipe swaps the EMA LoRA tensors in); ``u`` overrides the
-    re-noising timesteps (tests use ``u = t_end`` for the no-re-noising invariant).
+    re-noising timesteps (tests use ``u = t_end`` for the no-re-noising invariant); ``teacher_calls``: the
+    rollout's ``calls`` (a sharded run's lockstep).
     """
     if not isinstance(process, VPProcess):
         raise TypeError(f"Self-NPO needs a VP (DDPM-family) process, got {type(process).__name__}")
@@ -281,7 +289,7 @@ def selfnpo_terms(
     x_start = process.add_noise(x0.float(), draws.eps.to(device), t_start)
     with torch.no_grad(), teacher():
         roll = teacher_rollout(
-            denoise, process, x_start, position, grid, cond, uncond, guidance_scale, max_teacher_steps
+            denoise, process, x_start, position, grid, cond, uncond, guidance_scale, max_teacher_steps, teacher_calls
         )
     u = later_timesteps(roll.t_end, draws.r.to(device), process.num_train_timesteps) if u is None else u.to(device)
     x_u = renoise(process, roll.x_end, roll.t_end, u, draws.z.to(device))

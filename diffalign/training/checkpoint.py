@@ -274,7 +274,7 @@ def save_sharded(
     from diffalign.training.sharding import local
 
     _, optim_sd, tensors = _sharded_tensors(model, optimizer)
-    tensors.update({f"extra/{k}": v for k, v in (extra or {}).items()})
+    tensors.update({f"extra/{k}": v.contiguous() for k, v in (extra or {}).items()})  # safetensors: no views
     trained = [k for k in tensors if k.startswith("model/")]
     bad = torch.tensor([float(not bool(local(tensors[k]).detach().isfinite().all())) for k in trained])
     if dist.is_available() and dist.is_initialized():

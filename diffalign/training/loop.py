@@ -332,13 +332,17 @@ def _ema_tensors(run: Run) -> dict[str, torch.Tensor]:
     return out
 
 
-def restore(run: Run, path: Path, extra_prefix: str | None = None) -> dict[str, torch.Tensor]:
+def restore(
+    run: Run, path: Path, extra_prefix: str | None = None, extra_like: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Load checkpoint ``path`` into ``run``; returns the ``extra`` tensors (keys starting ``extra_prefix``).
 
     A sharded run's checkpoint (``checkpoint.save_sharded``) loads into this run whatever its process count, sharded
-    or not; a checkpoint of an unsharded run does not load into a sharded one (one line saying so)."""
+    or not; a checkpoint of an unsharded run does not load into a sharded one (one line saying so). ``extra_like``:
+    the recipe's extra tensors by checkpoint key (e.g. ``DTensor`` shards of its own EMA), which a sharded checkpoint
+    loads in place (the others come back whole)."""
     if checkpoint.is_sharded(path):
-        templates = _ema_tensors(run) if run.ema is not None else {}
+        templates = {**(extra_like or {}), **(_ema_tensors(run) if run.ema is not None else {})}
         ckpt = checkpoint.load_sharded(
             path,
             model=run.trained_modules,

@@ -187,6 +187,14 @@ def any_nonfinite(params: Sequence[nn.Parameter], accelerator: object) -> Tensor
     return bad > 0
 
 
+def max_over_processes(value: int, accelerator: object) -> int:
+    """The largest ``value`` of all processes (one collective every process makes): how many forwards a sharded step
+    makes where each process's data asks for its own number, so that all of them make the same calls."""
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).max())
+
+
 def full_state_dict(module: nn.Module, main: bool) -> dict[str, Tensor]:
     """Every tensor of the sharded ``module`` gathered whole, on the CPU of the main process (``main``); an empty dict
     on the others. A collective: every process calls it."""

@@ -209,13 +209,16 @@ def test_fsdp_is_refused_for_recipes_not_proven_sharded():
 
     assert run_cmd.sharding_problem("fsdp", Path("recipes/offline_pref.py")) is None
     assert run_cmd.sharding_problem("ddp", Path("recipes/online_rl.py")) is None
-    assert "recipe online_rl is not proven under FSDP" in run_cmd.sharding_problem("fsdp", Path("x/online_rl.py"))
+    assert run_cmd.sharding_problem("fsdp", Path("recipes/online_rl.py")) is None
+    assert run_cmd.sharding_problem("fsdp", Path("recipes/reward_grad.py")) is None
+    assert run_cmd.sharding_problem("fsdp", Path("recipes/dro.py")) is None
+    assert "recipe my_recipe is not proven under FSDP" in run_cmd.sharding_problem("fsdp", Path("x/my_recipe.py"))
 
 
 def test_shipped_accelerate_configs_are_valid_for_accelerate():
     """Every shipped accelerate config loads as accelerate's ``ClusterConfig`` (unknown keys are its error), and every
     key of its ``fsdp_config`` / ``deepspeed_config`` is an ``accelerate launch`` option it turns into that option.
-    DeepSpeed cannot run here (no CUDA, and the loop refuses it), so this is what checks zero2.yaml / zero3.yaml."""
+    The loop refuses DeepSpeed (``sharding.take_over``), so this and the next test are what check zero2.yaml / zero3.yaml."""
     import yaml
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.commands.launch import launch_command_parser
@@ -238,3 +241,21 @@ def test_shipped_accelerate_configs_are_valid_for_accelerate():
         unknown = sorted(set(section) - options)
         assert not unknown, (kind, unknown)
         assert {k: section[k] for k in settings} == settings, kind
+
+
+@pytest.mark.parametrize("kind", ["zero2", "zero3"])
+def test_shipped_deepspeed_configs_build_accelerates_plugin(kind):
+    """Every key of zero2.yaml / zero3.yaml's ``deepspeed_config`` is a field of accelerate's ``DeepSpeedPlugin`` (what
+    ``accelerate launch`` builds from it), and the plugin built from them is the ZeRO stage the name says, with no
+    offload; without deepspeed installed (the plugin's config is plain data)."""
+    import dataclasses
+
+    import yaml
+    from accelerate.utils import DeepSpeedPlugin
+
+    section = yaml.safe_load(run_cmd.accelerate_config(kind).read_text())["deepspeed_config"]
+    fields = {f.name for f in dataclasses.fields(DeepSpeedPlugin)}
+    assert set(section) <= fields, sorted(set(section) - fields)
+    zero = DeepSpeedPlugin(**section).deepspeed_config["zero_optimization"]
+    assert zero["stage"] == int(kind[-1])
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "none"

@@ -37,14 +37,14 @@ def toy_overrides(tiny_dir: Path, out_dir: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def recipe_command(config: str, overrides: list[str]) -> list[str]:
-    return [sys.executable, str(ROOT / "recipes" / "offline_pref.py"), "--config", config, *overrides]
+def recipe_command(config: str, overrides: list[str], recipe: str = "offline_pref") -> list[str]:
+    return [sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), "--config", config, *overrides]
 
 
-def two_process_command(config: str, overrides: list[str]) -> list[str]:
+def two_process_command(config: str, overrides: list[str], recipe: str = "offline_pref") -> list[str]:
     """``recipe_command`` under ``accelerate launch --multi_gpu --num_processes 2`` (gloo on CPU, a free port)."""
     launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    cmd = recipe_command(config, overrides)
+    cmd = recipe_command(config, overrides, recipe)
     return [cmd[0], *launch, "--main_process_port", str(unused_port()), *cmd[1:]]
 
 

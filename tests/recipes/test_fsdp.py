@@ -35,9 +35,9 @@ COMMON = {"run.max_steps": 4, "run.log_every": 1, "run.save_every": 1, "run.keep
 FSDP_CONFIG = ROOT / "diffalign" / "recipes" / "accelerate" / "fsdp.yaml"
 
 
-def fsdp_command(overrides: list[str]) -> list[str]:
+def fsdp_command(overrides: list[str], config: str = "toy/dpo", recipe: str = "offline_pref") -> list[str]:
     """``recipe_command`` under ``accelerate launch --config_file fsdp.yaml --num_processes 2`` (a free port)."""
-    cmd = recipe_command("toy/dpo", overrides)
+    cmd = recipe_command(config, overrides, recipe)
     launch = ["-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG), "--num_processes", "2"]
     return [cmd[0], *launch, "--main_process_port", str(unused_port()), *cmd[1:]]
 

@@ -283,6 +283,17 @@ def test_validate_dry_run_prints_salesforce_sdxl_global_batch_of_2048_pairs(caps
         assert "trains: full denoiser in fp32" in capsys.readouterr().out
 
 
+def test_flux_grpo_full_dry_runs_sharded_on_16_processes(capsys):
+    """DanceGRPO's full-parameter FLUX (online_rl) launches under FSDP2 on 16 processes: no refusal, the fsdp config."""
+    from diffalign.cli.main import main
+
+    args = ["run", "--config", "flux/grpo_full", "--distributed", "fsdp", "--num-processes", "16", "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "= 1 per device x 16 processes x 108 accumulation" in out
+    assert "accelerate/fsdp.yaml --num_processes 16" in out and "online_rl.py" in out
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_process_first_step_in_full_mode(tiny_dirs, tmp_path):
     """2 gloo processes x batch 2 == 1 process x batch 4 in full mode (plain data parallel: the gradients of every
