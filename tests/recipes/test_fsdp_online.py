@@ -28,6 +28,7 @@ from diffalign.models import lora
 from diffalign.training import checkpoint
 from tests.recipes.conftest import ROOT, recipe_module, run_subprocess, two_process_command
 from tests.recipes.test_fsdp import CPU, fsdp_command, gradients, rows, steps
+from tests.recipes.test_reward_grad import FAST
 
 
 STEP1_RTOL = 1e-5  # the same weights, sums in another order
@@ -59,6 +60,15 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def assert_gradients_match(runs: dict[str, Path], family: str, path: Path, config: str) -> None:
+    """Steps 1 and 2's averaged gradients of the FSDP2 run against the DDP run's (``STEP1_RTOL``, ``STEP2_RTOL``)."""
+    names = lora_names(family, path, config)
+    (g1_f, g2_f), (g1_d, g2_d) = (gradients(steps(runs[k], 1, 2), names) for k in ("fsdp", "ddp"))
+    assert g1_d.norm() > 0 and g2_d.norm() > 0
+    assert relative(g1_f, g1_d) <= STEP1_RTOL, relative(g1_f, g1_d)
+    assert relative(g2_f, g2_d) <= STEP2_RTOL, relative(g2_f, g2_d)
+
+
 # ---- online_rl: toy Flow-GRPO on tiny SD3, 2 rounds ----------------------------------------------------------------
 GRPO = {"run.max_steps": 2, "run.save_every": 1, "run.keep_last": 10, "optim.grad_accum": 3}
 
@@ -83,11 +93,7 @@ def test_grpo_under_fsdp_equals_ddp(grpo_runs, tiny_dirs):
     assert f1["grad_norm"] == pytest.approx(d1["grad_norm"], rel=STEP1_RTOL)
     assert f2["reward/toy_pixel/mean"] == pytest.approx(d2["reward/toy_pixel/mean"], rel=STEP1_RTOL)
     assert f2["loss/kl"] > 0  # the sharded reference pass (LoRA off) sees the moved policy's base weights
-    names = lora_names("sd3", tiny_dirs["sd3"], "toy/grpo")
-    (g1_f, g2_f), (g1_d, g2_d) = (gradients(steps(grpo_runs[k], 1, 2), names) for k in ("fsdp", "ddp"))
-    assert g1_d.norm() > 0 and g2_d.norm() > 0
-    assert relative(g1_f, g1_d) <= STEP1_RTOL, relative(g1_f, g1_d)
-    assert relative(g2_f, g2_d) <= STEP2_RTOL, relative(g2_f, g2_d)
+    assert_gradients_match(grpo_runs, "sd3", tiny_dirs["sd3"], "toy/grpo")
 
 
 # 4 s after the fixture of the test above (44 s alone)
@@ -109,13 +115,7 @@ def test_grpo_sharded_checkpoint_resumes_on_one_process(grpo_runs, tiny_dirs, tm
 
 # ---- reward_grad: ReFL on tiny SD1.5, the reward's gradient through the sampler's last step -------------------------
 REFL = {
-    "data.resolution": 32,
-    "data.max_prompts": 8,
-    "optim.batch_size": 2,
-    "optim.lr": 0.01,
-    "reward_grad.num_steps": 4,
-    "reward_grad.refl_steps": "[2,3]",
-    "run.log_every": 1,
+    **FAST,
     "run.save_every": 1,
     "run.keep_last": 10,
     "run.max_steps": 3,
@@ -141,11 +141,7 @@ def test_refl_under_fsdp_equals_ddp(refl_runs, tiny_dirs):
         assert f1[key] == d1[key], key
     assert f2["rollout/grad_start"] == d2["rollout/grad_start"]
     assert f2["reward/toyreward"] == pytest.approx(d2["reward/toyreward"], rel=STEP1_RTOL)
-    names = lora_names("sd15", tiny_dirs["sd15"], "toy/refl_world")
-    (g1_f, g2_f), (g1_d, g2_d) = (gradients(steps(refl_runs[k], 1, 2), names) for k in ("fsdp", "ddp"))
-    assert g1_d.norm() > 0 and g2_d.norm() > 0
-    assert relative(g1_f, g1_d) <= STEP1_RTOL, relative(g1_f, g1_d)
-    assert relative(g2_f, g2_d) <= STEP2_RTOL, relative(g2_f, g2_d)
+    assert_gradients_match(refl_runs, "sd15", tiny_dirs["sd15"], "toy/refl_world")
 
 
 # 22 s after the fixture of the test above (60 s alone): a resumed launch and a 1-process resume
