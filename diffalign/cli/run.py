@@ -144,16 +144,26 @@ def sharding_problem(kind: str | None, recipe_path: Path) -> str | None:
     )
 
 
-def deepspeed_problem(kind: str | None) -> str | None:
-    """Why ``--distributed zero2|zero3`` cannot run, or None (other kinds: None)."""
+# recipes proven under DeepSpeed ZeRO (tests/recipes/test_zero.py); the others keep FSDP2 / DDP
+ZERO_RECIPES = ("offline_pref", "online_rl", "reward_grad")
+
+
+def deepspeed_problem(kind: str | None, recipe_path: Path, cfg: object) -> str | None:
+    """Why ``--distributed zero2|zero3`` cannot run ``recipe_path`` with ``cfg``, or None (other kinds: None)."""
     if kind not in DEEPSPEED:
         return None
-    return (
-        f"--distributed {kind}: DeepSpeed ZeRO is not wired into diffalign's training loop (its engine would own the "
-        "gradient reduction, clipping and optimizer step the loop does itself); the shipped config "
-        f"{accelerate_config(kind)} is for reference. Use --distributed fsdp: FSDP2 shards weights, gradients and "
-        "optimizer state as ZeRO-3 does (fsdp_offload: with CPU offload)"
-    )
+    if recipe_path.stem not in ZERO_RECIPES:
+        return (
+            f"--distributed {kind}: recipe {recipe_path.stem} is not proven under DeepSpeed; DeepSpeed recipes: "
+            f"{', '.join(ZERO_RECIPES)}. Use --distributed fsdp or ddp"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return f"--distributed {kind} needs DeepSpeed: pip install 'diffalign[deepspeed]'"
+    from diffalign.training import zero  # torch: only for a DeepSpeed launch
+
+    return zero.config_problem(cfg, int(kind[-1]))
 
 
 def child_env(
@@ -194,7 +204,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         metavar="{" + ",".join(DISTRIBUTED) + "}",
         help="launch with a shipped accelerate config: ddp (replicated weights), fsdp (FSDP2 full shard of the "
-        "denoiser), fsdp_offload (the same with CPU offload); zero2/zero3 configs ship but are refused (see README)",
+        "denoiser), fsdp_offload (the same with CPU offload), zero2 / zero3 (DeepSpeed ZeRO-2 / ZeRO-3)",
     )
     p.add_argument("--num-machines", type=int, default=1, help="machines of a multi-node run (default 1)")
     p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0..num-machines-1")
@@ -248,7 +258,9 @@ def run(args: argparse.Namespace) -> int:
         config_problem = sharding.config_problem(cfg)
     found = [
         *launch_spec.problems(),
-        *filter(None, [deepspeed_problem(kind), sharding_problem(kind, recipe_path), config_problem]),
+        *filter(
+            None, [deepspeed_problem(kind, recipe_path, cfg), sharding_problem(kind, recipe_path), config_problem]
+        ),
     ]
     if args.dry_run:  # a launch runs them in preflight.check, with the other checks
         found += config.launch_problems(cfg, args.num_processes)

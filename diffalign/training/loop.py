@@ -51,7 +51,7 @@ from diffalign.errors import InterruptedRun, UserError
 from diffalign.fileio import FolderLock, append_jsonl, keep_jsonl, replace_dir
 from diffalign.models import full, lora
 from diffalign.models.base import compile_denoiser
-from diffalign.training import checkpoint, curves, distributed, ema, optim, preflight, rundir, sharding
+from diffalign.training import checkpoint, curves, distributed, ema, optim, preflight, rundir, sharding, zero
 
 
 logger = logging.getLogger("diffalign.train")
@@ -102,6 +102,16 @@ class Run:
     def sharded(self) -> bool:
         """Whether the trained parameters are FSDP2 shards (``sharding``)."""
         return sharding.is_sharded(self.params)
+
+    @property
+    def zero(self) -> zero.Engine | None:
+        """The DeepSpeed engine of a ZeRO run (``training.zero``), else None."""
+        return self.optimizer if isinstance(self.optimizer, zero.Engine) else None
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether every process must run the same forwards (FSDP2, ZeRO-3: the weights are gathered in them)."""
+        return self.sharded or (self.zero is not None and self.zero.stage == 3)
 
     @property
     def trained_modules(self) -> torch.nn.ModuleDict:
@@ -157,6 +167,8 @@ def start(cfg: Any, accelerator: Accelerator, description: str) -> None:
     out = Path(cfg.run.output_dir)
     preflight.check(cfg, accelerator.num_processes)
     if sharding.plan() is not None and (problem := sharding.config_problem(cfg)):
+        raise dconfig.ConfigError(problem)
+    if (spec := zero.plan()) is not None and (problem := zero.config_problem(cfg, spec.stage)):
         raise dconfig.ConfigError(problem)
     if accelerator.is_main_process:
         _lock_output(out)
@@ -251,6 +263,11 @@ def build_adapter(cfg: Any, device: torch.device, *, need_reference: bool = True
             sharding.shard(adapter.reference_denoiser, adapter.shard_blocks, spec)
         ref = " and its frozen reference copy" if adapter.reference_denoiser is not None else ""
         logger.info("FSDP2: %s%s sharded over the processes (%s)", adapter.denoiser_name, ref, spec)
+    zspec = zero.plan()
+    if zspec is not None and adapter.reference_denoiser is not None:  # full mode's frozen copy: ZeRO-3 partitions it
+        adapter.reference_denoiser = zero.partition_frozen(adapter.reference_denoiser, zspec, cfg)
+        if zspec.stage == 3:
+            logger.info("ZeRO-3: the frozen reference copy is partitioned over the processes")
     if m.compile:
         compile_denoiser(adapter.denoiser)
         if adapter.reference_denoiser is not None:  # full mode's frozen copy: its own (no-grad) graphs
@@ -265,7 +282,12 @@ def build_run(cfg: Any, accelerator: Accelerator, adapter: Any, loader: Source |
     """
     named = lora.trainable_parameters(adapter)
     lr = dconfig.effective_lr(cfg.optim, accelerator.num_processes)
-    optimizer = accelerator.prepare(optim.build_optimizer(named.values(), cfg.optim, lr=lr))
+    spec = zero.plan()
+    if spec is not None:  # DeepSpeed: the engine owns the optimizer (``training.zero``)
+        optimizer = zero.Engine(adapter.denoiser, optim.build_optimizer(named.values(), cfg.optim, lr=lr), spec, cfg)
+        logger.info("DeepSpeed ZeRO-%d over the %s (%s)", spec.stage, adapter.denoiser_name, spec.zero_section())
+    else:
+        optimizer = accelerator.prepare(optim.build_optimizer(named.values(), cfg.optim, lr=lr))
     scheduler = optim.build_scheduler(optimizer.optimizer, cfg.optim, cfg.run.max_steps)
     if loader is None:
         if cfg.data.latent_cache:
@@ -308,7 +330,11 @@ def save(run: Run, extra: dict[str, torch.Tensor] | None = None) -> Path:
             barrier=acc.wait_for_everyone,
             keep_last=run.cfg.run.keep_last,
         )
-    tensors = lora.trainable_state(run.adapter)
+    if run.zero is not None:  # consolidated in the unsharded layout (collectives), see ``training.zero``
+        params = lora.trainable_parameters(run.adapter)
+        tensors, optimizer = run.zero.whole_params(params), run.zero.optimizer_state(params)
+    else:
+        tensors, optimizer = lora.trainable_state(run.adapter), run.optimizer.optimizer.state_dict()
     tensors.update({k: v.detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
     if run.ema is not None:
         tensors.update(run.ema.state_tensors(EMA_PREFIX))
@@ -316,7 +342,7 @@ def save(run: Run, extra: dict[str, torch.Tensor] | None = None) -> Path:
         run.output_dir / "checkpoints",
         run.step,
         trainable=tensors,
-        optimizer=run.optimizer.optimizer.state_dict(),
+        optimizer=optimizer,
         state=state,
         rank=acc.process_index,
         barrier=acc.wait_for_everyone,
@@ -341,6 +367,8 @@ def restore(
     or not; a checkpoint of an unsharded run does not load into a sharded one (one line saying so). ``extra_like``:
     the recipe's extra tensors by checkpoint key (e.g. ``DTensor`` shards of its own EMA), which a sharded checkpoint
     loads in place (the others come back whole)."""
+    if checkpoint.is_sharded(path) and run.zero is not None:
+        raise UserError(f"run.resume_from: {path} was written by an FSDP2 run; resume it with --distributed fsdp")
     if checkpoint.is_sharded(path):
         templates = {**(extra_like or {}), **(_ema_tensors(run) if run.ema is not None else {})}
         ckpt = checkpoint.load_sharded(
@@ -366,7 +394,9 @@ def restore(
     if run.ema is not None:
         run.ema.load_state_tensors(saved_ema, EMA_PREFIX)
     extra = {k: v for k, v in tensors.items() if extra_prefix and k.startswith(extra_prefix)}
-    if not checkpoint.is_sharded(path):
+    if run.zero is not None:
+        run.zero.load(lora.trainable_parameters(run.adapter), tensors, ckpt["optimizer"])
+    elif not checkpoint.is_sharded(path):
         lora.load_trainable_state(run.adapter, {k: v for k, v in tensors.items() if k not in extra})
         run.optimizer.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["state"]["scheduler"])
@@ -394,6 +424,8 @@ def export_lora(run: Run) -> Path:
     out = run.output_dir / "lora"
     params = lora.trainable_parameters(run.adapter)
     whole = {k: sharding.full(p.detach()) for k, p in params.items()} if run.sharded else None  # collectives
+    if run.zero is not None and run.zero.stage == 3:  # the weights are partitions: gathered (collectives)
+        whole = run.zero.whole_params(params)
     if run.accelerator.is_main_process:
         replace_dir(out, lambda tmp: lora.save_lora(run.adapter, tmp, whole))
     run.accelerator.wait_for_everyone()
@@ -422,6 +454,8 @@ def export_full(run: Run) -> dict[str, Path]:
         out["lora"] = run.output_dir / "lora"
     # a sharded denoiser is gathered whole on the main process (collectives) and written as one safetensors file
     whole = sharding.full_state_dict(adapter.denoiser, acc.is_main_process) if run.sharded else None
+    if run.zero is not None and run.zero.stage == 3:
+        whole = zero.full_state_dict(adapter.denoiser, acc.is_main_process)
     if acc.is_main_process:
         for name, module in trained.items():  # the denoiser, and the text encoders under train.text_encoders
             if whole is not None and module is adapter.denoiser:
@@ -511,28 +545,13 @@ def optimizer_step(
     cfg, acc = run.cfg, run.accelerator
     step, sync = run.step + 1, sync_step(cfg, run.step + 1)
     local: dict[str, torch.Tensor | float] = {f"mean/{k}": v.detach().float() for k, v in (metrics or {}).items()}
-    groups, nonfinite = 0, torch.zeros((), device=acc.device)
-    sharded = run.sharded
-    for _ in range(cfg.optim.grad_accum):
-        args = run.loader.next_batch()
-        n = len(args[0])
-        if sharded and _empty_anywhere(acc, n, step):  # FSDP: every process runs the same forwards and backwards
-            continue
-        if n == 0:  # every row of this micro-batch was a skipped bad row
-            continue
-        out = micro_step(*args)
-        loss = out["loss"]
-        nonfinite = nonfinite + (~torch.isfinite(loss.detach())).to(nonfinite.device, nonfinite.dtype)
-        acc.backward(loss * n)  # the sum over its groups; reduce_gradients divides by the global count
-        groups += n
-        for k, v in out.items():
-            local[f"sum/{k}"] = local.get(f"sum/{k}", 0.0) + v.detach().float() * n
+    sharded, engine = run.sharded, run.zero
+    groups, count, bad_loss = (_zero_backward if engine is not None else _accumulate)(run, micro_step, local, step)
     local["groups"] = float(groups)
     row_counts = getattr(run.loader, "row_counts", None)  # PlannedLoader: rows drawn and unusable, see _check_rows
     if row_counts is not None:
         local.update({f"rows/{k}": float(v) for k, v in row_counts().items()})
     params = run.params
-    count, bad_loss = distributed.reduce_gradients(params, acc, groups, nonfinite)
     shown: dict[str, Any] = {}
     pending = _Pending(step, shown, local, {"bad/loss": bad_loss > 0})
     run.pending.append(pending)
@@ -544,7 +563,9 @@ def optimizer_step(
         run.optimizer.zero_grad(set_to_none=True)
         shown["loss"] = float("nan")
     else:
-        if sharded:  # DTensor shards: the norm is summed over processes
+        if engine is not None:  # the update happened in the last backward; clipped by DeepSpeed (``zero``)
+            norm = engine.grad_norm()
+        elif sharded:  # DTensor shards: the norm is summed over processes
             acc.unscale_gradients()
             if cfg.optim.max_grad_norm is not None:
                 norm = sharding.clip_grad_norm_(params, cfg.optim.max_grad_norm, acc)
@@ -569,7 +590,9 @@ def optimizer_step(
         if run.ema is not None:
             run.ema.update()
         # replicated weights are updated identically on every process: the same answer everywhere; shards are not
-        if sharded:
+        if engine is not None:
+            weights_bad = engine.any_nonfinite(params, acc)
+        elif sharded:
             weights_bad = sharding.any_nonfinite(params, acc)
         else:
             weights_bad = ~torch.stack([p.detach().isfinite().all() for p in params]).all()
@@ -582,6 +605,66 @@ def optimizer_step(
     run.step = step
     shown["lr"] = run.scheduler.get_last_lr()[0]
     return shown
+
+
+def _accumulate(
+    run: Run, micro_step: MicroStep, local: dict[str, torch.Tensor | float], step: int
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """A step's micro-batches, drawn one at a time: each backward is of the sum over its groups, then
+    ``distributed.reduce_gradients`` averages over the global count. Adds the metric sums to ``local``; returns this
+    process's group count, the global count and the summed non-finite-loss flag (0-d tensors)."""
+    cfg, acc, sharded = run.cfg, run.accelerator, run.sharded
+    groups, nonfinite = 0, torch.zeros((), device=acc.device)
+    for _ in range(cfg.optim.grad_accum):
+        args = run.loader.next_batch()
+        n = len(args[0])
+        if sharded and _empty_anywhere(acc, n, step):  # FSDP: every process runs the same forwards and backwards
+            continue
+        if n == 0:  # every row of this micro-batch was a skipped bad row
+            continue
+        out = micro_step(*args)
+        loss = out["loss"]
+        nonfinite = nonfinite + (~torch.isfinite(loss.detach())).to(nonfinite.device, nonfinite.dtype)
+        acc.backward(loss * n)  # the sum over its groups; reduce_gradients divides by the global count
+        groups += n
+        for k, v in out.items():
+            local[f"sum/{k}"] = local.get(f"sum/{k}", 0.0) + v.detach().float() * n
+    count, bad_loss = distributed.reduce_gradients(run.params, acc, groups, nonfinite)
+    return groups, count, bad_loss
+
+
+def _zero_backward(
+    run: Run, micro_step: MicroStep, local: dict[str, torch.Tensor | float], step: int
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """A DeepSpeed step's micro-batches (``training.zero``): all drawn first, one all-reduce gives the global group
+    count and which micro-batches are empty on some process (skipped on all), then each backward is of
+    ``loss * n * W / count`` and the last one updates the weights. Adds the metric sums to ``local``; returns this
+    process's group count, the global count and the summed non-finite-loss flag (0-d tensors)."""
+    cfg, acc, engine = run.cfg, run.accelerator, run.zero
+    batches = [run.loader.next_batch() for _ in range(cfg.optim.grad_accum)]
+    sizes = [len(args[0]) for args in batches]
+    table = torch.tensor([float(n == 0) for n in sizes] + [float(n) for n in sizes], device=acc.device)
+    if acc.num_processes > 1:
+        table = acc.reduce(table, reduction="sum")
+    empty, totals = table[: len(sizes)].tolist(), table[len(sizes) :].tolist()
+    keep = [i for i, e in enumerate(empty) if e == 0]
+    if any(e > 0 and totals[i] > 0 for i, e in enumerate(empty)):
+        logger.warning("step %d: a process's micro-batch had only skipped bad rows; every process skips it", step)
+    count = sum(totals[i] for i in keep)
+    groups, nonfinite = 0, torch.zeros((), device=acc.device)
+    for j, i in enumerate(keep):
+        n = sizes[i]
+        engine.before_forward()
+        out = micro_step(*batches[i])
+        loss = out["loss"]
+        nonfinite = nonfinite + (~torch.isfinite(loss.detach())).to(nonfinite.device, nonfinite.dtype)
+        engine.backward(loss * (n * acc.num_processes / count), boundary=j == len(keep) - 1)
+        groups += n
+        for k, v in out.items():
+            local[f"sum/{k}"] = local.get(f"sum/{k}", 0.0) + v.detach().float() * n
+    if acc.num_processes > 1:
+        nonfinite = acc.reduce(nonfinite, reduction="sum")
+    return groups, torch.tensor(float(count), device=acc.device), nonfinite
 
 
 def _empty_anywhere(acc: Accelerator, n: int, step: int) -> bool:
@@ -714,7 +797,7 @@ def validate(run: Run) -> None:
     """
     cfg, acc = run.cfg, run.accelerator
     prompts = validation_prompts(cfg)
-    if prompts and (acc.is_main_process or run.sharded):
+    if prompts and (acc.is_main_process or run.lockstep):
         with run.ema.swapped_in() if run.ema is not None else contextlib.nullcontext():
             _validate(run, prompts)
     acc.wait_for_everyone()

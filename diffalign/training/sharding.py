@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from diffalign.errors import UserError
+from diffalign.training import zero
 
 
 FLAG = "DIFFALIGN_FSDP"  # set by ``take_over`` from accelerate's ACCELERATE_USE_FSDP
@@ -47,14 +48,10 @@ def _true(value: str | None) -> bool:
 def take_over(environ: MutableMapping[str, str] = os.environ) -> None:
     """Before ``Accelerator()``: an FSDP launch becomes diffalign's (``DIFFALIGN_FSDP=1``), accelerate's flag is cleared.
 
-    Refuses (one line) an ``fsdp_version`` other than 2 (FSDP1 is not supported) and a DeepSpeed launch.
+    Refuses (one line) an ``fsdp_version`` other than 2 (FSDP1 is not supported). A DeepSpeed launch is taken over
+    the same way (``zero.take_over``: ``DIFFALIGN_DEEPSPEED``).
     """
-    if _true(environ.get("ACCELERATE_USE_DEEPSPEED")):
-        raise UserError(
-            "the accelerate config asks for DeepSpeed; diffalign's loop does not run under the DeepSpeed engine "
-            "(it reduces, clips and steps the gradients itself): use an FSDP2 config (--distributed fsdp), which "
-            "shards weights, gradients and optimizer state as ZeRO-3 does"
-        )
+    zero.take_over(environ)
     if _true(environ.get("ACCELERATE_USE_FSDP")):
         version = environ.get("FSDP_VERSION", "1")
         if version != "2":

@@ -191,7 +191,7 @@ def test_distributed_kind_selects_a_shipped_accelerate_config_and_passes_multi_n
     ("flags", "needle"),
     [
         (["--distributed", "fsdpp"], "did you mean 'fsdp'"),
-        (["--distributed", "zero3"], "--distributed zero3: DeepSpeed ZeRO is not wired"),
+        (["--distributed", "zero3", "optim.name=adafactor"], "optim.name=adafactor under DeepSpeed: use adamw"),
         (["--num-processes", "3", "--num-machines", "2"], "not a multiple of --num-machines 2"),
         (["--num-processes", "4", "--num-machines", "2"], "needs --main-process-ip"),
         (["--num-processes", "4", "--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "h"],
@@ -215,10 +215,30 @@ def test_fsdp_is_refused_for_recipes_not_proven_sharded():
     assert "recipe my_recipe is not proven under FSDP" in run_cmd.sharding_problem("fsdp", Path("x/my_recipe.py"))
 
 
+def test_deepspeed_is_checked_per_recipe_and_config():
+    """``--distributed zero2|zero3``: the recipes proven under DeepSpeed run (other kinds are not its business), the
+    others and the settings ZeRO cannot honour are one line each, before anything loads."""
+    from pathlib import Path
+
+    from diffalign import config
+
+    dpo = config.load("toy/dpo")
+    assert run_cmd.deepspeed_problem("zero2", Path("recipes/offline_pref.py"), dpo) is None
+    assert run_cmd.deepspeed_problem("fsdp", Path("recipes/stepwise_pref.py"), dpo) is None
+    assert "recipe dro is not proven under DeepSpeed" in run_cmd.deepspeed_problem(
+        "zero3", Path("recipes/dro.py"), dpo
+    )
+    ema = config.load("toy/dpo", ["ema.enabled=true"])
+    assert run_cmd.deepspeed_problem("zero2", Path("recipes/offline_pref.py"), ema) is None
+    assert "ema.enabled=true under ZeRO-3" in run_cmd.deepspeed_problem("zero3", Path("recipes/offline_pref.py"), ema)
+    fp16 = config.load("toy/dpo", ["run.mixed_precision=fp16"])
+    assert "fp16 under DeepSpeed" in run_cmd.deepspeed_problem("zero2", Path("recipes/offline_pref.py"), fp16)
+
+
 def test_shipped_accelerate_configs_are_valid_for_accelerate():
     """Every shipped accelerate config loads as accelerate's ``ClusterConfig`` (unknown keys are its error), and every
     key of its ``fsdp_config`` / ``deepspeed_config`` is an ``accelerate launch`` option it turns into that option.
-    The loop refuses DeepSpeed (``sharding.take_over``), so this and the next test are what check zero2.yaml / zero3.yaml."""
+    tests/recipes/test_zero.py trains under zero2.yaml / zero3.yaml."""
     import yaml
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.commands.launch import launch_command_parser

@@ -199,16 +199,14 @@ def test_one_process_resumes_a_two_process_sharded_checkpoint(fsdp_run, tiny_dir
         assert (a - b).norm() <= tol * b.norm(), float((a - b).norm() / b.norm())
 
 
-def test_take_over_refuses_fsdp1_and_deepspeed_and_reads_the_plan():
-    """Unit checks without a launch: the FSDP1 and DeepSpeed refusals of ``sharding.take_over`` (one line each)."""
+def test_take_over_refuses_fsdp1_and_reads_the_plan():
+    """Unit checks without a launch: the FSDP1 refusal of ``sharding.take_over`` (one line) and the plan it reads."""
     from diffalign.errors import UserError
     from diffalign.training import sharding
 
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}
     with pytest.raises(UserError, match="fsdp_version: 2"):
         sharding.take_over(env)
-    with pytest.raises(UserError, match="DeepSpeed"):
-        sharding.take_over({"ACCELERATE_USE_DEEPSPEED": "true"})
     env = {
         "ACCELERATE_USE_FSDP": "true",
         "FSDP_VERSION": "2",
