@@ -30,12 +30,24 @@ choices]; the flow families (not in the paper, which trains SD1.5 / SDXL) sample
 grid, the same for every trajectory (``dro.perturb_timesteps: false``: no per-trajectory grid is defined there); one trajectory per group and micro-step [``--buffer_batch_size`` / ``--buffer_batch_accumulation``
 decouple them]. Each process keeps its own buffer (their ``--buffer_sync`` off).
 
+Checkpoints hold EVERY process's buffer: each process writes its own to ``extra-rank<R>.safetensors`` in the
+checkpoint (``checkpoint.save``'s ``per_rank``, written atomically with the rest, under DDP and FSDP alike), and
+each process resumes its own, so a resumed multi-process run is bitwise the uninterrupted one. A resume on MORE
+processes than the checkpoint has buffers is refused in one line naming the missing ``extra-rank<R>.safetensors``:
+that process has no buffer of its own, and giving it an empty one or a copy of another process's would change
+which pairs it trains on without the user asking (the run would no longer be the one checkpointed); resume on the
+saved process count, or start a fresh run. A resume on FEWER processes keeps each remaining process's own buffer
+and drops the others' with a logged warning (every process still trains on trajectories it sampled itself). A
+checkpoint from before the per-process buffers holds the main process's buffer only: every process resumes it,
+with a warning.
+
 Launch:
     python recipes/dro.py --config recipes/configs/duo/dro.yaml data.path=runs/quickstart/labels/pairs
     diffalign run dro --config sd15/dro data.path=/data/pickapic_v2_top500 run.output_dir=runs/x
 
 Outputs in ``run.output_dir``: ``config.yaml``, ``checkpoints/step-*`` (the trained weights and, with
-``ema.enabled``, their EMA; the snapshot and the replay buffer under ``dro.*``; optimizer, schedule, data position;
+``ema.enabled``, their EMA; the snapshot under ``dro.*``, each process's replay buffer in its
+``extra-rank<R>.safetensors``; optimizer, schedule, data position;
 resume with ``run.resume_from=latest``), ``lora/pytorch_lora_weights.safetensors`` (``train.mode: full``: ``unet/``;
 the EMA weights when ``ema.enabled``, the authors' released weights; the trained weights themselves stay in the
 last checkpoint), ``metrics.jsonl``.
@@ -58,7 +70,7 @@ from diffalign.sampling.guidance import encode_condition
 from diffalign.sampling.sde import SDESpec, make_grid, rollout
 from diffalign.terms import dro as dro_terms
 from diffalign.terms.selfnpo import swapped_in
-from diffalign.training import loop
+from diffalign.training import checkpoint, loop
 from diffalign.types import Batch
 
 
@@ -99,13 +111,36 @@ def setup(cfg: Any, accelerator: Any) -> State:
     path = loop.resume_path(cfg)
     if path is not None:
         restore_extra(state, loop.restore(run, path, extra_prefix=EXTRA, extra_like=extra_tensors(state)), path)
+        buffers_resumed(path, accelerator.num_processes)
     return state
 
 
+def buffers_resumed(path: Any, num_processes: int) -> None:
+    """Warn when the processes do not each resume their own buffer (module docstring; a resume on more processes
+    than saved buffers was refused by ``checkpoint.load_per_rank``)."""
+    saved = checkpoint.per_rank_ranks(path)
+    if not saved and num_processes > 1:
+        logger.warning(
+            "%s holds the main process's replay buffer only (a checkpoint from before per-process buffers): "
+            "every process resumes it, so the resume is not exact",
+            path,
+        )
+    elif len(saved) > num_processes:
+        logger.warning(
+            "%s holds the replay buffers of %d processes; this run has %d: the buffers of processes %s are dropped",
+            path, len(saved), num_processes, saved[num_processes:],
+        )  # fmt: skip
+
+
 def extra_tensors(state: State) -> dict[str, torch.Tensor]:
-    """Snapshot and replay buffer, stored in checkpoints under ``dro.`` (the EMA is ``loop.save``'s)."""
-    out = {EXTRA + SNAPSHOT + k: v for k, v in state.snapshot.items()}
-    return out | state.buffer.state_dict(EXTRA + BUFFER)
+    """The policy snapshot, stored in checkpoints under ``dro.`` once (the same on every process; the EMA is
+    ``loop.save``'s)."""
+    return {EXTRA + SNAPSHOT + k: v for k, v in state.snapshot.items()}
+
+
+def buffer_tensors(state: State) -> dict[str, torch.Tensor]:
+    """This process's replay buffer under ``dro.buffer.``: each process saves its own (``per_rank``)."""
+    return state.buffer.state_dict(EXTRA + BUFFER)
 
 
 def restore_extra(state: State, extra: dict[str, torch.Tensor], path: Any) -> None:
@@ -193,7 +228,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loop.start(cfg, acc, f"dro on {acc.num_processes} processes: {dconfig.to_dict(cfg.dro)}")
     state = setup(cfg, acc)
     # loop.train exports the EMA weights when ema.enabled (the trained ones stay in the last checkpoint)
-    return loop.train(state.run, partial(train_step, state), save_extra=partial(extra_tensors, state), desc="dro")
+    return loop.train(
+        state.run,
+        partial(train_step, state),
+        save_extra=partial(extra_tensors, state),
+        save_per_rank=partial(buffer_tensors, state),
+        desc="dro",
+    )
 
 
 if __name__ == "__main__":

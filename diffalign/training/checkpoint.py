@@ -6,6 +6,8 @@ Layout of ``<output_dir>/checkpoints/step-00000500/``::
     optimizer.{safetensors,json} optimizer state
     state.json                   step, lr-scheduler and data-sampler state, user metadata
     rng-rank<R>.{safetensors,json}  every process's torch / numpy / python RNG state
+    extra-rank<R>.safetensors    every process's own tensors (``per_rank``, e.g. Diffusion-DRO's replay buffer),
+                                 when the run passes them
     COMPLETE                     written last: JSON ``{"step", "files": {name: size in bytes}}``
 
 A checkpoint of a sharded (FSDP2) run has ``sharded/`` instead of ``trainable.safetensors`` and ``optimizer.*``: a
@@ -15,6 +17,12 @@ its own shards of the trained tensors and of their optimizer state, ``model/<nam
 non-tensor settings (``save_sharded``). DCP's default format pickles its ``.metadata``; this one pickles nothing.
 ``load_sharded`` reads it into a model sharded over any number of processes, or into a plain one-process model
 (DCP reshards), and ``read_sharded`` gives its tensors whole, without a process group.
+
+State that differs between processes and is not a shard of anything (a recipe's per-process buffer) goes in
+``per_rank``: each process writes its own ``extra-rank<R>.safetensors`` next to its RNG file, inside the same
+temporary folder, so it is listed in ``COMPLETE`` and swapped in atomically with the rest; ``load`` /
+``load_sharded`` / ``load_per_rank`` give process R back its own file's tensors, and refuse (one line naming the
+missing file) a process R of a resumed run with more processes than the checkpoint has files for.
 
 A checkpoint is assembled in a hidden temporary folder and swapped into place with renames
 (``fileio.swap_dir``), also when a resumed run saves a step that already exists: a crash (even SIGKILL) at any
@@ -51,6 +59,35 @@ MARKER = "COMPLETE"
 REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "state.json")
 SHARDED = "sharded"
 REQUIRED_SHARDED = ("optimizer.json", "state.json")  # and at least one sharded/*.safetensors
+PER_RANK = re.compile(r"^extra-rank(\d+)\.safetensors$")
+
+
+def per_rank_file(path: Path, rank: int) -> Path:
+    """The file of process ``rank``'s own tensors (``per_rank``) in checkpoint ``path``."""
+    return path / f"extra-rank{rank}.safetensors"
+
+
+def per_rank_ranks(path: Path) -> list[int]:
+    """The processes whose ``per_rank`` tensors checkpoint ``path`` holds (``[]``: none saved any)."""
+    return sorted(int(m.group(1)) for f in path.iterdir() if (m := PER_RANK.match(f.name)))
+
+
+def load_per_rank(path: Path, rank: int = 0) -> dict[str, torch.Tensor] | None:
+    """Process ``rank``'s own tensors saved with ``per_rank``; ``None`` when the checkpoint holds none for any
+    process (written without ``per_rank``, e.g. before it existed). A checkpoint that holds them for other processes
+    but not for ``rank`` (a resumed run with more processes than the saving run) raises ``FileNotFoundError`` in one
+    line naming the missing file: that process has no state of its own to resume, and inventing one (empty, or a
+    copy of another process's) would make the resume silently inexact."""
+    saved = per_rank_ranks(path)
+    if not saved:
+        return None
+    mine = per_rank_file(path, rank)
+    if rank not in saved:
+        raise FileNotFoundError(
+            f"{mine} is missing: the checkpoint holds the per-process state of processes {saved} only (written by "
+            f"a run of {len(saved)} processes), so process {rank} has none to resume; resume on {len(saved)} processes"
+        )
+    return load_file(str(mine))
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -180,11 +217,13 @@ def save(
     trainable: dict[str, torch.Tensor],
     optimizer: dict[str, Any],
     state: dict[str, Any],
+    per_rank: dict[str, torch.Tensor] | None = None,
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
     keep_last: int = 3,
 ) -> Path:
-    """Write checkpoint ``step`` atomically; every process calls it (each saves its RNG state).
+    """Write checkpoint ``step`` atomically; every process calls it (each saves its RNG state, and its own
+    ``per_rank`` tensors, when given, to ``extra-rank<rank>.safetensors``: pass them on every process or on none).
 
     ``barrier`` must synchronise all processes (``accelerator.wait_for_everyone``). Non-finite ``trainable``
     tensors are refused (``FloatingPointError``) before anything is written: a checkpoint is never named good
@@ -193,7 +232,7 @@ def save(
     bad = [k for k, v in trainable.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise FloatingPointError(f"not saving step {step}: non-finite trainable tensors {bad[:3]}")
-    final, tmp = _begin(root, step, rank, barrier)
+    final, tmp = _begin(root, step, rank, barrier, per_rank)
     barrier()
     if rank == 0:
         save_file(trainable, str(tmp / "trainable.safetensors"))
@@ -203,15 +242,21 @@ def save(
     return final
 
 
-def _begin(root: Path, step: int, rank: int, barrier: Callable[[], None]) -> tuple[Path, Path]:
+def _begin(
+    root: Path, step: int, rank: int, barrier: Callable[[], None], per_rank: dict[str, torch.Tensor] | None = None
+) -> tuple[Path, Path]:
     """Every process: checkpoint ``step``'s final folder and its hidden temp folder, made fresh by the main process
-    (a stale one from a crashed save removed) before the barrier, with this process's RNG state written into it."""
+    (a stale one from a crashed save removed) before the barrier, with this process's RNG state and ``per_rank``
+    tensors (when given) written into it."""
     final = step_dir(root, step)
     tmp = temp_dir(final)
     if rank == 0:
         fresh_temp_dir(final).mkdir()
     barrier()
     state_io.save(rng_state(), tmp / f"rng-rank{rank}")
+    if per_rank is not None:
+        own = {k: v.detach().cpu().contiguous().clone() for k, v in per_rank.items()}  # safetensors: no views
+        save_file(own, str(per_rank_file(tmp, rank)))
     return final, tmp
 
 
@@ -257,13 +302,16 @@ def save_sharded(
     optimizer: Any,
     state: dict[str, Any],
     extra: dict[str, torch.Tensor] | None = None,
+    per_rank: dict[str, torch.Tensor] | None = None,
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
     keep_last: int = 3,
 ) -> Path:
     """``save`` for a sharded run: every process calls it and writes its shards of ``model``'s trained parameters and
     their optimizer state (``torch.distributed.checkpoint``) into the same hidden folder, then the main process
-    writes ``state.json`` and ``COMPLETE`` and swaps it into place: the atomic rules of ``save``.
+    writes ``state.json`` and ``COMPLETE`` and swaps it into place: the atomic rules of ``save``. ``extra``: tensors
+    the same on every process (or ``DTensor`` shards), written once; ``per_rank``: this process's own tensors, as in
+    ``save``.
 
     Non-finite trained values on any process are refused (``FloatingPointError``, on every process alike) before
     anything is written.
@@ -282,7 +330,7 @@ def save_sharded(
     if bool((bad > 0).any()):
         names = [k.removeprefix("model/") for k, b in zip(trained, bad.tolist(), strict=True) if b > 0]
         raise FloatingPointError(f"not saving step {step}: non-finite trainable tensors {names[:3]}")
-    final, tmp = _begin(root, step, rank, barrier)
+    final, tmp = _begin(root, step, rank, barrier, per_rank)
     writer = dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True)
     dcp.save(tensors, storage_writer=writer)  # a collective: every process writes its shards
     barrier()
@@ -303,13 +351,15 @@ def load_sharded(
     extra_like: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Load a ``save_sharded`` checkpoint into ``model`` and ``optimizer`` (sharded over any number of processes, or
-        plain on one: DCP reads each process's part of every tensor); returns ``{"state", "extra"}`` (``extra`` whole on
-        every process, or loaded in place into the tensors of ``extra_like`` with the same key, e.g. ``DTensor`` shards of
-    an EMA). This process's RNG state is restored when the checkpoint has one for its rank."""
+    plain on one: DCP reads each process's part of every tensor); returns ``{"state", "extra", "per_rank"}``
+    (``extra`` whole on every process, or loaded in place into the tensors of ``extra_like`` with the same key, e.g.
+    ``DTensor`` shards of an EMA; ``per_rank``: ``load_per_rank``'s, which refuses a process with no file of its own).
+    This process's RNG state is restored when the checkpoint has one for its rank."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    per_rank = load_per_rank(path, rank)  # refused before anything is loaded
     rng_file = path / f"rng-rank{rank}"
     if rng_file.with_suffix(".json").is_file():
         set_rng_state(state_io.load(rng_file))
@@ -338,7 +388,7 @@ def load_sharded(
     set_model_state_dict(model, model_sd, options=options)
     set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
     extra = {k.removeprefix("extra/"): v for k, v in tensors.items() if k.startswith("extra/")}
-    return {"state": saved_state(path), "extra": extra}
+    return {"state": saved_state(path), "extra": extra, "per_rank": per_rank}
 
 
 def _saved_tensors(path: Path) -> dict[str, Any]:
@@ -359,15 +409,18 @@ def read_sharded(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load(path: Path, rank: int = 0) -> dict[str, Any]:
-    """Everything ``save`` wrote; this process's RNG state is restored as a side effect."""
+    """Everything ``save`` wrote; this process's RNG state is restored as a side effect. ``"per_rank"``: this
+    process's own tensors (``load_per_rank``: ``None`` when the checkpoint holds none)."""
     rng_file = path / f"rng-rank{rank}"
     if not rng_file.with_suffix(".json").is_file():
         raise FileNotFoundError(
             f"{path} has no RNG state for process {rank}: it was written by a run with fewer processes"
         )
+    per_rank = load_per_rank(path, rank)
     set_rng_state(state_io.load(rng_file))
     return {
         "trainable": load_file(str(path / "trainable.safetensors")),
         "optimizer": state_io.load(path / "optimizer"),
         "state": saved_state(path),
+        "per_rank": per_rank,
     }

@@ -307,8 +307,13 @@ def build_run(cfg: Any, accelerator: Accelerator, adapter: Any, loader: Source |
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
-def save(run: Run, extra: dict[str, torch.Tensor] | None = None) -> Path:
-    """Atomic checkpoint of LoRA (+ ``extra`` tensors, e.g. an EMA), optimizer, schedule, data position, RNG."""
+def save(
+    run: Run, extra: dict[str, torch.Tensor] | None = None, per_rank: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Atomic checkpoint of LoRA (+ ``extra`` tensors, e.g. an EMA), optimizer, schedule, data position, RNG.
+
+    ``extra``: the same on every process (the main process's are written); ``per_rank``: this process's own tensors
+    (e.g. a replay buffer), written by every process to its ``extra-rank<R>.safetensors`` (``checkpoint.save``)."""
     acc = run.accelerator
     state = {
         "step": run.step,
@@ -326,6 +331,7 @@ def save(run: Run, extra: dict[str, torch.Tensor] | None = None) -> Path:
             optimizer=run.optimizer.optimizer,
             state=state,
             extra={**(extra or {}), **(_ema_tensors(run) if run.ema is not None else {})},
+            per_rank=per_rank,
             rank=acc.process_index,
             barrier=acc.wait_for_everyone,
             keep_last=run.cfg.run.keep_last,
@@ -344,6 +350,7 @@ def save(run: Run, extra: dict[str, torch.Tensor] | None = None) -> Path:
         trainable=tensors,
         optimizer=optimizer,
         state=state,
+        per_rank=per_rank,
         rank=acc.process_index,
         barrier=acc.wait_for_everyone,
         keep_last=run.cfg.run.keep_last,
@@ -361,7 +368,9 @@ def _ema_tensors(run: Run) -> dict[str, torch.Tensor]:
 def restore(
     run: Run, path: Path, extra_prefix: str | None = None, extra_like: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Load checkpoint ``path`` into ``run``; returns the ``extra`` tensors (keys starting ``extra_prefix``).
+    """Load checkpoint ``path`` into ``run``; returns the ``extra`` tensors (keys starting ``extra_prefix``), this
+    process's own ``per_rank`` tensors among them (``checkpoint.load_per_rank``: they win over an ``extra`` tensor of
+    the same key; a process with no file of its own in a checkpoint that has them is refused in one line).
 
     A sharded run's checkpoint (``checkpoint.save_sharded``) loads into this run whatever its process count, sharded
     or not; a checkpoint of an unsharded run does not load into a sharded one (one line saying so). ``extra_like``:
@@ -379,6 +388,7 @@ def restore(
             extra_like=templates,
         )
         tensors = dict(ckpt["extra"])
+        own = ckpt["per_rank"] or {}
     else:
         if run.sharded:
             raise UserError(
@@ -386,6 +396,7 @@ def restore(
             )
         ckpt = checkpoint.load(path, rank=run.accelerator.process_index)
         tensors = dict(ckpt["trainable"])
+        own = ckpt["per_rank"] or {}
     saved_ema = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(EMA_PREFIX)]}
     if (run.ema is not None) != bool(saved_ema):
         raise UserError(
@@ -394,6 +405,7 @@ def restore(
     if run.ema is not None:
         run.ema.load_state_tensors(saved_ema, EMA_PREFIX)
     extra = {k: v for k, v in tensors.items() if extra_prefix and k.startswith(extra_prefix)}
+    extra.update({k: v for k, v in own.items() if extra_prefix and k.startswith(extra_prefix)})
     if run.zero is not None:
         run.zero.load(lora.trainable_parameters(run.adapter), tensors, ckpt["optimizer"])
     elif not checkpoint.is_sharded(path):
@@ -873,13 +885,15 @@ def train(
     train_step: Callable[[], dict[str, float]],
     *,
     save_extra: Callable[[], dict[str, torch.Tensor]] | None = None,
+    save_per_rank: Callable[[], dict[str, torch.Tensor]] | None = None,
     desc: str = "train",
     postfix: Callable[[dict[str, float]], dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Steps until ``run.max_steps`` with logging, validation and checkpoints; then the LoRA export, ``curves.png``
     and the end-of-run summary (``finish``).
 
-    ``metrics.jsonl`` gets a row for step 1, every ``run.log_every`` steps and the last step (once).
+    ``metrics.jsonl`` gets a row for step 1, every ``run.log_every`` steps and the last step (once). Each
+    checkpoint gets ``save_extra()`` (one set, the main process's) and every process's ``save_per_rank()``.
     """
     cfg, acc = run.cfg, run.accelerator
     started, first_step = time.monotonic(), run.step
@@ -898,7 +912,7 @@ def train(
             if cfg.validation.every and run.step % cfg.validation.every == 0:
                 validate(run)
             if run.step % cfg.run.save_every == 0 or run.step == cfg.run.max_steps:
-                save(run, save_extra() if save_extra else None)
+                save(run, save_extra() if save_extra else None, save_per_rank() if save_per_rank else None)
     except KeyboardInterrupt:
         raise interrupted(run) from None
     finally:

@@ -254,6 +254,16 @@ def test_lpo_under_fsdp_mines_and_trains_like_one_process_and_resumes_there(tiny
     assert rows(again)[-1]["loss"] == t3["loss"]
 
 
+# ---- selfnpo and dro: 3 steps on the Pick-a-Pic fixture, a checkpoint and a metrics row each ---------------------
+THREE_STEPS = {
+    "data.path": ROOT / "assets" / "pickapic_tiny",
+    "run.max_steps": 3,
+    "run.save_every": 1,
+    "run.keep_last": 10,
+    "run.log_every": 1,
+}
+
+
 # ---- selfnpo: the EMA teacher's per-sample number of DDIM steps, in lockstep ---------------------------------------
 # 53 s (74 s on 2 busy cores): three 2-process launches
 def test_selfnpo_under_fsdp_equals_ddp_with_unequal_teacher_steps(tiny_dirs, tmp_path):
@@ -266,11 +276,7 @@ def test_selfnpo_under_fsdp_equals_ddp_with_unequal_teacher_steps(tiny_dirs, tmp
     1e-5 on loss and norm). The sharded step-2 checkpoint resumed on 2 processes gives step 3 bitwise (the teacher's
     EMA shards loaded in place)."""
     extra = {
-        "data.path": ROOT / "assets" / "pickapic_tiny",
-        "run.max_steps": 3,
-        "run.save_every": 1,
-        "run.keep_last": 10,
-        "run.log_every": 1,
+        **THREE_STEPS,
         "optim.batch_size": 1,
         "optim.lr": 1e-5,
         "selfnpo.num_ddim_steps": 8,
@@ -305,17 +311,10 @@ def test_dro_under_fsdp_equals_ddp_and_resumes_sharded(tiny_dirs, tmp_path):
     equal DDP's: step 1 the same weights (loss rel 1e-6, gradient norm ``STEP1_RTOL``); later steps weights an Adam
     update apart (lr 1e-5): the loss is margin + a difference of O(1) errors, so its rounding is absolute: 1e-6
     (measured 3e-8), the gradient norm ``STEP2_RTOL`` (measured 2e-5). The sharded step-2 checkpoint resumed on 2
-    processes loads the weights and the snapshot shards in place (the step-3 snapshot, refreshed from them, is the
-    uninterrupted one bitwise). Not bitwise after that: a checkpoint holds ONE replay buffer (the main process's, as
-    under DDP), while each process trained with its own, so the other processes resume with the main one's."""
-    extra = {
-        "data.path": ROOT / "assets" / "pickapic_tiny",
-        "run.max_steps": 3,
-        "run.save_every": 1,
-        "run.keep_last": 10,
-        "run.log_every": 1,
-        "optim.lr": 1e-5,
-    }
+    processes loads the weights and the snapshot shards in place and each process its own replay buffer
+    (``extra-rank<R>.safetensors``, next to the shards): step 3 is the uninterrupted one bitwise (its metrics row, every
+    sharded tensor, every process's buffer)."""
+    extra = {**THREE_STEPS, "optim.lr": 1e-5}
     for kind in ("fsdp", "ddp"):
         launch(kind, "toy/dro", "dro", overrides(tiny_dirs["sd15"], tmp_path / kind, **extra))
     sharded, ddp = rows(tmp_path / "fsdp"), rows(tmp_path / "ddp")
@@ -331,7 +330,12 @@ def test_dro_under_fsdp_equals_ddp_and_resumes_sharded(tiny_dirs, tmp_path):
         "dro",
         overrides(tiny_dirs["sd15"], tmp_path / "again", **{**extra, "run.resume_from": start}),
     )
-    x, y = (checkpoint.read_sharded(checkpoint.step_dir(tmp_path / d / "checkpoints", 3)) for d in ("fsdp", "again"))
-    snapshot = [k for k in x if k.startswith("extra/dro.snapshot.")]
-    assert x.keys() == y.keys() and snapshot and any(k.startswith("extra/dro.buffer.") for k in x)
-    assert all(torch.equal(x[k], y[k]) for k in snapshot)  # refreshed at step 3 from the resumed weights of step 2
+    folders = [checkpoint.step_dir(tmp_path / d / "checkpoints", 3) for d in ("fsdp", "again")]
+    x, y = (checkpoint.read_sharded(f) for f in folders)
+    assert x.keys() == y.keys() and any(k.startswith("extra/dro.snapshot.") for k in x)
+    assert not any(k.startswith("extra/dro.buffer.") for k in x)  # the buffers are per process
+    assert all(torch.equal(x[k], y[k]) for k in x), [k for k in x if not torch.equal(x[k], y[k])][:3]
+    for rank in (0, 1):
+        mine, theirs = (checkpoint.load_per_rank(f, rank) for f in folders)
+        assert mine and mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert rows(tmp_path / "again")[-1] == sharded[-1]

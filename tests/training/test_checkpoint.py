@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -202,3 +203,47 @@ def test_clean_incomplete_removes_only_leftovers_older_than_latest(tmp_path):
     shutil.rmtree(root / "step-00000006")
     assert checkpoint.clean_incomplete(root) == []  # no complete checkpoint: nothing is "older than latest"
     assert (root / "step-00000008").is_dir()
+
+
+def test_per_rank_tensors_come_back_to_their_own_process(tmp_path):
+    """Two processes (threads with a barrier) save one checkpoint, each with its own ``per_rank`` tensors: each
+    lands in ``extra-rank<R>.safetensors`` inside the atomic folder (listed in ``COMPLETE``) and ``load`` gives
+    process R its own back. A process the checkpoint holds no file for is refused in one line naming the file."""
+    root, sync = tmp_path / "ckpt", threading.Barrier(2)
+    own = {r: {"buf.x": torch.full((2, 3), float(r)), "buf.t": torch.arange(4) + 10 * r} for r in (0, 1)}
+    errors = []
+
+    def process(rank):
+        try:
+            checkpoint.save(
+                root, 1, trainable={"w": torch.ones(2)}, optimizer={}, state={"step": 1},
+                per_rank=own[rank], rank=rank, barrier=sync.wait,
+            )  # fmt: skip
+        except BaseException as e:  # re-raised in the main thread
+            errors.append(e)
+            sync.abort()
+
+    workers = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors, errors
+    path = checkpoint.latest(root)
+    listed = json.loads((path / checkpoint.MARKER).read_text())["files"]
+    assert {"extra-rank0.safetensors", "extra-rank1.safetensors"} <= set(listed)
+    assert checkpoint.per_rank_ranks(path) == [0, 1]
+    for rank in (0, 1):
+        back = checkpoint.load(path, rank=rank)["per_rank"]
+        assert back.keys() == own[rank].keys() and all(torch.equal(back[k], own[rank][k]) for k in back)
+    # a resumed run with more processes: process 2 has no buffer of its own (nor RNG state: ``load`` says that first)
+    with pytest.raises(FileNotFoundError) as missing:
+        checkpoint.load_per_rank(path, 2)
+    message = str(missing.value)
+    assert "\n" not in message and str(checkpoint.per_rank_file(path, 2)) in message
+    assert "processes [0, 1] only" in message and "resume on 2 processes" in message
+    (path / "extra-rank1.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"extra-rank1\.safetensors is missing"):
+        checkpoint.load(path, rank=1)
+    # a checkpoint saved without per_rank holds none for any process: None, not an error
+    assert checkpoint.load(_save(tmp_path / "plain", 3))["per_rank"] is None
