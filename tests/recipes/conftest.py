@@ -54,6 +54,31 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def kill_once_saved(cmd: list[str], out: Path, step: int, env: dict[str, str] | None = None) -> None:
+    """Start ``cmd`` (a launch writing into ``out``) in its own session and SIGKILL that whole group (launcher and
+    trainers, the processes this call started) as soon as checkpoint ``step`` is complete; it must still be running."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=child_env() | (env or {}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    marker = checkpoint.step_dir(out / "checkpoints", step) / checkpoint.MARKER
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not marker.exists():
+            time.sleep(0.05)
+            assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def recipe():
     return recipe_module()

@@ -11,10 +11,6 @@ weights after Adam's steps (an element whose gradient is near 0 moves by up to l
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +21,14 @@ from diffalign import models
 from diffalign.models import lora
 from diffalign.training import checkpoint, state_io
 from tests.conftest import unused_port
-from tests.recipes.conftest import ROOT, child_env, recipe_command, run_subprocess, toy_overrides, two_process_command
+from tests.recipes.conftest import (
+    ROOT,
+    kill_once_saved,
+    recipe_command,
+    run_subprocess,
+    toy_overrides,
+    two_process_command,
+)
 from tests.recipes.test_offline_pref import GRAD_RTOL
 
 
@@ -145,18 +148,7 @@ def test_fsdp_sigkill_then_resume_equals_uninterrupted(fsdp_run, tiny_dirs, tmp_
     process count, same shards, same order of every sum)."""
     cut = tmp_path / "cut"
     cmd = fsdp_command(toy_overrides(tiny_dirs["sd15"], cut, **COMMON))
-    env = child_env() | CPU
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not (cut / "checkpoints" / "step-00000002" / "COMPLETE").exists():
-            time.sleep(0.05)
-            assert proc.poll() is None, "the run ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: launcher and trainers
-        proc.wait()
+    kill_once_saved(cmd, cut, 2, CPU)
     assert checkpoint.latest(cut / "checkpoints").name in {"step-00000002", "step-00000003"}
     assert not (cut / "lora").exists()
 

@@ -12,10 +12,6 @@ equal (a resumed run against the uninterrupted one).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +22,14 @@ from diffalign import config as dconfig
 from diffalign.errors import UserError
 from diffalign.training import checkpoint, state_io, zero
 from tests.conftest import unused_port
-from tests.recipes.conftest import ROOT, child_env, recipe_command, run_subprocess, toy_overrides, two_process_command
+from tests.recipes.conftest import (
+    ROOT,
+    kill_once_saved,
+    recipe_command,
+    run_subprocess,
+    toy_overrides,
+    two_process_command,
+)
 from tests.recipes.test_fsdp import BETA_ROUNDING, CPU, gradients, rows, steps
 from tests.recipes.test_fsdp_online import STEP1_RTOL, STEP2_RTOL, lora_names, overrides, relative
 from tests.recipes.test_offline_pref import GRAD_RTOL
@@ -146,22 +149,7 @@ def test_zero2_sigkill_then_resume_equals_uninterrupted(dpo_runs, tiny_dirs, tmp
     consolidated state goes back into the same partitions; the sums run in the same order)."""
     cut = tmp_path / "cut"
     cmd = zero_command("zero2", toy_overrides(tiny_dirs["sd15"], cut, **COMMON))
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=child_env() | CPU,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not (cut / "checkpoints" / "step-00000002" / "COMPLETE").exists():
-            time.sleep(0.05)
-            assert proc.poll() is None, "the run ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: launcher and trainers
-        proc.wait()
+    kill_once_saved(cmd, cut, 2, CPU)
     assert checkpoint.latest(cut / "checkpoints").name in {"step-00000002", "step-00000003"}
     assert not (cut / "lora").exists()
     err = launch([*cmd, "run.resume_from=latest"], 2)
