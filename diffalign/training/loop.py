@@ -338,7 +338,8 @@ def save(
         )
     if run.zero is not None:  # consolidated in the unsharded layout (collectives), see ``training.zero``
         params = lora.trainable_parameters(run.adapter)
-        tensors, optimizer = run.zero.whole_params(params), run.zero.optimizer_state(params)
+        main = acc.is_main_process  # the others take part in the gathers only
+        tensors, optimizer = run.zero.whole_params(params, main), run.zero.optimizer_state(params, main)
     else:
         tensors, optimizer = lora.trainable_state(run.adapter), run.optimizer.optimizer.state_dict()
     tensors.update({k: v.detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
@@ -437,7 +438,7 @@ def export_lora(run: Run) -> Path:
     params = lora.trainable_parameters(run.adapter)
     whole = {k: sharding.full(p.detach()) for k, p in params.items()} if run.sharded else None  # collectives
     if run.zero is not None and run.zero.stage == 3:  # the weights are partitions: gathered (collectives)
-        whole = run.zero.whole_params(params)
+        whole = run.zero.whole_params(params, run.accelerator.is_main_process)
     if run.accelerator.is_main_process:
         replace_dir(out, lambda tmp: lora.save_lora(run.adapter, tmp, whole))
     run.accelerator.wait_for_everyone()

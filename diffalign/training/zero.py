@@ -173,12 +173,15 @@ class Engine:
     """The DeepSpeed engine over the denoiser, in the place of the loop's prepared optimizer (``run.optimizer``).
 
     ``optimizer`` is the client torch optimizer, whose ``param_groups`` the ZeRO optimizer shares (the LR schedule
-    is built on it); ``params`` are the trained parameters by name, in the optimizer's order."""
+    is built on it); ``zero`` the ZeRO optimizer that steps it on the fp32 partitions."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, spec: Spec, cfg: Any) -> None:
         deepspeed = _deepspeed()
         self.spec = spec
         self.optimizer = optimizer
+        if "offload_optimizer" in spec.zero_section():  # the partitions step in CPU RAM: no fused CUDA kernel
+            for group in optimizer.param_groups:
+                group["fused"] = False
         self.engine, self.zero, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=ds_config(spec, cfg), dist_init_required=False
         )
@@ -225,15 +228,21 @@ class Engine:
         return bad > 0
 
     # ---- whole tensors (collectives: every process calls these, in the same order) ----
-    def whole_params(self, params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
-        """Every trained parameter whole, fp32, on the CPU of every process."""
+    def whole_params(self, params: Mapping[str, nn.Parameter], keep: bool = True) -> dict[str, Tensor]:
+        """Every trained parameter whole, fp32, on the CPU of the processes with ``keep`` (the main one, which writes);
+        the others take part in the gathers and get an empty dict."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return {k: safe_get_full_fp32_param(p).detach().cpu().clone() for k, p in params.items()}
+        out = {}
+        for k, p in params.items():
+            whole = safe_get_full_fp32_param(p)
+            if keep:
+                out[k] = whole.detach().cpu().clone()
+        return out
 
-    def optimizer_state(self, params: Mapping[str, nn.Parameter]) -> dict[str, Any]:
+    def optimizer_state(self, params: Mapping[str, nn.Parameter], keep: bool = True) -> dict[str, Any]:
         """The optimizer's state whole, in torch's ``state_dict`` layout (ids in ``params`` order): what an unsharded
-        run's checkpoint holds, so either loads into the other."""
+        run's checkpoint holds, so either loads into the other. ``keep``: as ``whole_params`` (else no tensors)."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
         self._ensure_optimizer_state()
@@ -241,8 +250,9 @@ class Engine:
         step = steps[0].detach().cpu().clone() if steps else torch.tensor(0.0)
         state = {}
         for i, p in enumerate(params.values()):
-            state[i] = {"step": step.clone()}
-            state[i].update({k: safe_get_full_optimizer_state(p, k).detach().cpu().clone() for k in STATES})
+            moments = {k: safe_get_full_optimizer_state(p, k) for k in STATES}
+            if keep:
+                state[i] = {"step": step.clone(), **{k: v.detach().cpu().clone() for k, v in moments.items()}}
         (group,) = self.optimizer.param_groups  # optim.build_optimizer makes one group
         groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": list(range(len(params)))}]
         return {"state": state, "param_groups": groups}
