@@ -277,3 +277,34 @@ def test_one_process_resumes_a_two_process_run_with_the_same_global_batches(tiny
         ref[3], rel=1e-6
     )  # the checkpoint's LoRA on the checkpoint's queue: only the step's own sums differ
     assert [got[s] for s in range(4, 6)] == pytest.approx([ref[s] for s in range(4, 6)], rel=1e-3)
+
+
+def test_resume_on_another_process_count_keeps_both_global_batches(monkeypatch, tmp_path):
+    """The config check of a resume on another process count (no model): a 2-process checkpoint (2 pairs, 3 prompts a
+    round per process) resumes on 1 process with 4 pairs and 6 prompts; every other split is refused in one line
+    naming each key and value to set, or why no whole value exists."""
+    from diffalign.training import rundir
+
+    def cfg(*extra: str):
+        return dconfig.load("toy/lpo", [f"run.output_dir={tmp_path}", *extra])
+
+    saved = dconfig.to_dict(cfg("optim.batch_size=2", "stepwise.sample_batch_size=3"))
+    monkeypatch.setattr(checkpoint, "saved_state", lambda path: {"config": saved, "num_processes": 2})
+    ok = cfg("optim.batch_size=4", "stepwise.sample_batch_size=6")
+    assert rundir.resume_problem(ok, tmp_path, 1) is None
+    assert (
+        rundir.resume_problem(
+            cfg("optim.batch_size=2", "optim.grad_accum=2", "stepwise.sample_batch_size=6"), tmp_path, 1
+        )
+        is None
+    )
+    kept = rundir.resume_problem(cfg("optim.batch_size=4", "stepwise.sample_batch_size=3"), tmp_path, 1)
+    assert kept.endswith("stepwise.sample_batch_size=3 (6 over all processes); set stepwise.sample_batch_size=6")
+    both = rundir.resume_problem(cfg("optim.batch_size=2", "stepwise.sample_batch_size=3"), tmp_path, 1)
+    assert "set optim.batch_size x optim.grad_accum to 4 per process and stepwise.sample_batch_size=6" in both
+    uneven = rundir.resume_problem(cfg("optim.batch_size=1", "stepwise.sample_batch_size=1"), tmp_path, 4)
+    assert "stepwise.sample_batch_size=1.5 (not a whole number: resume on a process count that divides 6)" in uneven
+    assert all("\n" not in problem for problem in (kept, both, uneven))
+    # the same process count: the per-process value is the run's own setting, as any other key
+    monkeypatch.setattr(checkpoint, "saved_state", lambda path: {"config": saved, "num_processes": 1})
+    assert "stepwise.sample_batch_size: 3 -> 6" in rundir.resume_problem(ok, tmp_path, 1)
