@@ -14,6 +14,11 @@ Everything random is seeded: prompt order from ``(run seed, epoch)``, each promp
 ``(run seed, global prompt position)``, the queue shuffle from ``(run seed, round)``; so N processes with
 ``sample_batch_size`` b mine the same rounds as one process with N * b. Checkpoints hold the LoRA, the
 optimizer, the round counter and the pair queue, so a resumed run reproduces an uninterrupted one bitwise.
+The queue and the round counter are global (the same on every process), so a checkpoint resumes on another process
+count when the global batch (``optim.batch_size x optim.grad_accum x processes``) and the global mining round
+(``stepwise.sample_batch_size x processes``) stay the same; otherwise the resume is refused in one line naming the
+values to set (``rundir.PER_PROCESS_BATCHES``). 2 processes x 2 pairs -> 1 process x 2 pairs x 2 accumulation trains
+the same micro-batches (bitwise on CPU in ``tests/recipes/test_stepwise_pref.py``).
 
 Launch:
     python recipes/stepwise_pref.py --config recipes/configs/toy/spo.yaml run.output_dir=runs/toy-spo

@@ -137,13 +137,53 @@ def _is_default(cfg: Any, key: str, value: Any) -> bool:
     return flat({last: default}).get(last) == value
 
 
+# Per-process sizes that a recipe's state counts in globally (``stepwise_pref``'s mining round of
+# ``sample_batch_size x processes`` prompts: the round counter and the prompt positions in its checkpoint): on
+# another process count, the per-process value must change so that the global size stays the same.
+PER_PROCESS_BATCHES = ("stepwise.sample_batch_size",)
+
+
+def _process_count_problem(path: Path, before: dict, now: dict, saved_procs: int, num_processes: int) -> str | None:
+    """Why a checkpoint of ``saved_procs`` processes may not resume on ``num_processes`` (``before``/``now``: the
+    flat saved and new configs): the global batch, or a global ``PER_PROCESS_BATCHES`` size, would change. One line
+    naming every key and the value to set, or None."""
+    batch = ("optim.batch_size", "optim.grad_accum")
+    global_before = before.get(batch[0], 1) * before.get(batch[1], 1) * saved_procs
+    global_now = now.get(batch[0], 1) * now.get(batch[1], 1) * num_processes
+    trained = (
+        f"a global batch of {global_before} ({before.get(batch[0])} x {before.get(batch[1])} accumulation x "
+        f"{saved_procs} processes)"
+    )
+    fixes, totals = [], []
+    if global_before != global_now:
+        fixes.append(f"optim.batch_size x optim.grad_accum to {global_before / num_processes:g} per process")
+        totals.append(global_before)
+    for key in PER_PROCESS_BATCHES:
+        if key not in before:
+            continue
+        kept = before[key] * saved_procs
+        if now.get(key, 0) * num_processes != kept:
+            trained += f", {key}={before[key]} ({kept} over all processes)"
+            fixes.append(f"{key}={kept / num_processes:g}")
+            totals.append(kept)
+    if not fixes:
+        return None
+    uneven = [t for t in totals if t % num_processes]
+    hint = f" (not a whole number: resume on a process count that divides {uneven[0]})" if uneven else ""
+    return (
+        f"cannot resume from {path} on {num_processes} processes: it was trained with {trained}; "
+        f"set {' and '.join(fixes)}{hint}"
+    )
+
+
 def resume_problem(cfg: Any, path: Path, num_processes: int | None = None) -> str | None:
     """Why ``cfg`` may not resume from checkpoint ``path`` (every changed key outside ``RESUME_MAY_CHANGE``,
     saved -> new), or None. The allowed changes are logged.
 
     ``num_processes`` (this run's): a checkpoint that records its process count may be resumed on another one when
     ``optim.batch_size`` and ``optim.grad_accum`` change so that the global batch (per-process batch x accumulation x
-    processes) stays the same: the groups of every optimizer step are then the same (e.g. 2 x 2 -> 1 x 4)."""
+    processes) stays the same: the groups of every optimizer step are then the same (e.g. 2 x 2 -> 1 x 4); and so must a recipe's
+    ``PER_PROCESS_BATCHES`` (``stepwise.sample_batch_size`` x processes). Otherwise one line names the values to set."""
     state = checkpoint.saved_state(path)
     saved = state.get("config")
     if saved is None:
@@ -156,18 +196,15 @@ def resume_problem(cfg: Any, path: Path, num_processes: int | None = None) -> st
     may_change = RESUME_MAY_CHANGE
     saved_procs = state.get("num_processes")
     if num_processes is not None and saved_procs is not None and saved_procs != num_processes:
-        batch = ("optim.batch_size", "optim.grad_accum")
-        global_before = before.get(batch[0], 1) * before.get(batch[1], 1) * saved_procs
-        global_now = now.get(batch[0], 1) * now.get(batch[1], 1) * num_processes
-        if global_before != global_now:
-            return (
-                f"cannot resume from {path} on {num_processes} processes: it was trained with a global batch of "
-                f"{global_before} ({before.get(batch[0])} x {before.get(batch[1])} accumulation x {saved_procs} "
-                f"processes); set optim.batch_size x optim.grad_accum to {global_before / num_processes:g} per process"
-            )
-        may_change = (*may_change, *batch)
+        problem = _process_count_problem(path, before, now, saved_procs, num_processes)
+        if problem is not None:
+            return problem
+        may_change = (*may_change, "optim.batch_size", "optim.grad_accum", *PER_PROCESS_BATCHES)
         logger.info(
-            "resuming on %d processes a checkpoint of %d (global batch %d)", num_processes, saved_procs, global_now
+            "resuming on %d processes a checkpoint of %d (global batch %d)",
+            num_processes,
+            saved_procs,
+            now.get("optim.batch_size", 1) * now.get("optim.grad_accum", 1) * num_processes,
         )
     refused = [
         diffs[k]

@@ -17,16 +17,21 @@ std: rel 1e-4. Weights after Adam steps are compared only between runs with the 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffalign import config as dconfig
 from diffalign import models
 from diffalign.models import lora
 from diffalign.training import checkpoint
-from tests.recipes.conftest import ROOT, recipe_module, run_subprocess, two_process_command
+from tests.recipes.conftest import ROOT, child_env, recipe_module, run_subprocess, two_process_command
 from tests.recipes.test_fsdp import CPU, fsdp_command, gradients, rows, steps
 from tests.recipes.test_reward_grad import FAST
 
@@ -111,6 +116,47 @@ def test_grpo_sharded_checkpoint_resumes_on_one_process(grpo_runs, tiny_dirs, tm
     g2_one = gradients([start, *steps(one, 2)], names)[-1]
     g2_two = gradients(steps(grpo_runs["fsdp"], 1, 2), names)[-1]
     assert relative(g2_one, g2_two) <= STEP2_RTOL, relative(g2_one, g2_two)
+
+
+# 37 s after the fixture of the tests above (2 busy cores): one FSDP2 launch killed after round 1, one resumed launch
+def test_grpo_fsdp_sigkill_then_resume_equals_uninterrupted(grpo_runs, tiny_dirs, tmp_path):
+    """kill -9 (the launcher and both trainers) once round 1's sharded checkpoint is complete, resume with latest on 2
+    processes under FSDP2: round 2 samples and trains as the uninterrupted run (``grpo_runs['fsdp']``) did, so the
+    sharded weights, the AdamW state and the exported LoRA equal it bit for bit (same shards, same order of every sum,
+    every random draw from seeds of (run seed, round, sample))."""
+    cut = tmp_path / "cut"
+    cmd = fsdp_command(overrides(tiny_dirs["sd3"], cut, **GRPO), "toy/grpo", "online_rl")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=child_env() | CPU,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (cut / "checkpoints" / "step-00000001" / "COMPLETE").exists():
+            time.sleep(0.05)
+            assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: launcher and trainers
+        proc.wait()
+    assert checkpoint.latest(cut / "checkpoints").name == "step-00000001"  # round 2 had not finished
+    assert not (cut / "lora").exists()
+
+    resumed = run_subprocess([*cmd, "run.resume_from=latest"], ROOT, env=CPU)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "sharded over the processes" in resumed.stderr
+    ref = grpo_runs["fsdp"]
+    assert [r["step"] for r in rows(cut)][-1] == 2
+    assert rows(cut)[-1]["reward/toy_pixel/mean"] == rows(ref)[-1]["reward/toy_pixel/mean"]
+    a, b = (checkpoint.read_sharded(checkpoint.latest(d / "checkpoints")) for d in (ref, cut))
+    assert checkpoint.latest(cut / "checkpoints").name == "step-00000002"
+    assert a.keys() == b.keys() and any(k.endswith(".exp_avg") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    ref_lora, cut_lora = (load_file(str(d / "lora" / "pytorch_lora_weights.safetensors")) for d in (ref, cut))
+    assert ref_lora.keys() == cut_lora.keys() and all(torch.equal(ref_lora[k], cut_lora[k]) for k in ref_lora)
 
 
 # ---- reward_grad: ReFL on tiny SD1.5, the reward's gradient through the sampler's last step -------------------------
@@ -222,7 +268,8 @@ def test_lpo_under_fsdp_mines_and_trains_like_one_process_and_resumes_there(tiny
     policy gives the same pairs (rel 1e-6, as there), step 1's loss is -logsigmoid(0) exactly on both, and step 2's
     loss agrees to rel 1e-3 (LPO's beta 500 amplifies the rounding of one update). The sharded step-2 checkpoint
     (with the pair queue) resumed on 2 processes gives the uninterrupted step 3 bitwise (weights, AdamW state, queue).
-    (Another process count changes ``stepwise.sample_batch_size``, a per-process setting a resume refuses.)"""
+    (Another process count resumes when ``stepwise.sample_batch_size`` x processes is kept, as
+    test_stepwise_pref.py::test_one_process_resumes_a_two_process_run_with_the_same_global_batches checks.)"""
     from diffalign.terms.stepwise import MinedPairs
 
     common = {"run.max_steps": 3, "run.log_every": 1, "run.save_every": 1, "run.keep_last": 10}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from diffalign import config as dconfig
 from diffalign.terms.stepwise import MinedPairs
 from diffalign.training import checkpoint
-from tests.recipes.conftest import ROOT, child_env, recipe_module, run_subprocess
+from tests.recipes.conftest import ROOT, child_env, recipe_module, run_subprocess, two_process_command
 
 
 LOG2 = torch.tensor(math.log(2)).item()  # -logsigmoid(0) in fp32
@@ -214,3 +215,96 @@ def test_two_processes_mine_and_train_like_one(recipe, tiny_dirs, tmp_path, free
     assert first[0]["loss"] == second[0]["loss"] == LOG2
     # after one update, all-reduce rounding (~1e-8 in the LoRA) is amplified by beta = 500
     assert second[1]["loss"] == pytest.approx(first[1]["loss"], rel=1e-3)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+@pytest.mark.slow
+def test_one_process_resumes_a_two_process_run_with_the_same_global_batches(tiny_dirs, tmp_path):
+    """A 2-process LPO run (2 pairs x 2 processes a step, 2 prompts x 2 processes a mining round), checkpointed at
+    step 2, resumes on 1 process with the same global batches: the queue (global, identical on every process) and
+    the round counter carry over, round r mines prompt positions [4r, 4r + 4) either way, so the same pairs train in
+    the same steps (step 4 mines a round). Keeping the per-process sample_batch_size is refused before any model
+    loads, naming the value to set (~60 s, opt-in)."""
+    common = {"run.max_steps": 5, "run.save_every": 1, "run.keep_last": 10, "run.log_every": 1}
+    two = tmp_path / "two"
+    args = overrides(tiny_dirs["sd15"], two, **common, **{"optim.batch_size": 2})
+    cmd = two_process_command("toy/lpo", args, recipe="stepwise_pref")
+    done = run_subprocess(cmd, ROOT, env={"ACCELERATE_USE_CPU": "true"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref = _losses(two)
+    assert checkpoint.saved_state(checkpoint.step_dir(two / "checkpoints", 2))["num_processes"] == 2
+
+    def resume(name: str, **settings: object) -> tuple[Path, subprocess.CompletedProcess]:
+        out = tmp_path / name
+        shutil.copytree(two, out)
+        shutil.rmtree(out / "lora")
+        for step in range(3, 6):
+            shutil.rmtree(checkpoint.step_dir(out / "checkpoints", step))
+        args = overrides(tiny_dirs["sd15"], out, **common, **settings, **{"run.resume_from": "latest"})
+        return out, run_subprocess(command("toy/lpo", args), ROOT)
+
+    # the per-process mining batch kept: round 1 would mine positions [2, 4) again on 1 process
+    out, refused = resume("kept", **{"optim.batch_size": 4})
+    assert refused.returncode != 0
+    assert "set stepwise.sample_batch_size=4" in refused.stderr and "resumed from" not in refused.stderr
+    line = next(x for x in refused.stderr.splitlines() if "cannot resume" in x)
+    assert "Traceback" not in refused.stderr and "stepwise.sample_batch_size=2 (4 over all processes)" in line
+
+    # each micro-batch the pairs one process had, summed over 2 micro-batches as the all-reduce summed 2 processes:
+    # the same float operations (a + b, then the exact / 2), so bitwise here; mining 4 prompts in one batch instead
+    # of 2 + 2 is the one place where CPU kernels could round differently (they did not on this machine).
+    same = {"optim.batch_size": 2, "optim.grad_accum": 2, "stepwise.sample_batch_size": 4}
+    out, resumed = resume("accum", **same)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming on 1 processes a checkpoint of 2" in resumed.stderr
+    got = _losses(out)
+    assert [got[s] for s in range(3, 6)] == pytest.approx([ref[s] for s in range(3, 6)], rel=1e-6, abs=0)
+    a, b = _state(two), _state(out)
+    assert a.keys() == b.keys() and any(k.startswith("queue.") for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
+
+    # one micro-batch of 4 pairs: the loss is a mean over 4 instead of two means over 2 (fp32 rounding ~1e-7), which
+    # LPO's beta = 500 amplifies in the next steps' log-ratios, as in test_two_processes_mine_and_train_like_one
+    out, resumed = resume("whole", **{"optim.batch_size": 4, "stepwise.sample_batch_size": 4})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = _losses(out)
+    assert got[3] == pytest.approx(
+        ref[3], rel=1e-6
+    )  # the checkpoint's LoRA on the checkpoint's queue: only the step's own sums differ
+    assert [got[s] for s in range(4, 6)] == pytest.approx([ref[s] for s in range(4, 6)], rel=1e-3)
+
+
+def test_resume_on_another_process_count_keeps_both_global_batches(monkeypatch, tmp_path):
+    """The config check of a resume on another process count (no model): a 2-process checkpoint (2 pairs, 3 prompts a
+    round per process) resumes on 1 process with 4 pairs and 6 prompts; every other split is refused in one line
+    naming each key and value to set, or why no whole value exists."""
+    from diffalign.training import rundir
+
+    def cfg(*extra: str):
+        return dconfig.load("toy/lpo", [f"run.output_dir={tmp_path}", *extra])
+
+    saved = dconfig.to_dict(cfg("optim.batch_size=2", "stepwise.sample_batch_size=3"))
+    monkeypatch.setattr(checkpoint, "saved_state", lambda path: {"config": saved, "num_processes": 2})
+    ok = cfg("optim.batch_size=4", "stepwise.sample_batch_size=6")
+    assert rundir.resume_problem(ok, tmp_path, 1) is None
+    assert (
+        rundir.resume_problem(
+            cfg("optim.batch_size=2", "optim.grad_accum=2", "stepwise.sample_batch_size=6"), tmp_path, 1
+        )
+        is None
+    )
+    kept = rundir.resume_problem(cfg("optim.batch_size=4", "stepwise.sample_batch_size=3"), tmp_path, 1)
+    assert kept.endswith("stepwise.sample_batch_size=3 (6 over all processes); set stepwise.sample_batch_size=6")
+    both = rundir.resume_problem(cfg("optim.batch_size=2", "stepwise.sample_batch_size=3"), tmp_path, 1)
+    assert "set optim.batch_size x optim.grad_accum to 4 per process and stepwise.sample_batch_size=6" in both
+    uneven = rundir.resume_problem(cfg("optim.batch_size=1", "stepwise.sample_batch_size=1"), tmp_path, 4)
+    assert "stepwise.sample_batch_size=1.5 (not a whole number: resume on a process count that divides 6)" in uneven
+    assert all("\n" not in problem for problem in (kept, both, uneven))
+    # the same process count: the per-process value is the run's own setting, as any other key
+    monkeypatch.setattr(checkpoint, "saved_state", lambda path: {"config": saved, "num_processes": 1})
+    assert "stepwise.sample_batch_size: 3 -> 6" in rundir.resume_problem(ok, tmp_path, 1)
