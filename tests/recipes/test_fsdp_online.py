@@ -17,10 +17,6 @@ std: rel 1e-4. Weights after Adam steps are compared only between runs with the 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +27,7 @@ from diffalign import config as dconfig
 from diffalign import models
 from diffalign.models import lora
 from diffalign.training import checkpoint
-from tests.recipes.conftest import ROOT, child_env, recipe_module, run_subprocess, two_process_command
+from tests.recipes.conftest import ROOT, kill_once_saved, recipe_module, run_subprocess, two_process_command
 from tests.recipes.test_fsdp import CPU, fsdp_command, gradients, rows, steps
 from tests.recipes.test_reward_grad import FAST
 
@@ -126,22 +122,7 @@ def test_grpo_fsdp_sigkill_then_resume_equals_uninterrupted(grpo_runs, tiny_dirs
     every random draw from seeds of (run seed, round, sample))."""
     cut = tmp_path / "cut"
     cmd = fsdp_command(overrides(tiny_dirs["sd3"], cut, **GRPO), "toy/grpo", "online_rl")
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=child_env() | CPU,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not (cut / "checkpoints" / "step-00000001" / "COMPLETE").exists():
-            time.sleep(0.05)
-            assert proc.poll() is None, "the run ended before it could be killed"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: launcher and trainers
-        proc.wait()
+    kill_once_saved(cmd, cut, 1, CPU)
     assert checkpoint.latest(cut / "checkpoints").name == "step-00000001"  # round 2 had not finished
     assert not (cut / "lora").exists()
 
