@@ -10,7 +10,10 @@ forwards under ZeRO-3 (``run.lockstep``: Self-NPO's teacher makes the maximum nu
 The forwards see DDP's weights, so step 1's figures agree to summation-order rounding (rel 1e-6), its averaged
 gradient (AdamW first moments of the consolidated checkpoints) to ``STEP1_RTOL``; step 2 runs with weights one Adam
 update apart: ``STEP2_RTOL`` (LPO: its beta 500 amplifies that rounding, rel 1e-3 on the loss as in
-test_fsdp_online.py).
+test_fsdp_online.py). Self-NPO and DRO train at lr 1e-3 so that the copy swapped in at step 2 differs enough from the
+trained weights to show: ``zero.swapped_in`` leaving the trained weights in place under ZeRO-3 makes step 2's gradient
+off by rel 7.5e-3 (Self-NPO) and 7.7e-4 (DRO; ``loss.margin: 1`` keeps every pair in the hinge), against 5e-6 and
+4e-7 measured when right.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def assert_equals_ddp(runs: dict[str, Path], tiny_dir: Path, config: str, step2_
     names = lora_names("sd15", tiny_dir, config)
     d1, d2 = rows(runs["ddp"])[:2]
     g1_d, g2_d = gradients(steps(runs["ddp"], 1, 2), names)
-    assert g1_d.norm() > 0 and g2_d.norm() > 0
+    assert d1["grad_norm"] > 0 and d2["grad_norm"] > 0  # step 2 has a gradient (not rounding noise) to compare
     for kind in (k for k in runs if k != "ddp"):
         z1, z2 = rows(runs[kind])[:2]
         assert z1["loss"] == pytest.approx(d1["loss"], rel=1e-6, abs=1e-9), kind
@@ -57,7 +60,7 @@ def assert_equals_ddp(runs: dict[str, Path], tiny_dir: Path, config: str, step2_
         assert relative(g2, g2_d) <= STEP2_RTOL, (kind, relative(g2, g2_d))
 
 
-# ~110 s on 2 busy cores: three 2-process launches of 3 steps
+# 70-130 s on 2 busy cores: three 2-process launches of 3 steps
 def test_selfnpo_under_zero2_and_zero3_equals_ddp(tiny_dirs, tmp_path):
     """Self-NPO with 1 sample per process: the processes need different numbers of teacher DDIM steps (the logged
     mean of two integers is not one), so under ZeRO-3 each makes the maximum (the spare forwards discarded); the EMA
@@ -68,10 +71,10 @@ def test_selfnpo_under_zero2_and_zero3_equals_ddp(tiny_dirs, tmp_path):
     extra = {
         **THREE_STEPS,
         "optim.batch_size": 1,
-        "optim.lr": 1e-5,
+        "optim.lr": 1e-3,
         "selfnpo.num_ddim_steps": 8,
         "selfnpo.max_teacher_steps": 8,
-        "selfnpo.ema_decay": 0.5,
+        "selfnpo.ema_decay": 0.9,
     }
     runs = launch_all(tiny_dirs["sd15"], tmp_path, "toy/selfnpo", "selfnpo", dict.fromkeys(STAGES, extra))
     ddp = rows(runs["ddp"])
@@ -84,23 +87,23 @@ def test_selfnpo_under_zero2_and_zero3_equals_ddp(tiny_dirs, tmp_path):
         got = load_file(str(steps(runs[kind], 3)[0] / "trainable.safetensors"))
         ema = [k for k in want if k.startswith("ema.")]  # the teacher, saved whole by every stage
         assert ema and got.keys() == want.keys(), kind
-        for k in ema:  # weights 3 Adam updates of lr 1e-5 apart at most (measured 2e-10)
-            assert (got[k] - want[k]).abs().max() <= 3e-5, (kind, k)
+        for k in ema:  # the same CPU runs every time: measured 0 (ZeRO-2) and 3e-7 (ZeRO-3)
+            assert (got[k] - want[k]).abs().max() <= 1e-5, (kind, k)
 
 
-# ~75 s: three 2-process launches of 2 steps
+# 50-100 s on 2 busy cores: three 2-process launches of 2 steps
 def test_dro_under_zero2_and_zero3_equals_ddp(tiny_dirs, tmp_path):
     """DRO's policy snapshot (the trained weights at the last refresh; ZeRO-3: gathered whole, swapped into the
     partitions for the rollout) fills each process's replay buffer; both stages equal DDP (module docstring). The
     toy config's shared EMA runs under ZeRO-2; ZeRO-3 refuses ``ema.enabled`` (``zero.config_problem``), so that run
     has none (the EMA does not enter training: the snapshot is of the trained weights)."""
-    extra = {**TWO_STEPS, "optim.lr": 1e-5}
+    extra = {**TWO_STEPS, "optim.lr": 1e-3, "loss.margin": 1.0}  # every pair in the hinge at step 2 too
     kinds = {"zero2": extra, "zero3": {**extra, "ema.enabled": "false"}, "ddp": extra}
     runs = launch_all(tiny_dirs["sd15"], tmp_path, "toy/dro", "dro", kinds)
     assert_equals_ddp(runs, tiny_dirs["sd15"], "toy/dro")
 
 
-# ~60 s: two 2-process launches of 2 steps
+# ~80 s on 2 busy cores: two 2-process launches of 2 steps
 def test_lpo_under_zero3_mines_and_trains_like_ddp(tiny_dirs, tmp_path):
     """LPO's mining round sampled with partitioned weights (every process the same forwards) gives DDP's pairs; step
     1's loss is -logsigmoid(0) exactly on both; both stages' averaged gradients equal DDP's to rounding (step 2's loss
