@@ -43,9 +43,9 @@ def launch_all(tiny_dir: Path, root: Path, config: str, recipe: str, kinds: dict
     return out
 
 
-def assert_equals_ddp(runs: dict[str, Path], tiny_dir: Path, config: str, step2_loss_rtol: float = STEP2_RTOL):
-    """Every ZeRO run against the DDP run: step 1's loss (rel 1e-6) and gradient norm, step 2's loss, the averaged
-    gradients of steps 1 and 2 (``STEP1_RTOL``, ``STEP2_RTOL``)."""
+def assert_equals_ddp(runs: dict[str, Path], tiny_dir: Path, config: str, step2_rtol: float = STEP2_RTOL):
+    """Every ZeRO run against the DDP run: step 1's loss (rel 1e-6) and gradient norm, the averaged gradient of step 1
+    (``STEP1_RTOL``); step 2's loss and averaged gradient (``step2_rtol``)."""
     names = lora_names("sd15", tiny_dir, config)
     d1, d2 = rows(runs["ddp"])[:2]
     g1_d, g2_d = gradients(steps(runs["ddp"], 1, 2), names)
@@ -54,10 +54,10 @@ def assert_equals_ddp(runs: dict[str, Path], tiny_dir: Path, config: str, step2_
         z1, z2 = rows(runs[kind])[:2]
         assert z1["loss"] == pytest.approx(d1["loss"], rel=1e-6, abs=1e-9), kind
         assert z1["grad_norm"] == pytest.approx(d1["grad_norm"], rel=STEP1_RTOL), kind
-        assert z2["loss"] == pytest.approx(d2["loss"], rel=step2_loss_rtol, abs=1e-6), kind
+        assert z2["loss"] == pytest.approx(d2["loss"], rel=step2_rtol, abs=1e-6), kind
         g1, g2 = gradients(steps(runs[kind], 1, 2), names)
         assert relative(g1, g1_d) <= STEP1_RTOL, (kind, relative(g1, g1_d))
-        assert relative(g2, g2_d) <= STEP2_RTOL, (kind, relative(g2, g2_d))
+        assert relative(g2, g2_d) <= step2_rtol, (kind, relative(g2, g2_d))
 
 
 # 70-130 s on 2 busy cores: three 2-process launches of 3 steps
@@ -103,11 +103,12 @@ def test_dro_under_zero2_and_zero3_equals_ddp(tiny_dirs, tmp_path):
     assert_equals_ddp(runs, tiny_dirs["sd15"], "toy/dro")
 
 
-# ~80 s on 2 busy cores: two 2-process launches of 2 steps
-def test_lpo_under_zero3_mines_and_trains_like_ddp(tiny_dirs, tmp_path):
-    """LPO's mining round sampled with partitioned weights (every process the same forwards) gives DDP's pairs; step
-    1's loss is -logsigmoid(0) exactly on both; both stages' averaged gradients equal DDP's to rounding (step 2's loss
-    rel 1e-3: beta 500)."""
+# 55-110 s on 2 busy cores: three 2-process launches of 2 steps
+def test_lpo_under_zero2_and_zero3_mines_and_trains_like_ddp(tiny_dirs, tmp_path):
+    """LPO's mining round sampled with partitioned weights (ZeRO-3: every process the same forwards) gives DDP's
+    pairs; step 1's loss is -logsigmoid(0) exactly on all; step 1's averaged gradient equals DDP's to ``STEP1_RTOL``,
+    step 2's loss and gradient to rel 1e-3 (LPO's beta 500 amplifies the rounding of one update: measured 8e-5 and
+    5e-5 under ZeRO-3)."""
     import torch
 
     from diffalign.terms.stepwise import MinedPairs
@@ -121,10 +122,12 @@ def test_lpo_under_zero3_mines_and_trains_like_ddp(tiny_dirs, tmp_path):
         "stepwise.sample_batch_size": 2,
         "optim.batch_size": 2,
     }
-    runs = launch_all(tiny_dirs["sd15"], tmp_path, "toy/lpo", "stepwise_pref", {"zero3": extra, "ddp": extra})
-    a, b = (MinedPairs.load(runs[k] / "pairs" / "round-00000000.safetensors") for k in ("ddp", "zero3"))
-    assert a.prompts == b.prompts and torch.equal(a.step_index, b.step_index)
-    for key, value in a.tensors().items():
-        torch.testing.assert_close(b.tensors()[key], value, rtol=1e-6, atol=1e-6, msg=key)
-    assert rows(runs["zero3"])[0]["loss"] == rows(runs["ddp"])[0]["loss"] == torch.tensor(2.0).log().item()
-    assert_equals_ddp(runs, tiny_dirs["sd15"], "toy/lpo", step2_loss_rtol=1e-3)
+    runs = launch_all(tiny_dirs["sd15"], tmp_path, "toy/lpo", "stepwise_pref", dict.fromkeys(STAGES, extra))
+    a = MinedPairs.load(runs["ddp"] / "pairs" / "round-00000000.safetensors")
+    for kind in ("zero2", "zero3"):
+        b = MinedPairs.load(runs[kind] / "pairs" / "round-00000000.safetensors")
+        assert a.prompts == b.prompts and torch.equal(a.step_index, b.step_index), kind
+        for key, value in a.tensors().items():
+            torch.testing.assert_close(b.tensors()[key], value, rtol=1e-6, atol=1e-6, msg=(kind, key))
+        assert rows(runs[kind])[0]["loss"] == rows(runs["ddp"])[0]["loss"] == torch.tensor(2.0).log().item()
+    assert_equals_ddp(runs, tiny_dirs["sd15"], "toy/lpo", step2_rtol=1e-3)
