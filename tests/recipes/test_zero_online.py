@@ -60,7 +60,7 @@ def assert_equals_ddp(runs: dict[str, Path], tiny_dir: Path, config: str, step2_
         assert relative(g2, g2_d) <= step2_rtol, (kind, relative(g2, g2_d))
 
 
-# 70-130 s on 2 busy cores: three 2-process launches of 3 steps
+# 44 s (up to 130 s on 2 busy cores): three 2-process launches of 3 steps
 def test_selfnpo_under_zero2_and_zero3_equals_ddp(tiny_dirs, tmp_path):
     """Self-NPO with 1 sample per process: the processes need different numbers of teacher DDIM steps (the logged
     mean of two integers is not one), so under ZeRO-3 each makes the maximum (the spare forwards discarded); the EMA
@@ -91,7 +91,7 @@ def test_selfnpo_under_zero2_and_zero3_equals_ddp(tiny_dirs, tmp_path):
             assert (got[k] - want[k]).abs().max() <= 1e-5, (kind, k)
 
 
-# 50-100 s on 2 busy cores: three 2-process launches of 2 steps
+# 44 s (up to 100 s on 2 busy cores): three 2-process launches of 2 steps
 def test_dro_under_zero2_and_zero3_equals_ddp(tiny_dirs, tmp_path):
     """DRO's policy snapshot (the trained weights at the last refresh; ZeRO-3: gathered whole, swapped into the
     partitions for the rollout) fills each process's replay buffer; both stages equal DDP (module docstring). The
@@ -103,7 +103,7 @@ def test_dro_under_zero2_and_zero3_equals_ddp(tiny_dirs, tmp_path):
     assert_equals_ddp(runs, tiny_dirs["sd15"], "toy/dro")
 
 
-# 55-110 s on 2 busy cores: three 2-process launches of 2 steps
+# 43 s (up to 110 s on 2 busy cores): three 2-process launches of 2 steps
 def test_lpo_under_zero2_and_zero3_mines_and_trains_like_ddp(tiny_dirs, tmp_path):
     """LPO's mining round sampled with partitioned weights (ZeRO-3: every process the same forwards) gives DDP's
     pairs; step 1's loss is -logsigmoid(0) exactly on all; step 1's averaged gradient equals DDP's to ``STEP1_RTOL``,
