@@ -21,11 +21,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from diffalign.training import checkpoint
 from tests.recipes.conftest import two_process_command
 from tests.recipes.test_fsdp import gradients, rows, steps
 from tests.recipes.test_fsdp_online import STEP1_RTOL, STEP2_RTOL, THREE_STEPS, lora_names, overrides, relative
-from tests.recipes.test_zero import launch, zero_command
+from tests.recipes.test_zero import launch, tensors_equal, zero_command
 
 
 TWO_STEPS = {**THREE_STEPS, "run.max_steps": 2}
@@ -60,12 +62,13 @@ def assert_equals_ddp(runs: dict[str, Path], tiny_dir: Path, config: str, step2_
         assert relative(g2, g2_d) <= step2_rtol, (kind, relative(g2, g2_d))
 
 
-# 44 s (up to 130 s on 2 busy cores): three 2-process launches of 3 steps
+# 59 s (up to 150 s on 2 busy cores): three 2-process launches of 3 steps and a resumed one
 def test_selfnpo_under_zero2_and_zero3_equals_ddp(tiny_dirs, tmp_path):
     """Self-NPO with 1 sample per process: the processes need different numbers of teacher DDIM steps (the logged
     mean of two integers is not one), so under ZeRO-3 each makes the maximum (the spare forwards discarded); the EMA
     teacher is gathered whole and swapped into the partitions. Both stages equal DDP (module docstring), and the EMA
-    in the checkpoints (updated from the gathered weights) equals DDP's to Adam's rounding."""
+    in the checkpoints (updated from the gathered weights) equals DDP's to Adam's rounding. The ZeRO-3 step-2
+    checkpoint resumed under ZeRO-3 gives step 3 bitwise (weights, AdamW state, the teacher's EMA)."""
     from safetensors.torch import load_file
 
     extra = {
@@ -89,18 +92,35 @@ def test_selfnpo_under_zero2_and_zero3_equals_ddp(tiny_dirs, tmp_path):
         assert ema and got.keys() == want.keys(), kind
         for k in ema:  # the same CPU runs every time: measured 0 (ZeRO-2) and 3e-7 (ZeRO-3)
             assert (got[k] - want[k]).abs().max() <= 1e-5, (kind, k)
+    # the ZeRO-3 step-2 checkpoint resumed under ZeRO-3 (the teacher's EMA loaded whole): step 3 bitwise
+    again = overrides(
+        tiny_dirs["sd15"], tmp_path / "again", **{**extra, "run.resume_from": steps(runs["zero3"], 2)[0]}
+    )
+    launch(zero_command("zero3", again, "toy/selfnpo", "selfnpo"), 3)
+    tensors_equal(*(steps(d, 3)[0] for d in (runs["zero3"], tmp_path / "again")))
 
 
-# 44 s (up to 100 s on 2 busy cores): three 2-process launches of 2 steps
+# 59 s (up to 120 s on 2 busy cores): three 2-process launches of 2 steps and a resumed one
 def test_dro_under_zero2_and_zero3_equals_ddp(tiny_dirs, tmp_path):
     """DRO's policy snapshot (the trained weights at the last refresh; ZeRO-3: gathered whole, swapped into the
     partitions for the rollout) fills each process's replay buffer; both stages equal DDP (module docstring). The
     toy config's shared EMA runs under ZeRO-2; ZeRO-3 refuses ``ema.enabled`` (``zero.config_problem``), so that run
-    has none (the EMA does not enter training: the snapshot is of the trained weights)."""
+    has none (the EMA does not enter training: the snapshot is of the trained weights). The ZeRO-3 step-1 checkpoint
+    resumed under ZeRO-3 gives step 2 bitwise (weights, AdamW state, snapshot, every process's buffer)."""
     extra = {**TWO_STEPS, "optim.lr": 1e-3, "loss.margin": 1.0}  # every pair in the hinge at step 2 too
     kinds = {"zero2": extra, "zero3": {**extra, "ema.enabled": "false"}, "ddp": extra}
     runs = launch_all(tiny_dirs["sd15"], tmp_path, "toy/dro", "dro", kinds)
     assert_equals_ddp(runs, tiny_dirs["sd15"], "toy/dro")
+    # the ZeRO-3 step-1 checkpoint resumed under ZeRO-3 (the snapshot whole, each process its own buffer): step 2
+    # bitwise, the weights, AdamW state and every process's buffer
+    start = steps(runs["zero3"], 1)[0]
+    again = overrides(tiny_dirs["sd15"], tmp_path / "again", **{**kinds["zero3"], "run.resume_from": start})
+    launch(zero_command("zero3", again, "toy/dro", "dro"), 3)
+    folders = [steps(d, 2)[0] for d in (runs["zero3"], tmp_path / "again")]
+    tensors_equal(*folders)
+    for rank in (0, 1):
+        mine, theirs = (checkpoint.load_per_rank(f, rank) for f in folders)
+        assert mine and mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 # 43 s (up to 110 s on 2 busy cores): three 2-process launches of 2 steps
@@ -109,8 +129,6 @@ def test_lpo_under_zero2_and_zero3_mines_and_trains_like_ddp(tiny_dirs, tmp_path
     pairs; step 1's loss is -logsigmoid(0) exactly on all; step 1's averaged gradient equals DDP's to ``STEP1_RTOL``,
     step 2's loss and gradient to rel 1e-3 (LPO's beta 500 amplifies the rounding of one update: measured 8e-5 and
     5e-5 under ZeRO-3)."""
-    import torch
-
     from diffalign.terms.stepwise import MinedPairs
 
     extra = {
