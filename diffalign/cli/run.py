@@ -144,8 +144,9 @@ def sharding_problem(kind: str | None, recipe_path: Path) -> str | None:
     )
 
 
-# recipes proven under DeepSpeed ZeRO (tests/recipes/test_zero.py); the others keep FSDP2 / DDP
-ZERO_RECIPES = ("offline_pref", "online_rl", "reward_grad")
+# recipes proven under DeepSpeed ZeRO-2 and ZeRO-3 (tests/recipes/test_zero.py, test_zero_online.py: each against
+# DDP); dro under ZeRO-3 needs ema.enabled=false (zero.config_problem); the others keep FSDP2 / DDP
+ZERO_RECIPES = ("offline_pref", "online_rl", "reward_grad", "selfnpo", "dro", "stepwise_pref")
 
 
 def deepspeed_problem(kind: str | None, recipe_path: Path, cfg: object) -> str | None:

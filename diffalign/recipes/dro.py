@@ -69,8 +69,7 @@ from diffalign.sampling import seeds as seedlib
 from diffalign.sampling.guidance import encode_condition
 from diffalign.sampling.sde import SDESpec, make_grid, rollout
 from diffalign.terms import dro as dro_terms
-from diffalign.terms.selfnpo import swapped_in
-from diffalign.training import checkpoint, loop
+from diffalign.training import checkpoint, loop, zero
 from diffalign.types import Batch
 
 
@@ -103,7 +102,7 @@ def setup(cfg: Any, accelerator: Any) -> State:
     state = State(
         run,
         params,
-        {k: p.detach().clone() for k, p in params.items()},
+        {k: v.clone() for k, v in zero.trained_values(params, run.zero).items()},  # ZeRO-3: gathered whole
         dro_terms.ReplayBuffer(cfg.dro.buffer_size),
         objective,
         loss_cfg,
@@ -180,7 +179,7 @@ def fill_buffer(state: State, batch: Batch, seeds: list[int]) -> None:
         ratio = adapter.process.num_train_timesteps // d.num_steps
         offsets = torch.stack([torch.randint(0, ratio, (), generator=g) for g in gens])
     grid = make_grid(adapter, d.num_steps, offsets=offsets)
-    with swapped_in(state.params, state.snapshot):
+    with zero.swapped_in(state.params, state.snapshot, state.run.zero):
         traj = rollout(
             adapter, grid, SDESpec(noise_level=0.0), cond, None if d.guidance_scale == 1.0 else uncond,
             generators=gens, latent_shape=x0.shape[1:], guidance_scale=d.guidance_scale,
@@ -196,8 +195,8 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
     if state.micro > 0 and state.micro % d.snapshot_every == 0:  # the authors refresh after micro-step `micro`
         # from the trained weights: the shared EMA is only swapped in for validation and the export, never here
         with torch.no_grad():
-            for key, param in state.params.items():
-                state.snapshot[key].copy_(param.detach())
+            for key, value in zero.trained_values(state.params, state.run.zero).items():
+                state.snapshot[key].copy_(value)
     state.micro += 1
     fill_buffer(state, batch, seeds)
     sample = state.buffer.sample(len(seeds), seedlib.generator(*seeds, seedlib.DRO_BUFFER_DRAW), adapter.device)

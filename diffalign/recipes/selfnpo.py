@@ -37,7 +37,7 @@ from diffalign import errors
 from diffalign.diffusion import VPProcess
 from diffalign.models import lora
 from diffalign.terms import selfnpo
-from diffalign.training import loop, sharding
+from diffalign.training import loop, sharding, zero
 from diffalign.types import Batch, SampleInfo
 
 
@@ -76,7 +76,8 @@ def setup(cfg: Any, accelerator: Any) -> State:
     grid = selfnpo.ddim_grid(process.num_train_timesteps, cfg.selfnpo.num_ddim_steps).to(accelerator.device)
     run = loop.build_run(cfg, accelerator, adapter)
     params = lora.trainable_parameters(adapter)
-    ema = {k: p.detach().clone() for k, p in params.items()}  # teacher starts at the LoRA init (= the base)
+    # the teacher starts at the LoRA init (= the base); ZeRO-3: gathered whole from the partitions
+    ema = {k: v.clone() for k, v in zero.trained_values(params, run.zero).items()}
     state = State(run, params, ema, empty_prompt(cfg, adapter), grid)
     path = loop.resume_path(cfg)
     if path is not None:
@@ -126,9 +127,9 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
             guidance_scale=s.guidance_scale,
             max_teacher_steps=s.max_teacher_steps,
             grid=state.grid,
-            teacher=lambda: selfnpo.swapped_in(state.params, state.ema),
+            teacher=lambda: zero.swapped_in(state.params, state.ema, state.run.zero),
             teacher_calls=partial(sharding.max_over_processes, accelerator=state.run.accelerator)
-            if state.run.sharded
+            if state.run.lockstep
             else None,
         )
     per_sample = selfnpo.x0_loss(terms.student_x0, terms.target_x0, s.loss_type, s.huber_c)
@@ -146,7 +147,7 @@ def micro_step(state: State, batch: Batch, seeds: list[int]) -> dict[str, torch.
 def train_step(state: State) -> dict[str, float]:
     """One optimizer step over ``grad_accum`` micro-batches, then the EMA update of the teacher."""
     metrics = loop.optimizer_step(state.run, partial(micro_step, state))
-    selfnpo.ema_update(state.ema, state.params, state.cfg.selfnpo.ema_decay)
+    selfnpo.ema_update(state.ema, zero.trained_values(state.params, state.run.zero), state.cfg.selfnpo.ema_decay)
     return metrics
 
 

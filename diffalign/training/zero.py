@@ -33,17 +33,28 @@ process count, under ZeRO, DDP or on one process, and an unsharded checkpoint re
 holds the trained weights and AdamW's two moments in fp32 while it writes (12 bytes per trained parameter): for full
 fine-tunes of the largest models, FSDP2 (``--distributed fsdp``) writes sharded checkpoints.
 
+Recipes (``cli.run.ZERO_RECIPES``): offline_pref, online_rl, reward_grad, selfnpo, dro and stepwise_pref, under both
+stages. Under stage 3 every process runs the same forwards (``Run.lockstep``, as FSDP2). A recipe's own copy of the
+trained weights (Self-NPO's EMA teacher, DRO's policy snapshot) is read with ``trained_values`` (stage 3: gathered
+whole from the fp32 partitions) and put in the module for its no-grad rollouts with ``swapped_in`` (stage 3: written
+into the module's partitions through ``GatheredParameters`` and the trained weights written back after; stage 2 and
+DDP point the parameters' storage at it). Under stage 3 those copies are whole on every process (a LoRA's size; DRO's
+snapshot in ``train.mode: full`` is the whole denoiser: FSDP2 shards it instead).
+
 Refused before anything loads (``config_problem``, one line each): fp16 mixed precision (DeepSpeed's fp16 needs its
 own loss scaler), optimizers other than AdamW (ZeRO flattens the parameters, which breaks Adafactor's factored
 moments; 8-bit AdamW's quantized state has no whole-tensor form for the checkpoint), ``train.text_encoders`` (the
-engine wraps the denoiser; ``lora.text_encoder`` alike), and under stage 3 ``ema.enabled`` and ``export.lora_rank`` (both need whole weights).
+engine wraps the denoiser; ``lora.text_encoder`` alike), and under stage 3 ``ema.enabled`` (the shared
+``training.ema``, e.g. DRO's: its swap and update use the parameters' storage) and ``export.lora_rank`` (both need
+whole weights).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -328,3 +339,48 @@ def full_state_dict(module: nn.Module, main: bool) -> dict[str, Tensor]:
     if main:
         out.update({name: b.detach().cpu().clone() for name, b in module.named_buffers()})
     return out
+
+
+# ---- a recipe's own copies of the trained weights (Self-NPO's EMA teacher, DRO's policy snapshot) ----
+def trained_values(params: Mapping[str, nn.Parameter], engine: Engine | None) -> dict[str, Tensor]:
+    """The trained tensors as a recipe's extra state holds them, detached (not copied): the parameters themselves
+    (DDP, ZeRO-2: whole; FSDP2: this process's ``DTensor`` shards), or under ZeRO-3 each gathered whole from the
+    fp32 partitions onto the parameter's device (``safe_get_full_fp32_param``; collectives: every process calls it).
+    """
+    if engine is None or engine.stage != 3:
+        return {k: p.detach() for k, p in params.items()}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {k: safe_get_full_fp32_param(p).detach().to(p.device, p.dtype) for k, p in params.items()}
+
+
+@contextlib.contextmanager
+def swapped_in(
+    params: Mapping[str, nn.Parameter], values: Mapping[str, Tensor], engine: Engine | None
+) -> Iterator[None]:
+    """The module's trained weights replaced by ``values`` (whole tensors, by name) for the forwards inside, restored
+    exactly on exit (the weights are fp32 under ZeRO). Without ZeRO-3 the parameters' storage is pointed at
+    ``values`` (``terms.selfnpo.swapped_in``, no copy). Under ZeRO-3 the module's partitions are overwritten through
+    ``deepspeed.zero.GatheredParameters`` (gathered, written, re-partitioned; collectives) and the trained weights
+    written back the same way; the optimizer's fp32 partitions are not touched. Use under ``torch.no_grad()``."""
+    from diffalign.terms.selfnpo import swapped_in as pointed
+
+    if engine is None or engine.stage != 3:
+        with pointed(params, values):
+            yield
+        return
+    deepspeed = _deepspeed()
+    if params.keys() != values.keys():
+        raise KeyError(f"swapped tensors differ from the parameters: {sorted(set(params) ^ set(values))[:5]}")
+    plist = list(params.values())
+    saved: dict[str, Tensor] = {}
+    with deepspeed.zero.GatheredParameters(plist, modifier_rank=0):
+        for k, p in params.items():
+            saved[k] = p.data.clone()
+            p.data.copy_(values[k].to(p.device, p.dtype))
+    try:
+        yield
+    finally:
+        with deepspeed.zero.GatheredParameters(plist, modifier_rank=0):
+            for k, p in params.items():
+                p.data.copy_(saved[k])

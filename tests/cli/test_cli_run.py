@@ -225,9 +225,19 @@ def test_deepspeed_is_checked_per_recipe_and_config():
     dpo = config.load("toy/dpo")
     assert run_cmd.deepspeed_problem("zero2", Path("recipes/offline_pref.py"), dpo) is None
     assert run_cmd.deepspeed_problem("fsdp", Path("recipes/stepwise_pref.py"), dpo) is None
-    assert "recipe dro is not proven under DeepSpeed" in run_cmd.deepspeed_problem(
-        "zero3", Path("recipes/dro.py"), dpo
-    )
+    assert set(run_cmd.ZERO_RECIPES) == {"offline_pref", "online_rl", "reward_grad", "selfnpo", "dro", "stepwise_pref"}
+    for name, cfg in (("selfnpo", "toy/selfnpo"), ("stepwise_pref", "toy/lpo")):
+        for kind in run_cmd.DEEPSPEED:
+            assert run_cmd.deepspeed_problem(kind, Path(f"recipes/{name}.py"), config.load(cfg)) is None, (name, kind)
+    dro = config.load("toy/dro")  # its shared EMA (ema.enabled) runs under ZeRO-2; ZeRO-3 needs it off
+    assert run_cmd.deepspeed_problem("zero2", Path("recipes/dro.py"), dro) is None
+    assert "ema.enabled=true under ZeRO-3" in run_cmd.deepspeed_problem("zero3", Path("recipes/dro.py"), dro)
+    no_ema = config.load("toy/dro", ["ema.enabled=false"])
+    assert run_cmd.deepspeed_problem("zero3", Path("recipes/dro.py"), no_ema) is None
+    for name in ("train_lrm", "train_spm", "pretrain_toy"):  # the others keep FSDP2 / DDP
+        assert f"recipe {name} is not proven under DeepSpeed" in run_cmd.deepspeed_problem(
+            "zero3", Path(f"recipes/{name}.py"), dpo
+        )
     ema = config.load("toy/dpo", ["ema.enabled=true"])
     assert run_cmd.deepspeed_problem("zero2", Path("recipes/offline_pref.py"), ema) is None
     assert "ema.enabled=true under ZeRO-3" in run_cmd.deepspeed_problem("zero3", Path("recipes/offline_pref.py"), ema)
