@@ -156,7 +156,7 @@ def deepspeed_problem(kind: str | None, recipe_path: Path, cfg: object) -> str |
     if recipe_path.stem not in ZERO_RECIPES:
         return (
             f"--distributed {kind}: recipe {recipe_path.stem} is not proven under DeepSpeed; DeepSpeed recipes: "
-            f"{', '.join(ZERO_RECIPES)}. Use --distributed fsdp or ddp"
+            f"{', '.join(ZERO_RECIPES)}. Use --distributed ddp"
         )
     import importlib.util
 
