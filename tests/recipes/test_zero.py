@@ -239,6 +239,45 @@ def test_refl_under_zero2_equals_ddp(tiny_dirs, tmp_path):
     assert relative(g1_z, g1_d) <= STEP1_RTOL and relative(g2_z, g2_d) <= STEP2_RTOL
 
 
+# ---- on a GPU (the GPU suite's pytest part: pytest -m gpu) -----------------------------------------------------
+def zero_one_process_matches_plain(tiny_dirs, tmp_path, kind: str, env: dict[str, str], extra: dict) -> None:
+    """One process under ZeRO (``kind``) against the plain 1-process run of the same config: step 1's figures (the
+    same weights and kernels: rel 1e-5), its averaged gradient (the scaling ``loss * n / count`` against the sum then
+    the division: ``GRAD_RTOL``) and step 2's loss (one Adam update's rounding through DPO's beta: ``BETA_ROUNDING``).
+    """
+    runs = {k: tmp_path / k for k in (kind, "plain")}
+    settings = {**COMMON, "run.max_steps": 2, "optim.batch_size": 4, **extra}
+    cmd = recipe_command("toy/dpo", toy_overrides(tiny_dirs["sd15"], runs[kind], **settings))
+    shipped = ROOT / "diffalign" / "recipes" / "accelerate" / f"{kind}.yaml"
+    launch_args = ["-m", "accelerate.commands.launch", "--config_file", str(shipped), "--num_processes", "1"]
+    cmd = [cmd[0], *launch_args, "--main_process_port", str(unused_port()), *cmd[1:]]
+    done = run_subprocess(cmd, ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"DeepSpeed ZeRO-{kind[-1]} over the unet" in done.stderr
+    plain = run_subprocess(
+        recipe_command("toy/dpo", toy_overrides(tiny_dirs["sd15"], runs["plain"], **settings)), ROOT
+    )
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    (z1, z2), (p1, p2) = rows(runs[kind]), rows(runs["plain"])
+    for key in ("loss", "loss/policy_err_w", "loss/policy_err_l", "loss/ref_err_w", "loss/ref_err_l", "grad_norm"):
+        assert z1[key] == pytest.approx(p1[key], rel=1e-5, abs=1e-9), key
+    assert z2["loss"] == pytest.approx(p2["loss"], rel=BETA_ROUNDING)
+    names = lora_names("sd15", tiny_dirs["sd15"], "toy/dpo")
+    (g1,) = gradients(steps(runs[kind], 1), names)
+    (g1_p,) = gradients(steps(runs["plain"], 1), names)
+    assert relative(g1, g1_p) <= GRAD_RTOL, relative(g1, g1_p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["zero2", "zero3"])
+def test_zero_on_one_gpu_equals_the_plain_run(tiny_dirs, tmp_path, kind):
+    """On CUDA with nccl, bf16 autocast and torch's fused AdamW stepping DeepSpeed's fp32 partitions: what the CPU
+    tests above cannot reach (``zero_one_process_matches_plain``)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    zero_one_process_matches_plain(tiny_dirs, tmp_path, kind, {}, {"run.mixed_precision": "bf16"})
+
+
 # ---- without a launch -------------------------------------------------------------------------------------------
 def test_take_over_and_the_plan_from_accelerates_variables(tmp_path):
     """``sharding.take_over`` turns a DeepSpeed launch into diffalign's; the plan reads the stage and offload devices
